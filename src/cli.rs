@@ -1,0 +1,94 @@
+//! The command line (clap derive). Every override is an `Option`: `None` keeps the config.
+
+use crate::config::Overrides;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kdpipe",
+    version,
+    about = "Distill a large language model into a small one: generate → curate → finetune → eval"
+)]
+pub struct Cli {
+    /// More logs on stderr (-v info, -vv debug); RUST_LOG works too.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The teacher writes a rationale, an answer and soft labels for every input.
+    Generate(StageArgs),
+    /// Teacher rows → train / val / test, with a report of what each rule removed.
+    Curate(StageArgs),
+    /// Train the student on the curated rows and export it in Hugging Face format.
+    Finetune(StageArgs),
+    /// Score the student (before and after) and the teacher on a held-out split.
+    Eval(StageArgs),
+    /// All stages from one config, skipping those already done with the same inputs.
+    Run(RunArgs),
+    /// Print rows of a Parquet file as JSON lines.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// The job's TOML config.
+    #[arg(short, long)]
+    pub config: PathBuf,
+    /// Print the resolved config (defaults filled in) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[command(flatten)]
+    pub overrides: OverrideArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Re-run every stage even when its outputs are current.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args, Default)]
+pub struct OverrideArgs {
+    /// Run name (outputs in <runs-dir>/<name>/).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub runs_dir: Option<PathBuf>,
+    /// Use only the first N input rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long)]
+    pub teacher_model: Option<String>,
+    #[arg(long)]
+    pub student_model: Option<String>,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+}
+
+impl From<&OverrideArgs> for Overrides {
+    fn from(a: &OverrideArgs) -> Self {
+        Overrides {
+            name: a.name.clone(),
+            runs_dir: a.runs_dir.clone(),
+            limit: a.limit,
+            teacher_model: a.teacher_model.clone(),
+            student_model: a.student_model.clone(),
+            max_steps: a.max_steps,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    pub file: PathBuf,
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+}

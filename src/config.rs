@@ -1,0 +1,401 @@
+//! The TOML job config: sections [data] [task] [teacher] [generate] [curate] [student]
+//! [finetune] [eval]. Every field has its default here, with a one-line why; unknown keys
+//! are errors. `resolve` applies CLI overrides once, then every stage reads the result.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of the run: outputs go to `<runs_dir>/<name>/<stage>/`.
+    #[serde(default = "d_name")]
+    pub name: String,
+    /// Where runs are written, relative to the working directory.
+    #[serde(default = "d_runs_dir")]
+    pub runs_dir: PathBuf,
+    /// One seed for splits, shuffling and sampling, so a run can be repeated exactly.
+    #[serde(default)]
+    pub seed: u64,
+    pub data: DataConfig,
+    pub task: TaskConfig,
+    pub teacher: TeacherConfig,
+    #[serde(default)]
+    pub generate: GenerateConfig,
+    #[serde(default)]
+    pub curate: CurateConfig,
+    pub student: StudentConfig,
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Input files: JSONL, Parquet or CSV, told apart by extension.
+    pub inputs: Vec<PathBuf>,
+    /// Field holding a unique row id; when absent, ids are `<file stem>-<line>`.
+    #[serde(default)]
+    pub id_field: Option<String>,
+    /// Field holding the text the model answers (question, tweet, ...).
+    pub input_field: String,
+    /// Field holding the gold answer, if the data has one (used by curate and eval).
+    #[serde(default)]
+    pub gold_field: Option<String>,
+    /// Use only the first N rows: quick trials before a full run.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    Numeric,
+    Labels,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub kind: TaskKind,
+    /// The fixed answer set of a label task, as the model should write it.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Relative tolerance for numeric answers: 1e-6 accepts float noise, not rounding.
+    #[serde(default = "d_tolerance")]
+    pub tolerance: f64,
+    /// One sentence saying what the task is; shown to teacher and student.
+    #[serde(default)]
+    pub description: String,
+    /// Prompt template file; default `prompts/<kind>.md`.
+    #[serde(default)]
+    pub prompt: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    Local,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// `local`: mistralrs in this process (GGUF file or Hugging Face model directory).
+    #[serde(default = "d_teacher_kind")]
+    pub kind: TeacherKind,
+    /// A GGUF file path, a Hugging Face model directory, or a hub id.
+    pub model: String,
+    /// Cap on generated tokens a row: a rationale plus an answer line fits in 256.
+    #[serde(default = "d_max_tokens")]
+    pub max_tokens: usize,
+    /// 0 = greedy: one deterministic rationale per input.
+    #[serde(default)]
+    pub temperature: f64,
+    /// Score every label after the rationale (label tasks): a soft label that works across
+    /// tokenizers and rescues answers written outside the label set.
+    #[serde(default = "d_true")]
+    pub label_scores: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CurateConfig {
+    /// Parse failures carry no usable label: drop them (counted by reason in the report).
+    #[serde(default = "d_true")]
+    pub drop_parse_failures: bool,
+    /// The same input twice would be trained twice and could leak across splits.
+    #[serde(default = "d_true")]
+    pub dedup_inputs: bool,
+    /// Keep only rows whose teacher answer matches gold (when gold exists): cleaner labels,
+    /// fewer rows. Off by default so the student learns the teacher, as in distillation.
+    #[serde(default)]
+    pub require_gold_agreement: bool,
+    /// Shares of train / val / test, by a hash of the id.
+    #[serde(default = "d_split")]
+    pub split: [f64; 3],
+}
+
+impl Default for CurateConfig {
+    fn default() -> Self {
+        CurateConfig {
+            drop_parse_failures: true,
+            dedup_inputs: true,
+            require_gold_agreement: false,
+            split: d_split(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentConfig {
+    /// A GGUF file (dequantized for training) or a Hugging Face model directory.
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// α·CE(label view) + (1−α)·CE(rationale view), on teacher labels and rationales.
+    StepByStep,
+    /// CE on the teacher's label only.
+    Distill,
+    /// CE on gold labels only: the baseline every report compares against.
+    LabelOnly,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    #[serde(default = "d_objective")]
+    pub objective: Objective,
+    /// Weight of the label view; the paper's default 0.5 weighs both views equally.
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    /// AdamW learning rate: 5e-5 moves a 135M model in a few dozen steps without wrecking it.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_weight_decay")]
+    pub weight_decay: f64,
+    /// Passes over the training rows.
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps even if epochs remain.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Sequences a step (both views count): 4 fits a laptop's memory for a 135M model.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Longer examples are truncated from the left of the prompt.
+    #[serde(default = "d_seq")]
+    pub max_seq_len: usize,
+    /// Freeze token embeddings (and a tied lm_head): a quarter of SmolLM2's weights, the
+    /// part a few hundred rows cannot improve; halves optimizer time.
+    #[serde(default = "d_true")]
+    pub freeze_embeddings: bool,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every finetune field has a default")
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// The curated split to score.
+    #[serde(default = "d_eval_split")]
+    pub split: String,
+    /// The label view answers in a few tokens; more only costs time.
+    #[serde(default = "d_eval_tokens")]
+    pub max_new_tokens: usize,
+    /// Also score the student before training, on the same rows: the "before" column.
+    #[serde(default = "d_true")]
+    pub compare_base: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every eval field has a default")
+    }
+}
+
+fn d_name() -> String {
+    "default".into()
+}
+fn d_runs_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn d_tolerance() -> f64 {
+    1e-6
+}
+fn d_teacher_kind() -> TeacherKind {
+    TeacherKind::Local
+}
+fn d_max_tokens() -> usize {
+    256
+}
+fn d_true() -> bool {
+    true
+}
+fn d_split() -> [f64; 3] {
+    [0.8, 0.1, 0.1]
+}
+fn d_objective() -> Objective {
+    Objective::StepByStep
+}
+fn d_alpha() -> f64 {
+    0.5
+}
+fn d_lr() -> f64 {
+    5e-5
+}
+fn d_weight_decay() -> f64 {
+    0.0
+}
+fn d_epochs() -> usize {
+    2
+}
+fn d_batch() -> usize {
+    4
+}
+fn d_seq() -> usize {
+    256
+}
+fn d_eval_split() -> String {
+    "test".into()
+}
+fn d_eval_tokens() -> usize {
+    12
+}
+
+/// Overrides from the command line; each `None` keeps the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub name: Option<String>,
+    pub runs_dir: Option<PathBuf>,
+    pub limit: Option<usize>,
+    pub teacher_model: Option<String>,
+    pub student_model: Option<String>,
+    pub max_steps: Option<usize>,
+}
+
+impl Config {
+    /// Read a config file, apply overrides and validate, naming the file in every error.
+    pub fn resolve(path: &Path, overrides: &Overrides) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid config {}: {}",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
+        if let Some(v) = &overrides.name {
+            cfg.name = v.clone();
+        }
+        if let Some(v) = &overrides.runs_dir {
+            cfg.runs_dir = v.clone();
+        }
+        if let Some(v) = overrides.limit {
+            cfg.data.limit = Some(v);
+        }
+        if let Some(v) = &overrides.teacher_model {
+            cfg.teacher.model = v.clone();
+        }
+        if let Some(v) = &overrides.student_model {
+            cfg.student.model = v.clone();
+        }
+        if let Some(v) = overrides.max_steps {
+            cfg.finetune.max_steps = Some(v);
+        }
+        cfg.validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.task.kind == TaskKind::Labels && self.task.labels.len() < 2 {
+            bail!("[task] kind = \"labels\" needs `labels` with at least two labels");
+        }
+        if self.data.inputs.is_empty() {
+            bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file");
+        }
+        let s = self.curate.split;
+        if s.iter().any(|x| *x < 0.0) || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+            bail!("[curate] split must be three non-negative shares summing to 1, got {s:?}");
+        }
+        if !(0.0..=1.0).contains(&self.finetune.alpha) {
+            bail!(
+                "[finetune] alpha must be in [0, 1], got {}",
+                self.finetune.alpha
+            );
+        }
+        if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
+            bail!(
+                "[eval] split must be train, val or test, got {:?}",
+                self.eval.split
+            );
+        }
+        Ok(())
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.runs_dir.join(&self.name)
+    }
+
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.run_dir().join(stage)
+    }
+
+    /// The prompt template for this task.
+    pub fn prompt_path(&self) -> PathBuf {
+        self.task.prompt.clone().unwrap_or_else(|| {
+            let kind = match self.task.kind {
+                TaskKind::Numeric => "numeric",
+                TaskKind::Labels => "labels",
+            };
+            PathBuf::from(format!("prompts/{kind}.md"))
+        })
+    }
+
+    /// The sections a stage depends on, as one JSON value: its hash decides whether a
+    /// finished stage can be skipped.
+    pub fn stage_view(&self, stage: &str) -> serde_json::Value {
+        use serde_json::json;
+        match stage {
+            "generate" => {
+                json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher, "generate": self.generate})
+            }
+            "curate" => json!({"seed": self.seed, "task": self.task, "curate": self.curate}),
+            "finetune" => {
+                json!({"seed": self.seed, "task": self.task, "student": self.student, "finetune": self.finetune})
+            }
+            _ => {
+                json!({"seed": self.seed, "task": self.task, "student": self.student, "eval": self.eval})
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[data]
+inputs = ["x.jsonl"]
+input_field = "q"
+[task]
+kind = "numeric"
+[teacher]
+model = "t.gguf"
+[student]
+model = "s.gguf"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg: Config = toml::from_str(MINIMAL).unwrap();
+        assert_eq!(cfg.finetune.alpha, 0.5);
+        assert_eq!(cfg.curate.split, [0.8, 0.1, 0.1]);
+        assert_eq!(cfg.eval.split, "test");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("[student]", "[student]\nmodle = 1");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("modle"), "{err}");
+    }
+}

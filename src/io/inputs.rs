@@ -1,0 +1,175 @@
+//! Reading user inputs (JSONL, Parquet or CSV, any field names) into `InputRow`s through
+//! the `[data]` field mapping. Errors name the file, the line or row, and the field.
+
+use crate::config::DataConfig;
+use crate::records::InputRow;
+use anyhow::{bail, Context, Result};
+use polars::prelude::*;
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::Path;
+
+/// All rows of all input files, in file order, cut to `limit`.
+pub fn read_inputs(cfg: &DataConfig) -> Result<Vec<InputRow>> {
+    let mut rows = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for path in &cfg.inputs {
+        let file_rows = read_file(path, cfg)?;
+        for (row, place) in file_rows {
+            if let Some(first) = seen.insert(row.id.clone(), place.clone()) {
+                bail!("duplicate id {:?} at {place} (first at {first})\nhint: ids must be unique; fix the data or set [data] id_field to a unique field", row.id);
+            }
+            rows.push(row);
+            if cfg.limit.is_some_and(|l| rows.len() >= l) {
+                return Ok(rows);
+            }
+        }
+    }
+    if rows.is_empty() {
+        bail!(
+            "no input rows in {:?}\nhint: check [data] inputs",
+            cfg.inputs
+        );
+    }
+    Ok(rows)
+}
+
+fn read_file(path: &Path, cfg: &DataConfig) -> Result<Vec<(InputRow, String)>> {
+    if !path.exists() {
+        bail!(
+            "input file {} does not exist\nhint: check [data] inputs in the config",
+            path.display()
+        );
+    }
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "jsonl" | "json" | "ndjson" => read_jsonl(path, cfg),
+        "parquet" | "csv" => read_table(path, cfg, &ext),
+        _ => bail!(
+            "input file {} has an unknown extension; use .jsonl, .parquet or .csv",
+            path.display()
+        ),
+    }
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A JSON value as answer or id text: strings as they are, numbers and bools printed.
+fn value_text(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn read_jsonl(path: &Path, cfg: &DataConfig) -> Result<Vec<(InputRow, String)>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let lineno = i + 1;
+        let place = format!("{}:{lineno}", path.display());
+        let line =
+            line.with_context(|| format!("{place}: cannot read line (is the file UTF-8?)"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let obj: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+            format!("{place}: malformed JSON line\nhint: each line must be one JSON object")
+        })?;
+        let get = |field: &str| -> Result<Option<String>> {
+            match obj.get(field) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => value_text(v).map(Some).with_context(|| {
+                    format!("{place}: field {field:?} must be a string or a number")
+                }),
+            }
+        };
+        let input = get(&cfg.input_field)?.with_context(|| {
+            format!("{place}: missing field {:?}\nhint: set [data] input_field to the field holding the input text", cfg.input_field)
+        })?;
+        let id = match &cfg.id_field {
+            Some(f) => get(f)?.with_context(|| format!("{place}: missing id field {f:?}"))?,
+            None => format!("{}-{lineno}", stem(path)),
+        };
+        let gold = match &cfg.gold_field {
+            Some(f) => Some(get(f)?.with_context(|| {
+                format!("{place}: missing gold field {f:?}\nhint: remove [data] gold_field if the data has no gold answers")
+            })?),
+            None => None,
+        };
+        out.push((InputRow { id, input, gold }, place));
+    }
+    Ok(out)
+}
+
+fn read_table(path: &Path, cfg: &DataConfig, ext: &str) -> Result<Vec<(InputRow, String)>> {
+    let read = if ext == "csv" {
+        CsvReadOptions::default()
+            .with_has_header(true)
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))
+            .and_then(|r| r.finish())
+    } else {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        ParquetReader::new(file).finish()
+    };
+    let df =
+        anyhow::Context::with_context(read, || format!("cannot read {} as {ext}", path.display()))?;
+    let text_col = |field: &str| -> Result<Column> {
+        let col = anyhow::Context::with_context(df.column(field), || {
+            format!(
+                "{}: missing column {field:?} (columns: {:?})",
+                path.display(),
+                df.get_column_names()
+            )
+        })?;
+        anyhow::Context::with_context(col.cast(&DataType::String), || {
+            format!(
+                "{}: column {field:?} cannot be read as text",
+                path.display()
+            )
+        })
+    };
+    let inputs = text_col(&cfg.input_field)?;
+    let ids = cfg.id_field.as_deref().map(text_col).transpose()?;
+    let golds = cfg.gold_field.as_deref().map(text_col).transpose()?;
+    let mut out = Vec::with_capacity(df.height());
+    for i in 0..df.height() {
+        let place = format!("{} row {}", path.display(), i + 1);
+        let input = inputs
+            .str()?
+            .get(i)
+            .map(str::to_string)
+            .with_context(|| format!("{place}: field {:?} is null", cfg.input_field))?;
+        let id = match &ids {
+            Some(c) => c
+                .str()?
+                .get(i)
+                .map(str::to_string)
+                .with_context(|| format!("{place}: id is null"))?,
+            None => format!("{}-{}", stem(path), i + 1),
+        };
+        let gold = match &golds {
+            Some(c) => Some(
+                c.str()?
+                    .get(i)
+                    .map(str::to_string)
+                    .with_context(|| format!("{place}: gold is null"))?,
+            ),
+            None => None,
+        };
+        out.push((InputRow { id, input, gold }, place));
+    }
+    Ok(out)
+}

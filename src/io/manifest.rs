@@ -1,0 +1,103 @@
+//! manifest.json: written last in a stage folder, after every output was renamed into
+//! place. A folder without one is incomplete. `run` skips a stage whose manifest has the
+//! same config hash and input digests.
+
+use super::atomic::{file_sha256, text_sha256, write_json};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Version of every stage file's schema; a reader that finds another one stops.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileEntry {
+    pub path: String,
+    pub sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub kind: String,
+    pub schema_version: u32,
+    pub kdpipe_version: String,
+    pub config_hash: String,
+    pub seed: u64,
+    pub inputs: Vec<FileEntry>,
+    pub outputs: Vec<FileEntry>,
+    #[serde(default)]
+    pub summary: serde_json::Value,
+}
+
+pub fn config_hash(view: &serde_json::Value) -> String {
+    text_sha256(&view.to_string())
+}
+
+pub fn entry(path: &Path, rows: Option<usize>) -> Result<FileEntry> {
+    Ok(FileEntry {
+        path: path.display().to_string(),
+        sha256: file_sha256(path)?,
+        rows,
+    })
+}
+
+pub fn manifest_path(stage_dir: &Path) -> PathBuf {
+    stage_dir.join("manifest.json")
+}
+
+impl Manifest {
+    pub fn new(kind: &str, config_hash: String, seed: u64) -> Self {
+        Manifest {
+            kind: kind.to_string(),
+            schema_version: SCHEMA_VERSION,
+            kdpipe_version: env!("CARGO_PKG_VERSION").to_string(),
+            config_hash,
+            seed,
+            inputs: vec![],
+            outputs: vec![],
+            summary: serde_json::Value::Null,
+        }
+    }
+
+    pub fn write(&self, stage_dir: &Path) -> Result<()> {
+        write_json(&manifest_path(stage_dir), self)
+    }
+
+    /// Read a stage's manifest, failing when the stage did not finish or is from another
+    /// schema version.
+    pub fn read(stage_dir: &Path, stage: &str) -> Result<Manifest> {
+        let path = manifest_path(stage_dir);
+        if !path.exists() {
+            bail!(
+                "{} has no manifest.json: the {stage} stage did not finish there\nhint: run kdpipe {stage} --config …",
+                stage_dir.display()
+            );
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
+        if m.schema_version != SCHEMA_VERSION {
+            bail!(
+                "{} has schema version {}, this kdpipe reads {SCHEMA_VERSION}\nhint: re-run kdpipe {stage} --config …",
+                path.display(),
+                m.schema_version
+            );
+        }
+        Ok(m)
+    }
+
+    /// Whether this finished stage was made from the same config and the same inputs, and
+    /// its outputs are still there unchanged.
+    pub fn is_current(&self, config_hash: &str, inputs: &[FileEntry]) -> bool {
+        self.config_hash == config_hash
+            && self.inputs == inputs
+            && self.outputs.iter().all(|o| {
+                file_sha256(Path::new(&o.path))
+                    .map(|d| d == o.sha256)
+                    .unwrap_or(false)
+            })
+    }
+}

@@ -1,0 +1,82 @@
+//! Parquet files between stages: written atomically, read with a clear error naming the
+//! file and the missing or mistyped column.
+
+use super::atomic::write_with;
+use anyhow::{bail, Context, Result};
+use polars::prelude::*;
+use std::path::Path;
+
+pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
+    write_with(path, |file| {
+        let written = ParquetWriter::new(file)
+            .with_compression(ParquetCompression::Zstd(None))
+            .finish(df);
+        anyhow::Context::with_context(written, || {
+            format!("cannot write Parquet {}", path.display())
+        })?;
+        Ok(())
+    })
+}
+
+pub fn read_frame(path: &Path) -> Result<DataFrame> {
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    anyhow::Context::with_context(ParquetReader::new(file).finish(), || {
+        format!("{} is not a readable Parquet file", path.display())
+    })
+}
+
+/// A column that must exist with the given type, or an error naming file and column.
+pub fn require<'a>(
+    df: &'a DataFrame,
+    path: &Path,
+    name: &str,
+    dtype: &DataType,
+) -> Result<&'a Column> {
+    let col = anyhow::Context::with_context(df.column(name), || {
+        format!("{}: missing column {name:?}\nhint: was this file written by this kdpipe version? re-run the stage that wrote it", path.display())
+    })?;
+    if col.dtype() != dtype {
+        bail!(
+            "{}: column {name:?} has type {}, expected {dtype}",
+            path.display(),
+            col.dtype()
+        );
+    }
+    Ok(col)
+}
+
+/// Rows as JSON objects, for `kdpipe show`.
+pub fn rows_as_json(df: &DataFrame, limit: usize) -> Result<Vec<serde_json::Value>> {
+    let n = df.height().min(limit);
+    let mut rows = vec![serde_json::Map::new(); n];
+    for col in df.columns() {
+        let s = col.as_materialized_series();
+        for (i, row) in rows.iter_mut().enumerate() {
+            let v = any_to_json(s.get(i)?);
+            row.insert(col.name().to_string(), v);
+        }
+    }
+    Ok(rows.into_iter().map(serde_json::Value::Object).collect())
+}
+
+fn any_to_json(v: AnyValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        AnyValue::Null => J::Null,
+        AnyValue::Boolean(b) => J::Bool(b),
+        AnyValue::String(s) => J::String(s.to_string()),
+        AnyValue::StringOwned(s) => J::String(s.to_string()),
+        AnyValue::UInt32(x) => J::from(x),
+        AnyValue::UInt64(x) => J::from(x),
+        AnyValue::Int32(x) => J::from(x),
+        AnyValue::Int64(x) => J::from(x),
+        AnyValue::Float32(x) => J::from(x as f64),
+        AnyValue::Float64(x) => J::from(x),
+        AnyValue::List(s) => J::Array(s.iter().map(any_to_json).collect()),
+        other => J::String(other.to_string()),
+    }
+}

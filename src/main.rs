@@ -1,0 +1,103 @@
+//! The kdpipe binary: parse the command line, run one command, print errors as
+//! `error:` / `caused by:` / `hint:`. Exit 0 ok, 1 quality gate failed, 2 error.
+
+use clap::Parser;
+use kdpipe::cli::{Cli, Command, StageArgs};
+use kdpipe::config::{Config, Overrides};
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn init_logs(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,mistralrs_core=error,mistralrs=error",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load(args: &StageArgs) -> anyhow::Result<Option<Config>> {
+    let cfg = Config::resolve(&args.config, &Overrides::from(&args.overrides))?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(None);
+    }
+    Ok(Some(cfg))
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(a) => {
+            if let Some(cfg) = load(&a)? {
+                kdpipe::generate::run(&cfg)?;
+            }
+        }
+        Command::Curate(a) => {
+            if let Some(cfg) = load(&a)? {
+                kdpipe::curate::run(&cfg)?;
+            }
+        }
+        Command::Finetune(a) => {
+            if let Some(cfg) = load(&a)? {
+                kdpipe::finetune::run(&cfg)?;
+            }
+        }
+        Command::Eval(a) => {
+            if let Some(cfg) = load(&a)? {
+                print!("{}", kdpipe::eval::run(&cfg)?.table());
+            }
+        }
+        Command::Run(a) => {
+            if let Some(cfg) = load(&a.stage)? {
+                print!("{}", kdpipe::run::run(&cfg, a.force)?.table());
+            }
+        }
+        Command::Show(a) => {
+            let df = kdpipe::io::parquet::read_frame(&a.file)?;
+            for row in kdpipe::io::parquet::rows_as_json(&df, a.limit)? {
+                println!("{row}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Print the error chain; a line starting with `hint:` inside any message is printed
+/// last, as the thing to do.
+fn report(err: &anyhow::Error) {
+    let mut hints = Vec::new();
+    for (i, cause) in err.chain().enumerate() {
+        let text = cause.to_string();
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or("");
+        eprintln!("{}{first}", if i == 0 { "error: " } else { "caused by: " });
+        for line in lines {
+            match line.strip_prefix("hint:") {
+                Some(h) => hints.push(h.trim().to_string()),
+                None => eprintln!("  {line}"),
+            }
+        }
+    }
+    for h in hints {
+        eprintln!("hint: {h}");
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.verbose);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report(&e);
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! run: all stages from one config, in order. A stage whose manifest matches (same config
+//! hash, same input digests, outputs unchanged) is skipped, so a killed job resumes at the
+//! first unfinished stage.
+
+use crate::config::Config;
+use crate::eval::Scores;
+use crate::io::manifest::{config_hash, FileEntry, Manifest};
+use crate::{curate, eval, finetune, generate};
+use anyhow::Result;
+
+fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool {
+    let Ok(inputs) = inputs else { return false };
+    match Manifest::read(&cfg.stage_dir(stage), stage) {
+        Ok(m) => m.is_current(&config_hash(&cfg.stage_view(stage)), &inputs),
+        Err(_) => false,
+    }
+}
+
+pub fn run(cfg: &Config, force: bool) -> Result<Scores> {
+    let started = std::time::Instant::now();
+    if force || !is_current(cfg, "generate", generate::input_entries(cfg)) {
+        generate::run(cfg)?;
+    } else {
+        eprintln!("generate: up to date, skipped");
+    }
+    if force || !is_current(cfg, "curate", curate::input_entries(cfg)) {
+        curate::run(cfg)?;
+    } else {
+        eprintln!("curate: up to date, skipped");
+    }
+    if force || !is_current(cfg, "finetune", finetune::input_entries(cfg)) {
+        finetune::run(cfg)?;
+    } else {
+        eprintln!("finetune: up to date, skipped");
+    }
+    let scores = if !force && is_current(cfg, "eval", eval::input_entries(cfg)) {
+        eprintln!("eval: up to date, skipped");
+        let m = Manifest::read(&cfg.stage_dir("eval"), "eval")?;
+        serde_json::from_value(m.summary)?
+    } else {
+        eval::run(cfg)?
+    };
+    eprintln!("run: finished in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(scores)
+}

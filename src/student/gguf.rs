@@ -1,0 +1,187 @@
+//! Load a llama-family GGUF as a student: tensors dequantized to f32 and renamed to
+//! Hugging Face names, q/k rows un-permuted for `llama` files (llama.cpp's converter
+//! interleaves RoPE pairs there; qwen2 files keep the Hugging Face layout), tokenizer and
+//! chat template from the metadata.
+
+use super::tokenizer::{meta_str, meta_u64, tokenizer_json_from_gguf};
+use super::{LoadedModel, ModelShape};
+use crate::chat::ChatTemplate;
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+fn meta_f64(c: &Content, key: &str) -> Option<f64> {
+    match c.metadata.get(key)? {
+        Value::F32(x) => Some(*x as f64),
+        Value::F64(x) => Some(*x),
+        _ => None,
+    }
+}
+
+fn shape_from_gguf(c: &Content) -> Result<ModelShape> {
+    let arch = meta_str(c, "general.architecture")?.to_string();
+    if arch != "llama" && arch != "qwen2" {
+        bail!("GGUF architecture {arch:?} is not supported as a student (llama, qwen2)");
+    }
+    let u = |k: &str| {
+        meta_u64(c, &format!("{arch}.{k}"))
+            .map(|x| x as usize)
+            .with_context(|| format!("GGUF metadata lacks {arch}.{k}"))
+    };
+    let embd = c
+        .tensor_infos
+        .get("token_embd.weight")
+        .context("GGUF lacks token_embd.weight")?;
+    let heads = u("attention.head_count")?;
+    Ok(ModelShape {
+        vocab_size: embd.shape.dims()[0],
+        hidden_size: u("embedding_length")?,
+        intermediate_size: u("feed_forward_length")?,
+        num_hidden_layers: u("block_count")?,
+        num_attention_heads: heads,
+        num_key_value_heads: u("attention.head_count_kv").unwrap_or(heads),
+        rms_norm_eps: meta_f64(c, &format!("{arch}.attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-6),
+        rope_theta: meta_f64(c, &format!("{arch}.rope.freq_base")).unwrap_or(10000.0),
+        max_position_embeddings: u("context_length").unwrap_or(2048),
+        tie_word_embeddings: !c.tensor_infos.contains_key("output.weight"),
+        attention_bias: c.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        bos_token_id: meta_u64(c, "tokenizer.ggml.bos_token_id").map(|x| x as u32),
+        eos_token_id: meta_u64(c, "tokenizer.ggml.eos_token_id").map(|x| x as u32),
+        model_type: arch,
+    })
+}
+
+/// GGUF tensor name → Hugging Face name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undo llama.cpp's q/k permutation: GGUF rows are ordered (head, pair, 2) where Hugging
+/// Face orders them (head, 2, pair).
+fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = dims[0];
+    let rest: usize = dims[1..].iter().product();
+    let hd = rows / n_head;
+    Ok(w.reshape((n_head, hd / 2, 2, rest))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
+pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = Content::read(&mut file).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} is not a valid GGUF file (truncated download?)\nhint: re-run scripts/fetch-models.sh", path.display()))?;
+    let shape = shape_from_gguf(&content)
+        .with_context(|| format!("cannot read model shape from {}", path.display()))?;
+    let mut weights = BTreeMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let Some(hf) = hf_name(name) else { continue };
+        let q = content
+            .tensor(&mut file, name, device)
+            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
+        let mut t = q.dequantize(device)?;
+        if shape.model_type == "llama" && name.ends_with(".weight") {
+            if name.contains("attn_q") {
+                t = unpermute(&t, shape.num_attention_heads)?;
+            } else if name.contains("attn_k") {
+                t = unpermute(&t, shape.num_key_value_heads)?;
+            }
+        }
+        weights.insert(hf, t);
+    }
+    let tokenizer_json = tokenizer_json_from_gguf(&content)?;
+    let tokenizer = tokenizers::Tokenizer::from_str(&tokenizer_json)
+        .map_err(|e| anyhow::anyhow!("cannot build the tokenizer from {}: {e}", path.display()))?;
+    let token = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let template = meta_str(&content, "tokenizer.chat_template")
+        .with_context(|| format!("{} has no chat template", path.display()))?;
+    let chat = ChatTemplate::new(
+        template.to_string(),
+        token(shape.bos_token_id),
+        token(shape.eos_token_id),
+    );
+    let eos_token_id = shape.eos_token_id.context("GGUF has no eos token id")?;
+    Ok(LoadedModel {
+        shape,
+        weights,
+        tokenizer,
+        tokenizer_json,
+        chat,
+        eos_token_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hugging_face() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").unwrap(),
+            "model.layers.3.self_attn.q_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").unwrap(),
+            "model.layers.0.self_attn.k_proj.bias"
+        );
+        assert_eq!(hf_name("output_norm.weight").unwrap(), "model.norm.weight");
+        assert!(hf_name("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // Forward permutation (llama.cpp's converter): rows (head, 2, pair) → (head, pair, 2).
+        let (n_head, hd, cols) = (2, 4, 3);
+        let hf = Tensor::arange(0f32, (n_head * hd * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((n_head * hd, cols))
+            .unwrap();
+        let gguf = hf
+            .reshape((n_head, 2, hd / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((n_head * hd, cols))
+            .unwrap();
+        let back = unpermute(&gguf, n_head).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+    }
+}

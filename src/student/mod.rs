@@ -1,0 +1,63 @@
+//! The student: a llama-family training decoder of our own (SmolLM2, Llama, Qwen2 shapes),
+//! its tokenizer, loading from GGUF or a Hugging Face folder, and export back to one.
+
+pub mod export;
+pub mod gguf;
+pub mod hf;
+pub mod model;
+pub mod shape;
+pub mod tokenizer;
+
+use crate::chat::ChatTemplate;
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tokenizers::Tokenizer;
+
+pub use model::Decoder;
+pub use shape::ModelShape;
+
+/// Everything loaded for a student: shape, weights by Hugging Face name, tokenizer and chat
+/// template.
+pub struct LoadedModel {
+    pub shape: ModelShape,
+    pub weights: BTreeMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+    /// The tokenizer as tokenizer.json text, written as is on export.
+    pub tokenizer_json: String,
+    pub chat: ChatTemplate,
+    pub eos_token_id: u32,
+}
+
+/// Load a student from a GGUF file (dequantized to f32) or a Hugging Face folder.
+pub fn load(model: &str, device: &Device) -> Result<LoadedModel> {
+    let path = Path::new(model);
+    if model.to_ascii_lowercase().ends_with(".gguf") {
+        if !path.is_file() {
+            bail!("student model file {model} does not exist\nhint: run scripts/fetch-models.sh, or set [student] model to a GGUF file or a Hugging Face model folder");
+        }
+        gguf::load(path, device)
+    } else if path.is_dir() {
+        hf::load(path, device)
+    } else {
+        bail!("student model {model} is neither a .gguf file nor a folder with config.json\nhint: run scripts/fetch-models.sh, or point [student] model at a local model")
+    }
+}
+
+impl LoadedModel {
+    /// Token ids of text, without special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+    }
+}

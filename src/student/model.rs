@@ -1,0 +1,401 @@
+//! The training decoder: RMSNorm, RoPE (Hugging Face rotate-half layout), grouped-query
+//! attention with causal and padding masks, SwiGLU; q/k/v bias and tied embeddings as
+//! shape flags. Full-sequence logits, no KV cache. Built only from ops that have a
+//! backward pass: candle's fused softmax / rms_norm / rope drop gradients (STACK-NOTES).
+
+use super::ModelShape;
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Module, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+pub struct Decoder {
+    pub shape: ModelShape,
+    /// Every weight by its Hugging Face name; trainable ones are views of `vars`.
+    weights: BTreeMap<String, Tensor>,
+    /// The trainable weights, by name.
+    pub vars: Vec<(String, Var)>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+struct Linear<'a> {
+    weight: &'a Tensor,
+    bias: Option<&'a Tensor>,
+}
+
+impl Module for Linear<'_> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = x.broadcast_matmul(&self.weight.t()?)?;
+        match self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
+}
+
+impl Decoder {
+    /// Build from weights; names for which `trainable` is true become variables.
+    pub fn new(
+        shape: ModelShape,
+        weights: BTreeMap<String, Tensor>,
+        device: &Device,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        let mut vars = Vec::new();
+        for (name, w) in weights {
+            let w = w.to_dtype(DType::F32)?.to_device(device)?;
+            if trainable(&name) {
+                let var = Var::from_tensor(&w)?;
+                map.insert(name.clone(), var.as_tensor().clone());
+                vars.push((name, var));
+            } else {
+                map.insert(name, w.detach());
+            }
+        }
+        let (cos, sin) = rope_tables(&shape, device)?;
+        let d = Decoder {
+            shape,
+            weights: map,
+            vars,
+            cos,
+            sin,
+            device: device.clone(),
+        };
+        d.check_weights()?;
+        Ok(d)
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every weight, by Hugging Face name (current values, trained ones included).
+    pub fn weights(&self) -> &BTreeMap<String, Tensor> {
+        &self.weights
+    }
+
+    fn w(&self, name: &str) -> Result<&Tensor> {
+        self.weights
+            .get(name)
+            .with_context(|| format!("student weights lack {name}"))
+    }
+
+    fn check_weights(&self) -> Result<()> {
+        let s = &self.shape;
+        let (h, kv) = (s.hidden_size, s.num_key_value_heads * s.head_dim());
+        let expect = |name: &str, dims: &[usize]| -> Result<()> {
+            let got = self.w(name)?.dims().to_vec();
+            anyhow::ensure!(
+                got == dims,
+                "student weight {name} has shape {got:?}, the config says {dims:?}"
+            );
+            Ok(())
+        };
+        expect("model.embed_tokens.weight", &[s.vocab_size, h])?;
+        for l in 0..s.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            expect(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
+            expect(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
+            expect(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
+            expect(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
+            expect(
+                &format!("{p}.mlp.gate_proj.weight"),
+                &[s.intermediate_size, h],
+            )?;
+            expect(
+                &format!("{p}.mlp.up_proj.weight"),
+                &[s.intermediate_size, h],
+            )?;
+            expect(
+                &format!("{p}.mlp.down_proj.weight"),
+                &[h, s.intermediate_size],
+            )?;
+        }
+        if !s.tie_word_embeddings {
+            expect("lm_head.weight", &[s.vocab_size, h])?;
+        }
+        Ok(())
+    }
+
+    fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
+        Ok(Linear {
+            weight: self.w(&format!("{prefix}.weight"))?,
+            bias: self.weights.get(&format!("{prefix}.bias")),
+        })
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `mask` `[batch, seq]` is 1
+    /// for real tokens and 0 for padding (right-padded).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let s = &self.shape;
+        let embed = self.w("model.embed_tokens.weight")?;
+        let mut x = embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, s.hidden_size))?;
+        let bias = attention_bias(mask, t, &self.device)?;
+        for l in 0..s.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let h = rms_norm(
+                &x,
+                self.w(&format!("{p}.input_layernorm.weight"))?,
+                s.rms_norm_eps,
+            )?;
+            x = (x + self.attention(&h, &p, &bias)?)?;
+            let h = rms_norm(
+                &x,
+                self.w(&format!("{p}.post_attention_layernorm.weight"))?,
+                s.rms_norm_eps,
+            )?;
+            x = (x + self.mlp(&h, &p)?)?;
+        }
+        let x = rms_norm(&x, self.w("model.norm.weight")?, s.rms_norm_eps)?;
+        let head = if s.tie_word_embeddings {
+            embed
+        } else {
+            self.w("lm_head.weight")?
+        };
+        Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+
+    fn attention(&self, x: &Tensor, p: &str, bias: &Tensor) -> Result<Tensor> {
+        let s = &self.shape;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
+        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(
+            self.linear(&format!("{p}.self_attn.q_proj"))?.forward(x)?,
+            nh,
+        )?;
+        let k = heads(
+            self.linear(&format!("{p}.self_attn.k_proj"))?.forward(x)?,
+            nkv,
+        )?;
+        let v = heads(
+            self.linear(&format!("{p}.self_attn.v_proj"))?.forward(x)?,
+            nkv,
+        )?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let scores =
+            (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, nh * hd))?;
+        Ok(self
+            .linear(&format!("{p}.self_attn.o_proj"))?
+            .forward(&out)?)
+    }
+
+    fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
+        let gate = self
+            .linear(&format!("{p}.mlp.gate_proj"))?
+            .forward(x)?
+            .silu()?;
+        let up = self.linear(&format!("{p}.mlp.up_proj"))?.forward(x)?;
+        Ok(self
+            .linear(&format!("{p}.mlp.down_proj"))?
+            .forward(&(gate * up)?)?)
+    }
+
+    /// Greedy decoding of one prompt, up to `max_new` tokens or `stop`.
+    pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        let mut ids = prompt.to_vec();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let n = ids.len();
+            let input = Tensor::from_vec(ids.clone(), (1, n), &self.device)?;
+            let mask = Tensor::ones((1, n), DType::F32, &self.device)?;
+            let logits = self.forward(&input, &mask)?;
+            let last = logits.narrow(1, n - 1, 1)?.flatten_all()?;
+            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            if stop.contains(&next) {
+                break;
+            }
+            ids.push(next);
+            out.push(next);
+        }
+        Ok(out)
+    }
+}
+
+/// cos / sin tables `[max_pos, head_dim / 2]` for rotate-half RoPE.
+fn rope_tables(s: &ModelShape, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = s.head_dim();
+    let n = s.max_position_embeddings.clamp(1, 32768);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (s.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let mut angles = Vec::with_capacity(n * hd / 2);
+    for pos in 0..n {
+        angles.extend(inv.iter().map(|f| pos as f32 * f));
+    }
+    let a = Tensor::from_vec(angles, (n, hd / 2), device)?;
+    Ok((a.cos()?, a.sin()?))
+}
+
+/// Additive attention bias `[batch, 1, seq, seq]`: 0 where query i may see key j (j ≤ i and
+/// j is a real token), a large negative number elsewhere.
+fn attention_bias(mask: &Tensor, t: usize, device: &Device) -> Result<Tensor> {
+    let mask = mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let b = mask.len();
+    let mut bias = vec![0f32; b * t * t];
+    for (bi, m) in mask.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..t {
+                if j > i || m[j] < 0.5 {
+                    bias[(bi * t + i) * t + j] = -1e9;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, t, t), device)?)
+}
+
+fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, nkv, t, hd) = x.dims4()?;
+    x.unsqueeze(2)?
+        .broadcast_as((b, nkv, n_rep, t, hd))?
+        .contiguous()?
+        .reshape((b, nkv * n_rep, t, hd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_shape() -> ModelShape {
+        ModelShape {
+            model_type: "qwen2".into(),
+            vocab_size: 11,
+            hidden_size: 8,
+            intermediate_size: 12,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            max_position_embeddings: 32,
+            tie_word_embeddings: true,
+            attention_bias: true,
+            bos_token_id: None,
+            eos_token_id: Some(0),
+        }
+    }
+
+    fn tiny_weights(s: &ModelShape) -> BTreeMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut w = BTreeMap::new();
+        let mut add = |name: String, dims: &[usize]| {
+            w.insert(name, Tensor::randn(0f32, 0.3, dims, &dev).unwrap());
+        };
+        let (h, kv, f) = (
+            s.hidden_size,
+            s.num_key_value_heads * s.head_dim(),
+            s.intermediate_size,
+        );
+        add("model.embed_tokens.weight".into(), &[s.vocab_size, h]);
+        add("model.norm.weight".into(), &[h]);
+        for l in 0..s.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (n, d) in [
+                ("self_attn.q_proj", [h, h]),
+                ("self_attn.k_proj", [kv, h]),
+                ("self_attn.v_proj", [kv, h]),
+                ("self_attn.o_proj", [h, h]),
+                ("mlp.gate_proj", [f, h]),
+                ("mlp.up_proj", [f, h]),
+                ("mlp.down_proj", [h, f]),
+            ] {
+                add(format!("{p}.{n}.weight"), &d);
+            }
+            for (n, d) in [
+                ("self_attn.q_proj.bias", h),
+                ("self_attn.k_proj.bias", kv),
+                ("self_attn.v_proj.bias", kv),
+                ("input_layernorm.weight", h),
+                ("post_attention_layernorm.weight", h),
+            ] {
+                add(format!("{p}.{n}"), &[d]);
+            }
+        }
+        w
+    }
+
+    #[test]
+    fn every_trainable_weight_gets_a_gradient() {
+        let s = tiny_shape();
+        let d = Decoder::new(s.clone(), tiny_weights(&s), &Device::Cpu, |_| true).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 6, 7, 0]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 1., 0.]], &Device::Cpu).unwrap();
+        let loss = d
+            .forward(&ids, &mask)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, var) in &d.vars {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "zero gradient for {name}");
+        }
+    }
+
+    #[test]
+    fn padding_does_not_change_real_positions() {
+        let s = tiny_shape();
+        let d = Decoder::new(s.clone(), tiny_weights(&s), &Device::Cpu, |_| false).unwrap();
+        let short = d
+            .forward(
+                &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
+                &Tensor::ones((1, 3), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+        let padded = d
+            .forward(
+                &Tensor::new(&[[1u32, 2, 3, 9, 9]], &Device::Cpu).unwrap(),
+                &Tensor::new(&[[1f32, 1., 1., 0., 0.]], &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+            .narrow(1, 0, 3)
+            .unwrap();
+        let diff = (short - padded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "padding changed logits by {diff}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The local teacher: mistralrs 0.8.1 in this process, from a GGUF file or a Hugging
+//! Face model directory. The only file that imports mistralrs.
+//!
+//! Requests go one at a time (mistralrs mixes up concurrent prompts on CPU, see
+//! STACK-NOTES) through token-id completion requests, so kdpipe knows the exact prompt
+//! tokens; the engine's prefix cache then reuses the few-shot prefix between rows.
+//! Label scoring reads the full next-token distribution through a logits processor at
+//! each distinct label prefix, one token generated per request.
+
+use super::{ChatMessage, Generation, Teacher, TeacherError};
+use anyhow::{bail, Context, Result};
+use mistralrs::{
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, NormalRequest, Request,
+    RequestMessage, Response, SamplingParams, StopTokens, Tensor, TextMessageRole, TextMessages,
+    TextModelBuilder,
+};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+pub struct LocalTeacher {
+    id: String,
+    model: Arc<Model>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn fatal(e: impl std::fmt::Display) -> TeacherError {
+    TeacherError::Fatal(e.to_string())
+}
+
+impl LocalTeacher {
+    /// Load a GGUF file, or a Hugging Face directory (config.json + safetensors +
+    /// tokenizer.json), or a hub id (needs a network).
+    pub fn open(model: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let path = Path::new(model);
+        let is_gguf = model.to_ascii_lowercase().ends_with(".gguf");
+        if is_gguf && !path.is_file() {
+            bail!(
+                "teacher model file {model} does not exist\nhint: run scripts/fetch-models.sh, or set [teacher] model to a GGUF file or model folder"
+            );
+        }
+        let built = runtime.block_on(async {
+            if is_gguf {
+                let dir = path
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let file = path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                GgufModelBuilder::new(dir.display().to_string(), vec![file])
+                    .with_prefix_cache_n(Some(4))
+                    .with_max_num_seqs(1)
+                    .build()
+                    .await
+            } else {
+                TextModelBuilder::new(model)
+                    .with_prefix_cache_n(Some(4))
+                    .with_max_num_seqs(1)
+                    .build()
+                    .await
+            }
+        });
+        let model_obj = built
+            .map_err(|e| anyhow::anyhow!("{e:#}"))
+            .with_context(|| format!("cannot load teacher model {model}"))?;
+        Ok(LocalTeacher {
+            id: model.to_string(),
+            model: Arc::new(model_obj),
+            runtime,
+        })
+    }
+
+    /// Token ids of a chat, rendered by the engine's own template, ready for the reply.
+    pub fn chat_ids(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TeacherError> {
+        let mut msgs = TextMessages::new();
+        for m in messages {
+            let role = match m.role.as_str() {
+                "system" => TextMessageRole::System,
+                "assistant" => TextMessageRole::Assistant,
+                _ => TextMessageRole::User,
+            };
+            msgs = msgs.add_message(role, &m.content);
+        }
+        self.runtime
+            .block_on(
+                self.model
+                    .tokenize(either::Either::Left(msgs), None, true, true, None),
+            )
+            .map_err(fatal)
+    }
+
+    fn text_ids(&self, text: &str) -> Result<Vec<u32>, TeacherError> {
+        if text.is_empty() {
+            return Ok(vec![]);
+        }
+        self.runtime
+            .block_on(self.model.tokenize(
+                either::Either::Right(text.to_string()),
+                None,
+                false,
+                false,
+                None,
+            ))
+            .map_err(fatal)
+    }
+
+    /// Send one token-id completion request and wait for it.
+    fn complete(
+        &self,
+        ids: Vec<u32>,
+        sampling: SamplingParams,
+        processors: Option<Vec<Arc<dyn CustomLogitsProcessor>>>,
+    ) -> Result<mistralrs::CompletionResponse, TeacherError> {
+        self.runtime.block_on(async {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let request = Request::Normal(Box::new(NormalRequest {
+                messages: RequestMessage::CompletionTokens(ids),
+                sampling_params: sampling,
+                response: tx,
+                return_logprobs: false,
+                is_streaming: false,
+                id: 0,
+                constraint: Constraint::None,
+                suffix: None,
+                tools: None,
+                tool_choice: None,
+                logits_processors: processors,
+                return_raw_logits: false,
+                web_search_options: None,
+                model_id: None,
+                truncate_sequence: false,
+            }));
+            let sender = self.model.inner().get_sender(None).map_err(fatal)?;
+            sender
+                .send(request)
+                .await
+                .map_err(|e| fatal(format!("engine stopped: {e}")))?;
+            match rx.recv().await {
+                Some(Response::CompletionDone(r)) => Ok(r),
+                Some(Response::CompletionModelError(msg, _)) => Err(TeacherError::Retryable(msg)),
+                Some(Response::ValidationError(e)) => Err(fatal(e)),
+                Some(Response::InternalError(e)) => Err(TeacherError::Retryable(e.to_string())),
+                Some(_) => Err(fatal("unexpected response kind from the engine")),
+                None => Err(fatal("the engine closed the request channel")),
+            }
+        })
+    }
+
+    /// Natural-log next-token distribution after `context`.
+    pub fn next_token_logprobs(&self, context: Vec<u32>) -> Result<Vec<f32>, TeacherError> {
+        let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
+        let sink = captured.clone();
+        let expected_len = context.len();
+        let capture = move |logits: &Tensor, ctx: &[u32]| -> mistralrs::Result<Tensor> {
+            // Only the first decode step, right after the context, is the one we want.
+            if ctx.len() == expected_len {
+                let v = logits
+                    .to_dtype(mistralrs::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                if let Ok(mut slot) = sink.lock() {
+                    *slot = Some(log_softmax(&v));
+                }
+            }
+            Ok(logits.clone())
+        };
+        let sampling = SamplingParams {
+            max_len: Some(1),
+            ..SamplingParams::deterministic()
+        };
+        self.complete(context, sampling, Some(vec![Arc::new(capture)]))?;
+        let got = captured
+            .lock()
+            .map_err(|_| fatal("logits capture poisoned"))?
+            .take();
+        got.ok_or_else(|| fatal("the engine did not expose the next-token logits"))
+    }
+}
+
+fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = v.iter().map(|x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
+}
+
+impl Teacher for LocalTeacher {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn generate(
+        &self,
+        messages: &[ChatMessage],
+        max_tokens: usize,
+        temperature: f64,
+    ) -> Result<Generation, TeacherError> {
+        let ids = self.chat_ids(messages)?;
+        let prompt_tokens = ids.len() as u32;
+        let mut sampling = SamplingParams {
+            max_len: Some(max_tokens),
+            ..SamplingParams::deterministic()
+        };
+        if temperature > 0.0 {
+            sampling.temperature = Some(temperature);
+            sampling.top_k = None;
+        }
+        sampling.stop_toks = None::<StopTokens>;
+        let resp = self.complete(ids, sampling, None)?;
+        let choice = resp
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| TeacherError::Retryable("no choices in response".into()))?;
+        Ok(Generation {
+            truncated: choice.finish_reason == "length",
+            text: choice.text,
+            prompt_tokens,
+            completion_tokens: resp.usage.completion_tokens as u32,
+        })
+    }
+
+    fn score_continuations(
+        &self,
+        messages: &[ChatMessage],
+        assistant_prefix: &str,
+        continuations: &[String],
+    ) -> Result<Vec<f64>, TeacherError> {
+        let mut prefix = self.chat_ids(messages)?;
+        prefix.extend(self.text_ids(assistant_prefix)?);
+        let conts: Vec<Vec<u32>> = continuations
+            .iter()
+            .map(|c| self.text_ids(c))
+            .collect::<Result<_, _>>()?;
+        // One request per distinct context (the prefix plus a label's first j tokens):
+        // labels sharing a first token share its request.
+        let mut cache: HashMap<Vec<u32>, Vec<f32>> = HashMap::new();
+        let mut scores = Vec::with_capacity(conts.len());
+        for cont in &conts {
+            if cont.is_empty() {
+                return Err(fatal("a label tokenized to nothing"));
+            }
+            let mut total = 0f64;
+            for j in 0..cont.len() {
+                let mut ctx = prefix.clone();
+                ctx.extend_from_slice(&cont[..j]);
+                if !cache.contains_key(&ctx) {
+                    let lp = self.next_token_logprobs(ctx.clone())?;
+                    cache.insert(ctx.clone(), lp);
+                }
+                let lp = &cache[&ctx];
+                total += *lp
+                    .get(cont[j] as usize)
+                    .ok_or_else(|| fatal("token id outside the vocabulary"))?
+                    as f64;
+            }
+            scores.push(total);
+        }
+        Ok(scores)
+    }
+
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, TeacherError> {
+        Ok(self.chat_ids(messages)?.len())
+    }
+}
