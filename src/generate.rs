@@ -38,7 +38,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         inputs.len(),
         cfg.teacher.model
     );
-    let teacher = teacher::open(&cfg.teacher)?;
+    let scores_labels = task.kind == TaskKind::Labels && cfg.teacher.label_scores;
+    let teacher = teacher::open(&cfg.teacher, scores_labels)?;
 
     let mut progress = Progress::new("generate", inputs.len() as u64);
     let mut rows = Vec::with_capacity(inputs.len());

@@ -165,7 +165,13 @@ impl Task {
                 return Some(l.clone());
             }
         }
-        None
+        // Otherwise the label named first, as a whole word ("The emotion is joy.").
+        let words: Vec<&str> = cleaned
+            .split(|c: char| !c.is_alphanumeric() && c != '-' && c != '_')
+            .collect();
+        words
+            .iter()
+            .find_map(|w| self.labels.iter().find(|l| l.to_lowercase() == *w).cloned())
     }
 }
 
@@ -291,6 +297,13 @@ mod tests {
             Some("sadness")
         );
         assert_eq!(t.normalize("happiness").1, ParseStatus::OutsideLabelSet);
+        assert_eq!(
+            t.normalize("The emotion here is sadness, not joy.")
+                .0
+                .as_deref(),
+            Some("sadness")
+        );
+        assert_eq!(t.normalize("joyful").1, ParseStatus::OutsideLabelSet);
         assert_eq!(
             t.parse_answer_only("Answer: anger").answer.as_deref(),
             Some("anger")

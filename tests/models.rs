@@ -20,7 +20,7 @@ fn chat() -> Vec<ChatMessage> {
 }
 
 fn tokenizer_matches_engine(path: &std::path::Path) {
-    let teacher = LocalTeacher::open(path.to_str().unwrap()).unwrap();
+    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
     let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
     let ours = loaded
         .encode(&loaded.chat.render(&chat(), true).unwrap())
@@ -57,7 +57,7 @@ fn qwen2_gguf_tokenizer_matches_the_engine() {
 #[test]
 fn student_decoder_reproduces_the_engine_greedy_output_and_logits() {
     let path = smollm2();
-    let teacher = LocalTeacher::open(path.to_str().unwrap()).unwrap();
+    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
     let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
     let model = Decoder::new(
         loaded.shape.clone(),
@@ -149,4 +149,98 @@ fn every_weight_of_the_real_student_gets_a_gradient() {
             "gradient of {name} is {norm}"
         );
     }
+}
+
+#[test]
+fn label_scores_from_captured_steps_equal_a_fresh_forward_pass() {
+    let path = smollm2();
+    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
+    let msgs = vec![ChatMessage::new("user", "Is the sky blue on a clear day? Reply with one short sentence, then 'Answer: yes' or 'Answer: no'.")];
+    let reply = teacher.generate(&msgs, 40, 0.0).unwrap().text;
+    let prefix = &reply[..reply.find(' ').map(|i| i + 1).unwrap_or(0)];
+    let labels = [" yes".to_string(), " no".to_string()];
+    let captured = teacher
+        .score_continuations(&msgs, prefix.trim_end(), &labels)
+        .unwrap();
+
+    // The same scores from fresh one-step requests on the same token contexts.
+    let mut ctx = teacher.chat_ids(&msgs).unwrap();
+    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    ctx.extend(loaded.encode(prefix.trim_end()).unwrap());
+    let fresh = teacher.next_token_logprobs(ctx).unwrap();
+    for (label, got) in labels.iter().zip(&captured) {
+        let id = loaded.encode(label).unwrap();
+        assert_eq!(id.len(), 1, "{label:?} is one token in SmolLM2");
+        let want = fresh[id[0] as usize] as f64;
+        // Incremental decoding and whole-prompt processing quantize activations in
+        // different blocks, so log-probs of unlikely tokens move a little (measured:
+        // 0.08 at log p = -12); as probabilities they agree closely.
+        assert!(
+            (got.exp() - want.exp()).abs() < 0.01 && (got - want).abs() < 0.02 * want.abs() + 0.05,
+            "{label:?}: captured {got}, fresh {want}"
+        );
+    }
+}
+
+#[test]
+fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    use kdpipe::finetune::data::{Example, View};
+    use kdpipe::finetune::loss::{make_batch, step_by_step_loss, token_nll};
+    let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
+    let model = Decoder::new(
+        loaded.shape.clone(),
+        loaded.weights.clone(),
+        &Device::Cpu,
+        |n| n != "model.embed_tokens.weight",
+    )
+    .unwrap();
+    let example = |view, prompt: &str, reply: &str| {
+        let (p, r) = (
+            loaded.encode(prompt).unwrap(),
+            loaded.encode(reply).unwrap(),
+        );
+        let target = [vec![0u8; p.len()], vec![1u8; r.len()]].concat();
+        Example {
+            view,
+            ids: [p, r].concat(),
+            target,
+        }
+    };
+    let batch = make_batch(
+        &[
+            example(
+                View::Label,
+                "[label] I lost my keys and missed the bus.",
+                " sadness",
+            ),
+            example(
+                View::Rationale,
+                "[rationale] I lost my keys and missed the bus.",
+                " The writer had a bad morning and feels down.",
+            ),
+        ],
+        loaded.eos_token_id,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let loss = || {
+        let logits = model.forward(&batch.ids, &batch.attention).unwrap();
+        step_by_step_loss(&token_nll(&logits, &batch.ids).unwrap(), &batch, 0.5).unwrap()
+    };
+    let before = loss().total.to_scalar::<f32>().unwrap();
+    let mut opt = AdamW::new(
+        model.vars.iter().map(|(_, v)| v.clone()).collect(),
+        ParamsAdamW {
+            lr: 1e-4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..3 {
+        opt.backward_step(&loss().total).unwrap();
+    }
+    let after = loss().total.to_scalar::<f32>().unwrap();
+    eprintln!("loss on the batch: {before:.3} → {after:.3}");
+    assert!(after < before * 0.8, "loss {before} → {after}");
 }

@@ -173,3 +173,65 @@ fn read_table(path: &Path, cfg: &DataConfig, ext: &str) -> Result<Vec<(InputRow,
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(path: &Path, limit: Option<usize>) -> DataConfig {
+        DataConfig {
+            inputs: vec![path.to_path_buf()],
+            id_field: Some("key".into()),
+            input_field: "question".into(),
+            gold_field: Some("answer".into()),
+            limit,
+        }
+    }
+
+    #[test]
+    fn parquet_and_csv_inputs_map_fields_and_stringify_gold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut df =
+            df!("key" => ["a", "b"], "question" => ["1+1?", "2+3?"], "answer" => [2i64, 5])
+                .unwrap();
+        let pq = dir.path().join("in.parquet");
+        crate::io::parquet::write_frame(&pq, &mut df).unwrap();
+        let csv = dir.path().join("in.csv");
+        std::fs::write(&csv, "key,question,answer\na,1+1?,2\nb,2+3?,5\n").unwrap();
+        for path in [pq, csv] {
+            let rows = read_inputs(&cfg(&path, None)).unwrap();
+            assert_eq!(rows.len(), 2, "{}", path.display());
+            assert_eq!(
+                rows[1],
+                InputRow {
+                    id: "b".into(),
+                    input: "2+3?".into(),
+                    gold: Some("5".into())
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_and_missing_columns_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"key\": \"a\", \"question\": \"x\", \"answer\": 1}\n{\"key\": \"a\", \"question\": \"y\", \"answer\": 2}\n").unwrap();
+        let err = format!("{:#}", read_inputs(&cfg(&path, None)).unwrap_err());
+        assert!(
+            err.contains("duplicate id \"a\"")
+                && err.contains("in.jsonl:2")
+                && err.contains("in.jsonl:1"),
+            "{err}"
+        );
+        assert_eq!(read_inputs(&cfg(&path, Some(1))).unwrap().len(), 1);
+
+        let csv = dir.path().join("in.csv");
+        std::fs::write(&csv, "key,text\na,x\n").unwrap();
+        let err = format!("{:#}", read_inputs(&cfg(&csv, None)).unwrap_err());
+        assert!(
+            err.contains("in.csv") && err.contains("missing column \"question\""),
+            "{err}"
+        );
+    }
+}

@@ -11,7 +11,7 @@ use super::{ChatMessage, Generation, Teacher, TeacherError};
 use anyhow::{bail, Context, Result};
 use mistralrs::{
     Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, NormalRequest, Request,
-    RequestMessage, Response, SamplingParams, StopTokens, Tensor, TextMessageRole, TextMessages,
+    RequestMessage, Response, SamplingParams, Tensor, TextMessageRole, TextMessages,
     TextModelBuilder,
 };
 use std::collections::HashMap;
@@ -22,6 +22,9 @@ pub struct LocalTeacher {
     id: String,
     model: Arc<Model>,
     runtime: tokio::runtime::Runtime,
+    /// Keep every decode step's distribution of the last reply (for label scoring).
+    capture_steps: bool,
+    last_reply: Mutex<Option<LastReply>>,
 }
 
 fn fatal(e: impl std::fmt::Display) -> TeacherError {
@@ -31,7 +34,9 @@ fn fatal(e: impl std::fmt::Display) -> TeacherError {
 impl LocalTeacher {
     /// Load a GGUF file, or a Hugging Face directory (config.json + safetensors +
     /// tokenizer.json), or a hub id (needs a network).
-    pub fn open(model: &str) -> Result<Self> {
+    /// `capture_steps`: keep each reply's per-step distributions, so scoring labels
+    /// right after the reply's own rationale costs no recomputation.
+    pub fn open(model: &str, capture_steps: bool) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -74,6 +79,8 @@ impl LocalTeacher {
             id: model.to_string(),
             model: Arc::new(model_obj),
             runtime,
+            capture_steps,
+            last_reply: Mutex::new(None),
         })
     }
 
@@ -153,34 +160,97 @@ impl LocalTeacher {
         })
     }
 
-    /// Natural-log next-token distribution after `context`.
+    /// Natural-log next-token distribution after `context`, from one decode step.
+    ///
+    /// A context that a cached sequence already holds whole is recomputed from scratch
+    /// (the prefix cache needs at least one new token); `score_continuations` avoids that
+    /// case by reading the distributions captured while the reply was generated.
     pub fn next_token_logprobs(&self, context: Vec<u32>) -> Result<Vec<f32>, TeacherError> {
-        let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
-        let sink = captured.clone();
-        let expected_len = context.len();
-        let capture = move |logits: &Tensor, ctx: &[u32]| -> mistralrs::Result<Tensor> {
-            // Only the first decode step, right after the context, is the one we want.
-            if ctx.len() == expected_len {
-                let v = logits
-                    .to_dtype(mistralrs::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                if let Ok(mut slot) = sink.lock() {
-                    *slot = Some(log_softmax(&v));
-                }
-            }
-            Ok(logits.clone())
-        };
+        let steps = StepCapture::new(1);
         let sampling = SamplingParams {
             max_len: Some(1),
             ..SamplingParams::deterministic()
         };
-        self.complete(context, sampling, Some(vec![Arc::new(capture)]))?;
-        let got = captured
+        self.complete(context, sampling, Some(vec![steps.processor()]))?;
+        steps
+            .take()
+            .into_iter()
+            .next()
+            .map(|s| s.logprobs)
+            .ok_or_else(|| fatal("the engine did not expose the next-token logits"))
+    }
+}
+
+/// One decode step seen by the logits processor: the tokens generated before it and the
+/// natural-log distribution of the next token.
+struct Step {
+    generated_before: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+/// Records the full next-token distribution at each decode step of one request. The
+/// context the engine passes may start after a prefix-cache hit, so a step is identified
+/// by its index, not by the context length.
+#[derive(Clone)]
+struct StepCapture {
+    steps: Arc<Mutex<Vec<Step>>>,
+    limit: usize,
+}
+
+impl StepCapture {
+    fn new(limit: usize) -> Self {
+        StepCapture {
+            steps: Arc::new(Mutex::new(Vec::new())),
+            limit,
+        }
+    }
+
+    fn processor(&self) -> Arc<dyn CustomLogitsProcessor> {
+        let this = self.clone();
+        Arc::new(
+            move |logits: &Tensor, ctx: &[u32]| -> mistralrs::Result<Tensor> {
+                if let Ok(mut steps) = this.steps.lock() {
+                    let k = steps.len();
+                    if k < this.limit {
+                        let v = logits
+                            .to_dtype(mistralrs::DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?;
+                        let generated_before = ctx[ctx.len().saturating_sub(k)..].to_vec();
+                        steps.push(Step {
+                            generated_before,
+                            logprobs: log_softmax(&v),
+                        });
+                    }
+                }
+                Ok(logits.clone())
+            },
+        )
+    }
+
+    fn take(&self) -> Vec<Step> {
+        self.steps
             .lock()
-            .map_err(|_| fatal("logits capture poisoned"))?
-            .take();
-        got.ok_or_else(|| fatal("the engine did not expose the next-token logits"))
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+}
+
+/// The last reply generated with step capture: its prompt, and per decode step the
+/// distribution of the next token. Label scoring after the reply's own rationale reads
+/// these instead of recomputing the whole prompt.
+struct LastReply {
+    prompt: Vec<u32>,
+    steps: Vec<Step>,
+}
+
+impl LastReply {
+    /// The captured distribution after `context`, if `context` is the prompt followed by
+    /// the first k generated tokens.
+    fn lookup(&self, context: &[u32]) -> Option<&[f32]> {
+        let rest = context.strip_prefix(self.prompt.as_slice())?;
+        let step = self.steps.get(rest.len())?;
+        (step.generated_before == rest).then_some(step.logprobs.as_slice())
     }
 }
 
@@ -212,8 +282,15 @@ impl Teacher for LocalTeacher {
             sampling.temperature = Some(temperature);
             sampling.top_k = None;
         }
-        sampling.stop_toks = None::<StopTokens>;
-        let resp = self.complete(ids, sampling, None)?;
+        let capture = self.capture_steps.then(|| StepCapture::new(max_tokens));
+        let processors = capture.as_ref().map(|c| vec![c.processor()]);
+        let resp = self.complete(ids.clone(), sampling, processors)?;
+        if let (Some(c), Ok(mut last)) = (capture, self.last_reply.lock()) {
+            *last = Some(LastReply {
+                prompt: ids,
+                steps: c.take(),
+            });
+        }
         let choice = resp
             .choices
             .into_iter()
@@ -233,6 +310,8 @@ impl Teacher for LocalTeacher {
         assistant_prefix: &str,
         continuations: &[String],
     ) -> Result<Vec<f64>, TeacherError> {
+        // The prefix as the engine would tokenize it; when it equals the prompt plus the
+        // reply's first tokens (the usual case), the captured steps answer directly.
         let mut prefix = self.chat_ids(messages)?;
         prefix.extend(self.text_ids(assistant_prefix)?);
         let conts: Vec<Vec<u32>> = continuations
@@ -252,7 +331,15 @@ impl Teacher for LocalTeacher {
                 let mut ctx = prefix.clone();
                 ctx.extend_from_slice(&cont[..j]);
                 if !cache.contains_key(&ctx) {
-                    let lp = self.next_token_logprobs(ctx.clone())?;
+                    let captured = self
+                        .last_reply
+                        .lock()
+                        .ok()
+                        .and_then(|last| last.as_ref()?.lookup(&ctx).map(<[f32]>::to_vec));
+                    let lp = match captured {
+                        Some(lp) => lp,
+                        None => self.next_token_logprobs(ctx.clone())?,
+                    };
                     cache.insert(ctx.clone(), lp);
                 }
                 let lp = &cache[&ctx];
@@ -268,5 +355,31 @@ impl Teacher for LocalTeacher {
 
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, TeacherError> {
         Ok(self.chat_ids(messages)?.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captured_steps_answer_only_contexts_on_the_generated_path() {
+        let step = |before: &[u32], v: f32| Step {
+            generated_before: before.to_vec(),
+            logprobs: vec![v],
+        };
+        let last = LastReply {
+            prompt: vec![1, 2],
+            steps: vec![step(&[], 0.1), step(&[7], 0.2), step(&[7, 8], 0.3)],
+        };
+        assert_eq!(last.lookup(&[1, 2]), Some(&[0.1f32][..]));
+        assert_eq!(last.lookup(&[1, 2, 7, 8]), Some(&[0.3f32][..]));
+        assert_eq!(last.lookup(&[1, 2, 9]), None, "off the generated path");
+        assert_eq!(last.lookup(&[1, 3]), None, "another prompt");
+        assert_eq!(
+            last.lookup(&[1, 2, 7, 8, 9]),
+            None,
+            "past the captured steps"
+        );
     }
 }

@@ -68,15 +68,22 @@ pub trait Teacher {
     fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, TeacherError>;
 }
 
-/// Open the configured teacher.
-pub fn open(cfg: &TeacherConfig) -> Result<Box<dyn Teacher>> {
+/// Open the configured teacher; `will_score_labels` says label scoring follows each
+/// reply (the local backend then keeps the reply's per-step distributions).
+pub fn open(cfg: &TeacherConfig, will_score_labels: bool) -> Result<Box<dyn Teacher>> {
     match cfg.kind {
         #[cfg(feature = "local")]
-        TeacherKind::Local => Ok(Box::new(local::LocalTeacher::open(&cfg.model)?)),
+        TeacherKind::Local => Ok(Box::new(local::LocalTeacher::open(
+            &cfg.model,
+            will_score_labels,
+        )?)),
         #[cfg(not(feature = "local"))]
-        TeacherKind::Local => anyhow::bail!(
+        TeacherKind::Local => {
+            let _ = will_score_labels;
+            anyhow::bail!(
             "this kdpipe was built without the local teacher\nhint: build with --features local"
-        ),
+            )
+        }
     }
 }
 
