@@ -96,14 +96,50 @@ pub fn row_examples(
     Ok(out)
 }
 
-/// Batches of examples of similar length (less padding), in a seeded random order.
-pub fn batches(mut examples: Vec<Example>, batch_size: usize, seed: u64) -> Vec<Vec<Example>> {
-    examples.sort_by_key(|e| e.ids.len());
-    let mut out: Vec<Vec<Example>> = examples
-        .chunks(batch_size.max(1))
-        .map(|c| c.to_vec())
-        .collect();
+/// Batches of about `batch_size` sequences, in a seeded random order. A row's views stay
+/// in one batch (so every step-by-step batch weighs both views by α), and rows of similar
+/// length go together (less padding).
+pub fn batches(mut rows: Vec<Vec<Example>>, batch_size: usize, seed: u64) -> Vec<Vec<Example>> {
+    rows.sort_by_key(|views| views.iter().map(|e| e.ids.len()).max().unwrap_or(0));
+    let mut out: Vec<Vec<Example>> = Vec::new();
+    let mut current: Vec<Example> = Vec::new();
+    for views in rows {
+        if !current.is_empty() && current.len() + views.len() > batch_size.max(1) {
+            out.push(std::mem::take(&mut current));
+        }
+        current.extend(views);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     out.shuffle(&mut rng);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(view: View, len: usize) -> Example {
+        Example {
+            view,
+            ids: vec![1; len],
+            target: vec![1; len],
+        }
+    }
+
+    #[test]
+    fn batches_keep_a_rows_views_together() {
+        let rows: Vec<Vec<Example>> = (0..5)
+            .map(|i| vec![ex(View::Label, 3 + i), ex(View::Rationale, 10 + i)])
+            .collect();
+        let out = batches(rows, 4, 1);
+        assert_eq!(out.len(), 3);
+        for b in &out {
+            let labels = b.iter().filter(|e| e.view == View::Label).count();
+            assert_eq!(labels * 2, b.len(), "a batch split a row's views");
+        }
+        assert_eq!(out.iter().map(Vec::len).sum::<usize>(), 10);
+    }
 }

@@ -37,39 +37,33 @@ fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
     CuratedRow::from_frame(&read_frame(&path)?, &path)
 }
 
+/// The examples of each row (its views), row by row.
 fn build_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     rows: &[CuratedRow],
     cfg: &Config,
-) -> Result<Vec<Example>> {
-    let mut out = Vec::new();
-    for r in rows {
-        out.extend(
-            row_examples(
-                model,
-                prompt,
-                r,
-                cfg.finetune.objective,
-                cfg.finetune.max_seq_len,
-            )
-            .with_context(|| format!("cannot build examples for row {:?}", r.id))?,
-        );
-    }
-    Ok(out)
+) -> Result<Vec<Vec<Example>>> {
+    let ft = &cfg.finetune;
+    rows.iter()
+        .map(|r| {
+            row_examples(model, prompt, r, ft.objective, ft.max_seq_len)
+                .with_context(|| format!("cannot build examples for row {:?}", r.id))
+        })
+        .collect()
 }
 
-/// Mean loss over examples without gradients (val loss).
+/// Mean loss over rows' examples without gradients (val loss), in fixed batches.
 fn mean_loss(
     model: &Decoder,
-    examples: &[Example],
+    rows: &[Vec<Example>],
     pad: u32,
     alpha: f64,
     batch: usize,
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
-    for chunk in examples.chunks(batch.max(1)) {
-        let b = make_batch(chunk, pad, model.device())?;
+    for chunk in batches(rows.to_vec(), batch, 0) {
+        let b = make_batch(&chunk, pad, model.device())?;
         let logits = model.forward(&b.ids, &b.attention)?;
         let parts = step_by_step_loss(&token_nll(&logits, &b.ids)?, &b, alpha)?;
         sum += parts.total.to_scalar::<f32>()? as f64;
@@ -113,12 +107,13 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     )?;
     let pad = loaded.eos_token_id;
     let train = build_examples(&loaded, &prompt, &train_rows, cfg)?;
-    // Without val rows, the val loss is measured on (at most 16) train examples.
+    // Without val rows, the val loss is measured on (at most 8) train rows.
     let val = if val_rows.is_empty() {
-        train.iter().take(16).cloned().collect()
+        train.iter().take(8).cloned().collect()
     } else {
         build_examples(&loaded, &prompt, &val_rows, cfg)?
     };
+    let n_train_examples: usize = train.iter().map(Vec::len).sum();
 
     let per_epoch = batches(train.clone(), ft.batch_size, cfg.seed).len();
     let total_steps = ft
@@ -126,7 +121,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         .unwrap_or(usize::MAX)
         .min(per_epoch * ft.epochs)
         .max(1);
-    eprintln!("finetune: {} train rows → {} examples, {} val examples, {total_steps} steps of {} sequences", train_rows.len(), train.len(), val.len(), ft.batch_size);
+    eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of about {} sequences", train_rows.len(), val.len(), ft.batch_size);
 
     let val_before = mean_loss(&model, &val, pad, ft.alpha, ft.batch_size)?;
     let params = ParamsAdamW {
@@ -200,7 +195,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     )?;
 
     let summary = serde_json::json!({
-        "steps": step, "train_rows": train_rows.len(), "train_examples": train.len(),
+        "steps": step, "train_rows": train_rows.len(), "train_examples": n_train_examples,
         "val_loss_before": val_before, "val_loss_after": val_after,
         "first_loss": losses.first(), "last_loss": losses.last(), "seconds": train_secs,
         "objective": ft.objective, "student": cfg.student.model,
