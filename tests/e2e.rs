@@ -121,6 +121,20 @@ max_new_tokens = 6
         );
     }
 
+    // The exported student loads in the teacher engine (mistralrs, safetensors folder).
+    let served =
+        kdpipe::teacher::local::LocalTeacher::open(run.join("student").to_str().unwrap(), false)
+            .unwrap();
+    use kdpipe::teacher::Teacher;
+    let reply = served
+        .generate(
+            &[kdpipe::teacher::ChatMessage::new("user", "Say hi.")],
+            4,
+            0.0,
+        )
+        .unwrap();
+    assert!(reply.completion_tokens > 0);
+
     // A second run finds every stage current and redoes nothing.
     let again = kdpipe(&["run", "--config", "c.toml"], dir.path());
     assert!(again.status.success(), "{}", stderr(&again));
