@@ -2,7 +2,7 @@
 //! `cargo run --release --example train_step -- [BATCH] [SEQ]`
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use kdpipe::student::{self, Decoder};
+use kdpipe::student;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
@@ -15,12 +15,7 @@ fn main() -> anyhow::Result<()> {
         args.get(1).copied().unwrap_or(128),
     );
     let loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &Device::Cpu)?;
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &Device::Cpu,
-        |n| n != "model.embed_tokens.weight",
-    )?;
+    let model = loaded.decoder(&Device::Cpu, |n| n != "model.embed_tokens.weight")?;
     let mut opt = AdamW::new(
         model.vars.iter().map(|(_, v)| v.clone()).collect(),
         ParamsAdamW {

@@ -5,7 +5,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use kdpipe::student::{self, Decoder};
+use kdpipe::student;
 use kdpipe::teacher::local::LocalTeacher;
 use kdpipe::teacher::{ChatMessage, Teacher};
 
@@ -59,13 +59,7 @@ fn student_decoder_reproduces_the_engine_greedy_output_and_logits() {
     let path = smollm2();
     let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
     let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &Device::Cpu,
-        |_| false,
-    )
-    .unwrap();
+    let model = loaded.decoder(&Device::Cpu, |_| false).unwrap();
     let msgs = vec![ChatMessage::new(
         "user",
         "What is the capital of France? Answer in one sentence.",
@@ -116,13 +110,7 @@ fn student_decoder_reproduces_the_engine_greedy_output_and_logits() {
 #[test]
 fn every_weight_of_the_real_student_gets_a_gradient() {
     let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &Device::Cpu,
-        |_| true,
-    )
-    .unwrap();
+    let model = loaded.decoder(&Device::Cpu, |_| true).unwrap();
     let ids = loaded
         .encode("The quick brown fox jumps over the lazy dog.")
         .unwrap();
@@ -188,13 +176,9 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     use kdpipe::finetune::data::{Example, View};
     use kdpipe::finetune::loss::{make_batch, step_by_step_loss, token_nll};
     let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &Device::Cpu,
-        |n| n != "model.embed_tokens.weight",
-    )
-    .unwrap();
+    let model = loaded
+        .decoder(&Device::Cpu, |n| n != "model.embed_tokens.weight")
+        .unwrap();
     let example = |view, prompt: &str, reply: &str| {
         let (p, r) = (
             loaded.encode(prompt).unwrap(),

@@ -11,7 +11,7 @@ use crate::io::parquet::{read_frame, write_frame};
 use crate::progress::Progress;
 use crate::prompts::{Prompt, LABEL_VIEW};
 use crate::records::CuratedRow;
-use crate::student::{self, Decoder, LoadedModel};
+use crate::student::{self, LoadedModel};
 use crate::task::Task;
 use anyhow::{bail, Result};
 use candle_core::Device;
@@ -42,12 +42,7 @@ fn predict_all(
     rows: &[CuratedRow],
     max_new: usize,
 ) -> Result<(Vec<Prediction>, f64)> {
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &Device::Cpu,
-        |_| false,
-    )?;
+    let model = loaded.decoder(&Device::Cpu, |_| false)?;
     let mut progress = Progress::new(name, rows.len() as u64);
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {

@@ -97,14 +97,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let loaded = student::load(&cfg.student.model, &device)?;
     let freeze = ft.freeze_embeddings;
     let tied = loaded.shape.tie_word_embeddings;
-    let model = Decoder::new(
-        loaded.shape.clone(),
-        loaded.weights.clone(),
-        &device,
-        |name| {
-            !(freeze && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
-        },
-    )?;
+    let model = loaded.decoder(&device, |name| {
+        !(freeze && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
+    })?;
     let pad = loaded.eos_token_id;
     let train = build_examples(&loaded, &prompt, &train_rows, cfg)?;
     // Without val rows, the val loss is measured on (at most 8) train rows.

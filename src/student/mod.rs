@@ -46,6 +46,12 @@ pub fn load(model: &str, device: &Device) -> Result<LoadedModel> {
 }
 
 impl LoadedModel {
+    /// The training decoder over these weights; names for which `trainable` is true
+    /// become variables.
+    pub fn decoder(&self, device: &Device, trainable: impl Fn(&str) -> bool) -> Result<Decoder> {
+        Decoder::new(self.shape.clone(), self.weights.clone(), device, trainable)
+    }
+
     /// Token ids of text, without special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
