@@ -174,33 +174,34 @@ impl LocalTeacher {
         self.complete(context, sampling, Some(vec![steps.processor()]))?;
         steps
             .take()
+            .logprobs
             .into_iter()
             .next()
-            .map(|s| s.logprobs)
             .ok_or_else(|| fatal("the engine did not expose the next-token logits"))
     }
 }
 
-/// One decode step seen by the logits processor: the tokens generated before it and the
-/// natural-log distribution of the next token.
-struct Step {
-    generated_before: Vec<u32>,
-    logprobs: Vec<f32>,
+/// What the logits processor saw during one request: the next-token distribution at
+/// each decode step (natural log), and the tokens generated before the latest step.
+#[derive(Default)]
+struct Steps {
+    logprobs: Vec<Vec<f32>>,
+    generated: Vec<u32>,
 }
 
 /// Records the full next-token distribution at each decode step of one request. The
 /// context the engine passes may start after a prefix-cache hit, so a step is identified
-/// by its index, not by the context length.
+/// by its index, not by the context length; its last k tokens are the k generated ones.
 #[derive(Clone)]
 struct StepCapture {
-    steps: Arc<Mutex<Vec<Step>>>,
+    steps: Arc<Mutex<Steps>>,
     limit: usize,
 }
 
 impl StepCapture {
     fn new(limit: usize) -> Self {
         StepCapture {
-            steps: Arc::new(Mutex::new(Vec::new())),
+            steps: Arc::new(Mutex::new(Steps::default())),
             limit,
         }
     }
@@ -210,17 +211,14 @@ impl StepCapture {
         Arc::new(
             move |logits: &Tensor, ctx: &[u32]| -> mistralrs::Result<Tensor> {
                 if let Ok(mut steps) = this.steps.lock() {
-                    let k = steps.len();
+                    let k = steps.logprobs.len();
                     if k < this.limit {
                         let v = logits
                             .to_dtype(mistralrs::DType::F32)?
                             .flatten_all()?
                             .to_vec1::<f32>()?;
-                        let generated_before = ctx[ctx.len().saturating_sub(k)..].to_vec();
-                        steps.push(Step {
-                            generated_before,
-                            logprobs: log_softmax(&v),
-                        });
+                        steps.logprobs.push(log_softmax(&v));
+                        steps.generated = ctx[ctx.len().saturating_sub(k)..].to_vec();
                     }
                 }
                 Ok(logits.clone())
@@ -228,7 +226,7 @@ impl StepCapture {
         )
     }
 
-    fn take(&self) -> Vec<Step> {
+    fn take(&self) -> Steps {
         self.steps
             .lock()
             .map(|mut s| std::mem::take(&mut *s))
@@ -236,12 +234,12 @@ impl StepCapture {
     }
 }
 
-/// The last reply generated with step capture: its prompt, and per decode step the
-/// distribution of the next token. Label scoring after the reply's own rationale reads
-/// these instead of recomputing the whole prompt.
+/// The last reply generated with step capture: its prompt and its captured steps. Label
+/// scoring after the reply's own rationale reads these instead of recomputing the whole
+/// prompt.
 struct LastReply {
     prompt: Vec<u32>,
-    steps: Vec<Step>,
+    steps: Steps,
 }
 
 impl LastReply {
@@ -249,8 +247,11 @@ impl LastReply {
     /// the first k generated tokens.
     fn lookup(&self, context: &[u32]) -> Option<&[f32]> {
         let rest = context.strip_prefix(self.prompt.as_slice())?;
-        let step = self.steps.get(rest.len())?;
-        (step.generated_before == rest).then_some(step.logprobs.as_slice())
+        let logprobs = self.steps.logprobs.get(rest.len())?;
+        self.steps
+            .generated
+            .starts_with(rest)
+            .then_some(logprobs.as_slice())
     }
 }
 
@@ -364,13 +365,13 @@ mod tests {
 
     #[test]
     fn captured_steps_answer_only_contexts_on_the_generated_path() {
-        let step = |before: &[u32], v: f32| Step {
-            generated_before: before.to_vec(),
-            logprobs: vec![v],
-        };
+        // Three steps; the reply's first two tokens were 7 and 8.
         let last = LastReply {
             prompt: vec![1, 2],
-            steps: vec![step(&[], 0.1), step(&[7], 0.2), step(&[7, 8], 0.3)],
+            steps: Steps {
+                logprobs: vec![vec![0.1], vec![0.2], vec![0.3]],
+                generated: vec![7, 8],
+            },
         };
         assert_eq!(last.lookup(&[1, 2]), Some(&[0.1f32][..]));
         assert_eq!(last.lookup(&[1, 2, 7, 8]), Some(&[0.3f32][..]));
