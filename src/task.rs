@@ -155,23 +155,19 @@ impl Task {
         if cleaned.is_empty() {
             return None;
         }
-        // Exact label first, then the first word (the teacher may add "because ...").
-        let first_word = cleaned
-            .split(|c: char| !c.is_alphanumeric() && c != '-' && c != '_')
-            .next()
-            .unwrap_or("");
-        for candidate in [cleaned.as_str(), first_word] {
-            if let Some(l) = self.labels.iter().find(|l| l.to_lowercase() == candidate) {
-                return Some(l.clone());
-            }
-        }
-        // Otherwise the label named first, as a whole word ("The emotion is joy.").
-        let words: Vec<&str> = cleaned
-            .split(|c: char| !c.is_alphanumeric() && c != '-' && c != '_')
-            .collect();
-        words
-            .iter()
-            .find_map(|w| self.labels.iter().find(|l| l.to_lowercase() == *w).cloned())
+        let label_named = |candidate: &str| {
+            self.labels
+                .iter()
+                .find(|l| l.to_lowercase() == candidate)
+                .cloned()
+        };
+        // The whole answer as a label, else the label named first as a whole word: the
+        // teacher may write "joy, because ..." or "The emotion is joy.".
+        label_named(&cleaned).or_else(|| {
+            cleaned
+                .split(|c: char| !c.is_alphanumeric() && c != '-' && c != '_')
+                .find_map(label_named)
+        })
     }
 }
 
