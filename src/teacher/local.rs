@@ -103,7 +103,8 @@ impl LocalTeacher {
             .map_err(fatal)
     }
 
-    fn text_ids(&self, text: &str) -> Result<Vec<u32>, TeacherError> {
+    /// Token ids of plain text, without special tokens, by the engine's tokenizer.
+    pub fn text_ids(&self, text: &str) -> Result<Vec<u32>, TeacherError> {
         if text.is_empty() {
             return Ok(vec![]);
         }
