@@ -4,7 +4,7 @@
 //! same context scored by a fresh one-step request (the engine recomputes the prompt).
 //! `cargo run --release --example teacher_timing -- MODEL`
 use kdpipe::teacher::local::LocalTeacher;
-use kdpipe::teacher::{ChatMessage, Teacher};
+use kdpipe::teacher::ChatMessage;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# The whole test suite: fetch the real models (once), then every test in release mode
-# (tests that run a model need optimized candle). Ends with one "N passed, N failed" line.
+# The whole test suite: fetch the real models and install the real OpenAI-compatible
+# server the API tests talk to (each once, cached under ~/.cache/kdpipe), then every test
+# in release mode (tests that run a model need optimized candle). Ends with one
+# "N passed, N failed" line and exits non-zero when any test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-models.sh
+KDPIPE_LLAMA_PYTHON="$(./scripts/setup-llama-server.sh)"
+export KDPIPE_LLAMA_PYTHON
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --release --locked "$@" 2>&1 | tee "$log"
+status=0
+cargo test --release --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 passed="$(grep -oE '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')"
 failed="$(grep -oE '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')"
 echo "$passed passed, $failed failed"
+exit "$status"

@@ -1,6 +1,7 @@
 //! The command line (clap derive). Every override is an `Option`: `None` keeps the config.
 
 use crate::config::Overrides;
+use crate::io::shards::Shard;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -21,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The teacher writes a rationale, an answer and soft labels for every input.
-    Generate(StageArgs),
+    Generate(GenerateArgs),
     /// Teacher rows → train / val / test, with a report of what each rule removed.
     Curate(StageArgs),
     /// Train the student on the curated rows and export it in Hugging Face format.
@@ -47,12 +48,39 @@ pub struct StageArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Process one deterministic slice of the inputs, i/n (0 ≤ i < n), for job arrays;
+    /// writes teacher-0000i-of-0000n.parquet. Curate reads all shards.
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// Print the first prompt, the number of requests and tokens and the cost; call nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Discard rows an earlier unfinished run left, instead of resuming from them.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Write OpenAI Batch API request files for the missing rows into DIR instead of
+    /// calling the teacher.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["batch_ingest", "dry_run"])]
+    pub batch_write: Option<PathBuf>,
+    /// Read Batch API output and error files into rows; requests for rows still missing are
+    /// written to generate/batch-retry/.
+    #[arg(long, value_name = "FILE", num_args = 1.., conflicts_with = "dry_run")]
+    pub batch_ingest: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
     #[command(flatten)]
     pub stage: StageArgs,
     /// Re-run every stage even when its outputs are current.
     #[arg(long)]
     pub force: bool,
+    /// With --force: also discard teacher rows an earlier generate left (otherwise reused).
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 #[derive(Debug, Args, Default)]

@@ -79,6 +79,8 @@ pub struct TaskConfig {
 #[serde(rename_all = "snake_case")]
 pub enum TeacherKind {
     Local,
+    /// Any OpenAI-compatible chat completions server: vLLM, llama.cpp, OpenAI, ...
+    Openai,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -99,11 +101,62 @@ pub struct TeacherConfig {
     /// tokenizers and rescues answers written outside the label set.
     #[serde(default = "d_true")]
     pub label_scores: bool,
+    /// `openai`: the server's base URL, up to and including `/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// `openai`: the name of the environment variable holding the API key (never the key).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// `openai`: requests in flight at once; vLLM batches them, so 8–64 keep it busy.
+    #[serde(default = "d_max_in_flight")]
+    pub max_in_flight: usize,
+    /// `openai`: requests-per-minute limit of the account (none: unlimited).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// `openai`: tokens-per-minute limit (prompt estimate + max_tokens counted a request).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+    /// `openai`: seconds before a request is abandoned and retried.
+    #[serde(default = "d_timeout")]
+    pub timeout_s: f64,
+    /// `openai`: retries of one request (429, 5xx, timeouts, broken bodies) before the run stops.
+    #[serde(default = "d_max_retries")]
+    pub max_retries: u32,
+    /// `openai`: first backoff in seconds; doubles each retry (jittered, capped at 60 s).
+    #[serde(default = "d_retry_base")]
+    pub retry_base_s: f64,
+    /// Price in currency units per million tokens, for `generate --dry-run` cost estimates.
+    #[serde(default)]
+    pub price_per_mtok: Option<Price>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct GenerateConfig {}
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Rationales per input (self-consistency); more than one needs `teacher.temperature` > 0.
+    #[serde(default = "d_samples")]
+    pub samples: usize,
+    /// Keep the top-k alternatives of every generated token (token-level KD); 0 = off,
+    /// at most 20 (the OpenAI API's limit). A million rows × 256 tokens × k adds up.
+    #[serde(default)]
+    pub token_topk: usize,
+    /// Rows buffered before they are written to a part file: a kill loses at most these.
+    #[serde(default = "d_flush_rows")]
+    pub flush_rows: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every generate field has a default")
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,6 +277,24 @@ fn d_teacher_kind() -> TeacherKind {
 fn d_max_tokens() -> usize {
     256
 }
+fn d_max_in_flight() -> usize {
+    8
+}
+fn d_timeout() -> f64 {
+    120.0
+}
+fn d_max_retries() -> u32 {
+    8
+}
+fn d_retry_base() -> f64 {
+    1.0
+}
+fn d_samples() -> usize {
+    1
+}
+fn d_flush_rows() -> usize {
+    16
+}
 fn d_true() -> bool {
     true
 }
@@ -308,6 +379,7 @@ impl Config {
         if self.task.kind == TaskKind::Labels && self.task.labels.len() < 2 {
             bail!("[task] kind = \"labels\" needs `labels` with at least two labels");
         }
+        self.validate_teacher()?;
         if self.data.inputs.is_empty() {
             bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file");
         }
@@ -330,6 +402,39 @@ impl Config {
         Ok(())
     }
 
+    fn validate_teacher(&self) -> Result<()> {
+        let (t, g) = (&self.teacher, &self.generate);
+        if g.samples == 0 {
+            bail!("[generate] samples must be at least 1");
+        }
+        if g.samples > 1 && t.temperature <= 0.0 {
+            bail!(
+                "[generate] samples = {} needs [teacher] temperature > 0: greedy decoding writes the same rationale every time",
+                g.samples
+            );
+        }
+        if g.token_topk > 20 {
+            bail!(
+                "[generate] token_topk must be at most 20, got {}",
+                g.token_topk
+            );
+        }
+        if t.kind == TeacherKind::Openai {
+            if t.base_url.as_deref().unwrap_or("").is_empty() {
+                bail!(
+                    "[teacher] kind = \"openai\" needs base_url, e.g. \"http://127.0.0.1:8000/v1\""
+                );
+            }
+            if t.max_in_flight == 0 {
+                bail!("[teacher] max_in_flight must be at least 1");
+            }
+            if t.timeout_s.is_nan() || t.timeout_s <= 0.0 {
+                bail!("[teacher] timeout_s must be positive");
+            }
+        }
+        Ok(())
+    }
+
     pub fn run_dir(&self) -> PathBuf {
         self.runs_dir.join(&self.name)
     }
@@ -346,6 +451,19 @@ impl Config {
                 TaskKind::Labels => "labels",
             };
             PathBuf::from(format!("prompts/{kind}.md"))
+        })
+    }
+
+    /// What decides the content of one teacher row: rows written under the same view can
+    /// be reused by a resumed or extended run (more inputs, more samples, other limits).
+    /// Operational settings (concurrency, rate limits, timeouts, URL) are left out.
+    pub fn row_view(&self) -> serde_json::Value {
+        let t = &self.teacher;
+        serde_json::json!({
+            "seed": self.seed, "task": self.task,
+            "teacher": {"kind": t.kind, "model": t.model, "max_tokens": t.max_tokens,
+                        "temperature": t.temperature, "label_scores": t.label_scores},
+            "token_topk": self.generate.token_topk,
         })
     }
 

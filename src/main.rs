@@ -4,6 +4,7 @@
 use clap::Parser;
 use kdpipe::cli::{Cli, Command, StageArgs};
 use kdpipe::config::{Config, Overrides};
+use kdpipe::generate::BatchMode;
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -35,8 +36,19 @@ fn load(args: &StageArgs) -> anyhow::Result<Option<Config>> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => {
-            if let Some(cfg) = load(&a)? {
-                kdpipe::generate::run(&cfg)?;
+            if let Some(cfg) = load(&a.stage)? {
+                let batch = match (a.batch_write, a.batch_ingest.is_empty()) {
+                    (Some(dir), _) => Some(BatchMode::Write(dir)),
+                    (None, false) => Some(BatchMode::Ingest(a.batch_ingest)),
+                    (None, true) => None,
+                };
+                let opts = kdpipe::generate::Options {
+                    shard: a.shard.unwrap_or_default(),
+                    dry_run: a.dry_run,
+                    fresh: a.fresh,
+                    batch,
+                };
+                kdpipe::generate::run(&cfg, &opts)?;
             }
         }
         Command::Curate(a) => {
@@ -56,7 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(a) => {
             if let Some(cfg) = load(&a.stage)? {
-                print!("{}", kdpipe::run::run(&cfg, a.force)?.table());
+                print!("{}", kdpipe::run::run(&cfg, a.force, a.fresh)?.table());
             }
         }
         Command::Show(a) => {

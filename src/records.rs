@@ -17,7 +17,22 @@ pub struct InputRow {
 
 /// How a row's soft label was obtained, best first (DESIGN.md).
 pub const SOFT_LABEL_SCORES: &str = "label_scores";
+pub const SOFT_VOTE_SHARE: &str = "vote_share";
+pub const SOFT_TOKEN_TOPK: &str = "token_topk";
 pub const SOFT_NONE: &str = "none";
+
+/// Token-level soft labels of one row: every generated token with its natural-log
+/// probability and its top-k alternatives. Local teachers give token ids (`ids`,
+/// `top_ids`), APIs give token text (`texts`, `top_texts`); the other pair stays empty.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenTopk {
+    pub ids: Vec<u32>,
+    pub texts: Vec<String>,
+    pub logprobs: Vec<f32>,
+    pub top_ids: Vec<Vec<u32>>,
+    pub top_texts: Vec<Vec<String>>,
+    pub top_logprobs: Vec<Vec<f32>>,
+}
 
 /// One teacher answer: what `generate` writes.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,13 +49,28 @@ pub struct TeacherRow {
     pub status: String,
     pub soft_kind: String,
     /// Soft label: answers and their probabilities (same length; empty when none).
+    /// `label_scores` are the teacher's probabilities, not renormalized (sum ≤ 1).
     pub soft_labels: Vec<String>,
     pub soft_probs: Vec<f64>,
+    /// Probability mass the soft label covers (sum of `soft_probs` for label scores;
+    /// null when there is none).
+    pub soft_coverage: Option<f64>,
+    pub tokens: TokenTopk,
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// "stop", "length", ... as the teacher reported it; "error" for a failed request.
+    pub finish_reason: String,
     pub latency_ms: f64,
+    /// Provenance: backend ("local", "openai", "batch"), model, prompt, sampling.
+    pub backend: String,
     pub teacher: String,
+    pub prompt_name: String,
     pub prompt_hash: String,
+    pub temperature: f64,
+    pub max_tokens: u32,
+    pub seed: Option<u64>,
+    /// When the row was written, milliseconds since the Unix epoch.
+    pub created_unix_ms: i64,
 }
 
 fn list_column(name: &str, items: impl Iterator<Item = Series>) -> Column {
@@ -111,6 +141,38 @@ impl TeacherRow {
                 rows.iter().map(|r| Series::new("".into(), &r.soft_probs)),
             ),
             Column::new(
+                "soft_coverage".into(),
+                rows.iter().map(|r| r.soft_coverage).collect::<Vec<_>>(),
+            ),
+            list_column(
+                "token_ids",
+                rows.iter().map(|r| Series::new("".into(), &r.tokens.ids)),
+            ),
+            list_column(
+                "token_texts",
+                rows.iter().map(|r| Series::new("".into(), &r.tokens.texts)),
+            ),
+            list_column(
+                "token_logprobs",
+                rows.iter()
+                    .map(|r| Series::new("".into(), &r.tokens.logprobs)),
+            ),
+            nested_column(
+                "topk_ids",
+                DataType::UInt32,
+                rows.iter().map(|r| &r.tokens.top_ids),
+            )?,
+            nested_column(
+                "topk_texts",
+                DataType::String,
+                rows.iter().map(|r| &r.tokens.top_texts),
+            )?,
+            nested_column(
+                "topk_logprobs",
+                DataType::Float32,
+                rows.iter().map(|r| &r.tokens.top_logprobs),
+            )?,
+            Column::new(
                 "prompt_tokens".into(),
                 rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>(),
             ),
@@ -118,12 +180,31 @@ impl TeacherRow {
                 "completion_tokens".into(),
                 rows.iter().map(|r| r.completion_tokens).collect::<Vec<_>>(),
             ),
+            Column::new("finish_reason".into(), s(|r| &r.finish_reason)),
             Column::new(
                 "latency_ms".into(),
                 rows.iter().map(|r| r.latency_ms).collect::<Vec<_>>(),
             ),
+            Column::new("backend".into(), s(|r| &r.backend)),
             Column::new("teacher".into(), s(|r| &r.teacher)),
+            Column::new("prompt_name".into(), s(|r| &r.prompt_name)),
             Column::new("prompt_hash".into(), s(|r| &r.prompt_hash)),
+            Column::new(
+                "temperature".into(),
+                rows.iter().map(|r| r.temperature).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "max_tokens".into(),
+                rows.iter().map(|r| r.max_tokens).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "seed".into(),
+                rows.iter().map(|r| r.seed).collect::<Vec<_>>(),
+            ),
+            Column::new(
+                "created_unix_ms".into(),
+                rows.iter().map(|r| r.created_unix_ms).collect::<Vec<_>>(),
+            ),
         ];
         let mut df = DataFrame::new_infer_height(cols)?;
         cast_lists(&mut df)?;
@@ -147,12 +228,36 @@ impl TeacherRow {
         );
         let soft_labels = c.list("soft_labels", DataType::String)?;
         let soft_probs = c.list("soft_probs", DataType::Float64)?;
-        let (pt, ct, lat) = (
+        let coverage = c.f64("soft_coverage")?;
+        let (token_ids, token_texts, token_logprobs) = (
+            c.list("token_ids", DataType::UInt32)?,
+            c.list("token_texts", DataType::String)?,
+            c.list("token_logprobs", DataType::Float32)?,
+        );
+        let nested = |t: DataType| DataType::List(Box::new(t));
+        let (topk_ids, topk_texts, topk_logprobs) = (
+            c.list("topk_ids", nested(DataType::UInt32))?,
+            c.list("topk_texts", nested(DataType::String))?,
+            c.list("topk_logprobs", nested(DataType::Float32))?,
+        );
+        let (pt, ct, finish, lat) = (
             c.u32("prompt_tokens")?,
             c.u32("completion_tokens")?,
+            c.str("finish_reason")?,
             c.f64("latency_ms")?,
         );
-        let (teacher, prompt_hash) = (c.str("teacher")?, c.str("prompt_hash")?);
+        let (backend, teacher, prompt_name, prompt_hash) = (
+            c.str("backend")?,
+            c.str("teacher")?,
+            c.str("prompt_name")?,
+            c.str("prompt_hash")?,
+        );
+        let (temperature, max_tokens, seed, created) = (
+            c.f64("temperature")?,
+            c.u32("max_tokens")?,
+            require(df, path, "seed", &DataType::UInt64)?.u64()?,
+            require(df, path, "created_unix_ms", &DataType::Int64)?.i64()?,
+        );
         let mut out = Vec::with_capacity(df.height());
         for i in 0..df.height() {
             out.push(TeacherRow {
@@ -173,22 +278,107 @@ impl TeacherRow {
                     .get_as_series(i)
                     .map(|s| f64s(&s))
                     .unwrap_or_default(),
+                soft_coverage: coverage.get(i),
+                tokens: TokenTopk {
+                    ids: flat(token_ids, i, |s| {
+                        s.u32().map(|c| c.into_no_null_iter().collect())
+                    }),
+                    texts: flat(token_texts, i, |s| Ok(strs(s))),
+                    logprobs: flat(token_logprobs, i, |s| {
+                        s.f32().map(|c| c.into_no_null_iter().collect())
+                    }),
+                    top_ids: nested_rows(topk_ids, i, |s| {
+                        s.u32().map(|c| c.into_no_null_iter().collect())
+                    }),
+                    top_texts: nested_rows(topk_texts, i, |s| Ok(strs(s))),
+                    top_logprobs: nested_rows(topk_logprobs, i, |s| {
+                        s.f32().map(|c| c.into_no_null_iter().collect())
+                    }),
+                },
                 prompt_tokens: pt.get(i).unwrap_or(0),
                 completion_tokens: ct.get(i).unwrap_or(0),
+                finish_reason: opt_str(finish, i).unwrap_or_default(),
                 latency_ms: lat.get(i).unwrap_or(0.0),
+                backend: opt_str(backend, i).unwrap_or_default(),
                 teacher: opt_str(teacher, i).unwrap_or_default(),
+                prompt_name: opt_str(prompt_name, i).unwrap_or_default(),
                 prompt_hash: opt_str(prompt_hash, i).unwrap_or_default(),
+                temperature: temperature.get(i).unwrap_or(0.0),
+                max_tokens: max_tokens.get(i).unwrap_or(0),
+                seed: seed.get(i),
+                created_unix_ms: created.get(i).unwrap_or(0),
             });
         }
         Ok(out)
     }
 }
 
+/// One row's list of values, read by `read` from the row's series.
+fn flat<T>(c: &ListChunked, i: usize, read: impl Fn(&Series) -> PolarsResult<Vec<T>>) -> Vec<T> {
+    c.get_as_series(i)
+        .and_then(|s| read(&s).ok())
+        .unwrap_or_default()
+}
+
+/// One row's list of lists.
+fn nested_rows<T>(
+    c: &ListChunked,
+    i: usize,
+    read: impl Fn(&Series) -> PolarsResult<Vec<T>>,
+) -> Vec<Vec<T>> {
+    let Some(outer) = c.get_as_series(i) else {
+        return vec![];
+    };
+    let Ok(lists) = outer.list() else {
+        return vec![];
+    };
+    (0..lists.len())
+        .map(|j| {
+            lists
+                .get_as_series(j)
+                .and_then(|s| read(&s).ok())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// A list-of-lists column: one `Vec<Vec<T>>` a row. Every row gets the declared inner
+/// type before the rows are joined; an empty first row would otherwise decide the type
+/// (List(Null)) and the values of later rows would be cast away.
+fn nested_column<'a, T>(
+    name: &str,
+    inner: DataType,
+    rows: impl Iterator<Item = &'a Vec<Vec<T>>>,
+) -> Result<Column>
+where
+    Series: NamedFrom<Vec<T>, [T]>,
+    T: Clone + 'a,
+{
+    let row_type = DataType::List(Box::new(inner));
+    let rows: Vec<Series> = rows
+        .map(|row| {
+            let lists: Vec<Series> = row
+                .iter()
+                .map(|v| Series::new("".into(), v.clone()))
+                .collect();
+            <Series as NamedFrom<Vec<Series>, ListType>>::new("".into(), lists).cast(&row_type)
+        })
+        .collect::<PolarsResult<_>>()?;
+    Ok(list_column(name, rows.into_iter()))
+}
+
 /// Empty lists infer as List(Null); give every list column its declared inner type.
 fn cast_lists(df: &mut DataFrame) -> Result<()> {
+    let list = |t: DataType| DataType::List(Box::new(t));
     for (name, inner) in [
         ("soft_labels", DataType::String),
         ("soft_probs", DataType::Float64),
+        ("token_ids", DataType::UInt32),
+        ("token_texts", DataType::String),
+        ("token_logprobs", DataType::Float32),
+        ("topk_ids", list(DataType::UInt32)),
+        ("topk_texts", list(DataType::String)),
+        ("topk_logprobs", list(DataType::Float32)),
     ] {
         if df.column(name).is_ok() {
             let cast = df.column(name)?.cast(&DataType::List(Box::new(inner)))?;
@@ -277,17 +467,35 @@ mod tests {
             soft_kind: SOFT_LABEL_SCORES.into(),
             soft_labels: labels.iter().map(|s| s.to_string()).collect(),
             soft_probs: labels.iter().map(|_| 0.5).collect(),
+            soft_coverage: (!labels.is_empty()).then_some(0.5 * labels.len() as f64),
+            tokens: TokenTopk::default(),
             prompt_tokens: 3,
             completion_tokens: 4,
+            finish_reason: "stop".into(),
             latency_ms: 1.5,
+            backend: "local".into(),
             teacher: "t".into(),
+            prompt_name: "labels".into(),
             prompt_hash: "h".into(),
+            temperature: 0.0,
+            max_tokens: 64,
+            seed: None,
+            created_unix_ms: 1_700_000_000_000,
         }
     }
 
     #[test]
     fn teacher_rows_round_trip_through_parquet() {
-        let rows = vec![row("a", &["joy", "anger"]), row("b", &[])];
+        let mut with_tokens = row("c", &[]);
+        with_tokens.tokens = TokenTopk {
+            ids: vec![5, 9],
+            logprobs: vec![-0.1, -0.2],
+            top_ids: vec![vec![5, 6], vec![9, 1]],
+            top_logprobs: vec![vec![-0.1, -2.0], vec![-0.2, -3.0]],
+            ..TokenTopk::default()
+        };
+        with_tokens.seed = Some(42);
+        let rows = vec![row("a", &["joy", "anger"]), row("b", &[]), with_tokens];
         let mut df = TeacherRow::to_frame(&rows).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.parquet");

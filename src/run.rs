@@ -16,10 +16,14 @@ fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool
     }
 }
 
-pub fn run(cfg: &Config, force: bool) -> Result<Scores> {
+pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
     let started = std::time::Instant::now();
     if force || !is_current(cfg, "generate", generate::input_entries(cfg)) {
-        generate::run(cfg)?;
+        let opts = generate::Options {
+            fresh,
+            ..Default::default()
+        };
+        generate::run(cfg, &opts)?;
     } else {
         eprintln!("generate: up to date, skipped");
     }

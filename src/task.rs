@@ -18,6 +18,9 @@ pub enum ParseStatus {
     /// The written answer was outside the label set; the teacher's label-set scores chose
     /// the label instead.
     Rescued,
+    /// The teacher request itself failed for this row (a prompt longer than the context);
+    /// `raw` holds the error.
+    RequestFailed,
 }
 
 impl ParseStatus {
@@ -29,6 +32,7 @@ impl ParseStatus {
             ParseStatus::OutsideLabelSet => "outside_label_set",
             ParseStatus::Truncated => "truncated",
             ParseStatus::Rescued => "rescued",
+            ParseStatus::RequestFailed => "request_failed",
         }
     }
 

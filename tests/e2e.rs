@@ -75,7 +75,7 @@ max_new_tokens = 6
         )
         .unwrap();
         assert_eq!(m["kind"], stage);
-        assert_eq!(m["schema_version"], 1);
+        assert_eq!(m["schema_version"], kdpipe::io::manifest::SCHEMA_VERSION);
         assert!(!m["outputs"].as_array().unwrap().is_empty());
         for o in m["outputs"].as_array().unwrap() {
             let path = std::path::Path::new(o["path"].as_str().unwrap());
@@ -91,16 +91,26 @@ max_new_tokens = 6
         }
     }
 
-    // Teacher rows: one per input, label-set soft labels summing to 1.
+    // Teacher rows: one per input; label-set soft labels are the teacher's probabilities
+    // (sum ≤ 1), their sum recorded as the coverage; provenance filled in.
     let teacher_file = run.join("generate/teacher-00000-of-00001.parquet");
     let df = kdpipe::io::parquet::read_frame(&teacher_file).unwrap();
     let rows = kdpipe::records::TeacherRow::from_frame(&df, &teacher_file).unwrap();
     assert_eq!(rows.len(), 14);
     for r in rows.iter().filter(|r| r.soft_kind == "label_scores") {
         let sum: f64 = r.soft_probs.iter().sum();
-        assert!((sum - 1.0).abs() < 1e-6, "soft label sums to {sum}");
+        assert!(sum > 0.0 && sum <= 1.0 + 1e-6, "soft label sums to {sum}");
+        assert!((r.soft_coverage.unwrap() - sum).abs() < 1e-9);
         assert_eq!(r.soft_labels.len(), 4);
     }
+    assert!(rows.iter().any(|r| r.soft_kind == "label_scores"));
+    for r in &rows {
+        assert_eq!(r.backend, "local");
+        assert_eq!(r.prompt_name, "labels");
+        assert!(!r.finish_reason.is_empty() && r.created_unix_ms > 0);
+    }
+    // The parts folder of the finished shard is gone; its rows are in the teacher file.
+    assert!(!run.join("generate/parts-00000-of-00001").exists());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("curate/report.json")).unwrap())
             .unwrap();
@@ -125,7 +135,6 @@ max_new_tokens = 6
     let served =
         kdpipe::teacher::local::LocalTeacher::open(run.join("student").to_str().unwrap(), false)
             .unwrap();
-    use kdpipe::teacher::Teacher;
     let reply = served
         .generate(
             &[kdpipe::teacher::ChatMessage::new("user", "Say hi.")],

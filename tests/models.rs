@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use kdpipe::student;
 use kdpipe::teacher::local::LocalTeacher;
-use kdpipe::teacher::{ChatMessage, Teacher};
+use kdpipe::teacher::ChatMessage;
 
 fn chat() -> Vec<ChatMessage> {
     vec![
@@ -227,4 +227,55 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     let after = loss().total.to_scalar::<f32>().unwrap();
     eprintln!("loss on the batch: {before:.3} → {after:.3}");
     assert!(after < before * 0.8, "loss {before} → {after}");
+}
+
+#[test]
+fn local_token_topk_gives_the_generated_ids_with_natural_log_alternatives() {
+    use kdpipe::teacher::{Job, Settings, Teacher, Token};
+    let path = smollm2();
+    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
+    let settings = Settings {
+        max_tokens: 24,
+        temperature: 0.0,
+        token_topk: 4,
+        labels: vec![],
+    };
+    let job = Job {
+        id: "a".into(),
+        sample: 0,
+        messages: chat(),
+        seed: None,
+    };
+    let mut replies = vec![];
+    teacher
+        .answer_all(vec![job], &settings, &|_: &str| None, &mut |_, r| {
+            replies.push(r.unwrap());
+            Ok(())
+        })
+        .unwrap();
+    let reply = &replies[0];
+    assert!(!reply.tokens.is_empty());
+    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut ids = vec![];
+    for t in &reply.tokens {
+        let Token::Id(id) = t.token else {
+            panic!("local tokens are ids")
+        };
+        ids.push(id);
+        assert_eq!(t.top.len(), 4);
+        // Greedy: the chosen token is the most likely one; logprobs are natural logs of a
+        // distribution (each ≤ 0, and the four together at most probability 1).
+        assert_eq!(t.top[0].0, Token::Id(id));
+        assert!((t.top[0].1 - t.logprob).abs() < 1e-6);
+        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1));
+        let mass: f32 = t.top.iter().map(|(_, l)| l.exp()).sum();
+        assert!(mass <= 1.0 + 1e-4 && mass > 0.0, "{mass}");
+    }
+    // The recorded ids spell the reply (all but the final, unrecorded step).
+    let spelled = loaded.decode(&ids).unwrap();
+    assert!(
+        reply.text.starts_with(&spelled),
+        "{spelled:?} vs {:?}",
+        reply.text
+    );
 }

@@ -8,34 +8,22 @@ use crate::config::Config;
 use crate::io::atomic::write_json;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
+use crate::io::shards::{complete_teacher_files, Shard};
 use crate::records::{TeacherRow, CURATED_COLUMNS};
 use crate::task::Task;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use polars::prelude::*;
 use std::path::{Path, PathBuf};
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
-/// All teacher shard files of a run's generate folder, sorted.
+/// All teacher shard files of a run's generate folder, sorted; every shard must have
+/// finished (its manifest written, of this schema version).
 pub fn teacher_files(generate_dir: &Path) -> Result<Vec<PathBuf>> {
-    Manifest::read(generate_dir, "generate")?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(generate_dir)
-        .with_context(|| format!("cannot list {}", generate_dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            n.starts_with("teacher-") && n.ends_with(".parquet")
-        })
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!(
-            "{} has no teacher-*.parquet files\nhint: run kdpipe generate --config …",
-            generate_dir.display()
-        );
+    let files = complete_teacher_files(generate_dir)?;
+    for f in &files {
+        let shard = Shard::from_teacher_file(f).expect("listed files are teacher shard files");
+        Manifest::read_as(generate_dir, &shard.manifest_name(), "generate")?;
     }
     Ok(files)
 }

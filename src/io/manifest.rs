@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Version of every stage file's schema; a reader that finds another one stops.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileEntry {
@@ -65,13 +65,23 @@ impl Manifest {
         write_json(&manifest_path(stage_dir), self)
     }
 
+    /// Write under another name (one manifest a generate shard).
+    pub fn write_as(&self, stage_dir: &Path, name: &str) -> Result<()> {
+        write_json(&stage_dir.join(name), self)
+    }
+
     /// Read a stage's manifest, failing when the stage did not finish or is from another
     /// schema version.
     pub fn read(stage_dir: &Path, stage: &str) -> Result<Manifest> {
-        let path = manifest_path(stage_dir);
+        Self::read_as(stage_dir, "manifest.json", stage)
+    }
+
+    /// Read a manifest with another name (a generate shard's).
+    pub fn read_as(stage_dir: &Path, name: &str, stage: &str) -> Result<Manifest> {
+        let path = stage_dir.join(name);
         if !path.exists() {
             bail!(
-                "{} has no manifest.json: the {stage} stage did not finish there\nhint: run kdpipe {stage} --config …",
+                "{} has no {name}: the {stage} stage did not finish there\nhint: run kdpipe {stage} --config …",
                 stage_dir.display()
             );
         }

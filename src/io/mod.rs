@@ -4,3 +4,4 @@ pub mod atomic;
 pub mod inputs;
 pub mod manifest;
 pub mod parquet;
+pub mod shards;

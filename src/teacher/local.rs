@@ -7,7 +7,10 @@
 //! Label scoring reads the full next-token distribution through a logits processor at
 //! each distinct label prefix, one token generated per request.
 
-use super::{ChatMessage, Generation, Teacher, TeacherError};
+use super::{
+    AnswerLocator, ChatMessage, Job, JobResult, Reply, RetryCounts, Settings, Teacher,
+    TeacherError, Token, TokenChoice,
+};
 use anyhow::{bail, Context, Result};
 use mistralrs::{
     Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, NormalRequest, Request,
@@ -17,6 +20,7 @@ use mistralrs::{
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 pub struct LocalTeacher {
     id: String,
@@ -263,17 +267,14 @@ fn log_softmax(v: &[f32]) -> Vec<f32> {
     v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
 }
 
-impl Teacher for LocalTeacher {
-    fn id(&self) -> &str {
-        &self.id
-    }
-
-    fn generate(
+impl LocalTeacher {
+    /// Write a reply to the chat (one request).
+    pub fn generate(
         &self,
         messages: &[ChatMessage],
         max_tokens: usize,
         temperature: f64,
-    ) -> Result<Generation, TeacherError> {
+    ) -> Result<Reply, TeacherError> {
         let ids = self.chat_ids(messages)?;
         let prompt_tokens = ids.len() as u32;
         let mut sampling = SamplingParams {
@@ -298,15 +299,21 @@ impl Teacher for LocalTeacher {
             .into_iter()
             .next()
             .ok_or_else(|| TeacherError::Retryable("no choices in response".into()))?;
-        Ok(Generation {
-            truncated: choice.finish_reason == "length",
+        Ok(Reply {
             text: choice.text,
+            finish_reason: choice.finish_reason,
             prompt_tokens,
             completion_tokens: resp.usage.completion_tokens as u32,
+            prompt_seconds: resp.usage.total_prompt_time_sec as f64,
+            decode_seconds: resp.usage.total_completion_time_sec as f64,
+            ..Reply::default()
         })
     }
 
-    fn score_continuations(
+    /// Natural-log probability of each continuation after the chat's assistant turn has
+    /// begun with `assistant_prefix`: log p(continuation | chat, prefix), summed over its
+    /// tokens.
+    pub fn score_continuations(
         &self,
         messages: &[ChatMessage],
         assistant_prefix: &str,
@@ -355,8 +362,118 @@ impl Teacher for LocalTeacher {
         Ok(scores)
     }
 
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, TeacherError> {
-        Ok(self.chat_ids(messages)?.len())
+    /// The top-k alternatives of each generated token of the last reply, from the captured
+    /// distributions (our own log-softmax of the logits: natural logs, unlike mistralrs's
+    /// base-10 `logprobs`). The final step, usually the end-of-turn token, is not known to
+    /// the processor and is left out.
+    fn last_reply_topk(&self, k: usize) -> Vec<TokenChoice> {
+        let Ok(last) = self.last_reply.lock() else {
+            return vec![];
+        };
+        let Some(last) = last.as_ref() else {
+            return vec![];
+        };
+        let steps = &last.steps;
+        steps
+            .generated
+            .iter()
+            .zip(&steps.logprobs)
+            .map(|(&chosen, dist)| TokenChoice {
+                token: Token::Id(chosen),
+                logprob: dist
+                    .get(chosen as usize)
+                    .copied()
+                    .unwrap_or(f32::NEG_INFINITY),
+                top: top_k(dist, k)
+                    .into_iter()
+                    .map(|(id, lp)| (Token::Id(id), lp))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// One job: the reply, its label probabilities and token alternatives.
+    fn answer(
+        &self,
+        job: &Job,
+        settings: &Settings,
+        locate_answer: AnswerLocator,
+    ) -> Result<Reply, TeacherError> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        let mut reply = loop {
+            match self.generate(&job.messages, settings.max_tokens, settings.temperature) {
+                Err(TeacherError::Retryable(e)) if attempt < 2 => {
+                    attempt += 1;
+                    tracing::warn!("retrying {}#{} after: {e}", job.id, job.sample);
+                }
+                other => break other?,
+            }
+        };
+        if !settings.labels.is_empty() {
+            if let Some(offset) = locate_answer(&reply.text) {
+                let conts: Vec<String> = settings.labels.iter().map(|l| format!(" {l}")).collect();
+                let logprobs =
+                    self.score_continuations(&job.messages, &reply.text[..offset], &conts)?;
+                reply.label_probs = Some(logprobs.iter().map(|l| l.exp()).collect());
+            }
+        }
+        if settings.token_topk > 0 {
+            reply.tokens = self.last_reply_topk(settings.token_topk);
+        }
+        reply.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(reply)
+    }
+}
+
+/// The k largest entries of a distribution, largest first.
+fn top_k(dist: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..dist.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(k - 1, |a, b| {
+        dist[*b as usize].total_cmp(&dist[*a as usize])
+    });
+    idx.truncate(k);
+    idx.sort_by(|a, b| dist[*b as usize].total_cmp(&dist[*a as usize]));
+    idx.into_iter().map(|i| (i, dist[i as usize])).collect()
+}
+
+impl Teacher for LocalTeacher {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+
+    /// One job at a time: mistralrs mixes up concurrent prompts on CPU (STACK-NOTES).
+    fn answer_all(
+        &self,
+        jobs: Vec<Job>,
+        settings: &Settings,
+        locate_answer: AnswerLocator,
+        sink: &mut dyn FnMut(Job, JobResult) -> Result<()>,
+    ) -> Result<RetryCounts> {
+        for job in jobs {
+            let result = match self.answer(&job, settings, locate_answer) {
+                Ok(reply) => Ok(reply),
+                Err(TeacherError::Row(m)) => Err(m),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("local teacher failed on input id {:?}", job.id)))
+                }
+            };
+            sink(job, result)?;
+        }
+        Ok(RetryCounts::new())
+    }
+
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Option<usize>> {
+        Ok(Some(self.chat_ids(messages)?.len()))
     }
 }
 
@@ -383,5 +500,11 @@ mod tests {
             None,
             "past the captured steps"
         );
+    }
+
+    #[test]
+    fn top_k_is_sorted_largest_first() {
+        assert_eq!(top_k(&[0.1, 0.5, 0.3, 0.9], 2), vec![(3, 0.9), (1, 0.5)]);
+        assert_eq!(top_k(&[0.1], 5), vec![(0, 0.1)]);
     }
 }

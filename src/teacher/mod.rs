@@ -1,15 +1,22 @@
-//! The teacher: a large model that writes a rationale and an answer for each input, and
-//! scores label continuations. `Teacher` is what `generate` calls; each backend lives in
-//! its own file (local.rs: mistralrs, the only file that imports it).
+//! The teacher: a large model that writes a rationale and an answer for each input, with
+//! whatever soft labels its backend can give. `generate` hands a teacher all its jobs and
+//! receives one result per job; each backend lives in its own file:
+//! local.rs (mistralrs, the only file that imports it), openai.rs (HTTP, the only file that
+//! imports reqwest), wire.rs (the OpenAI chat JSON, shared with batch files).
 
+pub mod batch;
+pub mod labels;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod openai;
+pub mod wire;
 
 use crate::config::{TeacherConfig, TeacherKind};
 use anyhow::Result;
+use std::collections::BTreeMap;
 
 /// One chat message sent to a teacher.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -24,20 +31,81 @@ impl ChatMessage {
     }
 }
 
+/// One request: a row key and its chat.
 #[derive(Debug, Clone)]
-pub struct Generation {
-    pub text: String,
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    /// The token limit cut the text short.
-    pub truncated: bool,
+pub struct Job {
+    pub id: String,
+    pub sample: u32,
+    pub messages: Vec<ChatMessage>,
+    /// Sampling seed sent to backends that take one (None: the backend has none).
+    pub seed: Option<u64>,
 }
 
-/// Errors a caller branches on: retry the row, or stop the run.
+/// What every job of a run asks for.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_tokens: usize,
+    pub temperature: f64,
+    /// Alternatives kept for every generated token (0: none).
+    pub token_topk: usize,
+    /// Label tasks: the label set, scored at the answer position after the rationale.
+    pub labels: Vec<String>,
+}
+
+/// A generated token, by id where the backend gives ids (local) or by text (APIs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Token {
+    Id(u32),
+    Text(String),
+}
+
+/// One generated token with its natural-log probability and the top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenChoice {
+    pub token: Token,
+    pub logprob: f32,
+    pub top: Vec<(Token, f32)>,
+}
+
+/// A teacher's answer to one job, before task parsing.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub text: String,
+    /// "stop", "length", ... as the backend reports it.
+    pub finish_reason: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub latency_ms: f64,
+    /// Probability of each label of `Settings::labels` at the answer position (same
+    /// order), not renormalized: their sum is the mass the teacher put on the label set.
+    pub label_probs: Option<Vec<f64>>,
+    /// Per generated token, when `Settings::token_topk` > 0.
+    pub tokens: Vec<TokenChoice>,
+    /// The seed the backend used, when it takes one.
+    pub seed: Option<u64>,
+    /// Engine-reported time on the prompt and on decoding (local engine; 0 when unknown).
+    pub prompt_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// How one job ended. A row failure (a prompt longer than the context) is written as a
+/// failed row; anything that stops the run is an `Err` from `answer_all`.
+pub type JobResult = std::result::Result<Reply, String>;
+
+/// Where the caller learns the answer's position in a reply: the byte offset just after
+/// the answer marker, where label scoring looks.
+pub type AnswerLocator<'a> = &'a (dyn Fn(&str) -> Option<usize> + Sync);
+
+/// Retries by cause, for the report: "rate_limited", "server_error", "timeout", ...
+pub type RetryCounts = BTreeMap<String, u64>;
+
+/// Errors a caller branches on: retry the request, fail only this row, or stop the run.
 #[derive(Debug, thiserror::Error)]
 pub enum TeacherError {
     #[error("teacher request failed (retryable): {0}")]
     Retryable(String),
+    #[error("teacher request failed for this row: {0}")]
+    Row(String),
     #[error("teacher request failed: {0}")]
     Fatal(String),
 }
@@ -46,44 +114,46 @@ pub trait Teacher {
     /// A stable name for the rows' `teacher` column (model path or id).
     fn id(&self) -> &str;
 
-    /// Write a reply to the chat.
-    fn generate(
-        &self,
-        messages: &[ChatMessage],
-        max_tokens: usize,
-        temperature: f64,
-    ) -> Result<Generation, TeacherError>;
+    /// "local" or "openai", for the rows' `backend` column.
+    fn backend(&self) -> &'static str;
 
-    /// Natural-log probability of each continuation after the chat's assistant turn has
-    /// begun with `assistant_prefix`: log p(continuation | chat, prefix), summed over its
-    /// tokens.
-    fn score_continuations(
+    /// Answer every job, handing each result to `sink` as soon as it is complete (in any
+    /// order). A fatal error stops the run after `sink` has received every job finished
+    /// before it. Returns the retries made, by cause.
+    fn answer_all(
         &self,
-        messages: &[ChatMessage],
-        assistant_prefix: &str,
-        continuations: &[String],
-    ) -> Result<Vec<f64>, TeacherError>;
+        jobs: Vec<Job>,
+        settings: &Settings,
+        locate_answer: AnswerLocator,
+        sink: &mut dyn FnMut(Job, JobResult) -> Result<()>,
+    ) -> Result<RetryCounts>;
 
-    /// Prompt tokens of a chat, without generating (dry runs, context checks).
-    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<usize, TeacherError>;
+    /// Prompt tokens of a chat, without generating (dry runs). `None` when the backend has
+    /// no tokenizer at hand (APIs): the caller estimates.
+    fn count_prompt_tokens(&self, messages: &[ChatMessage]) -> Result<Option<usize>>;
 }
 
-/// Open the configured teacher; `will_score_labels` says label scoring follows each
-/// reply (the local backend then keeps the reply's per-step distributions).
-pub fn open(cfg: &TeacherConfig, will_score_labels: bool) -> Result<Box<dyn Teacher>> {
+/// Open the configured teacher; `will_score_labels` / `token_topk` say what the backend
+/// must keep of each reply's distributions.
+pub fn open(
+    cfg: &TeacherConfig,
+    will_score_labels: bool,
+    token_topk: usize,
+) -> Result<Box<dyn Teacher>> {
     match cfg.kind {
         #[cfg(feature = "local")]
         TeacherKind::Local => Ok(Box::new(local::LocalTeacher::open(
             &cfg.model,
-            will_score_labels,
+            will_score_labels || token_topk > 0,
         )?)),
         #[cfg(not(feature = "local"))]
         TeacherKind::Local => {
-            let _ = will_score_labels;
+            let _ = (will_score_labels, token_topk);
             anyhow::bail!(
             "this kdpipe was built without the local teacher\nhint: build with --features local"
             )
         }
+        TeacherKind::Openai => Ok(Box::new(openai::ApiTeacher::open(cfg)?)),
     }
 }
 

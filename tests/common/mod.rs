@@ -55,3 +55,6 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+pub mod fault_proxy;
+pub mod server;

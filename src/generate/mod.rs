@@ -1,0 +1,350 @@
+//! generate: inputs → step-by-step prompts → teacher → parsed rationale, answer and soft
+//! labels → `teacher-IIIII-of-NNNNN.parquet` + manifest.
+//!
+//! One job per (id, sample). Rows go to part files as they arrive (parts.rs), so a killed
+//! run resumes with only the missing keys; when every job of the shard has a row, the parts
+//! are merged in input order, vote shares are added across samples, and the shard's
+//! teacher file and manifest are written (manifest last).
+
+mod dry_run;
+mod parts;
+mod rows;
+
+use crate::config::{Config, TaskKind, TeacherKind};
+use crate::io::atomic::text_sha256;
+use crate::io::inputs::read_inputs;
+use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
+use crate::io::parquet::{read_frame, write_frame};
+use crate::io::shards::Shard;
+use crate::progress::Progress;
+use crate::prompts::Prompt;
+use crate::records::{InputRow, TeacherRow};
+use crate::task::{ParseStatus, Task};
+use crate::teacher::{self, batch, Job, JobResult, RetryCounts, Settings};
+use anyhow::{bail, Context, Result};
+use parts::PartStore;
+use rows::{add_vote_shares, RowContext};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// How `generate` was asked to run, beyond the config.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub shard: Shard,
+    /// Render, count and price; call no teacher.
+    pub dry_run: bool,
+    /// Discard rows of an earlier, unfinished run instead of resuming it.
+    pub fresh: bool,
+    pub batch: Option<BatchMode>,
+}
+
+/// OpenAI Batch API files instead of live requests.
+#[derive(Debug, Clone)]
+pub enum BatchMode {
+    /// Write request files for the missing rows into this folder.
+    Write(PathBuf),
+    /// Read Batch output and error files into rows; re-emit requests for what failed.
+    Ingest(Vec<PathBuf>),
+}
+
+/// Digests of the files a generate run reads.
+pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
+    let mut v: Vec<_> = cfg
+        .data
+        .inputs
+        .iter()
+        .map(|p| entry(p, None))
+        .collect::<Result<_>>()?;
+    v.push(entry(&cfg.prompt_path(), None)?);
+    Ok(v)
+}
+
+/// The request settings every job of this config shares.
+fn settings(cfg: &Config) -> Settings {
+    let labels_scored = cfg.task.kind == TaskKind::Labels && cfg.teacher.label_scores;
+    Settings {
+        max_tokens: cfg.teacher.max_tokens,
+        temperature: cfg.teacher.temperature,
+        token_topk: cfg.generate.token_topk,
+        labels: if labels_scored {
+            cfg.task.labels.clone()
+        } else {
+            vec![]
+        },
+    }
+}
+
+/// A sample's seed, from the run seed and the row key: the same row always gets the same
+/// seed, whichever shard or resumed run sends it.
+fn sample_seed(seed: u64, id: &str, sample: u32) -> u64 {
+    let h = text_sha256(&format!("{seed}:{id}:{sample}"));
+    u64::from_str_radix(&h[..15], 16).expect("sha256 hex digits")
+}
+
+fn jobs(cfg: &Config, prompt: &Prompt, inputs: &[InputRow]) -> Result<Vec<Job>> {
+    let seeded = cfg.teacher.kind != TeacherKind::Local; // mistralrs takes no request seed
+    let mut jobs = Vec::with_capacity(inputs.len() * cfg.generate.samples);
+    for input in inputs {
+        let messages = prompt.teacher_chat(&input.input)?;
+        for sample in 0..cfg.generate.samples as u32 {
+            jobs.push(Job {
+                id: input.id.clone(),
+                sample,
+                messages: messages.clone(),
+                seed: seeded.then(|| sample_seed(cfg.seed, &input.id, sample)),
+            });
+        }
+    }
+    Ok(jobs)
+}
+
+type Key = (String, u32);
+
+pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
+    let out_dir = cfg.stage_dir("generate");
+    let shard = opts.shard;
+    let task = Task::from_config(&cfg.task);
+    let prompt = Prompt::load(cfg)?;
+    let inputs: Vec<InputRow> = read_inputs(&cfg.data)?
+        .into_iter()
+        .filter(|r| shard.owns(&r.id))
+        .collect();
+    let jobs = jobs(cfg, &prompt, &inputs)?;
+    let settings = settings(cfg);
+    if opts.dry_run {
+        dry_run::report(cfg, &jobs, &settings)?;
+        return Ok(out_dir);
+    }
+
+    let inputs_manifest = input_entries(cfg)?;
+    let stage_hash = config_hash(&cfg.stage_view("generate"));
+    let out_path = shard.teacher_file(&out_dir);
+    let finished = Manifest::read_as(&out_dir, &shard.manifest_name(), "generate").ok();
+    if opts.batch.is_none() && !opts.fresh {
+        if let Some(m) = &finished {
+            if m.is_current(&stage_hash, &inputs_manifest) {
+                eprintln!("generate: {} is up to date", out_path.display());
+                return Ok(out_path);
+            }
+        }
+    }
+
+    let row_hash = text_sha256(&format!("{}:{}", cfg.row_view(), prompt.hash));
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let (mut parts, earlier) = PartStore::open(
+        &shard.parts_dir(&out_dir),
+        &row_hash,
+        cfg.generate.flush_rows,
+        opts.fresh,
+    )?;
+    let mut done: HashMap<Key, TeacherRow> = HashMap::new();
+    if !opts.fresh {
+        for row in finished_rows(finished.as_ref(), &out_path, &row_hash)? {
+            done.insert((row.id.clone(), row.sample), row);
+        }
+    }
+    for row in earlier {
+        done.entry((row.id.clone(), row.sample)).or_insert(row);
+    }
+    let todo: Vec<Job> = jobs
+        .iter()
+        .filter(|j| !done.contains_key(&(j.id.clone(), j.sample)))
+        .cloned()
+        .collect();
+    let reused = jobs.len() - todo.len();
+    eprintln!(
+        "generate: {} inputs × {} samples{}: {} rows to write, {} already written, teacher {}",
+        inputs.len(),
+        cfg.generate.samples,
+        if shard.count > 1 {
+            format!(" (shard {}/{})", shard.index, shard.count)
+        } else {
+            String::new()
+        },
+        todo.len(),
+        reused,
+        cfg.teacher.model
+    );
+
+    if let Some(BatchMode::Write(dir)) = &opts.batch {
+        let files = batch::write_requests(dir, &cfg.teacher.model, &todo, &settings)?;
+        eprintln!(
+            "generate: wrote {} requests in {} file(s) under {}",
+            todo.len(),
+            files.len(),
+            dir.display()
+        );
+        return Ok(dir.clone());
+    }
+
+    // Where the rows come from: batch result files, or the live teacher.
+    let teacher = match (&opts.batch, todo.is_empty()) {
+        (Some(BatchMode::Ingest(_)), _) | (_, true) => None,
+        _ => Some(teacher::open(
+            &cfg.teacher,
+            !settings.labels.is_empty(),
+            settings.token_topk,
+        )?),
+    };
+    let (backend, teacher_id) = match (&teacher, &opts.batch) {
+        (Some(t), _) => (t.backend().to_string(), t.id().to_string()),
+        (None, Some(_)) => ("batch".to_string(), cfg.teacher.model.clone()),
+        (None, None) => (String::new(), String::new()),
+    };
+    let ctx = RowContext {
+        task: &task,
+        settings: &settings,
+        backend: backend.clone(),
+        teacher: teacher_id.clone(),
+        prompt_name: prompt_name(cfg),
+        prompt_hash: prompt.hash.clone(),
+    };
+    let by_id: HashMap<&str, &InputRow> = inputs.iter().map(|r| (r.id.as_str(), r)).collect();
+    let locate = |text: &str| task.parse_rationale_output(text, false).answer_offset;
+    let mut progress = Progress::new("generate", todo.len() as u64);
+    let mut new_rows: Vec<TeacherRow> = vec![];
+    let mut new_tokens = (0u64, 0u64);
+    let mut unanswered: Vec<Job> = vec![];
+    let outcome = {
+        let mut sink = |job: Job, result: JobResult| -> Result<()> {
+            let input = by_id
+                .get(job.id.as_str())
+                .context("a reply for an id that was not asked")?;
+            let row = ctx.row(&job, input, result);
+            progress.inc(row.completion_tokens as u64);
+            new_tokens.0 += row.prompt_tokens as u64;
+            new_tokens.1 += row.completion_tokens as u64;
+            parts.push(row.clone())?;
+            new_rows.push(row);
+            Ok(())
+        };
+        match (&teacher, &opts.batch) {
+            (Some(t), _) => t.answer_all(todo.clone(), &settings, &locate, &mut sink),
+            (None, Some(BatchMode::Ingest(files))) => {
+                batch::ingest(files, &todo, &settings, &locate, &mut sink).map(|o| {
+                    unanswered = o.unanswered;
+                    o.failures
+                })
+            }
+            _ => Ok(RetryCounts::new()),
+        }
+    };
+    // Whatever happened, rows already answered are kept for the next run.
+    parts.flush()?;
+    let retries = outcome?;
+    for row in new_rows {
+        done.insert((row.id.clone(), row.sample), row);
+    }
+    let secs = progress.finish();
+    if !retries.is_empty() {
+        eprintln!("generate: retries by cause {retries:?}");
+    }
+    if !unanswered.is_empty() {
+        let dir = out_dir.join("batch-retry");
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        let files = batch::write_requests(&dir, &cfg.teacher.model, &unanswered, &settings)?;
+        bail!(
+            "{} rows have no answer in the batch files ({} written for them under {})\nhint: submit those request files, then ingest their output together with the earlier files",
+            unanswered.len(),
+            files.len(),
+            dir.display()
+        );
+    }
+
+    // Every job has a row: merge in input order, add vote shares, write the shard.
+    let mut rows: Vec<TeacherRow> = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let row = done
+            .remove(&(job.id.clone(), job.sample))
+            .with_context(|| format!("no row for input {:?} sample {}", job.id, job.sample))?;
+        rows.push(row);
+    }
+    add_vote_shares(&mut rows, cfg.generate.samples);
+    let mut df = TeacherRow::to_frame(&rows)?;
+    write_frame(&out_path, &mut df)?;
+
+    let summary = summary(
+        cfg, &rows, &retries, secs, reused, new_tokens, &row_hash, shard,
+    );
+    let mut m = Manifest::new("generate", stage_hash, cfg.seed);
+    m.inputs = inputs_manifest;
+    m.outputs = vec![entry(&out_path, Some(rows.len()))?];
+    m.summary = summary;
+    m.summary["backend"] = backend.clone().into();
+    m.summary["teacher"] = teacher_id.into();
+    m.write_as(&out_dir, &shard.manifest_name())?;
+    parts.remove()?;
+    let parsed = rows
+        .iter()
+        .filter(|r| ParseStatus::usable(&r.status))
+        .count();
+    eprintln!(
+        "generate: {} rows ({} parsed, {} new) in {:.0} s → {}",
+        rows.len(),
+        parsed,
+        rows.len() - reused,
+        secs,
+        out_path.display()
+    );
+    Ok(out_path)
+}
+
+/// The prompt template's name, for provenance: the file stem.
+fn prompt_name(cfg: &Config) -> String {
+    cfg.prompt_path()
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Rows of this shard's finished teacher file, when it was written under the same row
+/// configuration (a run extended with more inputs or samples reuses them).
+fn finished_rows(
+    manifest: Option<&Manifest>,
+    path: &Path,
+    row_hash: &str,
+) -> Result<Vec<TeacherRow>> {
+    let same = manifest
+        .and_then(|m| m.summary.get("row_hash")?.as_str().map(|h| h == row_hash))
+        .unwrap_or(false);
+    if !same || !path.exists() {
+        return Ok(vec![]);
+    }
+    TeacherRow::from_frame(&read_frame(path)?, path)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    cfg: &Config,
+    rows: &[TeacherRow],
+    retries: &RetryCounts,
+    secs: f64,
+    reused: usize,
+    (prompt, completion): (u64, u64),
+    row_hash: &str,
+    shard: Shard,
+) -> serde_json::Value {
+    let mut statuses: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in rows {
+        *statuses.entry(r.status.as_str()).or_default() += 1;
+    }
+    serde_json::json!({
+        "rows": rows.len(),
+        "parsed": rows.iter().filter(|r| ParseStatus::usable(&r.status)).count(),
+        "statuses": statuses,
+        "rows_reused": reused,
+        "retries": retries,
+        "seconds": secs,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "completion_tokens_per_second": completion as f64 / secs.max(1e-9),
+        "row_hash": row_hash,
+        "shard": format!("{}/{}", shard.index, shard.count),
+        // The resolved generate config; it holds no secrets (keys are named, never stored).
+        "config": cfg.stage_view("generate"),
+    })
+}
