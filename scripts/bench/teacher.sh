@@ -3,15 +3,17 @@
 # GGUF, the same rendered few-shot chats, the same machine, in one run. Both decode
 # greedily, one request at a time, and reuse the previous prompt's cached prefix.
 #
-#   scripts/bench/teacher.sh [MODEL] [N] [MAX_TOKENS]
-#   default: the quickstart teacher (Qwen2.5-Coder-0.5B Q4_K_M), 12 feelings inputs, 96 tokens
+#   scripts/bench/teacher.sh [MODEL] [N] [MAX_TOKENS] [CONFIG]
+#   default: the quickstart teacher (Qwen2.5-Coder-0.5B Q4_K_M), 12 inputs of the numeric
+#   example task (configs/arith.toml: longer rationales than the label task), 128 tokens
 #
 # Prints one table and writes it to bench-results/teacher.md.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="${1:-models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf}"
 n="${2:-12}"
-max_tokens="${3:-96}"
+max_tokens="${3:-128}"
+config="${4:-configs/arith.toml}"
 threads="$(nproc)"
 ./scripts/fetch-models.sh
 py="$(./scripts/setup-llama-server.sh)"
@@ -20,8 +22,8 @@ cargo build --release --locked --example teacher_bench >&2
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-echo "teacher bench: kdpipe on $n chats ($model, max_tokens $max_tokens)" >&2
-"$CARGO_TARGET_DIR/release/examples/teacher_bench" configs/quickstart.toml "$model" "$n" "$max_tokens" "$tmp/chats.jsonl" >"$tmp/kdpipe.json"
+echo "teacher bench: kdpipe on $n chats of $config ($model, max_tokens $max_tokens)" >&2
+"$CARGO_TARGET_DIR/release/examples/teacher_bench" "$config" "$model" "$n" "$max_tokens" "$tmp/chats.jsonl" >"$tmp/kdpipe.json"
 echo "teacher bench: llama.cpp on the same chats ($threads threads)" >&2
 "$py" scripts/bench/llama_cpp_bench.py "$model" "$tmp/chats.jsonl" "$max_tokens" "$threads" >"$tmp/llama.json"
 

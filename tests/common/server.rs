@@ -23,7 +23,11 @@ impl Server {
 }
 
 impl Drop for Server {
+    /// Stop the server (the watcher shell's child), then the watcher.
     fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-P", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
