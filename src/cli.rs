@@ -24,7 +24,7 @@ pub enum Command {
     /// The teacher writes a rationale, an answer and soft labels for every input.
     Generate(GenerateArgs),
     /// Teacher rows → train / val / test, with a report of what each rule removed.
-    Curate(StageArgs),
+    Curate(CurateArgs),
     /// Train the student on the curated rows and export it in Hugging Face format.
     Finetune(StageArgs),
     /// Score the student (before and after) and the teacher on a held-out split.
@@ -45,6 +45,15 @@ pub struct StageArgs {
     pub print_config: bool,
     #[command(flatten)]
     pub overrides: OverrideArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CurateArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Print the optimized Polars plan of the rules and exit.
+    #[arg(long)]
+    pub explain: bool,
 }
 
 #[derive(Debug, Args)]

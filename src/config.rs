@@ -158,32 +158,95 @@ impl Default for GenerateConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GoldRule {
+    /// Ignore gold.
+    Off,
+    /// Keep every row and record `agrees_with_gold` (null where there is no gold).
+    Flag,
+    /// Keep only rows whose answer matches gold (rows without gold are kept).
+    Filter,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeepRationales {
+    /// One rationale an input: the first sample that gave the majority answer.
+    One,
+    /// Every sample that gave the majority answer (more rationales, same label).
+    All,
+}
+
+/// Each rule can be switched off or tuned; the report counts what each one removed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CurateConfig {
     /// Parse failures carry no usable label: drop them (counted by reason in the report).
     #[serde(default = "d_true")]
     pub drop_parse_failures: bool,
-    /// The same input twice would be trained twice and could leak across splits.
+    /// Self-consistency (k > 1 samples): keep inputs whose majority answer has at least
+    /// this share of the samples. 0.5 keeps inputs where most samples agree.
+    #[serde(default)]
+    pub min_agreement: f64,
+    /// Rationales kept an input once the majority answer is known.
+    #[serde(default = "d_keep_rationales")]
+    pub keep_rationales: KeepRationales,
+    /// Agreement with gold (when the data has gold): distillation learns the teacher, so
+    /// the default only records it.
+    #[serde(default = "d_gold")]
+    pub gold: GoldRule,
+    /// Drop rows whose soft-label probability of their own answer (renormalized over the
+    /// soft labels) is below this; rows without a soft label are kept.
+    #[serde(default)]
+    pub min_confidence: f64,
+    /// Rationale length bounds in characters: an empty or runaway rationale teaches nothing.
+    #[serde(default = "d_min_chars")]
+    pub min_rationale_chars: usize,
+    #[serde(default = "d_max_chars")]
+    pub max_rationale_chars: usize,
+    /// Upper bound on the teacher's completion tokens (none: no bound).
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    /// Numeric tasks: the rationale must state the final answer as a number.
+    #[serde(default = "d_true")]
+    pub require_answer_in_rationale: bool,
+    /// Numeric tasks: every equation written in the rationale (`12 + 7 = 19`) must hold.
+    #[serde(default = "d_true")]
+    pub check_arithmetic: bool,
+    /// The same input (after normalizing case, punctuation and spacing) under two ids is
+    /// kept once: it would be trained twice and could leak across splits.
     #[serde(default = "d_true")]
     pub dedup_inputs: bool,
-    /// Keep only rows whose teacher answer matches gold (when gold exists): cleaner labels,
-    /// fewer rows. Off by default so the student learns the teacher, as in distillation.
+    /// Near-duplicate inputs (MinHash estimate of Jaccard similarity over word shingles at
+    /// or above this) are kept once; 0 switches the rule off. Near-duplicates always share
+    /// a split, kept or not.
+    #[serde(default = "d_near_dup")]
+    pub near_dup_threshold: f64,
+    /// Words a shingle for near-duplicate detection.
+    #[serde(default = "d_shingle")]
+    pub shingle_words: usize,
+    /// Evaluation files (JSONL, Parquet, CSV) whose texts must not leak into the curated
+    /// data: a row sharing an n-gram with any of them is dropped.
     #[serde(default)]
-    pub require_gold_agreement: bool,
-    /// Shares of train / val / test, by a hash of the id.
+    pub decontaminate: Vec<PathBuf>,
+    /// The text field of those files (default: [data] input_field).
+    #[serde(default)]
+    pub decontaminate_field: Option<String>,
+    /// n-gram length for decontamination: 13 words, as NeMo Curator and GPT-3's study.
+    #[serde(default = "d_ngram")]
+    pub decontaminate_ngram: usize,
+    /// Label tasks: keep at most this many rows of each answer label (class balance).
+    #[serde(default)]
+    pub max_per_label: Option<usize>,
+    /// Shares of train / val / test, by a hash of the input's near-duplicate cluster.
     #[serde(default = "d_split")]
     pub split: [f64; 3],
 }
 
 impl Default for CurateConfig {
     fn default() -> Self {
-        CurateConfig {
-            drop_parse_failures: true,
-            dedup_inputs: true,
-            require_gold_agreement: false,
-            split: d_split(),
-        }
+        toml::from_str("").expect("every curate field has a default")
     }
 }
 
@@ -276,6 +339,27 @@ fn d_teacher_kind() -> TeacherKind {
 }
 fn d_max_tokens() -> usize {
     256
+}
+fn d_keep_rationales() -> KeepRationales {
+    KeepRationales::One
+}
+fn d_gold() -> GoldRule {
+    GoldRule::Flag
+}
+fn d_min_chars() -> usize {
+    1
+}
+fn d_max_chars() -> usize {
+    4000
+}
+fn d_near_dup() -> f64 {
+    0.8
+}
+fn d_shingle() -> usize {
+    3
+}
+fn d_ngram() -> usize {
+    13
 }
 fn d_max_in_flight() -> usize {
     8
@@ -383,6 +467,16 @@ impl Config {
         if self.data.inputs.is_empty() {
             bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file");
         }
+        let c = &self.curate;
+        if !(0.0..=1.0).contains(&c.min_agreement) || !(0.0..=1.0).contains(&c.min_confidence) {
+            bail!("[curate] min_agreement and min_confidence are shares in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&c.near_dup_threshold) || c.shingle_words == 0 {
+            bail!("[curate] near_dup_threshold must be in [0, 1] and shingle_words at least 1");
+        }
+        if c.decontaminate_ngram == 0 {
+            bail!("[curate] decontaminate_ngram must be at least 1");
+        }
         let s = self.curate.split;
         if s.iter().any(|x| *x < 0.0) || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
             bail!("[curate] split must be three non-negative shares summing to 1, got {s:?}");
@@ -475,7 +569,9 @@ impl Config {
             "generate" => {
                 json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher, "generate": self.generate})
             }
-            "curate" => json!({"seed": self.seed, "task": self.task, "curate": self.curate}),
+            "curate" => {
+                json!({"seed": self.seed, "task": self.task, "curate": self.curate, "input_field": self.data.input_field})
+            }
             "finetune" => {
                 json!({"seed": self.seed, "task": self.task, "student": self.student, "finetune": self.finetune})
             }

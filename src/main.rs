@@ -52,8 +52,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Curate(a) => {
-            if let Some(cfg) = load(&a)? {
-                kdpipe::curate::run(&cfg)?;
+            if let Some(cfg) = load(&a.stage)? {
+                if a.explain {
+                    println!("{}", kdpipe::curate::explain(&cfg)?);
+                } else {
+                    kdpipe::curate::run(&cfg)?;
+                }
             }
         }
         Command::Finetune(a) => {

@@ -211,6 +211,27 @@ impl TeacherRow {
         Ok(df)
     }
 
+    /// Check the columns curate reads and their types, without reading the rows.
+    pub fn check_columns(df: &DataFrame, path: &Path) -> Result<()> {
+        let list = |t: DataType| DataType::List(Box::new(t));
+        for (name, dtype) in [
+            ("id", DataType::String),
+            ("sample", DataType::UInt32),
+            ("input", DataType::String),
+            ("gold", DataType::String),
+            ("rationale", DataType::String),
+            ("answer", DataType::String),
+            ("status", DataType::String),
+            ("soft_kind", DataType::String),
+            ("soft_labels", list(DataType::String)),
+            ("soft_probs", list(DataType::Float64)),
+            ("completion_tokens", DataType::UInt32),
+        ] {
+            require(df, path, name, &dtype)?;
+        }
+        Ok(())
+    }
+
     pub fn from_frame(df: &DataFrame, path: &Path) -> Result<Vec<TeacherRow>> {
         let c = Cols { df, path };
         let (id, sample, input, gold, raw) = (
@@ -392,6 +413,7 @@ fn cast_lists(df: &mut DataFrame) -> Result<()> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CuratedRow {
     pub id: String,
+    pub sample: u32,
     pub input: String,
     pub gold: Option<String>,
     pub rationale: String,
@@ -400,11 +422,16 @@ pub struct CuratedRow {
     pub soft_kind: String,
     pub soft_labels: Vec<String>,
     pub soft_probs: Vec<f64>,
+    /// Share of the input's samples that gave the majority answer (null with one sample).
+    pub agreement: Option<f64>,
+    /// Whether the teacher's answer matches gold (null without gold, or with the rule off).
+    pub agrees_with_gold: Option<bool>,
 }
 
 /// The columns of a curated split file, in order.
-pub const CURATED_COLUMNS: [&str; 8] = [
+pub const CURATED_COLUMNS: [&str; 11] = [
     "id",
+    "sample",
     "input",
     "gold",
     "rationale",
@@ -412,6 +439,8 @@ pub const CURATED_COLUMNS: [&str; 8] = [
     "soft_kind",
     "soft_labels",
     "soft_probs",
+    "agreement",
+    "agrees_with_gold",
 ];
 
 impl CuratedRow {
@@ -427,10 +456,16 @@ impl CuratedRow {
         );
         let soft_labels = c.list("soft_labels", DataType::String)?;
         let soft_probs = c.list("soft_probs", DataType::Float64)?;
+        let sample = c.u32("sample")?;
+        let agreement = c.f64("agreement")?;
+        let agrees = require(df, path, "agrees_with_gold", &DataType::Boolean)?.bool()?;
         let mut out = Vec::with_capacity(df.height());
         for i in 0..df.height() {
             out.push(CuratedRow {
                 id: opt_str(id, i).unwrap_or_default(),
+                sample: sample.get(i).unwrap_or(0),
+                agreement: agreement.get(i),
+                agrees_with_gold: agrees.get(i),
                 input: opt_str(input, i).unwrap_or_default(),
                 gold: opt_str(gold, i),
                 rationale: opt_str(rationale, i).unwrap_or_default(),

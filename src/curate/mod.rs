@@ -1,19 +1,24 @@
-//! curate: teacher rows → train / val / test Parquet, with a report of what each rule
-//! removed. The rules are Polars expressions applied in order; each one's count is the
-//! difference of row counts around it.
+//! curate: teacher rows (all shards) → train / val / test Parquet, report.json,
+//! report.md and funnel.svg. The rules (rules.rs) are one Polars plan, each rule on/off
+//! and tuned in `[curate]`, each one's removals counted.
 
-mod rules;
+mod arith;
+mod report;
+pub mod rules;
+pub mod text;
 
-use crate::config::Config;
-use crate::io::atomic::write_json;
-use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
+use crate::config::{Config, DataConfig};
+use crate::io::atomic::{write_bytes, write_json};
+use crate::io::inputs::read_inputs;
+use crate::io::manifest::{config_hash, entry, manifest_path, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::{complete_teacher_files, Shard};
 use crate::records::{TeacherRow, CURATED_COLUMNS};
 use crate::task::Task;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::{Path, PathBuf};
+use text::Contamination;
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
@@ -29,26 +34,93 @@ pub fn teacher_files(generate_dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
-    teacher_files(&cfg.stage_dir("generate"))?
-        .iter()
-        .map(|p| entry(p, None))
-        .collect()
+    let mut files = teacher_files(&cfg.stage_dir("generate"))?;
+    files.extend(cfg.curate.decontaminate.iter().cloned());
+    files.iter().map(|p| entry(p, None)).collect()
 }
 
-pub fn run(cfg: &Config) -> Result<PathBuf> {
-    let out_dir = cfg.stage_dir("curate");
-    let task = Task::from_config(&cfg.task);
+/// The n-grams of the evaluation files named in `[curate] decontaminate`.
+fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
+    if cfg.curate.decontaminate.is_empty() {
+        return Ok(None);
+    }
+    let field = cfg
+        .curate
+        .decontaminate_field
+        .clone()
+        .unwrap_or_else(|| cfg.data.input_field.clone());
+    let mut texts = vec![];
+    for file in &cfg.curate.decontaminate {
+        let data = DataConfig {
+            inputs: vec![file.clone()],
+            id_field: None,
+            input_field: field.clone(),
+            gold_field: None,
+            limit: None,
+        };
+        let rows = read_inputs(&data).with_context(|| {
+            format!(
+                "cannot read the evaluation file {} named in [curate] decontaminate",
+                file.display()
+            )
+        })?;
+        texts.extend(rows.into_iter().map(|r| r.input));
+    }
+    Ok(Some(Contamination::new(
+        texts.iter().map(String::as_str),
+        cfg.curate.decontaminate_ngram,
+    )))
+}
+
+/// All teacher rows of the run, columns checked (naming the file), at least one row.
+fn teacher_rows(cfg: &Config) -> Result<(Vec<PathBuf>, DataFrame)> {
     let files = teacher_files(&cfg.stage_dir("generate"))?;
     let mut frames = Vec::new();
     for f in &files {
         let df = read_frame(f)?;
-        TeacherRow::from_frame(&df, f)?; // checks every column and type, naming the file
+        TeacherRow::check_columns(&df, f)?;
         frames.push(df.lazy());
     }
     let all = concat(frames, UnionArgs::default())?.collect()?;
-    let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed)?;
+    if all.height() == 0 {
+        bail!(
+            "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok((files, all))
+}
 
-    std::fs::create_dir_all(&out_dir)?;
+/// `kdpipe curate --explain`: the Polars plan of the rules, optimized.
+pub fn explain(cfg: &Config) -> Result<String> {
+    let task = Task::from_config(&cfg.task);
+    let (_, all) = teacher_rows(cfg)?;
+    let df = rules::prepare(
+        all,
+        &task,
+        &cfg.curate,
+        cfg.seed,
+        contamination(cfg)?.as_ref(),
+    )?;
+    Ok(rules::plan(df, &task, &cfg.curate)?.explain(true)?)
+}
+
+pub fn run(cfg: &Config) -> Result<PathBuf> {
+    let started = std::time::Instant::now();
+    let out_dir = cfg.stage_dir("curate");
+    let task = Task::from_config(&cfg.task);
+    let (files, all) = teacher_rows(cfg)?;
+    let contamination = contamination(cfg)?;
+    // A folder being rewritten must not look finished: its manifest goes first.
+    let manifest = manifest_path(&out_dir);
+    if manifest.exists() {
+        std::fs::remove_file(&manifest)
+            .with_context(|| format!("cannot remove {}", manifest.display()))?;
+    }
+    let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed, contamination.as_ref())?;
+
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
     for split in SPLITS {
@@ -64,30 +136,32 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         split_rows.insert(split.to_string(), part.height().into());
         outputs.push(entry(&path, Some(part.height()))?);
     }
-    let report = serde_json::json!({
-        "rows_in": outcome.rows_in,
-        "removed": outcome.removed,
-        "removed_parse_by_reason": outcome.parse_reasons,
-        "rows_out": outcome.kept.height(),
-        "splits": split_rows,
-    });
+    let summary = report::summary(&outcome, &split_rows)?;
     let report_path = out_dir.join("report.json");
-    write_json(&report_path, &report)?;
-    outputs.push(entry(&report_path, None)?);
+    write_json(&report_path, &summary)?;
+    let md_path = out_dir.join("report.md");
+    write_bytes(&md_path, report::markdown(&summary).as_bytes())?;
+    let svg_path = out_dir.join("funnel.svg");
+    write_bytes(&svg_path, report::funnel_svg(&summary).as_bytes())?;
+    for p in [&report_path, &md_path, &svg_path] {
+        outputs.push(entry(p, None)?);
+    }
 
     let mut m = Manifest::new("curate", config_hash(&cfg.stage_view("curate")), cfg.seed);
     m.inputs = files
         .iter()
+        .chain(&cfg.curate.decontaminate)
         .map(|p| entry(p, None))
         .collect::<Result<_>>()?;
     m.outputs = outputs;
-    m.summary = report.clone();
+    m.summary = summary;
     m.write(&out_dir)?;
     eprintln!(
-        "curate: {} rows in, {} out {} → {}",
+        "curate: {} rows in, {} out {} in {:.1} s → {}",
         outcome.rows_in,
         outcome.kept.height(),
         serde_json::Value::Object(split_rows),
+        started.elapsed().as_secs_f64(),
         out_dir.display()
     );
     Ok(out_dir)

@@ -1,0 +1,195 @@
+//! Rationale checks for numeric tasks, on text only (no code is ever evaluated):
+//! - the arithmetic a rationale writes out (`12 + 7 = 19`, `3 * (4 + 1) = 15`) is checked
+//!   by a small recursive-descent evaluator over numbers, + − × ÷ and parentheses;
+//! - the rationale must state the final answer (the number appears in it).
+
+use regex::Regex;
+use std::sync::LazyLock;
+
+/// `left = right`, where left is an arithmetic expression with at least one operator and
+/// right a number. Thousands separators are allowed in numbers ("1,200").
+static EQUATION: LazyLock<Regex> = LazyLock::new(|| {
+    let num = r"\$?\d[\d,]*(?:\.\d+)?";
+    let op = r"[-+*/×÷x−]";
+    Regex::new(&format!(
+        r"((?:\(\s*)*{num}(?:\s*\)\s*)*(?:\s*{op}\s*(?:\(\s*)*{num}(?:\s*\))*)+)\s*=\s*(-?{num})"
+    ))
+    .expect("the equation pattern is a valid regex")
+});
+
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("valid regex"));
+
+fn parse_number(s: &str) -> Option<f64> {
+    s.trim_start_matches('$').replace(',', "").parse().ok()
+}
+
+fn close(a: f64, b: f64, tolerance: f64) -> bool {
+    (a - b).abs() <= tolerance.max(1e-9) * b.abs().max(1.0)
+}
+
+/// Every equation written in the text holds (within the relative tolerance; results
+/// written rounded to 2 decimals are accepted). A text without equations passes.
+pub fn arithmetic_holds(text: &str, tolerance: f64) -> bool {
+    EQUATION.captures_iter(text).all(|c| {
+        let (Some(left), Some(right)) = (evaluate(&c[1]), parse_number(&c[2])) else {
+            return true; // not an equation we can read: no verdict
+        };
+        close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right
+    })
+}
+
+/// The rationale writes the answer somewhere as a number.
+pub fn states_answer(rationale: &str, answer: &str, tolerance: f64) -> bool {
+    let Some(answer) = parse_number(answer) else {
+        return false;
+    };
+    NUMBER
+        .find_iter(rationale)
+        .filter_map(|m| parse_number(m.as_str()))
+        .any(|n| close(n, answer, tolerance))
+}
+
+/// Evaluate `+ - * /` with parentheses; `×`, `x`, `÷` and `−` are read as their ASCII
+/// operators. None for anything else, or a division by zero.
+pub fn evaluate(expr: &str) -> Option<f64> {
+    let tokens = tokenize(expr)?;
+    let mut p = Parser { tokens, pos: 0 };
+    let v = p.sum()?;
+    (p.pos == p.tokens.len() && v.is_finite()).then_some(v)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tok {
+    Num(f64),
+    Op(char),
+    Open,
+    Close,
+}
+
+fn tokenize(s: &str) -> Option<Vec<Tok>> {
+    let mut out = vec![];
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        match c {
+            ' ' | '$' => i += 1,
+            '0'..='9' => {
+                let start = i;
+                while i < chars.len()
+                    && (chars[i].is_ascii_digit() || chars[i] == ',' || chars[i] == '.')
+                {
+                    i += 1;
+                }
+                let text: String = chars[start..i].iter().collect();
+                out.push(Tok::Num(parse_number(text.trim_end_matches(['.', ',']))?));
+            }
+            '+' => (out.push(Tok::Op('+')), i += 1).1,
+            '-' | '−' => (out.push(Tok::Op('-')), i += 1).1,
+            '*' | '×' | 'x' => (out.push(Tok::Op('*')), i += 1).1,
+            '/' | '÷' => (out.push(Tok::Op('/')), i += 1).1,
+            '(' => (out.push(Tok::Open), i += 1).1,
+            ')' => (out.push(Tok::Close), i += 1).1,
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+struct Parser {
+    tokens: Vec<Tok>,
+    pos: usize,
+}
+
+impl Parser {
+    fn peek(&self) -> Option<Tok> {
+        self.tokens.get(self.pos).copied()
+    }
+
+    fn sum(&mut self) -> Option<f64> {
+        let mut v = self.product()?;
+        while let Some(Tok::Op(op @ ('+' | '-'))) = self.peek() {
+            self.pos += 1;
+            let r = self.product()?;
+            v = if op == '+' { v + r } else { v - r };
+        }
+        Some(v)
+    }
+
+    fn product(&mut self) -> Option<f64> {
+        let mut v = self.atom()?;
+        while let Some(Tok::Op(op @ ('*' | '/'))) = self.peek() {
+            self.pos += 1;
+            let r = self.atom()?;
+            if op == '/' && r == 0.0 {
+                return None;
+            }
+            v = if op == '*' { v * r } else { v / r };
+        }
+        Some(v)
+    }
+
+    fn atom(&mut self) -> Option<f64> {
+        match self.peek()? {
+            Tok::Num(n) => {
+                self.pos += 1;
+                Some(n)
+            }
+            Tok::Op('-') => {
+                self.pos += 1;
+                Some(-self.atom()?)
+            }
+            Tok::Open => {
+                self.pos += 1;
+                let v = self.sum()?;
+                (self.peek()? == Tok::Close).then(|| self.pos += 1)?;
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evaluates_with_precedence_and_parentheses() {
+        assert_eq!(evaluate("2 + 3 * 4"), Some(14.0));
+        assert_eq!(evaluate("(2 + 3) * 4"), Some(20.0));
+        assert_eq!(evaluate("48 − 30 ÷ 3"), Some(38.0));
+        assert_eq!(evaluate("1,200 x 2"), Some(2400.0));
+        assert_eq!(evaluate("-3 + 5"), Some(2.0));
+        assert_eq!(evaluate("4 / 0"), None);
+        assert_eq!(evaluate("2 + import os"), None);
+    }
+
+    #[test]
+    fn written_arithmetic_is_checked() {
+        assert!(arithmetic_holds(
+            "The bags hold 3 * 4 = 12 apples. Tom has 5 + 12 = 17.",
+            1e-6
+        ));
+        assert!(!arithmetic_holds("He has 12 + 7 = 18 marbles.", 1e-6));
+        assert!(
+            arithmetic_holds("Each gets 10 / 3 = 3.33 cookies.", 1e-6),
+            "rounded to 2 places"
+        );
+        assert!(!arithmetic_holds("So (2 + 3) * 4 = 14.", 1e-6));
+        assert!(arithmetic_holds(
+            "No equations here, the answer is 7.",
+            1e-6
+        ));
+        assert!(arithmetic_holds("It costs $1,200 - $200 = $1,000.", 1e-6));
+    }
+
+    #[test]
+    fn rationale_must_state_the_answer() {
+        assert!(states_answer("5 + 12 = 17 apples.", "17", 1e-6));
+        assert!(states_answer("That is 1,200 dollars.", "1200", 1e-6));
+        assert!(!states_answer("5 + 12 = 17 apples.", "18", 1e-6));
+        assert!(!states_answer("no numbers", "3", 1e-6));
+    }
+}

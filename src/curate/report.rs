@@ -1,0 +1,194 @@
+//! What curate did, for people: report.json (every count), report.md (the funnel, label
+//! distribution, agreement histogram, rationale lengths) and funnel.svg.
+
+use super::rules::Outcome;
+use anyhow::Result;
+use polars::prelude::*;
+use serde_json::{json, Value};
+
+/// Everything the report shows, as JSON.
+pub fn summary(outcome: &Outcome, splits: &serde_json::Map<String, Value>) -> Result<Value> {
+    let kept = &outcome.kept;
+    let funnel: Vec<Value> = {
+        let mut rows = outcome.rows_in;
+        outcome
+            .funnel
+            .iter()
+            .map(|(rule, removed)| {
+                rows -= removed;
+                json!({"rule": rule, "removed": removed, "rows_after": rows})
+            })
+            .collect()
+    };
+    let removed: serde_json::Map<String, Value> = outcome
+        .funnel
+        .iter()
+        .map(|(r, n)| (r.to_string(), (*n).into()))
+        .collect();
+    Ok(json!({
+        "rows_in": outcome.rows_in,
+        "funnel": funnel,
+        "removed": removed,
+        "removed_parse_by_reason": outcome.parse_reasons,
+        "rows_out": kept.height(),
+        "splits": splits,
+        "labels": label_counts(kept)?,
+        "agreement_histogram": outcome.agreement_histogram,
+        "rationale_chars": stats(kept, col("rationale").str().len_chars().cast(DataType::Float64))?,
+        "completion_tokens": stats(kept, col("completion_tokens").cast(DataType::Float64))?,
+        "agrees_with_gold": gold_counts(kept)?,
+    }))
+}
+
+/// Answer counts of the kept rows, most frequent first (top 20).
+fn label_counts(kept: &DataFrame) -> Result<Vec<Value>> {
+    let counts = kept
+        .clone()
+        .lazy()
+        .group_by([col("answer")])
+        .agg([len().alias("n")])
+        .sort_by_exprs(
+            [col("n"), col("answer")],
+            SortMultipleOptions::default().with_order_descending_multi([true, false]),
+        )
+        .limit(20)
+        .collect()?;
+    let (a, n) = (counts.column("answer")?.str()?, counts.column("n")?.u32()?);
+    Ok(a.iter()
+        .zip(n.iter())
+        .map(|(a, n)| json!({"answer": a, "rows": n}))
+        .collect())
+}
+
+fn stats(kept: &DataFrame, e: Expr) -> Result<Value> {
+    if kept.height() == 0 {
+        return Ok(Value::Null);
+    }
+    let s = kept
+        .clone()
+        .lazy()
+        .select([
+            e.clone().min().alias("min"),
+            e.clone().mean().alias("mean"),
+            e.clone().median().alias("median"),
+            e.clone()
+                .quantile(lit(0.9), QuantileMethod::Nearest)
+                .alias("p90"),
+            e.max().alias("max"),
+        ])
+        .collect()?;
+    let get = |c: &str| -> Result<Option<f64>> { Ok(s.column(c)?.f64()?.get(0)) };
+    Ok(
+        json!({"min": get("min")?, "mean": get("mean")?, "median": get("median")?, "p90": get("p90")?, "max": get("max")?}),
+    )
+}
+
+fn gold_counts(kept: &DataFrame) -> Result<Value> {
+    let a = kept.column("agrees_with_gold")?.bool()?;
+    let yes = a.iter().filter(|v| *v == Some(true)).count();
+    let no = a.iter().filter(|v| *v == Some(false)).count();
+    Ok(json!({"agree": yes, "disagree": no, "unknown": kept.height() - yes - no}))
+}
+
+/// report.md: the same facts, readable.
+pub fn markdown(r: &Value) -> String {
+    let mut md = String::from(
+        "# Curation report\n\n## Funnel\n\n| rule | removed | rows after |\n|---|---:|---:|\n",
+    );
+    md.push_str(&format!("| rows in | | {} |\n", r["rows_in"]));
+    for step in r["funnel"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} |\n",
+            step["rule"].as_str().unwrap_or(""),
+            step["removed"],
+            step["rows_after"]
+        ));
+    }
+    md.push_str(&format!("| **rows out** | | **{}** |\n", r["rows_out"]));
+    if let Some(reasons) = r["removed_parse_by_reason"]
+        .as_object()
+        .filter(|m| !m.is_empty())
+    {
+        let list: Vec<String> = reasons.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        md.push_str(&format!(
+            "\nParse failures by reason: {}.\n",
+            list.join(", ")
+        ));
+    }
+    md.push_str(&format!("\nSplits: {}.\n", r["splits"]));
+    md.push_str("\n## Labels (kept rows)\n\n| answer | rows |\n|---|---:|\n");
+    for l in r["labels"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} |\n",
+            l["answer"].as_str().unwrap_or("∅"),
+            l["rows"]
+        ));
+    }
+    let g = &r["agrees_with_gold"];
+    md.push_str(&format!(
+        "\nAgreement with gold (kept rows): {} agree, {} disagree, {} without gold.\n",
+        g["agree"], g["disagree"], g["unknown"]
+    ));
+    if let Some(h) = r["agreement_histogram"].as_array() {
+        md.push_str(
+            "\n## Self-consistency (inputs by majority share)\n\n| share | inputs |\n|---|---:|\n",
+        );
+        for (i, n) in h.iter().enumerate() {
+            md.push_str(&format!("| {}–{} % | {} |\n", i * 10, (i + 1) * 10, n));
+        }
+    }
+    md.push_str("\n## Rationale length (kept rows)\n\n| measure | min | mean | median | p90 | max |\n|---|---:|---:|---:|---:|---:|\n");
+    for (name, key) in [
+        ("characters", "rationale_chars"),
+        ("completion tokens", "completion_tokens"),
+    ] {
+        let s = &r[key];
+        let f = |k: &str| s[k].as_f64().map(|v| format!("{v:.0}")).unwrap_or_default();
+        md.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} |\n",
+            f("min"),
+            f("mean"),
+            f("median"),
+            f("p90"),
+            f("max")
+        ));
+    }
+    md.push_str("\n![funnel](funnel.svg)\n");
+    md
+}
+
+/// The funnel as horizontal bars: rows left after each rule.
+pub fn funnel_svg(r: &Value) -> String {
+    let rows_in = r["rows_in"].as_f64().unwrap_or(0.0).max(1.0);
+    let mut bars = vec![("rows in".to_string(), rows_in, 0.0)];
+    for step in r["funnel"].as_array().into_iter().flatten() {
+        bars.push((
+            step["rule"].as_str().unwrap_or("").replace('_', " "),
+            step["rows_after"].as_f64().unwrap_or(0.0),
+            step["removed"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    let (label_w, bar_w, row_h) = (190.0, 420.0, 22.0);
+    let height = row_h * bars.len() as f64 + 20.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n",
+        label_w + bar_w + 140.0
+    );
+    for (i, (label, rows, removed)) in bars.iter().enumerate() {
+        let y = 10.0 + i as f64 * row_h;
+        let w = bar_w * rows / rows_in;
+        let cut = bar_w * removed / rows_in;
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4c78a8\"/>\n<rect x=\"{:.1}\" y=\"{y}\" width=\"{cut:.1}\" height=\"{}\" fill=\"#e45756\"/>\n<text x=\"{:.1}\" y=\"{}\">{rows} (−{removed})</text>\n",
+            label_w - 6.0,
+            y + 15.0,
+            row_h - 6.0,
+            label_w + w,
+            row_h - 6.0,
+            label_w + w + cut + 6.0,
+            y + 15.0,
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
