@@ -14,9 +14,8 @@ use rand_chacha::ChaCha8Rng;
 use std::io::Write;
 
 const NAMES: [&str; 24] = [
-    "Paco", "Hana", "Gus", "Maria", "Tom", "Aisha", "Liam", "Chen", "Olga", "Ravi", "Zoe",
-    "Kofi", "Ines", "Mateo", "Yuki", "Sara", "Ben", "Nora", "Ali", "Eva", "Omar", "Lena",
-    "Ivan", "Mia",
+    "Paco", "Hana", "Gus", "Maria", "Tom", "Aisha", "Liam", "Chen", "Olga", "Ravi", "Zoe", "Kofi",
+    "Ines", "Mateo", "Yuki", "Sara", "Ben", "Nora", "Ali", "Eva", "Omar", "Lena", "Ivan", "Mia",
 ];
 const ITEMS: [&str; 20] = [
     "apples", "marbles", "stickers", "cookies", "books", "pencils", "eggs", "cards", "shells",
@@ -24,8 +23,16 @@ const ITEMS: [&str; 20] = [
     "bottles", "candles",
 ];
 const PLACES: [&str; 10] = [
-    "at the market", "from a friend", "at school", "in the park", "at the fair",
-    "from the store", "at home", "on the bus", "at the beach", "after lunch",
+    "at the market",
+    "from a friend",
+    "at school",
+    "in the park",
+    "at the fair",
+    "from the store",
+    "at home",
+    "on the bus",
+    "at the beach",
+    "after lunch",
 ];
 
 fn problem(rng: &mut ChaCha8Rng) -> (String, i64, i64, i64) {
@@ -46,7 +53,10 @@ fn problem(rng: &mut ChaCha8Rng) -> (String, i64, i64, i64) {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(args.len() == 5, "usage: synth_teacher_rows INPUTS K RUN_DIR EVAL_JSONL");
+    anyhow::ensure!(
+        args.len() == 5,
+        "usage: synth_teacher_rows INPUTS K RUN_DIR EVAL_JSONL"
+    );
     let (inputs, k): (usize, u32) = (args[1].parse()?, args[2].parse()?);
     let run_dir = std::path::Path::new(&args[3]);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
@@ -65,12 +75,24 @@ fn main() -> anyhow::Result<()> {
         }
         texts.push(text.clone());
         let answer = a + b - c;
-        let gold = if rng.random_bool(0.05) { answer + 1 } else { answer };
+        let gold = if rng.random_bool(0.05) {
+            answer + 1
+        } else {
+            answer
+        };
         let mut sample_answers = vec![];
         for s in 0..k {
             let wrong = rng.random_bool(0.2);
-            let given = if wrong { answer + rng.random_range(1..5) } else { answer };
-            let sum = if rng.random_bool(0.05) { a + b + 1 } else { a + b };
+            let given = if wrong {
+                answer + rng.random_range(1..5)
+            } else {
+                answer
+            };
+            let sum = if rng.random_bool(0.05) {
+                a + b + 1
+            } else {
+                a + b
+            };
             let rationale = format!(
                 "First add what came in: {a} + {b} = {sum}. Then take away what was given: {sum} - {c} = {given}. So the answer is {given}."
             );
@@ -132,6 +154,10 @@ fn main() -> anyhow::Result<()> {
     let mut m = Manifest::new("generate", "synthetic".into(), 0);
     m.outputs = vec![entry(&path, Some(rows.len()))?];
     m.write(&dir)?;
-    eprintln!("synth_teacher_rows: {} rows → {}", rows.len(), path.display());
+    eprintln!(
+        "synth_teacher_rows: {} rows → {}",
+        rows.len(),
+        path.display()
+    );
     Ok(())
 }

@@ -140,3 +140,145 @@ fn print_config_shows_defaults() {
         "{text}"
     );
 }
+
+/// A finished generate folder holding `df` (a manifest of this schema version, or `schema`).
+fn generate_folder(dir: &Path, df: &mut polars::prelude::DataFrame, schema: Option<u32>) {
+    let gen = dir.join("runs/t/generate");
+    std::fs::create_dir_all(&gen).unwrap();
+    let path = gen.join("teacher-00000-of-00001.parquet");
+    kdpipe::io::parquet::write_frame(&path, df).unwrap();
+    let mut m = kdpipe::io::manifest::Manifest::new("generate", "x".into(), 0);
+    if let Some(v) = schema {
+        m.schema_version = v;
+    }
+    m.write(&gen).unwrap();
+}
+
+fn teacher_frame(n: usize) -> polars::prelude::DataFrame {
+    let rows: Vec<kdpipe::records::TeacherRow> = (0..n)
+        .map(|i| kdpipe::records::TeacherRow {
+            id: format!("r{i}"),
+            sample: 0,
+            input: format!("question {i}"),
+            gold: None,
+            raw: "x = 1\nAnswer: 1".into(),
+            rationale: Some("x = 1".into()),
+            answer: Some("1".into()),
+            status: "ok".into(),
+            soft_kind: "none".into(),
+            soft_labels: vec![],
+            soft_probs: vec![],
+            soft_coverage: None,
+            tokens: Default::default(),
+            prompt_tokens: 1,
+            completion_tokens: 1,
+            finish_reason: "stop".into(),
+            latency_ms: 1.0,
+            backend: "local".into(),
+            teacher: "t".into(),
+            prompt_name: "p".into(),
+            prompt_hash: "h".into(),
+            temperature: 0.0,
+            max_tokens: 8,
+            seed: None,
+            created_unix_ms: 0,
+        })
+        .collect();
+    kdpipe::records::TeacherRow::to_frame(&rows).unwrap()
+}
+
+#[test]
+fn curate_names_the_file_and_column_of_bad_teacher_rows() {
+    use polars::prelude::*;
+    type Case = (
+        &'static str,
+        Box<dyn Fn() -> DataFrame>,
+        Option<u32>,
+        Vec<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "missing column",
+            Box::new(|| {
+                let mut df = teacher_frame(3);
+                let _ = df.drop_in_place("status").unwrap();
+                df
+            }),
+            None,
+            vec![
+                "teacher-00000-of-00001.parquet",
+                "missing column \"status\"",
+            ],
+        ),
+        (
+            "wrong type",
+            Box::new(|| {
+                let mut df = teacher_frame(3);
+                let s = df
+                    .column("sample")
+                    .unwrap()
+                    .cast(&DataType::String)
+                    .unwrap();
+                df.with_column(s).unwrap();
+                df
+            }),
+            None,
+            vec![
+                "teacher-00000-of-00001.parquet",
+                "\"sample\"",
+                "expected u32",
+            ],
+        ),
+        (
+            "schema from the future",
+            Box::new(|| teacher_frame(3)),
+            Some(99),
+            vec!["schema version 99", "hint: re-run kdpipe generate"],
+        ),
+        (
+            "no rows",
+            Box::new(|| teacher_frame(0)),
+            None,
+            vec!["hold no teacher rows"],
+        ),
+    ];
+    for (what, frame, schema, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c.toml", &config("m.gguf", "in.jsonl", ""));
+        generate_folder(dir.path(), &mut frame(), schema);
+        let out = kdpipe(&["curate", "--config", "c.toml"], dir.path());
+        assert_eq!(out.status.code(), Some(2), "{what}");
+        let err = stderr(&out);
+        for e in expected {
+            assert!(err.contains(e), "{what}: {e:?} not in {err}");
+        }
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(
+            !dir.path().join("runs/t/curate/manifest.json").exists(),
+            "{what}: a curate folder looks complete"
+        );
+    }
+}
+
+#[test]
+fn a_failed_curate_leaves_the_previous_complete_output_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "c.toml", &config("m.gguf", "in.jsonl", ""));
+    generate_folder(dir.path(), &mut teacher_frame(20), None);
+    let out = kdpipe(&["curate", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let curate = dir.path().join("runs/t/curate");
+    let before: Vec<(std::path::PathBuf, Vec<u8>)> = all_files(&curate)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    // The next run's input is broken: it stops before touching the finished folder.
+    let mut broken = teacher_frame(20);
+    let _ = broken.drop_in_place("answer").unwrap();
+    generate_folder(dir.path(), &mut broken, None);
+    let out = kdpipe(&["curate", "--config", "c.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    for (p, bytes) in before {
+        assert_eq!(std::fs::read(&p).unwrap(), bytes, "{} changed", p.display());
+    }
+}

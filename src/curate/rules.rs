@@ -23,7 +23,7 @@ pub struct Outcome {
     pub funnel: Vec<(&'static str, usize)>,
     pub parse_reasons: BTreeMap<String, usize>,
     /// Inputs by majority share in tenths (0–10 %, …, 90–100 %), when inputs have k > 1
-    /// samples; counted before the agreement rule.
+    /// samples; counted before the agreement rule, over inputs with a usable sample.
     pub agreement_histogram: Option<Vec<usize>>,
     /// Kept rows with a `split` column.
     pub kept: DataFrame,
@@ -397,7 +397,11 @@ fn agreement_histogram(all: &DataFrame) -> Result<Option<Vec<usize>>> {
     let per_input = all
         .clone()
         .lazy()
-        .filter(col("_samples").gt(lit(1)))
+        .filter(
+            col("_samples")
+                .gt(lit(1))
+                .and(col("_agreement").is_not_null()),
+        )
         .group_by([col("id")])
         .agg([col("_agreement").first()])
         .collect()?;
