@@ -146,3 +146,100 @@ mod tests {
         assert_eq!(batch.n_rationale, 1.0);
     }
 }
+
+/// Which divergence the KD term measures between the teacher's distribution p and the
+/// student's q (both over the same answers, both at temperature T).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// KL(p ‖ q): the student covers every answer the teacher gives weight to (Hinton et al.).
+    ForwardKl,
+    /// KL(q ‖ p): the student concentrates on the teacher's main answers.
+    ReverseKl,
+    /// β·KL(p ‖ m) + (1−β)·KL(q ‖ m) with m = β·p + (1−β)·q (generalized JSD, GKD).
+    Jsd,
+}
+
+/// KD loss for one row over its answers: `teacher` holds the teacher's probabilities (any
+/// scale; renormalized here), `student_logp` the student's log-probability of each answer
+/// sequence `[n]`. Both are tempered (p ∝ p^(1/T), q = softmax(logp / T)) and the
+/// divergence is multiplied by T², so its gradients keep their size as T changes (Hinton
+/// et al., 2015). Answers the teacher gives probability 0 get 1e-8 before renormalizing.
+pub fn kd_divergence(
+    teacher: &[f64],
+    student_logp: &Tensor,
+    temperature: f64,
+    kind: Divergence,
+    beta: f64,
+) -> Result<Tensor> {
+    let device = student_logp.device();
+    let t = temperature.max(1e-3);
+    let tempered: Vec<f64> = teacher.iter().map(|p| (p.max(1e-8)).ln() / t).collect();
+    let max = tempered.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = tempered.iter().map(|x| (x - max).exp()).sum();
+    let log_p: Vec<f32> = tempered.iter().map(|x| (x - max - z.ln()) as f32).collect();
+    let log_p = Tensor::new(log_p.as_slice(), device)?;
+    let p = log_p.exp()?;
+    let log_q = candle_nn::ops::log_softmax(&(student_logp / t)?, D::Minus1)?;
+    let q = log_q.exp()?;
+    let kl = |a: &Tensor, log_a: &Tensor, log_b: &Tensor| -> Result<Tensor> {
+        Ok((a * (log_a - log_b)?)?.sum_all()?)
+    };
+    let d = match kind {
+        Divergence::ForwardKl => kl(&p, &log_p, &log_q)?,
+        Divergence::ReverseKl => kl(&q, &log_q, &log_p)?,
+        Divergence::Jsd => {
+            let m = ((&p * beta)? + (&q * (1.0 - beta))?)?;
+            let log_m = m.log()?;
+            ((kl(&p, &log_p, &log_m)? * beta)? + (kl(&q, &log_q, &log_m)? * (1.0 - beta))?)?
+        }
+    };
+    Ok((d * (t * t))?)
+}
+
+#[cfg(test)]
+mod kd_tests {
+    use super::*;
+
+    fn student(q: &[f64]) -> Tensor {
+        // log-probabilities of the student's answers (softmax of these gives q back)
+        let v: Vec<f32> = q.iter().map(|x| x.ln() as f32).collect();
+        Tensor::new(v.as_slice(), &Device::Cpu).unwrap()
+    }
+
+    fn value(t: Tensor) -> f64 {
+        t.to_scalar::<f32>().unwrap() as f64
+    }
+
+    // Hand-computed with p = (0.5, 0.5), q = (0.25, 0.75):
+    // KL(p‖q) = 0.5·ln(0.5/0.25) + 0.5·ln(0.5/0.75) = 0.5·(0.693147 − 0.405465) = 0.143841
+    // KL(q‖p) = 0.25·ln(0.25/0.5) + 0.75·ln(0.75/0.5) = −0.173287 + 0.304099 = 0.130812
+    // m = (0.375, 0.625): KL(p‖m) = 0.5·ln(0.5/0.375) + 0.5·ln(0.5/0.625) = 0.032269,
+    // KL(q‖m) = 0.25·ln(0.25/0.375) + 0.75·ln(0.75/0.625) = 0.035372, JSD(0.5) = 0.033820
+    #[test]
+    fn divergences_match_hand_computed_values() {
+        let q = student(&[0.25, 0.75]);
+        let p = [0.5, 0.5];
+        let f = value(kd_divergence(&p, &q, 1.0, Divergence::ForwardKl, 0.5).unwrap());
+        let r = value(kd_divergence(&p, &q, 1.0, Divergence::ReverseKl, 0.5).unwrap());
+        let j = value(kd_divergence(&p, &q, 1.0, Divergence::Jsd, 0.5).unwrap());
+        assert!((f - 0.143841).abs() < 1e-5, "{f}");
+        assert!((r - 0.130812).abs() < 1e-5, "{r}");
+        assert!((j - 0.033820).abs() < 1e-5, "{j}");
+        // The teacher's probabilities may come unnormalized (label scores sum to ≤ 1).
+        let f2 = value(kd_divergence(&[0.2, 0.2], &q, 1.0, Divergence::ForwardKl, 0.5).unwrap());
+        assert!((f2 - f).abs() < 1e-5);
+    }
+
+    #[test]
+    fn temperature_softens_both_sides_and_scales_by_t_squared() {
+        // T = 2: p ∝ (0.8, 0.2)^(1/2) = (2/3, 1/3); q ∝ (0.5, 0.5)^(1/2) = (0.5, 0.5).
+        // KL(p‖q) = (2/3)·ln(4/3) + (1/3)·ln(2/3) = 0.191788 − 0.135155 = 0.056633; × 4.
+        let q = student(&[0.5, 0.5]);
+        let f = value(kd_divergence(&[0.8, 0.2], &q, 2.0, Divergence::ForwardKl, 0.5).unwrap());
+        assert!((f - 4.0 * 0.056633).abs() < 1e-4, "{f}");
+        // Equal distributions: no loss.
+        let zero = value(kd_divergence(&[0.5, 0.5], &q, 1.0, Divergence::ForwardKl, 0.5).unwrap());
+        assert!(zero.abs() < 1e-6);
+    }
+}

@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod loss;
+pub mod optim;
 mod svg;
 
 use crate::config::Config;
