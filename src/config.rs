@@ -297,6 +297,44 @@ pub struct FinetuneConfig {
     /// part a few hundred rows cannot improve; halves optimizer time.
     #[serde(default = "d_true")]
     pub freeze_embeddings: bool,
+    /// Micro-batches whose gradients are averaged into one optimizer step: a larger
+    /// effective batch without the memory.
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    /// Clip the gradients' global L2 norm to this (0: no clipping): one odd batch cannot
+    /// wreck the model.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Write a checkpoint every N optimizer steps (0: none); a killed run resumes from the
+    /// latest one with the same loss curve.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint_every: usize,
+    /// Weight λ of the knowledge-distillation term (0: off): the divergence between the
+    /// teacher's soft label and the student's probabilities of the same answers (each
+    /// answer's sequence log-probability, renormalized), on rows with ≥ 2 soft answers.
+    #[serde(default)]
+    pub kd_weight: f64,
+    /// Temperature T of the KD term (both sides softened; the term is scaled by T²).
+    #[serde(default = "d_one_f")]
+    pub kd_temperature: f64,
+    #[serde(default = "d_divergence")]
+    pub kd_divergence: Divergence,
+    /// β of the generalized Jensen–Shannon divergence (`kd_divergence = "jsd"`).
+    #[serde(default = "d_half")]
+    pub jsd_beta: f64,
+}
+
+/// Which divergence the KD term measures between the teacher's distribution p and the
+/// student's q.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// KL(p ‖ q): the student covers every answer the teacher gives weight to.
+    ForwardKl,
+    /// KL(q ‖ p): the student concentrates on the teacher's main answers.
+    ReverseKl,
+    /// β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q (generalized JSD, as in GKD).
+    Jsd,
 }
 
 impl Default for FinetuneConfig {
@@ -339,6 +377,24 @@ fn d_teacher_kind() -> TeacherKind {
 }
 fn d_max_tokens() -> usize {
     256
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_half() -> f64 {
+    0.5
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_checkpoint() -> usize {
+    20
+}
+fn d_divergence() -> Divergence {
+    Divergence::ForwardKl
 }
 fn d_keep_rationales() -> KeepRationales {
     KeepRationales::One
@@ -486,6 +542,13 @@ impl Config {
                 "[finetune] alpha must be in [0, 1], got {}",
                 self.finetune.alpha
             );
+        }
+        let f = &self.finetune;
+        if f.grad_accum == 0 || f.batch_size == 0 {
+            bail!("[finetune] batch_size and grad_accum must be at least 1");
+        }
+        if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
+            bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");
         }
         if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
             bail!(

@@ -189,6 +189,7 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
             view,
             ids: [p, r].concat(),
             target,
+            kd: None,
         }
     };
     let batch = make_batch(

@@ -13,6 +13,8 @@ use rand::SeedableRng;
 pub enum View {
     Label,
     Rationale,
+    /// One answer of the row's soft label, in the label view: scored for the KD term.
+    Kd,
 }
 
 #[derive(Debug, Clone)]
@@ -21,6 +23,14 @@ pub struct Example {
     pub ids: Vec<u32>,
     /// 1 where the token is a target (part of the reply), 0 for the prompt.
     pub target: Vec<u8>,
+    /// KD examples: the row they belong to and the teacher's probability of this answer.
+    pub kd: Option<KdSlot>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KdSlot {
+    pub row: u32,
+    pub teacher_prob: f64,
 }
 
 /// Prompt token ids for one view of an input, ending where the reply starts.
@@ -59,17 +69,25 @@ fn example(
     let mut target = vec![0u8; ids.len()];
     target.extend(std::iter::repeat_n(1u8, reply_ids.len()));
     ids.extend(reply_ids);
-    Ok(Example { view, ids, target })
+    Ok(Example {
+        view,
+        ids,
+        target,
+        kd: None,
+    })
 }
 
 /// The examples of one row for the objective: label view always, rationale view for
-/// step-by-step. `label_only` trains on gold, the others on the teacher's answer.
+/// step-by-step. `label_only` trains on gold, the others on the teacher's answer. With
+/// `kd`, a row whose soft label has two or more answers also gets one label-view example
+/// per answer, for the KD term (`row` tells rows apart in a batch).
 pub fn row_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     row: &CuratedRow,
     objective: Objective,
     max_len: usize,
+    kd: Option<u32>,
 ) -> Result<Vec<Example>> {
     let label = match objective {
         Objective::LabelOnly => row.gold.clone().unwrap_or_else(|| row.answer.clone()),
@@ -92,6 +110,18 @@ pub fn row_examples(
             row.rationale.trim(),
             max_len,
         )?);
+    }
+    let soft = row.soft_labels.len() >= 2 && row.soft_labels.len() == row.soft_probs.len();
+    if let (Some(index), true, false) = (kd, soft, objective == Objective::LabelOnly) {
+        for (answer, p) in row.soft_labels.iter().zip(&row.soft_probs) {
+            let mut e = example(model, prompt, View::Label, &row.input, answer, max_len)?;
+            e.view = View::Kd;
+            e.kd = Some(KdSlot {
+                row: index,
+                teacher_prob: *p,
+            });
+            out.push(e);
+        }
     }
     Ok(out)
 }
@@ -126,6 +156,7 @@ mod tests {
             view,
             ids: vec![1; len],
             target: vec![1; len],
+            kd: None,
         }
     }
 

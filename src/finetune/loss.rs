@@ -7,6 +7,7 @@
 //! the batch contributes nothing, and the other view then carries the whole weight.
 
 use super::data::{Example, View};
+pub use crate::config::Divergence;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
@@ -17,8 +18,12 @@ pub struct Batch {
     /// Target masks per view, shifted to align with next-token predictions `[batch, seq-1]`.
     pub label_targets: Tensor,
     pub rationale_targets: Tensor,
+    pub kd_targets: Tensor,
     pub n_label: f64,
     pub n_rationale: f64,
+    /// KD groups: the batch rows of one curated row's answers and the teacher's
+    /// probabilities of them.
+    pub kd_groups: Vec<(usize, Vec<f64>)>,
     pub tokens: usize,
 }
 
@@ -32,21 +37,45 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     let b = examples.len();
     let (mut ids, mut att) = (vec![pad; b * t], vec![0f32; b * t]);
     let (mut lab, mut rat) = (vec![0f32; b * (t - 1)], vec![0f32; b * (t - 1)]);
+    let mut kd = vec![0f32; b * (t - 1)];
+    let mut kd_groups: Vec<(usize, Vec<f64>)> = vec![];
+    let mut kd_rows: Vec<Vec<usize>> = vec![];
     for (i, e) in examples.iter().enumerate() {
         for (j, &id) in e.ids.iter().enumerate() {
             ids[i * t + j] = id;
             att[i * t + j] = 1.0;
             // Position j-1 predicts token j.
             if j > 0 && e.target[j] == 1 {
-                let m = if e.view == View::Label {
-                    &mut lab
-                } else {
-                    &mut rat
+                let m = match e.view {
+                    View::Label => &mut lab,
+                    View::Rationale => &mut rat,
+                    View::Kd => &mut kd,
                 };
                 m[i * (t - 1) + j - 1] = 1.0;
             }
         }
+        if let Some(slot) = e.kd {
+            // A row's answers are consecutive examples (batches keep a row together).
+            match kd_groups.last_mut() {
+                Some((row, probs)) if *row == slot.row as usize => {
+                    probs.push(slot.teacher_prob);
+                    if let Some(r) = kd_rows.last_mut() {
+                        r.push(i);
+                    }
+                }
+                _ => {
+                    kd_groups.push((slot.row as usize, vec![slot.teacher_prob]));
+                    kd_rows.push(vec![i]);
+                }
+            }
+        }
     }
+    // Groups carry their first batch row (members are consecutive).
+    let kd_groups = kd_groups
+        .into_iter()
+        .zip(&kd_rows)
+        .map(|((_, probs), rows)| (rows[0], probs))
+        .collect();
     let n_label = lab.iter().sum::<f32>() as f64;
     let n_rationale = rat.iter().sum::<f32>() as f64;
     Ok(Batch {
@@ -54,8 +83,10 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         attention: Tensor::from_vec(att, (b, t), device)?,
         label_targets: Tensor::from_vec(lab, (b, t - 1), device)?,
         rationale_targets: Tensor::from_vec(rat, (b, t - 1), device)?,
+        kd_targets: Tensor::from_vec(kd, (b, t - 1), device)?,
         n_label,
         n_rationale,
+        kd_groups,
         tokens: examples.iter().map(|e| e.ids.len()).sum(),
     })
 }
@@ -76,6 +107,45 @@ pub struct LossParts {
     pub total: Tensor,
     pub label: Option<f64>,
     pub rationale: Option<f64>,
+    pub kd: Option<f64>,
+}
+
+/// How the terms are weighed: `total = α·CE(label) + (1−α)·CE(rationale) + λ·KD`.
+#[derive(Debug, Clone, Copy)]
+pub struct LossWeights {
+    pub alpha: f64,
+    pub kd_weight: f64,
+    pub temperature: f64,
+    pub divergence: Divergence,
+    pub jsd_beta: f64,
+}
+
+/// The whole training loss (DESIGN.md): the step-by-step CE terms plus λ times the mean
+/// KD divergence over the batch's rows that carry a soft label. The student's probability
+/// of an answer is its sequence log-probability (reply tokens and end-of-turn) in the
+/// label view, renormalized over the row's answers, so teacher and student may use
+/// different tokenizers.
+pub fn total_loss(nll: &Tensor, batch: &Batch, w: &LossWeights) -> Result<LossParts> {
+    let mut parts = step_by_step_loss(nll, batch, w.alpha)?;
+    if w.kd_weight == 0.0 || batch.kd_groups.is_empty() {
+        return Ok(parts);
+    }
+    let seq_logp = (nll * &batch.kd_targets)?.sum(D::Minus1)?.neg()?;
+    let mut terms = vec![];
+    for (start, probs) in &batch.kd_groups {
+        let student = seq_logp.narrow(0, *start, probs.len())?;
+        terms.push(kd_divergence(
+            probs,
+            &student,
+            w.temperature,
+            w.divergence,
+            w.jsd_beta,
+        )?);
+    }
+    let kd = (Tensor::stack(&terms, 0)?.sum_all()? / terms.len() as f64)?;
+    parts.kd = Some(kd.to_scalar::<f32>()? as f64);
+    parts.total = (&parts.total + (kd * w.kd_weight)?)?;
+    Ok(parts)
 }
 
 /// α·CE(label) + (1−α)·CE(rationale), masked means over target tokens.
@@ -103,6 +173,7 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
     Ok(LossParts {
         label: scalar(&label)?,
         rationale: scalar(&rationale)?,
+        kd: None,
         total,
     })
 }
@@ -122,11 +193,13 @@ mod tests {
                 view: View::Label,
                 ids: vec![0, 1, 2],
                 target: vec![0, 1, 1],
+                kd: None,
             },
             Example {
                 view: View::Rationale,
                 ids: vec![0, 3],
                 target: vec![0, 1],
+                kd: None,
             },
         ];
         let batch = make_batch(&ex, 0, &dev).unwrap();
@@ -145,19 +218,6 @@ mod tests {
         assert_eq!(batch.n_label, 2.0);
         assert_eq!(batch.n_rationale, 1.0);
     }
-}
-
-/// Which divergence the KD term measures between the teacher's distribution p and the
-/// student's q (both over the same answers, both at temperature T).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Divergence {
-    /// KL(p ‖ q): the student covers every answer the teacher gives weight to (Hinton et al.).
-    ForwardKl,
-    /// KL(q ‖ p): the student concentrates on the teacher's main answers.
-    ReverseKl,
-    /// β·KL(p ‖ m) + (1−β)·KL(q ‖ m) with m = β·p + (1−β)·q (generalized JSD, GKD).
-    Jsd,
 }
 
 /// KD loss for one row over its answers: `teacher` holds the teacher's probabilities (any
@@ -241,5 +301,59 @@ mod kd_tests {
         // Equal distributions: no loss.
         let zero = value(kd_divergence(&[0.5, 0.5], &q, 1.0, Divergence::ForwardKl, 0.5).unwrap());
         assert!(zero.abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod total_tests {
+    use super::*;
+    use crate::finetune::data::KdSlot;
+
+    #[test]
+    fn kd_term_joins_the_ce_terms_with_weight_lambda() {
+        // One label example and the row's two answers as KD examples. Uniform logits over 4
+        // tokens: every answer sequence (one target token) has log-probability ln ¼, so the
+        // student's q = (½, ½). Teacher p = (0.75, 0.25):
+        // KL(p‖q) = 0.75·ln 1.5 + 0.25·ln 0.5 = 0.304099 − 0.173287 = 0.130812.
+        // total = CE(label) + λ·KL = ln 4 + 0.5 · 0.130812 (α = 1: no rationale).
+        let dev = Device::Cpu;
+        let kd = |id: u32, p: f64| Example {
+            view: View::Kd,
+            ids: vec![0, id],
+            target: vec![0, 1],
+            kd: Some(KdSlot {
+                row: 7,
+                teacher_prob: p,
+            }),
+        };
+        let ex = vec![
+            Example {
+                view: View::Label,
+                ids: vec![0, 1],
+                target: vec![0, 1],
+                kd: None,
+            },
+            kd(1, 0.75),
+            kd(2, 0.25),
+        ];
+        let batch = make_batch(&ex, 0, &dev).unwrap();
+        assert_eq!(batch.kd_groups, vec![(1, vec![0.75, 0.25])]);
+        let logits = Tensor::zeros((3, 2, 4), DType::F32, &dev).unwrap();
+        let nll = token_nll(&logits, &batch.ids).unwrap();
+        let w = LossWeights {
+            alpha: 1.0,
+            kd_weight: 0.5,
+            temperature: 1.0,
+            divergence: Divergence::ForwardKl,
+            jsd_beta: 0.5,
+        };
+        let parts = total_loss(&nll, &batch, &w).unwrap();
+        assert!((parts.kd.unwrap() - 0.130812).abs() < 1e-5);
+        let want = 4f64.ln() + 0.5 * 0.130812;
+        assert!((parts.total.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-5);
+        assert!(
+            (parts.label.unwrap() - 4f64.ln()).abs() < 1e-5,
+            "KD rows are not in the CE"
+        );
     }
 }

@@ -1,15 +1,18 @@
 //! finetune: curated rows → a trained student in Hugging Face format.
 //!
-//! Read top to bottom: load the student, build the examples, measure the val loss, train
-//! with AdamW (linear warmup, cosine decay), measure the val loss again, export.
+//! Read top to bottom: load the student, build the examples and the batch schedule, resume
+//! from the latest checkpoint or measure the val loss, train with AdamW (linear warmup,
+//! cosine decay, gradient accumulation and clipping, a checkpoint every N steps), measure
+//! the val loss again, export.
 
+mod checkpoint;
 pub mod data;
 pub mod loss;
 pub mod optim;
 mod svg;
 
 use crate::config::Config;
-use crate::io::atomic::write_bytes;
+use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
 use crate::progress::Progress;
@@ -18,9 +21,9 @@ use crate::records::CuratedRow;
 use crate::student::{self, Decoder, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use data::{batches, row_examples, Example};
-use loss::{make_batch, step_by_step_loss, token_nll};
+use loss::{make_batch, token_nll, total_loss, LossWeights};
+use optim::AdamW;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -38,7 +41,7 @@ fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
     CuratedRow::from_frame(&read_frame(&path)?, &path)
 }
 
-/// The examples of each row (its views), row by row.
+/// The examples of each row (its views, and its KD answers when the KD term is on).
 fn build_examples(
     model: &LoadedModel,
     prompt: &Prompt,
@@ -47,8 +50,10 @@ fn build_examples(
 ) -> Result<Vec<Vec<Example>>> {
     let ft = &cfg.finetune;
     rows.iter()
-        .map(|r| {
-            row_examples(model, prompt, r, ft.objective, ft.max_seq_len)
+        .enumerate()
+        .map(|(i, r)| {
+            let kd = (ft.kd_weight > 0.0).then_some(i as u32);
+            row_examples(model, prompt, r, ft.objective, ft.max_seq_len, kd)
                 .with_context(|| format!("cannot build examples for row {:?}", r.id))
         })
         .collect()
@@ -59,14 +64,14 @@ fn mean_loss(
     model: &Decoder,
     rows: &[Vec<Example>],
     pad: u32,
-    alpha: f64,
+    weights: &LossWeights,
     batch: usize,
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
     for chunk in batches(rows.to_vec(), batch, 0) {
         let b = make_batch(&chunk, pad, model.device())?;
         let logits = model.forward(&b.ids, &b.attention)?;
-        let parts = step_by_step_loss(&token_nll(&logits, &b.ids)?, &b, alpha)?;
+        let parts = total_loss(&token_nll(&logits, &b.ids)?, &b, weights)?;
         sum += parts.total.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -81,6 +86,21 @@ fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
         let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
         base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
     }
+}
+
+/// Every micro-batch of the run in order: epoch e's batches are shuffled with seed + e, so
+/// the schedule (and a resumed run's place in it) follows from the seed alone.
+fn schedule(train: &[Vec<Example>], cfg: &Config) -> Vec<Vec<Example>> {
+    let ft = &cfg.finetune;
+    (0..ft.epochs)
+        .flat_map(|epoch| {
+            batches(
+                train.to_vec(),
+                ft.batch_size,
+                cfg.seed.wrapping_add(epoch as u64),
+            )
+        })
+        .collect()
 }
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
@@ -102,6 +122,13 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         !(freeze && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
     })?;
     let pad = loaded.eos_token_id;
+    let weights = LossWeights {
+        alpha: ft.alpha,
+        kd_weight: ft.kd_weight,
+        temperature: ft.kd_temperature,
+        divergence: ft.kd_divergence,
+        jsd_beta: ft.jsd_beta,
+    };
     let train = build_examples(&loaded, &prompt, &train_rows, cfg)?;
     // Without val rows, the val loss is measured on (at most 8) train rows.
     let val = if val_rows.is_empty() {
@@ -110,74 +137,110 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         build_examples(&loaded, &prompt, &val_rows, cfg)?
     };
     let n_train_examples: usize = train.iter().map(Vec::len).sum();
-
-    let per_epoch = batches(train.clone(), ft.batch_size, cfg.seed).len();
+    let micro = schedule(&train, cfg);
+    let accum = ft.grad_accum.max(1);
     let total_steps = ft
         .max_steps
         .unwrap_or(usize::MAX)
-        .min(per_epoch * ft.epochs)
+        .min(micro.len().div_ceil(accum))
         .max(1);
-    eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of about {} sequences", train_rows.len(), val.len(), ft.batch_size);
-
-    let val_before = mean_loss(&model, &val, pad, ft.alpha, ft.batch_size)?;
-    let params = ParamsAdamW {
-        lr: ft.learning_rate,
-        weight_decay: ft.weight_decay,
-        ..Default::default()
-    };
-    let mut opt = AdamW::new(model.vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
+    eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of {accum} × about {} sequences", train_rows.len(), val.len(), ft.batch_size);
 
     std::fs::create_dir_all(&out_dir)?;
-    let metrics_path = out_dir.join("metrics.jsonl");
-    let mut metrics_lines = Vec::new();
-    let mut losses = Vec::new();
-    let mut progress = Progress::new("finetune", total_steps as u64);
-    let mut step = 0;
-    'epochs: for epoch in 0..ft.epochs {
-        for batch_examples in batches(
-            train.clone(),
-            ft.batch_size,
-            cfg.seed.wrapping_add(epoch as u64),
-        ) {
-            if step >= total_steps {
-                break 'epochs;
-            }
-            let lr = learning_rate(ft.learning_rate, step, total_steps);
-            opt.set_learning_rate(lr);
-            let t0 = std::time::Instant::now();
-            let batch = make_batch(&batch_examples, pad, &device)?;
+    let hash = config_hash(&cfg.stage_view("finetune"));
+    let inputs_hash = text_sha256(&serde_json::to_string(&inputs)?);
+    let mut opt = AdamW::new(model.vars.clone(), ft.learning_rate, ft.weight_decay)?;
+    let mut state = match checkpoint::latest(&out_dir, &hash, &inputs_hash)? {
+        Some((path, state)) => {
+            checkpoint::restore(&path, &state, &model, &mut opt)?;
+            eprintln!(
+                "finetune: resuming from {} (step {})",
+                path.display(),
+                state.step
+            );
+            state
+        }
+        None => checkpoint::State {
+            step: 0,
+            config_hash: hash.clone(),
+            inputs_hash,
+            val_before: mean_loss(&model, &val, pad, &weights, ft.batch_size)?,
+            losses: vec![],
+            metrics: vec![],
+        },
+    };
+    let clip = (ft.max_grad_norm > 0.0).then_some(ft.max_grad_norm);
+    let mut progress = Progress::new(
+        "finetune",
+        (total_steps - state.step.min(total_steps)) as u64,
+    );
+    while state.step < total_steps {
+        let step = state.step;
+        let lr = learning_rate(ft.learning_rate, step, total_steps);
+        opt.lr = lr;
+        let t0 = std::time::Instant::now();
+        let mut acc = opt.accumulator();
+        let (mut loss, mut tokens) = (0.0, 0);
+        let mut terms: [Vec<f64>; 3] = Default::default();
+        let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
+        for (k, examples) in chunk.iter().enumerate() {
+            let batch = make_batch(examples, pad, &device)?;
             let logits = model.forward(&batch.ids, &batch.attention)?;
-            let parts = step_by_step_loss(&token_nll(&logits, &batch.ids)?, &batch, ft.alpha)?;
-            opt.backward_step(&parts.total)?;
-            let loss = parts.total.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
+            let parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, &weights)?;
+            let value = parts.total.to_scalar::<f32>()? as f64;
+            if !value.is_finite() {
                 bail!(
-                    "the loss became {loss} at step {step}\nhint: lower [finetune] learning_rate"
+                    "the loss became {value} at step {} (micro-batch {k} of {}, {} sequences); the last good checkpoint is kept in {}\nhint: lower [finetune] learning_rate, or check the rows of this batch",
+                    step + 1,
+                    chunk.len(),
+                    examples.len(),
+                    out_dir.display()
                 );
             }
-            let secs = t0.elapsed().as_secs_f64();
-            losses.push(loss);
-            metrics_lines.push(
-                serde_json::json!({
-                    "step": step + 1, "epoch": epoch, "loss": loss, "label_loss": parts.label,
-                    "rationale_loss": parts.rationale, "lr": lr, "tokens": batch.tokens,
-                    "tokens_per_second": batch.tokens as f64 / secs.max(1e-9),
-                })
-                .to_string(),
-            );
-            progress.set_message(format!("loss {loss:.3}"));
-            progress.inc(batch.tokens as u64);
-            step += 1;
+            opt.accumulate(&mut acc, &parts.total.backward()?)?;
+            loss += value / chunk.len() as f64;
+            tokens += batch.tokens;
+            for (slot, v) in terms
+                .iter_mut()
+                .zip([parts.label, parts.rationale, parts.kd])
+            {
+                slot.extend(v);
+            }
+        }
+        let grad_norm = opt.step(acc, clip)?;
+        let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+        let secs = t0.elapsed().as_secs_f64();
+        state.losses.push(loss);
+        state.metrics.push(
+            serde_json::json!({
+                "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
+                "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]), "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens,
+                "tokens_per_second": tokens as f64 / secs.max(1e-9),
+            })
+            .to_string(),
+        );
+        progress.set_message(format!("loss {loss:.3}"));
+        progress.inc(tokens as u64);
+        state.step += 1;
+        if ft.checkpoint_every > 0
+            && state.step % ft.checkpoint_every == 0
+            && state.step < total_steps
+        {
+            checkpoint::save(&out_dir, &model, &opt, &state)?;
         }
     }
     let train_secs = progress.finish();
-    let val_after = mean_loss(&model, &val, pad, ft.alpha, ft.batch_size)?;
+    let val_after = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+    let step = state.step;
+    let (losses, val_before) = (&state.losses, state.val_before);
 
-    let mut text = metrics_lines.join("\n");
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut text = state.metrics.join("\n");
     text.push('\n');
     write_bytes(&metrics_path, text.as_bytes())?;
     let svg_path = out_dir.join("loss.svg");
-    write_bytes(&svg_path, svg::loss_curve(&losses).as_bytes())?;
+    write_bytes(&svg_path, svg::loss_curve(losses).as_bytes())?;
     let eos_text = loaded
         .tokenizer
         .id_to_token(loaded.eos_token_id)
@@ -196,11 +259,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "first_loss": losses.first(), "last_loss": losses.last(), "seconds": train_secs,
         "objective": ft.objective, "student": cfg.student.model,
     });
-    let mut m = Manifest::new(
-        "finetune",
-        config_hash(&cfg.stage_view("finetune")),
-        cfg.seed,
-    );
+    let mut m = Manifest::new("finetune", hash, cfg.seed);
     m.inputs = inputs;
     m.outputs = vec![entry(&metrics_path, Some(step))?, entry(&svg_path, None)?];
     for f in [

@@ -1,0 +1,124 @@
+//! Checkpoints: `finetune/checkpoint-NNNNNN/` with the trainable weights
+//! (model.safetensors), the optimizer moments (optimizer.safetensors) and state.json (step,
+//! config hash, the loss curve so far). The folder is written under a temp name and
+//! renamed, so a checkpoint either exists whole or not at all; older ones are removed
+//! after a newer one is in place. The data position and the shuffling need no state of
+//! their own: the batch order is a function of the seed, so the step says where to go on.
+
+use super::optim::AdamW;
+use crate::io::atomic::write_json;
+use crate::student::Decoder;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The finetune config hash and input digests it was made under.
+    pub config_hash: String,
+    pub inputs_hash: String,
+    pub val_before: f64,
+    pub losses: Vec<f64>,
+    pub metrics: Vec<String>,
+}
+
+fn name(step: usize) -> String {
+    format!("checkpoint-{step:06}")
+}
+
+/// Write a checkpoint for `state.step`, then remove older ones.
+pub fn save(dir: &Path, model: &Decoder, opt: &AdamW, state: &State) -> Result<PathBuf> {
+    let final_dir = dir.join(name(state.step));
+    let tmp = dir.join(format!("{}.tmp-{}", name(state.step), std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let weights: HashMap<String, Tensor> = model
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))
+        .context("cannot write the checkpoint weights")?;
+    opt.save(&tmp.join("optimizer.safetensors"))?;
+    write_json(&tmp.join("state.json"), state)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("cannot rename {} into place", tmp.display()))?;
+    for old in list(dir)? {
+        if old.0 < state.step {
+            std::fs::remove_dir_all(&old.1)
+                .with_context(|| format!("cannot remove {}", old.1.display()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Finished checkpoints in a folder, by step.
+fn list(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !dir.is_dir() {
+        return Ok(vec![]);
+    }
+    let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("state.json").is_file())
+        .filter_map(|p| {
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            Some((step, p))
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The newest checkpoint made under this config and these inputs, if any.
+pub fn latest(
+    dir: &Path,
+    config_hash: &str,
+    inputs_hash: &str,
+) -> Result<Option<(PathBuf, State)>> {
+    for (_, path) in list(dir)?.into_iter().rev() {
+        let text = std::fs::read_to_string(path.join("state.json"))?;
+        let Ok(state) = serde_json::from_str::<State>(&text) else {
+            continue;
+        };
+        if state.config_hash == config_hash && state.inputs_hash == inputs_hash {
+            return Ok(Some((path, state)));
+        }
+    }
+    Ok(None)
+}
+
+/// Load a checkpoint's weights into the model and its moments into the optimizer.
+pub fn restore(path: &Path, state: &State, model: &Decoder, opt: &mut AdamW) -> Result<()> {
+    let file = path.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, model.device())
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    for (n, var) in &model.vars {
+        let t = tensors
+            .get(n)
+            .with_context(|| format!("{}: no weight {n}", file.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {n} has shape {:?}, the model {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(t)?;
+    }
+    opt.load(&path.join("optimizer.safetensors"), state.step)
+}

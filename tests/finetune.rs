@@ -1,0 +1,204 @@
+//! finetune on the real SmolLM2 student: a run killed with SIGKILL after a checkpoint
+//! resumes and gives the same loss curve as an uninterrupted run; the KD term over the
+//! label set trains alongside the CE terms.
+
+mod common;
+use common::*;
+use polars::prelude::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LABELS: [&str; 4] = ["anger", "joy", "optimism", "sadness"];
+
+/// A finished curate folder with `n` train rows and 2 val rows of the feelings task, each
+/// with a label-set soft label.
+fn curated(dir: &Path, n: usize) {
+    let text = std::fs::read_to_string(root().join("datasets/feelings.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .take(n + 2)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cur = dir.join("runs/t/curate");
+    std::fs::create_dir_all(&cur).unwrap();
+    let mut m = kdpipe::io::manifest::Manifest::new("curate", "x".into(), 0);
+    for (split, part) in [("train", &rows[..n]), ("val", &rows[n..])] {
+        let s = |k: &str| {
+            part.iter()
+                .map(|r| r[k].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let labels: Vec<Series> = part
+            .iter()
+            .map(|_| Series::new("".into(), LABELS))
+            .collect();
+        let probs: Vec<Series> = part
+            .iter()
+            .map(|r| {
+                let gold = r["label"].as_str().unwrap();
+                let p: Vec<f64> = LABELS
+                    .iter()
+                    .map(|l| if *l == gold { 0.7 } else { 0.1 })
+                    .collect();
+                Series::new("".into(), p)
+            })
+            .collect();
+        let k = part.len();
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("id".into(), s("id")),
+            Column::new("sample".into(), vec![0u32; k]),
+            Column::new("input".into(), s("text")),
+            Column::new("gold".into(), s("label")),
+            Column::new("rationale".into(), vec!["The words show the feeling."; k]),
+            Column::new("answer".into(), s("label")),
+            Column::new("soft_kind".into(), vec!["label_scores"; k]),
+            Column::new("soft_labels".into(), labels),
+            Column::new("soft_probs".into(), probs),
+            Column::new("agreement".into(), vec![None::<f64>; k]),
+            Column::new("agrees_with_gold".into(), vec![Some(true); k]),
+        ])
+        .unwrap();
+        let path = cur.join(format!("{split}.parquet"));
+        kdpipe::io::parquet::write_frame(&path, &mut df).unwrap();
+        m.outputs
+            .push(kdpipe::io::manifest::entry(&path, Some(k)).unwrap());
+    }
+    m.write(&cur).unwrap();
+}
+
+fn config(dir: &Path, extra: &str) {
+    let text = format!(
+        r#"name = "t"
+seed = 4
+[data]
+inputs = ["unused.jsonl"]
+input_field = "text"
+[task]
+kind = "labels"
+labels = ["anger", "joy", "optimism", "sadness"]
+description = "What emotion does the post express?"
+prompt = "{prompts}/labels.md"
+[teacher]
+model = "unused.gguf"
+[student]
+model = "{model}"
+[finetune]
+max_steps = 6
+batch_size = 2
+max_seq_len = 96
+learning_rate = 1e-4
+checkpoint_every = 2
+{extra}
+"#,
+        prompts = root().join("prompts").display(),
+        model = smollm2().display()
+    );
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("runs/t/finetune/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn killed_training_resumes_with_the_same_loss_curve() {
+    let clean = tempfile::tempdir().unwrap();
+    curated(clean.path(), 10);
+    config(clean.path(), "");
+    let out = kdpipe(&["finetune", "--config", "c.toml"], clean.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let want = losses(clean.path());
+    assert_eq!(want.len(), 6);
+
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 10);
+    config(dir.path(), "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
+        .args(["finetune", "--config", "c.toml"])
+        .current_dir(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = dir
+        .path()
+        .join("runs/t/finetune/checkpoint-000002/state.json");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !ckpt.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL, somewhere after step 2
+    child.wait().unwrap();
+    assert!(!dir.path().join("runs/t/finetune/manifest.json").exists());
+
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
+    let got = losses(dir.path());
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
+    }
+    // The exported weights agree too.
+    let w = |d: &Path| std::fs::read(d.join("runs/t/student/model.safetensors")).unwrap();
+    let (a, b) = (w(dir.path()), w(clean.path()));
+    assert_eq!(a.len(), b.len());
+}
+
+#[test]
+fn kd_term_over_the_label_set_trains_with_the_ce_terms() {
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 6);
+    config(
+        dir.path(),
+        "kd_weight = 0.5\nkd_temperature = 2.0\ngrad_accum = 2",
+    );
+    let out = kdpipe(
+        &["finetune", "--config", "c.toml", "--max-steps", "3"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(dir.path().join("runs/t/finetune/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let kd: Vec<f64> = lines
+        .iter()
+        .map(|l| l["kd_loss"].as_f64().expect("a kd_loss every step"))
+        .collect();
+    assert!(kd.iter().all(|k| k.is_finite() && *k >= 0.0), "{kd:?}");
+    assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.0));
+    // Three steps of two micro-batches each went through.
+    assert_eq!(lines.len(), 3);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let (before, after) = (
+        m["summary"]["val_loss_before"].as_f64().unwrap(),
+        m["summary"]["val_loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before,
+        "the val loss (CE + λ·KD) fell: {before} → {after}"
+    );
+}
