@@ -322,6 +322,38 @@ pub struct FinetuneConfig {
     /// β of the generalized Jensen–Shannon divergence (`kd_divergence = "jsd"`).
     #[serde(default = "d_half")]
     pub jsd_beta: f64,
+    /// Train LoRA adapters instead of the full model (`lora = { rank = 16, alpha = 32 }`);
+    /// they are merged into the weights on export.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+}
+
+/// Where LoRA goes and how big it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r of the adapters.
+    pub rank: usize,
+    /// Scale numerator: the adapter's output is multiplied by alpha / r.
+    pub alpha: f64,
+    /// Linear layers that get adapters, by their last name part.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+fn default_targets() -> Vec<String> {
+    [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Which divergence the KD term measures between the teacher's distribution p and the

@@ -118,9 +118,15 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let loaded = student::load(&cfg.student.model, &device)?;
     let freeze = ft.freeze_embeddings;
     let tied = loaded.shape.tie_word_embeddings;
-    let model = loaded.decoder(&device, |name| {
-        !(freeze && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
+    let lora = ft.lora.as_ref();
+    let mut model = loaded.decoder(&device, |name| {
+        lora.is_none()
+            && !(freeze
+                && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
     })?;
+    if let Some(l) = lora {
+        model.add_lora(l, cfg.seed)?;
+    }
     let pad = loaded.eos_token_id;
     let weights = LossWeights {
         alpha: ft.alpha,

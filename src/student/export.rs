@@ -19,7 +19,7 @@ pub fn export(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let shape = &model.shape;
     let tensors: HashMap<String, candle_core::Tensor> = model
-        .weights()
+        .weights()?
         .iter()
         .filter(|(name, _)| !(shape.tie_word_embeddings && name.as_str() == "lm_head.weight"))
         .map(|(n, t)| (n.clone(), t.detach()))

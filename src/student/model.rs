@@ -4,6 +4,7 @@
 //! backward pass: candle's fused softmax / rms_norm / rope drop gradients (STACK-NOTES).
 
 use super::ModelShape;
+use crate::config::LoraConfig;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Module, Tensor, Var, D};
 use std::collections::BTreeMap;
@@ -14,19 +15,35 @@ pub struct Decoder {
     weights: BTreeMap<String, Tensor>,
     /// The trainable weights, by name.
     pub vars: Vec<(String, Var)>,
+    /// LoRA adapters by linear layer prefix (`model.layers.0.self_attn.q_proj`).
+    lora: BTreeMap<String, Lora>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
 }
 
+/// A low-rank adapter on a frozen linear layer (Hu et al., 2021): `W x + s·B(A x)` with
+/// A `[r, in]`, B `[out, r]`, s = alpha / r. B starts at zero, so training starts from the
+/// base model exactly.
+#[derive(Clone)]
+struct Lora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
 struct Linear<'a> {
     weight: &'a Tensor,
     bias: Option<&'a Tensor>,
+    lora: Option<&'a Lora>,
 }
 
 impl Module for Linear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul_t(x, self.weight)?;
+        let mut y = matmul_t(x, self.weight)?;
+        if let Some(l) = self.lora {
+            y = (y + (matmul_t(&matmul_t(x, &l.a)?, &l.b)? * l.scale)?)?;
+        }
         match self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -81,6 +98,7 @@ impl Decoder {
             shape,
             weights: map,
             vars,
+            lora: BTreeMap::new(),
             cos,
             sin,
             device: device.clone(),
@@ -93,9 +111,62 @@ impl Decoder {
         &self.device
     }
 
-    /// Every weight, by Hugging Face name (current values, trained ones included).
-    pub fn weights(&self) -> &BTreeMap<String, Tensor> {
-        &self.weights
+    /// Add LoRA adapters to every target linear layer; they become the trainable
+    /// variables (named as PEFT names them, `<layer>.lora_A.weight` / `lora_B`). A is
+    /// drawn uniformly from ±1/√in with a seeded generator, B is zero. Build the decoder
+    /// with nothing trainable first: the base weights stay frozen.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        use rand::{Rng, SeedableRng};
+        anyhow::ensure!(cfg.rank > 0, "[finetune] lora rank must be at least 1");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let scale = cfg.alpha / cfg.rank as f64;
+        let prefixes: Vec<String> = self
+            .weights
+            .keys()
+            .filter_map(|n| n.strip_suffix(".weight"))
+            .filter(|p| {
+                p.starts_with("model.layers.")
+                    && cfg.targets.iter().any(|t| p.ends_with(&format!(".{t}")))
+            })
+            .map(str::to_string)
+            .collect();
+        anyhow::ensure!(
+            !prefixes.is_empty(),
+            "[finetune] lora targets {:?} match no linear layer of the student",
+            cfg.targets
+        );
+        for p in prefixes {
+            let (out, inp) = self.w(&format!("{p}.weight"))?.dims2()?;
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.rank * inp)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), &self.device)?)?;
+            let b = Var::zeros((out, cfg.rank), DType::F32, &self.device)?;
+            self.lora.insert(
+                p.clone(),
+                Lora {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale,
+                },
+            );
+            self.vars.push((format!("{p}.lora_A.weight"), a));
+            self.vars.push((format!("{p}.lora_B.weight"), b));
+        }
+        Ok(())
+    }
+
+    /// Every weight, by Hugging Face name (current values, trained ones included), with
+    /// LoRA adapters merged into their layers: `W + (alpha / r)·B·A`.
+    pub fn weights(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = self.weights.clone();
+        for (p, l) in &self.lora {
+            let name = format!("{p}.weight");
+            let merged = (&out[&name] + (l.b.matmul(&l.a)? * l.scale)?)?;
+            out.insert(name, merged);
+        }
+        Ok(out)
     }
 
     fn w(&self, name: &str) -> Result<&Tensor> {
@@ -145,6 +216,7 @@ impl Decoder {
         Ok(Linear {
             weight: self.w(&format!("{prefix}.weight"))?,
             bias: self.weights.get(&format!("{prefix}.bias")),
+            lora: self.lora.get(prefix),
         })
     }
 
