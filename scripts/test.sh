@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: fetch the real models and install the real OpenAI-compatible
-# server the API tests talk to (each once, cached under ~/.cache/kdpipe), then every test
+# The whole test suite: fetch the real models, install the real OpenAI-compatible server
+# the API tests talk to and transformers for the export round trip (each once, cached
+# under ~/.cache/kdpipe), then every test
 # in release mode (tests that run a model need optimized candle). Ends with one
 # "N passed, N failed" line and exits non-zero when any test failed.
 set -euo pipefail
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 ./scripts/fetch-models.sh
 KDPIPE_LLAMA_PYTHON="$(./scripts/setup-llama-server.sh)"
 export KDPIPE_LLAMA_PYTHON
+KDPIPE_HF_PYTHON="$(./scripts/setup-hf.sh)"
+export KDPIPE_HF_PYTHON
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0

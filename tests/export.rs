@@ -1,0 +1,123 @@
+//! An exported student loads in Hugging Face transformers (PyTorch, from pip) and gives the
+//! logits kdpipe's decoder gives: trained with LoRA for one step first, so the adapters'
+//! merge is part of what is checked. The tokenizer and chat template travel too.
+
+mod common;
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use kdpipe::config::LoraConfig;
+use kdpipe::finetune::optim::AdamW;
+use kdpipe::student;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn hf_python() -> String {
+    if let Ok(p) = std::env::var("KDPIPE_HF_PYTHON") {
+        return p;
+    }
+    let out = Command::new(root().join("scripts/setup-hf.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scripts/setup-hf.sh failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn exported_student_gives_the_same_logits_in_transformers() {
+    let dev = Device::Cpu;
+    let loaded = student::load(smollm2().to_str().unwrap(), &dev).unwrap();
+    let mut model = loaded.decoder(&dev, |_| false).unwrap();
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 16.0,
+        targets: vec!["q_proj".into(), "up_proj".into()],
+    };
+    model.add_lora(&lora, 3).unwrap();
+    let train = loaded
+        .encode("Tom has 5 apples and buys 12 more: 5 + 12 = 17.")
+        .unwrap();
+    let n = train.len();
+    let ids = Tensor::from_vec(train, (1, n), &dev).unwrap();
+    let mask = Tensor::ones((1, n), DType::F32, &dev).unwrap();
+    let loss = kdpipe::finetune::loss::token_nll(&model.forward(&ids, &mask).unwrap(), &ids)
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    let mut opt = AdamW::new(model.vars.clone(), 1e-2, 0.0).unwrap();
+    let mut acc = opt.accumulator();
+    opt.accumulate(&mut acc, &loss.backward().unwrap()).unwrap();
+    opt.step(acc, None).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let eos = loaded.tokenizer.id_to_token(loaded.eos_token_id).unwrap();
+    student::export::export(
+        dir.path(),
+        &model,
+        &loaded.tokenizer_json,
+        &loaded.chat,
+        &eos,
+    )
+    .unwrap();
+
+    let probe = "How many apples does Tom have? Café, 😀.";
+    let chat = loaded
+        .chat
+        .render(&[kdpipe::teacher::ChatMessage::new("user", probe)], true)
+        .unwrap();
+    let ids: Vec<u32> = loaded.encode(&chat).unwrap();
+    let n = ids.len();
+    let input = Tensor::from_vec(ids.clone(), (1, n), &dev).unwrap();
+    let ours = model
+        .forward(&input, &Tensor::ones((1, n), DType::F32, &dev).unwrap())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+
+    let mut child = Command::new(hf_python())
+        .arg(root().join("scripts/hf_logits.py"))
+        .arg(dir.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let request = serde_json::json!({"ids": ids, "probe": probe}).to_string();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(request.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "transformers could not load the student"
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let theirs = got["logits"].as_array().unwrap();
+    assert_eq!(theirs.len(), n);
+    let mut max_diff = 0f32;
+    for (row_ours, row_theirs) in ours.iter().zip(theirs) {
+        for (a, b) in row_ours.iter().zip(row_theirs.as_array().unwrap()) {
+            max_diff = max_diff.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    eprintln!(
+        "max |logit difference| over {n} positions × {} vocab: {max_diff}",
+        ours[0].len()
+    );
+    assert!(max_diff < 1e-3, "logits differ by {max_diff}");
+    let probe_ids: Vec<u32> = serde_json::from_value(got["probe_ids"].clone()).unwrap();
+    assert_eq!(
+        probe_ids,
+        loaded.encode(probe).unwrap(),
+        "tokenizer.json round trip"
+    );
+    assert_eq!(
+        got["chat"].as_str().unwrap(),
+        chat,
+        "chat template round trip"
+    );
+}
