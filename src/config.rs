@@ -287,6 +287,13 @@ pub struct FinetuneConfig {
     /// Stop after this many optimizer steps even if epochs remain.
     #[serde(default)]
     pub max_steps: Option<usize>,
+    /// Measure the val loss every N steps (0: only before and after training); the
+    /// weights with the lowest val loss are the ones exported.
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Stop when this many evaluations in a row did not lower the val loss (none: never).
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
     /// Sequences a step (both views count): 4 fits a laptop's memory for a 135M model.
     #[serde(default = "d_batch")]
     pub batch_size: usize,

@@ -202,3 +202,47 @@ fn kd_term_over_the_label_set_trains_with_the_ce_terms() {
         "the val loss (CE + λ·KD) fell: {before} → {after}"
     );
 }
+
+#[test]
+fn the_best_evaluated_weights_are_exported_and_patience_stops_training() {
+    // A learning rate far too high makes the val loss climb above the untrained student's:
+    // with patience 1 training stops at the first evaluation after the start, and the
+    // weights exported are the best evaluated ones (here the starting weights, step 0).
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 6);
+    config(
+        dir.path(),
+        "eval_every = 2\nearly_stopping_patience = 1\ncheckpoint_every = 0",
+    );
+    let text = std::fs::read_to_string(dir.path().join("c.toml"))
+        .unwrap()
+        .replace("learning_rate = 1e-4", "learning_rate = 3e-2")
+        .replace("checkpoint_every = 2\n", "");
+    std::fs::write(dir.path().join("c.toml"), text).unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let s = &m["summary"];
+    let evals: Vec<(usize, f64)> = serde_json::from_value(s["evals"].clone()).unwrap();
+    eprintln!("{}", stderr(&out));
+    assert!(!evals.is_empty());
+    let best = evals
+        .iter()
+        .cloned()
+        .fold((0, f64::INFINITY), |a, e| if e.1 < a.1 { e } else { a });
+    let after = s["val_loss_after"].as_f64().unwrap();
+    assert!(
+        after <= best.1 + 1e-9,
+        "exported val loss {after} is worse than the best evaluation {best:?}"
+    );
+    assert_eq!(evals[0], (0, s["val_loss_before"].as_f64().unwrap()));
+    assert_eq!(
+        s["steps"].as_u64().unwrap(),
+        2,
+        "patience 1 stops the diverging run: {s}"
+    );
+    assert_eq!(s["exported_step"].as_u64().unwrap() as usize, best.0);
+}

@@ -24,6 +24,12 @@ pub struct State {
     pub val_before: f64,
     pub losses: Vec<f64>,
     pub metrics: Vec<String>,
+    /// (step, val loss) of every evaluation during training.
+    #[serde(default)]
+    pub evals: Vec<(usize, f64)>,
+    /// The evaluation with the lowest val loss; its weights are in `best/`.
+    #[serde(default)]
+    pub best: Option<(usize, f64)>,
 }
 
 fn name(step: usize) -> String {
@@ -99,6 +105,48 @@ pub fn latest(
         }
     }
     Ok(None)
+}
+
+/// Keep the trainable weights as the best so far: `dir/best/model.safetensors`, written
+/// under a temp name and renamed.
+pub fn save_best(dir: &Path, model: &Decoder) -> Result<()> {
+    let best = dir.join("best");
+    std::fs::create_dir_all(&best)?;
+    let weights: HashMap<String, Tensor> = model
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let target = best.join("model.safetensors");
+    let tmp = crate::io::atomic::temp_path(&target);
+    candle_core::safetensors::save(&weights, &tmp).context("cannot write the best weights")?;
+    std::fs::rename(&tmp, &target)?;
+    Ok(())
+}
+
+/// Load the best weights back into the model (before export).
+pub fn load_best(dir: &Path, model: &Decoder) -> Result<()> {
+    load_weights(&dir.join("best/model.safetensors"), model)
+}
+
+fn load_weights(file: &Path, model: &Decoder) -> Result<()> {
+    let tensors = candle_core::safetensors::load(file, model.device())
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    for (n, var) in &model.vars {
+        let t = tensors
+            .get(n)
+            .with_context(|| format!("{}: no weight {n}", file.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {n} has shape {:?}, the model {:?}",
+                file.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(t)?;
+    }
+    Ok(())
 }
 
 /// Load a checkpoint's weights into the model and its moments into the optimizer.

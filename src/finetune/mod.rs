@@ -166,14 +166,25 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             );
             state
         }
-        None => checkpoint::State {
-            step: 0,
-            config_hash: hash.clone(),
-            inputs_hash,
-            val_before: mean_loss(&model, &val, pad, &weights, ft.batch_size)?,
-            losses: vec![],
-            metrics: vec![],
-        },
+        None => {
+            let val_before = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+            // The starting weights are the first candidate for "best": if training only
+            // hurts the val loss, the student is exported unchanged.
+            let best = (ft.eval_every > 0).then_some((0, val_before));
+            if best.is_some() {
+                checkpoint::save_best(&out_dir, &model)?;
+            }
+            checkpoint::State {
+                step: 0,
+                config_hash: hash.clone(),
+                inputs_hash,
+                val_before,
+                losses: vec![],
+                metrics: vec![],
+                evals: best.into_iter().collect(),
+                best,
+            }
+        }
     };
     let clip = (ft.max_grad_norm > 0.0).then_some(ft.max_grad_norm);
     let mut progress = Progress::new(
@@ -229,6 +240,23 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         progress.set_message(format!("loss {loss:.3}"));
         progress.inc(tokens as u64);
         state.step += 1;
+        if ft.eval_every > 0 && state.step % ft.eval_every == 0 && state.step < total_steps {
+            let v = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+            state.evals.push((state.step, v));
+            if state.best.is_none_or(|(_, b)| v < b) {
+                state.best = Some((state.step, v));
+                checkpoint::save_best(&out_dir, &model)?;
+            }
+            let since_best = state.step - state.best.map(|(s, _)| s).unwrap_or(0);
+            let stale = since_best / ft.eval_every;
+            if ft.early_stopping_patience.is_some_and(|p| stale >= p) {
+                eprintln!(
+                    "finetune: val loss has not improved for {stale} evaluations, stopping at step {}",
+                    state.step
+                );
+                break;
+            }
+        }
         if ft.checkpoint_every > 0
             && state.step % ft.checkpoint_every == 0
             && state.step < total_steps
@@ -237,7 +265,14 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         }
     }
     let train_secs = progress.finish();
-    let val_after = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+    let mut val_after = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+    // Export the weights with the lowest val loss seen.
+    let mut exported_step = state.step;
+    if let Some((best_step, best_val)) = state.best.filter(|(_, b)| *b < val_after) {
+        checkpoint::load_best(&out_dir, &model)?;
+        eprintln!("finetune: exporting the weights of step {best_step} (val loss {best_val:.3} < {val_after:.3} at the end)");
+        (val_after, exported_step) = (best_val, best_step);
+    }
     let step = state.step;
     let (losses, val_before) = (&state.losses, state.val_before);
 
@@ -264,6 +299,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "val_loss_before": val_before, "val_loss_after": val_after,
         "first_loss": losses.first(), "last_loss": losses.last(), "seconds": train_secs,
         "objective": ft.objective, "student": cfg.student.model,
+        "evals": state.evals, "exported_step": exported_step,
     });
     let mut m = Manifest::new("finetune", hash, cfg.seed);
     m.inputs = inputs;
