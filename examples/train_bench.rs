@@ -1,0 +1,88 @@
+//! Student training speed for `scripts/bench/train.sh`: SmolLM2-135M from its GGUF, f32,
+//! batch × seq random token ids, AdamW; `full` trains every weight, `lora` rank-16 adapters
+//! on every linear layer of the blocks. Prints one JSON line (tokens/s over the timed steps,
+//! after one warm-up step). `export DIR` writes the base model as a Hugging Face folder
+//! first, for the PyTorch side to load the same weights.
+//!
+//! `cargo run --release --example train_bench -- MODE BATCH SEQ STEPS [EXPORT_DIR]`
+use candle_core::{DType, Device, Tensor};
+use kdpipe::config::LoraConfig;
+use kdpipe::finetune::optim::AdamW;
+use kdpipe::student;
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        args.len() >= 5,
+        "usage: train_bench full|lora BATCH SEQ STEPS [EXPORT_DIR]"
+    );
+    let (mode, b, t, steps): (&str, usize, usize, usize) = (
+        &args[1],
+        args[2].parse()?,
+        args[3].parse()?,
+        args[4].parse()?,
+    );
+    let dev = Device::Cpu;
+    let loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
+    if let Some(dir) = args.get(5) {
+        let base = loaded.decoder(&dev, |_| false)?;
+        let eos = loaded
+            .tokenizer
+            .id_to_token(loaded.eos_token_id)
+            .unwrap_or_default();
+        student::export::export(
+            dir.as_ref(),
+            &base,
+            &loaded.tokenizer_json,
+            &loaded.chat,
+            &eos,
+        )?;
+    }
+    let mut model = loaded.decoder(&dev, |_| mode == "full")?;
+    if mode == "lora" {
+        let cfg = LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            targets: vec![
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        };
+        model.add_lora(&cfg, 0)?;
+    }
+    let mut opt = AdamW::new(model.vars.clone(), 1e-5, 0.0)?;
+    let ids = Tensor::from_vec(
+        (0..(b * t) as u32)
+            .map(|i| (i * 7919) % 49152)
+            .collect::<Vec<_>>(),
+        (b, t),
+        &dev,
+    )?;
+    let mask = Tensor::ones((b, t), DType::F32, &dev)?;
+    let mut timed = 0.0;
+    for step in 0..=steps {
+        let s = Instant::now();
+        let logits = model.forward(&ids, &mask)?;
+        let loss = kdpipe::finetune::loss::token_nll(&logits, &ids)?.mean_all()?;
+        let mut acc = opt.accumulator();
+        opt.accumulate(&mut acc, &loss.backward()?)?;
+        opt.step(acc, Some(1.0))?;
+        if step > 0 {
+            timed += s.elapsed().as_secs_f64();
+        }
+    }
+    println!(
+        "{{\"engine\": \"kdpipe (candle 0.10.2)\", \"mode\": \"{mode}\", \"tokens_per_s\": {:.1}}}",
+        (b * t * steps) as f64 / timed
+    );
+    Ok(())
+}
