@@ -11,6 +11,10 @@ use kdpipe::finetune::optim::AdamW;
 use kdpipe::student;
 use std::time::Instant;
 
+// The allocator the kdpipe binary uses (src/main.rs): training allocates large temporaries.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
@@ -73,9 +77,17 @@ fn main() -> anyhow::Result<()> {
         let s = Instant::now();
         let logits = model.forward(&ids, &mask)?;
         let loss = kdpipe::finetune::loss::token_nll(&logits, &ids)?.mean_all()?;
+        let f = s.elapsed();
         let mut acc = opt.accumulator();
-        opt.accumulate(&mut acc, &loss.backward()?)?;
+        let grads = loss.backward()?;
+        let b = s.elapsed();
+        opt.accumulate(&mut acc, &grads)?;
         opt.step(acc, Some(1.0))?;
+        eprintln!(
+            "step {step}: forward {f:?}, backward {:?}, optimizer {:?}",
+            b - f,
+            s.elapsed() - b
+        );
         if step > 0 {
             timed += s.elapsed().as_secs_f64();
         }

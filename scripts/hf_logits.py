@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model_dir = sys.argv[1]
 request = json.load(sys.stdin)
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 model.eval()
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 with torch.no_grad():

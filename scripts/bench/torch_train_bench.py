@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 model_dir, mode, b, t, steps, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 model.train()
 
 

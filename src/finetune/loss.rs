@@ -91,16 +91,23 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     })
 }
 
-/// Per-position negative log-likelihood of the next token, `[batch, seq-1]`.
+/// Per-position negative log-likelihood of the next token, `[batch, seq-1]`. Computed over
+/// all `seq` positions in one fused pass (the last position against a dummy target, then
+/// dropped: its gradient is zero), so the logits are never copied.
 pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (_, t, _) = logits.dims3()?;
-    let pred = logits.narrow(1, 0, t - 1)?;
-    let next = ids.narrow(1, 1, t - 1)?.contiguous()?;
-    let logp = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
-    let picked = logp
-        .gather(&next.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)?;
-    Ok(picked.neg()?)
+    let (b, t, v) = logits.dims3()?;
+    let next = Tensor::cat(
+        &[
+            ids.narrow(1, 1, t - 1)?,
+            Tensor::zeros((b, 1), DType::U32, ids.device())?,
+        ],
+        1,
+    )?;
+    let nll = crate::student::ops::cross_entropy_rows(
+        &logits.reshape((b * t, v))?,
+        &next.flatten_all()?,
+    )?;
+    Ok(nll.reshape((b, t))?.narrow(1, 0, t - 1)?)
 }
 
 pub struct LossParts {

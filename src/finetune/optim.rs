@@ -83,10 +83,12 @@ impl AdamW {
     /// of `max_norm` (none: no clipping). Returns the norm before clipping.
     pub fn step(&mut self, acc: Accumulated, max_norm: Option<f64>) -> Result<f64> {
         let scale = 1.0 / acc.micro_batches.max(1) as f64;
+        // Gradients can arrive as strided views (a tied lm_head's is a transpose);
+        // elementwise ops on strided tensors take a slow path, so copy them once.
         let grads: Vec<Option<Tensor>> = acc
             .grads
             .into_iter()
-            .map(|g| g.map(|g| g.affine(scale, 0.0)).transpose())
+            .map(|g| g.map(|g| g.contiguous()?.affine(scale, 0.0)).transpose())
             .collect::<candle_core::Result<_>>()?;
         let mut sq = 0f64;
         for g in grads.iter().flatten() {

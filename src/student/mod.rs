@@ -5,6 +5,7 @@ pub mod export;
 pub mod gguf;
 pub mod hf;
 pub mod model;
+pub mod ops;
 pub mod shape;
 pub mod tokenizer;
 

@@ -60,7 +60,11 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
         dims[..dims.len() - 1].iter().product::<usize>(),
         dims[dims.len() - 1],
     );
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, inner))?;
+    let y = match super::ops::linear_frozen(&x2, w)? {
+        Some(y) => y,
+        None => x2.matmul(&w.t()?)?,
+    };
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = w.dim(0)?;
@@ -68,9 +72,7 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_sq + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
+    super::ops::rms_norm(x, weight, eps)
 }
 
 impl Decoder {
@@ -229,7 +231,14 @@ impl Decoder {
         let mut x = embed
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
-        let bias = attention_bias(mask, t, &self.device)?;
+        let keys: Vec<u8> = mask
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|m| u8::from(*m > 0.5))
+            .collect();
+        let keys = std::sync::Arc::new(keys);
         for l in 0..s.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let h = rms_norm(
@@ -237,7 +246,7 @@ impl Decoder {
                 self.w(&format!("{p}.input_layernorm.weight"))?,
                 s.rms_norm_eps,
             )?;
-            x = (x + self.attention(&h, &p, &bias)?)?;
+            x = (x + self.attention(&h, &p, &keys, mask)?)?;
             let h = rms_norm(
                 &x,
                 self.w(&format!("{p}.post_attention_layernorm.weight"))?,
@@ -254,7 +263,13 @@ impl Decoder {
         Ok(matmul_t(&x, head)?)
     }
 
-    fn attention(&self, x: &Tensor, p: &str, bias: &Tensor) -> Result<Tensor> {
+    fn attention(
+        &self,
+        x: &Tensor,
+        p: &str,
+        keys: &std::sync::Arc<Vec<u8>>,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
         let s = &self.shape;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
@@ -278,9 +293,16 @@ impl Decoder {
         let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // Scaling q (4× smaller than the scores) costs less than scaling the scores.
+        let q = (q / (hd as f64).sqrt())?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = match super::ops::causal_masked_softmax(&scores, keys.clone())? {
+            Some(p) => p,
+            None => candle_nn::ops::softmax(
+                &scores.broadcast_add(&attention_bias(mask, t, &self.device)?)?,
+                D::Minus1,
+            )?,
+        };
         let out = probs
             .matmul(&v)?
             .transpose(1, 2)?
