@@ -48,18 +48,7 @@ fn main() -> anyhow::Result<()> {
         let cfg = LoraConfig {
             rank: 16,
             alpha: 32.0,
-            targets: vec![
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            targets: kdpipe::config::default_targets(),
         };
         model.add_lora(&cfg, 0)?;
     }

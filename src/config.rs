@@ -348,7 +348,8 @@ pub struct LoraConfig {
     pub targets: Vec<String>,
 }
 
-fn default_targets() -> Vec<String> {
+/// Every linear layer of a llama-family block.
+pub fn default_targets() -> Vec<String> {
     [
         "q_proj",
         "k_proj",

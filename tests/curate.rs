@@ -72,21 +72,7 @@ model = "{model}"
     assert_eq!(report["rows_in"], 24, "12 inputs × 2 samples");
     let funnel = report["funnel"].as_array().unwrap();
     let rules: Vec<&str> = funnel.iter().map(|s| s["rule"].as_str().unwrap()).collect();
-    for rule in [
-        "parse_failure",
-        "low_agreement",
-        "minority_answer",
-        "extra_rationale",
-        "disagrees_with_gold",
-        "low_confidence",
-        "rationale_length",
-        "answer_not_in_rationale",
-        "wrong_arithmetic",
-        "duplicate_input",
-        "near_duplicate_input",
-        "contaminated",
-        "label_cap",
-    ] {
+    for rule in kdpipe::curate::rules::RULES {
         assert!(rules.contains(&rule), "{rule} missing from the funnel");
         assert!(
             md.contains(&format!("| {rule} |")),

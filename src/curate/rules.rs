@@ -29,8 +29,8 @@ pub struct Outcome {
     pub kept: DataFrame,
 }
 
-/// The rule flags, in order: (rule name, keep column after it).
-const RULES: [&str; 13] = [
+/// The rules, in the order they run (each one's keep column is `_keep_<rule>`).
+pub const RULES: [&str; 13] = [
     "parse_failure",
     "low_agreement",
     "minority_answer",

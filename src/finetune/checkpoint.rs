@@ -32,6 +32,15 @@ pub struct State {
     pub best: Option<(usize, f64)>,
 }
 
+/// The trainable weights by name, as saved in checkpoints and `best/`.
+fn trainable(model: &Decoder) -> HashMap<String, Tensor> {
+    model
+        .vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}
+
 fn name(step: usize) -> String {
     format!("checkpoint-{step:06}")
 }
@@ -44,11 +53,7 @@ pub fn save(dir: &Path, model: &Decoder, opt: &AdamW, state: &State) -> Result<P
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let weights: HashMap<String, Tensor> = model
-        .vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let weights = trainable(model);
     candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))
         .context("cannot write the checkpoint weights")?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
@@ -112,11 +117,7 @@ pub fn latest(
 pub fn save_best(dir: &Path, model: &Decoder) -> Result<()> {
     let best = dir.join("best");
     std::fs::create_dir_all(&best)?;
-    let weights: HashMap<String, Tensor> = model
-        .vars
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let weights = trainable(model);
     let target = best.join("model.safetensors");
     let tmp = crate::io::atomic::temp_path(&target);
     candle_core::safetensors::save(&weights, &tmp).context("cannot write the best weights")?;
@@ -151,22 +152,6 @@ fn load_weights(file: &Path, model: &Decoder) -> Result<()> {
 
 /// Load a checkpoint's weights into the model and its moments into the optimizer.
 pub fn restore(path: &Path, state: &State, model: &Decoder, opt: &mut AdamW) -> Result<()> {
-    let file = path.join("model.safetensors");
-    let tensors = candle_core::safetensors::load(&file, model.device())
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    for (n, var) in &model.vars {
-        let t = tensors
-            .get(n)
-            .with_context(|| format!("{}: no weight {n}", file.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: {n} has shape {:?}, the model {:?}",
-                file.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(t)?;
-    }
+    load_weights(&path.join("model.safetensors"), model)?;
     opt.load(&path.join("optimizer.safetensors"), state.step)
 }
