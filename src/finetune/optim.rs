@@ -69,9 +69,12 @@ impl AdamW {
     pub fn accumulate(&self, acc: &mut Accumulated, grads: &GradStore) -> Result<()> {
         for (slot, (_, var)) in acc.grads.iter_mut().zip(&self.vars) {
             if let Some(g) = grads.get(var.as_tensor()) {
+                // Detached: a gradient computed from variables carries the backward graph
+                // (and through it every activation of the step); kept, it would leak.
+                let g = g.detach();
                 *slot = Some(match slot.take() {
                     Some(sum) => (sum + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -112,8 +115,8 @@ impl AdamW {
             let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
             let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
             var.set(&(decayed - (update * self.lr)?)?)?;
-            self.first[i] = m;
-            self.second[i] = v;
+            self.first[i] = m.detach();
+            self.second[i] = v.detach();
         }
         Ok(norm)
     }
@@ -210,6 +213,28 @@ mod tests {
             (m[0] - 0.1 * (3.0 / 18f32.sqrt())).abs() < 1e-4,
             "first moment of the clipped gradient: {m:?}"
         );
+    }
+
+    #[test]
+    fn kept_state_holds_no_autograd_graph() {
+        // A gradient that flowed through a variable is itself tracked; the optimizer must
+        // keep only detached values, or every step's graph stays alive.
+        let dev = Device::Cpu;
+        // d(w·x)/dw = x: the stored gradient of w is built from the variable x.
+        let w = Var::from_tensor(&Tensor::new(&[1f32, 2.0], &dev).unwrap()).unwrap();
+        let x = Var::from_tensor(&Tensor::new(&[0.5f32, -1.0], &dev).unwrap()).unwrap();
+        let loss = (w.as_tensor() * x.as_tensor()).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        assert!(
+            grads.get(w.as_tensor()).unwrap().track_op(),
+            "the raw gradient is tracked"
+        );
+        let mut opt = AdamW::new(vec![("w".into(), w.clone())], 0.1, 0.0).unwrap();
+        let mut acc = opt.accumulator();
+        opt.accumulate(&mut acc, &grads).unwrap();
+        assert!(acc.grads.iter().flatten().all(|g| !g.track_op()));
+        opt.step(acc, Some(1.0)).unwrap();
+        assert!(opt.first.iter().chain(&opt.second).all(|t| !t.track_op()));
     }
 
     #[test]

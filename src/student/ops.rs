@@ -191,7 +191,8 @@ impl CustomOp2 for RmsNorm {
                 .sqrt()?
                 .recip()?;
             let gx = (g * x)?.broadcast_mul(&r)?;
-            Some(gx.reshape(((), d))?.sum(0)?)
+            // Detached: built from x, it would otherwise carry the forward graph.
+            Some(gx.reshape(((), d))?.sum(0)?.detach())
         } else {
             None
         };
