@@ -219,8 +219,8 @@ pub struct CurateConfig {
     #[serde(default = "d_true")]
     pub dedup_inputs: bool,
     /// Near-duplicate inputs (MinHash estimate of Jaccard similarity over word shingles at
-    /// or above this) are kept once; 0 switches the rule off. Near-duplicates always share
-    /// a split, kept or not.
+    /// or above this) are kept once, and all of a cluster's rows get the same split; 0
+    /// switches the rule off.
     #[serde(default = "d_near_dup")]
     pub near_dup_threshold: f64,
     /// Words a shingle for near-duplicate detection.
