@@ -156,26 +156,3 @@ pub fn open(
         TeacherKind::Openai => Ok(Box::new(openai::ApiTeacher::open(cfg)?)),
     }
 }
-
-/// Turn per-label log-probabilities into a distribution (softmax over the label set).
-pub fn normalize_logprobs(logprobs: &[f64]) -> Vec<f64> {
-    let max = logprobs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    if !max.is_finite() {
-        return vec![1.0 / logprobs.len() as f64; logprobs.len()];
-    }
-    let exps: Vec<f64> = logprobs.iter().map(|l| (l - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|e| e / sum).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_logprobs_renormalize() {
-        // ln 0.2 and ln 0.6: renormalized over the two labels gives 0.25 / 0.75.
-        let p = normalize_logprobs(&[0.2f64.ln(), 0.6f64.ln()]);
-        assert!((p[0] - 0.25).abs() < 1e-12 && (p[1] - 0.75).abs() < 1e-12);
-    }
-}

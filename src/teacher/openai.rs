@@ -98,11 +98,6 @@ impl ApiTeacher {
             max_in_flight: cfg.max_in_flight.max(1),
         })
     }
-
-    /// The model name requests carry.
-    pub fn model(&self) -> &str {
-        &self.inner.model
-    }
 }
 
 impl Teacher for ApiTeacher {
