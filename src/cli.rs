@@ -27,8 +27,8 @@ pub enum Command {
     Curate(CurateArgs),
     /// Train the student on the curated rows and export it in Hugging Face format.
     Finetune(StageArgs),
-    /// Score the student (before and after) and the teacher on a held-out split.
-    Eval(StageArgs),
+    /// Score the student (before and after) and the teacher on a held-out split or file.
+    Eval(EvalArgs),
     /// All stages from one config, skipping those already done with the same inputs.
     Run(RunArgs),
     /// Print rows of a Parquet file as JSON lines.
@@ -45,6 +45,23 @@ pub struct StageArgs {
     pub print_config: bool,
     #[command(flatten)]
     pub overrides: OverrideArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Score this file (JSONL, Parquet or CSV, [data] field names, with gold) instead of
+    /// the curated split; repeat for several. Sets [eval] files.
+    #[arg(long = "file", value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Where the teacher's answers come from: generated (from generate's rows) or run
+    /// (ask the teacher now). Sets [eval] teacher.
+    #[arg(long, value_parser = ["generated", "run"])]
+    pub teacher: Option<String>,
+    /// Which models to score, comma-separated: student, base, teacher. Sets [eval] models.
+    #[arg(long, value_delimiter = ',', value_parser = ["student", "base", "teacher"])]
+    pub models: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +136,7 @@ impl From<&OverrideArgs> for Overrides {
             teacher_model: a.teacher_model.clone(),
             student_model: a.student_model.clone(),
             max_steps: a.max_steps,
+            ..Default::default()
         }
     }
 }

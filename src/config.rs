@@ -386,15 +386,64 @@ impl Default for FinetuneConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
-    /// The curated split to score.
+    /// The curated split to score (when `files` is empty).
     #[serde(default = "d_eval_split")]
     pub split: String,
+    /// Score these files instead of a curated split: JSONL, Parquet or CSV with the
+    /// `[data]` field names (input and gold). `kdpipe eval --file` sets them too.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+    /// Score only the first N rows (quick checks, benchmarks).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Which models to score: "student" (trained), "base" (the student before training),
+    /// "teacher".
+    #[serde(default = "d_eval_models")]
+    pub models: Vec<EvalModel>,
+    /// Where the teacher's answers come from: "generated" (the rows generate wrote; a
+    /// curated split only, free) or "run" (the teacher answers the rows now, greedy, with
+    /// the step-by-step prompt).
+    #[serde(default = "d_eval_teacher")]
+    pub teacher: TeacherSource,
+    /// How the student answers: "greedy" (decode the label view) or "label_scores" (label
+    /// tasks: the label whose tokens the student finds most likely; never a parse failure).
+    #[serde(default = "d_student_decode")]
+    pub student_decode: StudentDecode,
     /// The label view answers in a few tokens; more only costs time.
     #[serde(default = "d_eval_tokens")]
     pub max_new_tokens: usize,
-    /// Also score the student before training, on the same rows: the "before" column.
-    #[serde(default = "d_true")]
-    pub compare_base: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalModel {
+    Student,
+    Base,
+    Teacher,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherSource {
+    Generated,
+    Run,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentDecode {
+    Greedy,
+    LabelScores,
+}
+
+fn d_eval_models() -> Vec<EvalModel> {
+    vec![EvalModel::Teacher, EvalModel::Base, EvalModel::Student]
+}
+fn d_eval_teacher() -> TeacherSource {
+    TeacherSource::Generated
+}
+fn d_student_decode() -> StudentDecode {
+    StudentDecode::Greedy
 }
 
 impl Default for EvalConfig {
@@ -512,6 +561,9 @@ fn d_eval_tokens() -> usize {
 /// Overrides from the command line; each `None` keeps the file's value.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    pub eval_files: Vec<PathBuf>,
+    pub eval_teacher: Option<TeacherSource>,
+    pub eval_models: Option<Vec<EvalModel>>,
     pub name: Option<String>,
     pub runs_dir: Option<PathBuf>,
     pub limit: Option<usize>,
@@ -549,6 +601,15 @@ impl Config {
         }
         if let Some(v) = overrides.max_steps {
             cfg.finetune.max_steps = Some(v);
+        }
+        if !overrides.eval_files.is_empty() {
+            cfg.eval.files = overrides.eval_files.clone();
+        }
+        if let Some(v) = overrides.eval_teacher {
+            cfg.eval.teacher = v;
+        }
+        if let Some(v) = &overrides.eval_models {
+            cfg.eval.models = v.clone();
         }
         cfg.validate()
             .with_context(|| format!("invalid config {}", path.display()))?;
@@ -595,6 +656,18 @@ impl Config {
                 "[eval] split must be train, val or test, got {:?}",
                 self.eval.split
             );
+        }
+        let e = &self.eval;
+        if e.models.is_empty() {
+            bail!(
+                "[eval] models is empty: name at least one of \"student\", \"base\", \"teacher\""
+            );
+        }
+        if e.student_decode == StudentDecode::LabelScores && self.task.kind != TaskKind::Labels {
+            bail!("[eval] student_decode = \"label_scores\" needs a label task ([task] kind = \"labels\")");
+        }
+        if !e.files.is_empty() && self.data.gold_field.is_none() {
+            bail!("[eval] files need gold answers: set [data] gold_field to the field that holds them");
         }
         Ok(())
     }
@@ -679,7 +752,9 @@ impl Config {
                 json!({"seed": self.seed, "task": self.task, "student": self.student, "finetune": self.finetune})
             }
             _ => {
-                json!({"seed": self.seed, "task": self.task, "student": self.student, "eval": self.eval})
+                let fields = json!({"input": self.data.input_field, "id": self.data.id_field, "gold": self.data.gold_field});
+                json!({"seed": self.seed, "task": self.task, "student": self.student, "eval": self.eval,
+                       "teacher": self.teacher, "fields": fields})
             }
         }
     }

@@ -25,7 +25,11 @@ fn init_logs(verbose: u8) {
 }
 
 fn load(args: &StageArgs) -> anyhow::Result<Option<Config>> {
-    let cfg = Config::resolve(&args.config, &Overrides::from(&args.overrides))?;
+    load_with(args, Overrides::from(&args.overrides))
+}
+
+fn load_with(args: &StageArgs, overrides: Overrides) -> anyhow::Result<Option<Config>> {
+    let cfg = Config::resolve(&args.config, &overrides)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(None);
@@ -66,7 +70,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Eval(a) => {
-            if let Some(cfg) = load(&a)? {
+            let mut overrides = Overrides::from(&a.stage.overrides);
+            overrides.eval_files = a.files;
+            // clap checked the values against the same names serde reads.
+            let named = |v: &str| serde_json::Value::from(v);
+            if let Some(t) = &a.teacher {
+                overrides.eval_teacher = Some(serde_json::from_value(named(t))?);
+            }
+            if !a.models.is_empty() {
+                let list = a.models.iter().map(|m| named(m)).collect();
+                overrides.eval_models = Some(serde_json::from_value(list)?);
+            }
+            if let Some(cfg) = load_with(&a.stage, overrides)? {
                 print!("{}", kdpipe::eval::run(&cfg)?.table());
             }
         }

@@ -140,6 +140,14 @@ impl Task {
         self.normalize(text).0
     }
 
+    /// What a valid answer is, for error messages.
+    pub fn answer_kind(&self) -> String {
+        match self.kind {
+            TaskKind::Numeric => "a number".into(),
+            TaskKind::Labels => format!("one of the labels {:?}", self.labels),
+        }
+    }
+
     /// Whether two normalized answers agree (numeric tolerance, or label equality).
     pub fn agrees(&self, a: &str, b: &str) -> bool {
         match self.kind {

@@ -1,117 +1,305 @@
-//! eval: the student's label view, greedy-decoded on a curated split, scored against gold
-//! next to the teacher's answers on the same rows and the student before training.
+//! eval: score the trained student, the student before training and the teacher on the
+//! same rows (a curated split, or any JSONL / Parquet / CSV file with gold answers), and
+//! write predictions.parquet, report.json and report.md with the models side by side.
+//!
+//! rows (this file) → answers per model (student.rs, teacher.rs) → metrics.rs → report.rs
 
+pub mod metrics;
 mod report;
+mod student;
+mod teacher;
 
-use crate::config::Config;
-use crate::finetune::data::prompt_ids;
+use crate::config::{Config, EvalModel, StudentDecode, TeacherKind, TeacherSource};
 use crate::io::atomic::write_json;
+use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
-use crate::progress::Progress;
-use crate::prompts::{Prompt, LABEL_VIEW};
+use crate::prompts::Prompt;
 use crate::records::CuratedRow;
-use crate::student::{self, LoadedModel};
+use crate::student::{self as student_model, LoadedModel};
 use crate::task::Task;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use metrics::Outcome;
 use polars::prelude::*;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 
-pub use report::Scores;
+pub use report::{ModelScores, Scores};
 
+/// One row to score.
+#[derive(Debug, Clone)]
+pub struct EvalRow {
+    pub id: String,
+    pub input: String,
+    /// Normalized gold answer.
+    pub gold: String,
+    /// The teacher's answer from generate (curated splits only).
+    pub generated: Option<String>,
+}
+
+/// One model's answer to one row.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub text: String,
+    pub answer: Option<String>,
+    pub seconds: f64,
+}
+
+/// One model's answers to all rows, in row order, and the wall time they took.
+pub struct Answers {
+    pub predictions: Vec<Prediction>,
+    pub wall_seconds: f64,
+}
+
+fn split_path(cfg: &Config) -> PathBuf {
+    cfg.stage_dir("curate")
+        .join(format!("{}.parquet", cfg.eval.split))
+}
+
+fn student_dir(cfg: &Config) -> PathBuf {
+    cfg.stage_dir("student")
+}
+
+/// Digests of the files an eval run reads.
 pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
-    let split = cfg
-        .stage_dir("curate")
-        .join(format!("{}.parquet", cfg.eval.split));
-    let weights = cfg.stage_dir("student").join("model.safetensors");
-    Manifest::read(&cfg.stage_dir("finetune"), "finetune")?;
-    Ok(vec![entry(&split, None)?, entry(&weights, None)?])
+    let mut v = if cfg.eval.files.is_empty() {
+        vec![entry(&split_path(cfg), None)?]
+    } else {
+        cfg.eval
+            .files
+            .iter()
+            .map(|f| entry(f, None))
+            .collect::<Result<_>>()?
+    };
+    if cfg.eval.models.contains(&EvalModel::Student) {
+        Manifest::read(&cfg.stage_dir("finetune"), "finetune")?;
+        v.push(entry(&student_dir(cfg).join("model.safetensors"), None)?);
+    }
+    Ok(v)
 }
 
-struct Prediction {
-    text: String,
-    answer: Option<String>,
-    correct: bool,
+/// The rows to score and a short name for where they came from.
+fn eval_rows(cfg: &Config, task: &Task) -> Result<(String, Vec<EvalRow>)> {
+    let mut rows = if cfg.eval.files.is_empty() {
+        split_rows(cfg)?
+    } else {
+        file_rows(cfg, task)?
+    };
+    if let Some(limit) = cfg.eval.limit {
+        rows.truncate(limit);
+    }
+    let source = if cfg.eval.files.is_empty() {
+        format!("{} split", cfg.eval.split)
+    } else {
+        cfg.eval
+            .files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if rows.is_empty() {
+        bail!("{source} has no rows with gold answers to score\nhint: set [data] gold_field, or use more input rows so the split is not empty");
+    }
+    Ok((source, rows))
 }
 
-fn predict_all(
-    name: &str,
-    loaded: &LoadedModel,
-    prompt: &Prompt,
-    task: &Task,
-    rows: &[CuratedRow],
-    max_new: usize,
-) -> Result<(Vec<Prediction>, f64)> {
-    let model = loaded.decoder(&Device::Cpu, |_| false)?;
-    let mut progress = Progress::new(name, rows.len() as u64);
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let ids = prompt_ids(loaded, prompt, LABEL_VIEW, &row.input)?;
-        let gen = model.greedy(&ids, max_new, &[loaded.eos_token_id])?;
-        let text = loaded.decode(&gen)?;
-        let parsed = task.parse_answer_only(&text);
-        let correct = match (&parsed.answer, &row.gold) {
-            (Some(a), Some(g)) => task.agrees(a, g),
-            _ => false,
+/// A curated split: one row per input (the first sample kept), with gold.
+fn split_rows(cfg: &Config) -> Result<Vec<EvalRow>> {
+    let path = split_path(cfg);
+    let mut seen = HashSet::new();
+    Ok(CuratedRow::from_frame(&read_frame(&path)?, &path)?
+        .into_iter()
+        .filter(|r| r.gold.is_some() && seen.insert(r.id.clone()))
+        .map(|r| EvalRow {
+            id: r.id,
+            input: r.input,
+            gold: r.gold.unwrap_or_default(),
+            generated: Some(r.answer),
+        })
+        .collect())
+}
+
+/// Eval files, read through the `[data]` field names; every row needs a valid gold answer.
+fn file_rows(cfg: &Config, task: &Task) -> Result<Vec<EvalRow>> {
+    let mut data = cfg.data.clone();
+    data.inputs = cfg.eval.files.clone();
+    data.limit = cfg.eval.limit;
+    let mut rows = Vec::new();
+    for r in read_inputs(&data)? {
+        let field = data.gold_field.as_deref().unwrap_or("gold");
+        let Some(gold) = r.gold.as_deref() else {
+            bail!(
+                "eval row {:?} has no gold answer in field {field:?}\nhint: every row of an eval file needs one",
+                r.id
+            );
         };
-        progress.inc(gen.len() as u64);
-        out.push(Prediction {
-            text,
-            answer: parsed.answer,
-            correct,
+        let Some(gold) = task.normalize_gold(gold) else {
+            bail!(
+                "eval row {:?}: gold answer {gold:?} in field {field:?} is not {}\nhint: fix the row, or check [task]",
+                r.id,
+                task.answer_kind()
+            );
+        };
+        rows.push(EvalRow {
+            id: r.id,
+            input: r.input,
+            gold,
+            generated: None,
         });
     }
-    let secs = progress.finish();
-    Ok((out, secs))
+    Ok(rows)
 }
 
-pub fn run(cfg: &Config) -> Result<Scores> {
-    let out_dir = cfg.stage_dir("eval");
-    let inputs = input_entries(cfg)?;
-    let task = Task::from_config(&cfg.task);
-    let prompt = Prompt::load(cfg)?;
-    let split_path = cfg
-        .stage_dir("curate")
-        .join(format!("{}.parquet", cfg.eval.split));
-    let rows: Vec<CuratedRow> = CuratedRow::from_frame(&read_frame(&split_path)?, &split_path)?
-        .into_iter()
-        .filter(|r| r.gold.is_some())
-        .collect();
-    if rows.is_empty() {
-        bail!("{} has no rows with gold answers to score\nhint: set [data] gold_field, or use more input rows so the {} split is not empty", split_path.display(), cfg.eval.split);
+/// Size on disk of a model file, or of the weight files in a model folder.
+fn size_on_disk(model: &str) -> Option<u64> {
+    let path = Path::new(model);
+    if path.is_file() {
+        return path.metadata().ok().map(|m| m.len());
     }
-    let device = Device::Cpu;
-    let trained = student::load(&cfg.stage_dir("student").display().to_string(), &device)?;
-    let (after, after_secs) = predict_all(
-        "student",
-        &trained,
-        &prompt,
-        &task,
-        &rows,
+    let entries = std::fs::read_dir(path).ok()?;
+    let total = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            name.ends_with(".safetensors") || name.ends_with(".gguf")
+        })
+        .filter_map(|e| e.metadata().ok().map(|m| m.len()))
+        .sum();
+    Some(total)
+}
+
+fn params_of(loaded: &LoadedModel) -> u64 {
+    loaded.weights.values().map(|t| t.elem_count() as u64).sum()
+}
+
+/// What one scored model contributes: its table row and its prediction columns.
+struct Scored {
+    scores: ModelScores,
+    answers: Answers,
+    correct: Vec<bool>,
+}
+
+fn scored(
+    key: &str,
+    name: &str,
+    model: String,
+    decode: &str,
+    answers: Answers,
+    rows: &[EvalRow],
+    task: &Task,
+    params: Option<u64>,
+) -> Scored {
+    let outcomes: Vec<Outcome> = rows
+        .iter()
+        .zip(&answers.predictions)
+        .map(|(r, p)| Outcome {
+            gold: r.gold.clone(),
+            answer: p.answer.clone(),
+            correct: p.answer.as_deref().is_some_and(|a| task.agrees(a, &r.gold)),
+        })
+        .collect();
+    let correct = outcomes.iter().map(|o| o.correct).collect();
+    let n = rows.len().max(1) as f64;
+    let per_example = answers.wall_seconds / n;
+    let scores = ModelScores {
+        key: key.into(),
+        name: name.into(),
+        size_bytes: size_on_disk(&model),
+        model,
+        decode: decode.into(),
+        metrics: metrics::score(&outcomes, &task.labels),
+        seconds_per_example: per_example,
+        examples_per_second: if per_example > 0.0 {
+            1.0 / per_example
+        } else {
+            0.0
+        },
+        seconds_per_1k: per_example * 1000.0,
+        params,
+    };
+    Scored {
+        scores,
+        answers,
+        correct,
+    }
+}
+
+fn score_student(
+    cfg: &Config,
+    key: &str,
+    model: &str,
+    prompt: &Prompt,
+    task: &Task,
+    rows: &[EvalRow],
+) -> Result<Scored> {
+    let loaded = student_model::load(model, &Device::Cpu)?;
+    let inputs: Vec<&str> = rows.iter().map(|r| r.input.as_str()).collect();
+    let decode = cfg.eval.student_decode;
+    let answers = student::answer(
+        key,
+        &loaded,
+        prompt,
+        task,
+        &inputs,
+        decode,
         cfg.eval.max_new_tokens,
     )?;
-    drop(trained);
-    let before = if cfg.eval.compare_base {
-        let base = student::load(&cfg.student.model, &device)?;
-        Some(
-            predict_all(
-                "base",
-                &base,
-                &prompt,
-                &task,
-                &rows,
-                cfg.eval.max_new_tokens,
-            )?
-            .0,
-        )
+    let name = if key == "base" {
+        "student before"
     } else {
-        None
+        "student after"
     };
-    let teacher_correct: Vec<bool> = rows
-        .iter()
-        .map(|r| r.gold.as_deref().is_some_and(|g| task.agrees(&r.answer, g)))
-        .collect();
+    let decode = match decode {
+        StudentDecode::Greedy => "greedy",
+        StudentDecode::LabelScores => "label_scores",
+    };
+    Ok(scored(
+        key,
+        name,
+        model.to_string(),
+        decode,
+        answers,
+        rows,
+        task,
+        Some(params_of(&loaded)),
+    ))
+}
 
+fn score_teacher(
+    cfg: &Config,
+    prompt: &Prompt,
+    task: &Task,
+    rows: &[EvalRow],
+) -> Result<Option<Scored>> {
+    let (answers, model, decode) = match cfg.eval.teacher {
+        TeacherSource::Run => {
+            let (answers, id) = teacher::run(cfg, prompt, task, rows)?;
+            (answers, id, "run")
+        }
+        TeacherSource::Generated if rows.iter().all(|r| r.generated.is_some()) => (
+            teacher::generated(cfg, rows)?,
+            cfg.teacher.model.clone(),
+            "generated",
+        ),
+        TeacherSource::Generated => {
+            eprintln!("eval: the teacher is not scored: eval files carry no generated answers\nhint: set [eval] teacher = \"run\" (or --teacher run) to have the teacher answer them");
+            return Ok(None);
+        }
+    };
+    let params = match cfg.teacher.kind {
+        TeacherKind::Local if model.to_ascii_lowercase().ends_with(".gguf") => {
+            student_model::gguf::param_count(Path::new(&model)).ok()
+        }
+        _ => None,
+    };
+    Ok(Some(scored(
+        "teacher", "teacher", model, decode, answers, rows, task, params,
+    )))
+}
+
+fn predictions_frame(rows: &[EvalRow], models: &[Scored]) -> Result<DataFrame> {
     let mut cols = vec![
         Column::new(
             "id".into(),
@@ -123,68 +311,82 @@ pub fn run(cfg: &Config) -> Result<Scores> {
         ),
         Column::new(
             "gold".into(),
-            rows.iter().map(|r| r.gold.as_deref()).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "teacher_answer".into(),
-            rows.iter().map(|r| r.answer.as_str()).collect::<Vec<_>>(),
-        ),
-        Column::new("teacher_correct".into(), teacher_correct.clone()),
-        Column::new(
-            "student_text".into(),
-            after.iter().map(|p| p.text.as_str()).collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "student_answer".into(),
-            after
-                .iter()
-                .map(|p| p.answer.as_deref())
-                .collect::<Vec<_>>(),
-        ),
-        Column::new(
-            "student_correct".into(),
-            after.iter().map(|p| p.correct).collect::<Vec<_>>(),
+            rows.iter().map(|r| r.gold.as_str()).collect::<Vec<_>>(),
         ),
     ];
-    if let Some(b) = &before {
+    for m in models {
+        let key = &m.scores.key;
+        let p = &m.answers.predictions;
         cols.push(Column::new(
-            "base_text".into(),
-            b.iter().map(|p| p.text.as_str()).collect::<Vec<_>>(),
+            format!("{key}_text").into(),
+            p.iter().map(|p| p.text.as_str()).collect::<Vec<_>>(),
         ));
         cols.push(Column::new(
-            "base_answer".into(),
-            b.iter().map(|p| p.answer.as_deref()).collect::<Vec<_>>(),
+            format!("{key}_answer").into(),
+            p.iter().map(|p| p.answer.as_deref()).collect::<Vec<_>>(),
         ));
         cols.push(Column::new(
-            "base_correct".into(),
-            b.iter().map(|p| p.correct).collect::<Vec<_>>(),
+            format!("{key}_correct").into(),
+            m.correct.clone(),
+        ));
+        cols.push(Column::new(
+            format!("{key}_seconds").into(),
+            p.iter().map(|p| p.seconds).collect::<Vec<_>>(),
         ));
     }
-    std::fs::create_dir_all(&out_dir)?;
-    let pred_path = out_dir.join("predictions.parquet");
-    write_frame(&pred_path, &mut DataFrame::new_infer_height(cols)?)?;
+    Ok(DataFrame::new_infer_height(cols)?)
+}
 
-    let frac = |v: &[bool]| v.iter().filter(|c| **c).count() as f64 / v.len() as f64;
+pub fn run(cfg: &Config) -> Result<Scores> {
+    let out_dir = cfg.stage_dir("eval");
+    let inputs = input_entries(cfg)?;
+    let task = Task::from_config(&cfg.task);
+    let prompt = Prompt::load(cfg)?;
+    let (source, rows) = eval_rows(cfg, &task)?;
+    eprintln!(
+        "eval: {} rows from {source}; models {:?}",
+        rows.len(),
+        cfg.eval.models
+    );
+
+    let mut models: Vec<Scored> = Vec::new();
+    for which in [EvalModel::Teacher, EvalModel::Base, EvalModel::Student] {
+        if !cfg.eval.models.contains(&which) {
+            continue;
+        }
+        let scored = match which {
+            EvalModel::Teacher => score_teacher(cfg, &prompt, &task, &rows)?,
+            EvalModel::Base => Some(score_student(
+                cfg,
+                "base",
+                &cfg.student.model,
+                &prompt,
+                &task,
+                &rows,
+            )?),
+            EvalModel::Student => {
+                let dir = student_dir(cfg);
+                let dir = dir.to_str().context("student folder path is not UTF-8")?;
+                Some(score_student(cfg, "student", dir, &prompt, &task, &rows)?)
+            }
+        };
+        models.extend(scored);
+    }
+
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let pred_path = out_dir.join("predictions.parquet");
+    write_frame(&pred_path, &mut predictions_frame(&rows, &models)?)?;
     let scores = Scores {
-        split: cfg.eval.split.clone(),
+        source,
         rows: rows.len(),
-        teacher_accuracy: frac(&teacher_correct),
-        student_before_accuracy: before
-            .as_ref()
-            .map(|b| frac(&b.iter().map(|p| p.correct).collect::<Vec<_>>())),
-        student_after_accuracy: frac(&after.iter().map(|p| p.correct).collect::<Vec<_>>()),
-        student_parse_failures: after.iter().filter(|p| p.answer.is_none()).count(),
-        student_seconds_per_example: after_secs / rows.len() as f64,
+        threads: rayon::current_num_threads(),
+        models: models.into_iter().map(|m| m.scores).collect(),
     };
     let report_path = out_dir.join("report.json");
     write_json(&report_path, &scores)?;
     let md_path = out_dir.join("report.md");
-    crate::io::atomic::write_bytes(
-        &md_path,
-        scores
-            .markdown(&cfg.teacher.model, &cfg.student.model)
-            .as_bytes(),
-    )?;
+    crate::io::atomic::write_bytes(&md_path, scores.markdown().as_bytes())?;
 
     let mut m = Manifest::new("eval", config_hash(&cfg.stage_view("eval")), cfg.seed);
     m.inputs = inputs;

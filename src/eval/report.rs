@@ -1,66 +1,154 @@
-//! The eval scores and their human-readable table.
+//! The eval scores, the short table `eval` and `run` print, and report.md with the models
+//! side by side.
 
+use super::metrics::Metrics;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scores {
-    pub split: String,
+    /// What was scored: "split test" or the eval file names.
+    pub source: String,
     pub rows: usize,
-    /// The teacher's answers (from generate, after curation) against gold.
-    pub teacher_accuracy: f64,
-    pub student_before_accuracy: Option<f64>,
-    pub student_after_accuracy: f64,
-    pub student_parse_failures: usize,
-    pub student_seconds_per_example: f64,
+    /// CPU threads the scoring ran with (costs below are wall-clock on them).
+    pub threads: usize,
+    pub models: Vec<ModelScores>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelScores {
+    /// "teacher", "base" or "student".
+    pub key: String,
+    /// What the table calls it: "teacher", "student before", "student after".
+    pub name: String,
+    /// Model file, folder or API model id.
+    pub model: String,
+    /// How the answers were obtained: "greedy", "label_scores", "generated", "run".
+    pub decode: String,
+    #[serde(flatten)]
+    pub metrics: Metrics,
+    /// Mean wall-clock seconds per example, and its inverse.
+    pub seconds_per_example: f64,
+    pub examples_per_second: f64,
+    /// Wall-clock seconds to answer 1,000 examples at that rate: the compute cost.
+    pub seconds_per_1k: f64,
+    /// Parameter count, where the weights are at hand.
+    pub params: Option<u64>,
+    /// Size of the model's weight files on disk.
+    pub size_bytes: Option<u64>,
+}
+
+impl Scores {
+    pub fn model(&self, key: &str) -> Option<&ModelScores> {
+        self.models.iter().find(|m| m.key == key)
+    }
+
+    /// One row per model: accuracy first, then what it cost.
+    pub fn table(&self) -> String {
+        let mut t = format!(
+            "{:<16} {:>9} {:>9} {:>11} {:>10}   ({} rows, {})\n",
+            "model", "accuracy", "macro-F1", "no answer", "s/example", self.rows, self.source
+        );
+        for m in &self.models {
+            t.push_str(&format!(
+                "{:<16} {:>9} {:>9} {:>11} {:>10.2}\n",
+                m.name,
+                pct(m.metrics.accuracy),
+                macro_f1(m),
+                pct(m.metrics.parse_failure_rate),
+                m.seconds_per_example
+            ));
+        }
+        t
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = format!(
+            "# Evaluation: {} ({} rows with gold)\n\nCosts are wall-clock on this machine ({} CPU threads).\n\n",
+            self.source, self.rows, self.threads
+        );
+        md.push_str("| | ");
+        md.push_str(
+            &self
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" | "),
+        );
+        md.push_str(" |\n|---|");
+        md.push_str(&"---:|".repeat(self.models.len()));
+        md.push('\n');
+        let line = |label: &str, f: &dyn Fn(&ModelScores) -> String| {
+            let cells: Vec<String> = self.models.iter().map(f).collect();
+            format!("| {label} | {} |\n", cells.join(" | "))
+        };
+        md.push_str(&line("model", &|m| format!("`{}`", m.model)));
+        md.push_str(&line("answers from", &|m| m.decode.clone()));
+        md.push_str(&line("accuracy", &|m| pct(m.metrics.accuracy)));
+        md.push_str(&line("correct", &|m| {
+            format!("{} / {}", m.metrics.correct, m.metrics.rows)
+        }));
+        if self.models.iter().any(|m| m.metrics.labels.is_some()) {
+            md.push_str(&line("macro-F1", &|m| macro_f1(m)));
+        }
+        md.push_str(&line("no answer parsed", &|m| {
+            format!(
+                "{} ({})",
+                m.metrics.parse_failures,
+                pct(m.metrics.parse_failure_rate)
+            )
+        }));
+        md.push_str(&line("seconds / example", &|m| {
+            format!("{:.2}", m.seconds_per_example)
+        }));
+        md.push_str(&line("examples / second", &|m| {
+            format!("{:.2}", m.examples_per_second)
+        }));
+        md.push_str(&line("compute s / 1,000 examples", &|m| {
+            format!("{:.0}", m.seconds_per_1k)
+        }));
+        md.push_str(&line("parameters", &|m| {
+            m.params
+                .map(|p| format!("{:.0} M", p as f64 / 1e6))
+                .unwrap_or_else(|| "—".into())
+        }));
+        md.push_str(&line("size on disk", &|m| {
+            m.size_bytes
+                .map(|b| format!("{:.0} MB", b as f64 / 1e6))
+                .unwrap_or_else(|| "—".into())
+        }));
+        for m in &self.models {
+            let Some(l) = &m.metrics.labels else { continue };
+            md.push_str(&format!(
+                "\n## {}: per label\n\n| gold \\ answer | {} | no answer | precision | recall | F1 |\n|---|{}---:|---:|---:|---:|\n",
+                m.name,
+                l.per_label.iter().map(|s| s.label.as_str()).collect::<Vec<_>>().join(" | "),
+                "---:|".repeat(l.per_label.len())
+            ));
+            for (s, row) in l.per_label.iter().zip(&l.confusion) {
+                let counts: Vec<String> = row.iter().map(|c| c.to_string()).collect();
+                md.push_str(&format!(
+                    "| {} | {} | {:.2} | {:.2} | {:.2} |\n",
+                    s.label,
+                    counts.join(" | "),
+                    s.precision,
+                    s.recall,
+                    s.f1
+                ));
+            }
+        }
+        md
+    }
 }
 
 fn pct(x: f64) -> String {
     format!("{:.1} %", 100.0 * x)
 }
 
-impl Scores {
-    /// The short table `run` prints: one row per model.
-    pub fn table(&self) -> String {
-        let mut t = format!(
-            "{:<24} {:>9}   ({} rows of the {} split)\n",
-            "model", "accuracy", self.rows, self.split
-        );
-        t.push_str(&format!(
-            "{:<24} {:>9}\n",
-            "teacher",
-            pct(self.teacher_accuracy)
-        ));
-        if let Some(b) = self.student_before_accuracy {
-            t.push_str(&format!("{:<24} {:>9}\n", "student before", pct(b)));
-        }
-        t.push_str(&format!(
-            "{:<24} {:>9}\n",
-            "student after",
-            pct(self.student_after_accuracy)
-        ));
-        t
-    }
-
-    pub fn markdown(&self, teacher: &str, student: &str) -> String {
-        let mut md = format!("# Evaluation on the {} split ({} rows with gold)\n\n| model | accuracy |\n| --- | --- |\n", self.split, self.rows);
-        md.push_str(&format!(
-            "| teacher `{teacher}` | {} |\n",
-            pct(self.teacher_accuracy)
-        ));
-        if let Some(b) = self.student_before_accuracy {
-            md.push_str(&format!(
-                "| student before training `{student}` | {} |\n",
-                pct(b)
-            ));
-        }
-        md.push_str(&format!(
-            "| student after training | {} |\n\n",
-            pct(self.student_after_accuracy)
-        ));
-        md.push_str(&format!(
-            "Student answers that did not parse: {}. Student decoding: {:.2} s per example.\nTeacher accuracy is over the curated rows (parse failures were removed by curate).\n",
-            self.student_parse_failures, self.student_seconds_per_example
-        ));
-        md
-    }
+fn macro_f1(m: &ModelScores) -> String {
+    m.metrics
+        .labels
+        .as_ref()
+        .map(|l| format!("{:.3}", l.macro_f1))
+        .unwrap_or_else(|| "—".into())
 }

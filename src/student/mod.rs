@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-pub use model::Decoder;
+pub use model::{Decoder, KvCache};
 pub use shape::ModelShape;
 
 /// Everything loaded for a student: shape, weights by Hugging Face name, tokenizer and chat

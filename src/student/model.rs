@@ -1,7 +1,9 @@
 //! The training decoder: RMSNorm, RoPE (Hugging Face rotate-half layout), grouped-query
 //! attention with causal and padding masks, SwiGLU; q/k/v bias and tied embeddings as
-//! shape flags. Full-sequence logits, no KV cache. Built only from ops that have a
-//! backward pass: candle's fused softmax / rms_norm / rope drop gradients (STACK-NOTES).
+//! shape flags. `forward` gives full-sequence logits for training, built only from ops that
+//! have a backward pass: candle's fused softmax / rms_norm / rope drop gradients
+//! (STACK-NOTES). `forward_cached` is the inference path (greedy decoding, label scoring):
+//! a KV cache, so each new token costs one position instead of the whole sequence.
 
 use super::ModelShape;
 use crate::config::LoraConfig;
@@ -326,22 +328,145 @@ impl Decoder {
 
     /// Greedy decoding of one prompt, up to `max_new` tokens or `stop`.
     pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
-        let mut ids = prompt.to_vec();
+        let mut cache = KvCache::default();
         let mut out = Vec::new();
+        let mut logits = self.forward_cached(prompt, &mut cache)?;
         for _ in 0..max_new {
-            let n = ids.len();
-            let input = Tensor::from_vec(ids.clone(), (1, n), &self.device)?;
-            let mask = Tensor::ones((1, n), DType::F32, &self.device)?;
-            let logits = self.forward(&input, &mask)?;
-            let last = logits.narrow(1, n - 1, 1)?.flatten_all()?;
-            let next = last.argmax(0)?.to_scalar::<u32>()?;
+            let n = logits.dim(0)?;
+            let next = logits.get(n - 1)?.argmax(0)?.to_scalar::<u32>()?;
             if stop.contains(&next) {
                 break;
             }
-            ids.push(next);
             out.push(next);
+            logits = self.forward_cached(&[next], &mut cache)?;
         }
         Ok(out)
+    }
+
+    /// Logits `[new, vocab]` for `new` token ids that continue the sequence held in
+    /// `cache` (empty: a fresh sequence); their keys and values are appended to it.
+    /// Inference only: no padding, one sequence, no gradients needed.
+    pub fn forward_cached(&self, new: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let s = &self.shape;
+        let (n, past) = (new.len(), cache.len);
+        if n == 0 {
+            anyhow::bail!("forward_cached needs at least one token");
+        }
+        if past + n > self.cos.dim(0)? {
+            anyhow::bail!(
+                "sequence of {} tokens is longer than the model's {} positions",
+                past + n,
+                self.cos.dim(0)?
+            );
+        }
+        cache.layers.resize(s.num_hidden_layers, None);
+        let embed = self.w("model.embed_tokens.weight")?;
+        let ids = Tensor::from_vec(new.to_vec(), n, &self.device)?;
+        let mut x = embed
+            .index_select(&ids, 0)?
+            .reshape((1, n, s.hidden_size))?;
+        for l in 0..s.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let h = rms_norm(
+                &x,
+                self.w(&format!("{p}.input_layernorm.weight"))?,
+                s.rms_norm_eps,
+            )?;
+            x = (x + self.attention_cached(&h, &p, &mut cache.layers[l], past)?)?;
+            let h = rms_norm(
+                &x,
+                self.w(&format!("{p}.post_attention_layernorm.weight"))?,
+                s.rms_norm_eps,
+            )?;
+            x = (x + self.mlp(&h, &p)?)?;
+        }
+        cache.len += n;
+        let x = rms_norm(&x, self.w("model.norm.weight")?, s.rms_norm_eps)?;
+        let head = if s.tie_word_embeddings {
+            embed
+        } else {
+            self.w("lm_head.weight")?
+        };
+        Ok(matmul_t(&x, head)?.reshape((n, s.vocab_size))?)
+    }
+
+    fn attention_cached(
+        &self,
+        x: &Tensor,
+        p: &str,
+        layer: &mut Option<(Tensor, Tensor)>,
+        past: usize,
+    ) -> Result<Tensor> {
+        let s = &self.shape;
+        let (_, n, _) = x.dims3()?;
+        let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
+        let heads = |y: Tensor, h: usize| -> candle_core::Result<Tensor> {
+            y.reshape((1, n, h, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(
+            self.linear(&format!("{p}.self_attn.q_proj"))?.forward(x)?,
+            nh,
+        )?;
+        let k = heads(
+            self.linear(&format!("{p}.self_attn.k_proj"))?.forward(x)?,
+            nkv,
+        )?;
+        let v = heads(
+            self.linear(&format!("{p}.self_attn.v_proj"))?.forward(x)?,
+            nkv,
+        )?;
+        let cos = self.cos.narrow(0, past, n)?;
+        let sin = self.sin.narrow(0, past, n)?;
+        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let (k, v) = match layer.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *layer = Some((k.clone(), v.clone()));
+        let total = past + n;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let q = (q / (hd as f64).sqrt())?;
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        if n > 1 {
+            // New token i sits at position past + i and sees keys up to there.
+            let mut bias = vec![0f32; n * total];
+            for i in 0..n {
+                for j in past + i + 1..total {
+                    bias[i * total + j] = -1e9;
+                }
+            }
+            let bias = Tensor::from_vec(bias, (1, 1, n, total), &self.device)?;
+            scores = scores.broadcast_add(&bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((1, n, nh * hd))?;
+        Ok(self
+            .linear(&format!("{p}.self_attn.o_proj"))?
+            .forward(&out)?)
+    }
+}
+
+/// Keys and values (after RoPE, before they are repeated for grouped-query attention) of
+/// every layer for the tokens a sequence has seen so far.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -478,6 +603,38 @@ mod tests {
                 .unwrap();
             assert!(norm > 0.0, "zero gradient for {name}");
         }
+    }
+
+    #[test]
+    fn cached_forward_matches_the_full_forward() {
+        let s = tiny_shape();
+        let d = Decoder::new(s.clone(), tiny_weights(&s), &Device::Cpu, |_| false).unwrap();
+        let ids = [1u32, 2, 3, 4, 5, 6, 7];
+        let full = d
+            .forward(
+                &Tensor::new(&[ids], &Device::Cpu).unwrap(),
+                &Tensor::ones((1, ids.len()), DType::F32, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        // A 4-token prompt, then one token at a time.
+        let mut cache = KvCache::default();
+        let mut parts = vec![d.forward_cached(&ids[..4], &mut cache).unwrap()];
+        for id in &ids[4..] {
+            parts.push(d.forward_cached(&[*id], &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(), ids.len());
+        let cached = Tensor::cat(&parts, 0).unwrap();
+        let diff = (full - cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "cached logits differ by {diff}");
     }
 
     #[test]
