@@ -13,9 +13,17 @@ KDPIPE_HF_PYTHON="$(./scripts/setup-hf.sh)"
 export KDPIPE_HF_PYTHON
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+# The reliability suites (crash, faults, bad inputs, secrets, storage) leave their counts
+# here; cargo hides a passing test's output.
+counts="${CARGO_TARGET_DIR:-target}/tmp/suite-counts"
+rm -rf "$counts"
 status=0
 cargo test --release --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 passed="$(grep -oE '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')"
 failed="$(grep -oE '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')"
+if [ -d "$counts" ]; then
+  echo "reliability suites:"
+  cat "$counts"/*.txt | sed 's/^/  /'
+fi
 echo "$passed passed, $failed failed"
 exit "$status"

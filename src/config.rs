@@ -48,6 +48,14 @@ pub struct DataConfig {
     /// Use only the first N rows: quick trials before a full run.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// An input longer than this (characters) is an error naming its row, caught before
+    /// any teacher call.
+    #[serde(default = "d_max_input_chars")]
+    pub max_input_chars: usize,
+}
+
+fn d_max_input_chars() -> usize {
+    100_000
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -393,7 +401,8 @@ pub struct EvalConfig {
     /// `[data]` field names (input and gold). `kdpipe eval --file` sets them too.
     #[serde(default)]
     pub files: Vec<PathBuf>,
-    /// Score only the first N rows (quick checks, benchmarks).
+    /// Score only the first N rows (quick checks, benchmarks). Eval files fall back on
+    /// [data] limit when this is unset.
     #[serde(default)]
     pub limit: Option<usize>,
     /// Which models to score: "student" (trained), "base" (the student before training),
@@ -647,6 +656,23 @@ impl Config {
         let f = &self.finetune;
         if f.grad_accum == 0 || f.batch_size == 0 {
             bail!("[finetune] batch_size and grad_accum must be at least 1");
+        }
+        if !(f.learning_rate > 0.0 && f.learning_rate.is_finite()) {
+            bail!(
+                "[finetune] learning_rate must be greater than 0, got {}",
+                f.learning_rate
+            );
+        }
+        if f.max_seq_len < 16 {
+            bail!(
+                "[finetune] max_seq_len must be at least 16 tokens (prompt and reply share it), got {}",
+                f.max_seq_len
+            );
+        }
+        if let Some(l) = &f.lora {
+            if l.rank == 0 || l.alpha <= 0.0 {
+                bail!("[finetune.lora] rank must be at least 1 and alpha greater than 0");
+            }
         }
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
             bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");

@@ -90,9 +90,16 @@ impl Prompt {
             labels: labels.to_vec(),
             hash,
         };
-        prompt
-            .user_turn("check")
+        let probe = "\u{1}input\u{1}";
+        let rendered = prompt
+            .user_turn(probe)
             .with_context(|| format!("{}: the template does not render", path.display()))?;
+        if !rendered.contains(probe) {
+            bail!(
+                "{}: the template below the front matter never shows the input\nhint: put {{{{ input }}}} where the input text goes",
+                path.display()
+            );
+        }
         if kind == TaskKind::Labels {
             for ex in &prompt.examples {
                 if !labels.iter().any(|l| l == &ex.answer) {

@@ -183,9 +183,15 @@ fn every_row_completes_exactly_once_through_faults() {
 
     let counts = proxy.counts.lock().unwrap();
     let faults: usize = counts.faults.values().sum();
-    eprintln!(
-        "fault proxy: {} chat requests, {faults} faults {:?}",
-        counts.chat_requests, counts.faults
+    record_suite(
+        "faults",
+        &format!(
+            "fault suite: {} chat requests, {faults} faults injected ({:.0} %) {:?}, {} rows each written once",
+            counts.chat_requests,
+            100.0 * faults as f64 / counts.chat_requests.max(1) as f64,
+            counts.faults,
+            rows.len()
+        ),
     );
     assert!(
         faults as f64 >= 0.3 * counts.chat_requests as f64,
@@ -498,14 +504,58 @@ fn the_api_key_never_reaches_logs_errors_or_files() {
     );
     assert!(!stderr(&out).contains(wrong));
 
-    let out = run(Some(key));
-    assert!(out.status.success(), "{}", stderr(&out));
-    let mut seen = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr(&out);
+    // Every stage that touches the teacher or its rows, at debug log level: generate,
+    // curate (reports) and eval with the teacher asked again (predictions, reports).
+    let mut seen = String::new();
+    let feelings = root().join("datasets/feelings.jsonl");
+    let stages: [&[&str]; 3] = [
+        &["generate"],
+        &["curate"],
+        &[
+            "eval",
+            "--models",
+            "teacher",
+            "--teacher",
+            "run",
+            "--file",
+            feelings.to_str().unwrap(),
+        ],
+    ];
+    let mut commands = 0;
+    for args in stages {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kdpipe"));
+        cmd.arg("-vv")
+            .arg(args[0])
+            .args(["--config", "c.toml"])
+            .args(&args[1..]);
+        let out = cmd
+            .current_dir(dir.path())
+            .env("KDPIPE_TEST_KEY", key)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        seen.push_str(&String::from_utf8_lossy(&out.stdout));
+        seen.push_str(&stderr(&out));
+        commands += 1;
+    }
+    let mut files = 0;
     for f in all_files(dir.path()) {
         seen.push_str(&String::from_utf8_lossy(&std::fs::read(&f).unwrap()));
+        // Parquet is compressed: read its values, not its bytes.
+        if f.extension().is_some_and(|e| e == "parquet") {
+            let df = kdpipe::io::parquet::read_frame(&f).unwrap();
+            for row in kdpipe::io::parquet::rows_as_json(&df, usize::MAX).unwrap() {
+                seen.push_str(&row.to_string());
+            }
+        }
+        files += 1;
     }
     assert!(!seen.contains(key), "the key was written somewhere");
     assert_eq!(teacher_rows(dir.path(), TEACHER_FILE).len(), 2);
+    record_suite(
+        "secrets",
+        &format!("secrets: {commands} commands at debug log level and {files} files they wrote (Parquet values decoded) hold no trace of the key"),
+    );
 }
 
 #[test]

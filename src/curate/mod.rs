@@ -8,9 +8,9 @@ pub mod rules;
 pub mod text;
 
 use crate::config::{Config, DataConfig};
-use crate::io::atomic::{write_bytes, write_json};
+use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
-use crate::io::manifest::{config_hash, entry, manifest_path, FileEntry, Manifest};
+use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::{complete_teacher_files, Shard};
 use crate::records::{TeacherRow, CURATED_COLUMNS};
@@ -57,6 +57,7 @@ fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
             input_field: field.clone(),
             gold_field: None,
             limit: None,
+            max_input_chars: usize::MAX,
         };
         let rows = read_inputs(&data).with_context(|| {
             format!(
@@ -111,16 +112,11 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let task = Task::from_config(&cfg.task);
     let (files, all) = teacher_rows(cfg)?;
     let contamination = contamination(cfg)?;
-    // A folder being rewritten must not look finished: its manifest goes first.
-    let manifest = manifest_path(&out_dir);
-    if manifest.exists() {
-        std::fs::remove_file(&manifest)
-            .with_context(|| format!("cannot remove {}", manifest.display()))?;
-    }
     let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed, contamination.as_ref())?;
 
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    // Written beside the earlier output, which stays complete until the swap.
+    let staged = StagedDir::begin(&out_dir)?;
+    let dir = staged.path();
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
     for split in SPLITS {
@@ -131,20 +127,20 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             .filter(col("split").eq(lit(split)))
             .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
             .collect()?;
-        let path = out_dir.join(format!("{split}.parquet"));
+        let path = dir.join(format!("{split}.parquet"));
         write_frame(&path, &mut part)?;
         split_rows.insert(split.to_string(), part.height().into());
-        outputs.push(entry(&path, Some(part.height()))?);
+        outputs.push(staged_entry(&staged, &path, Some(part.height()))?);
     }
     let summary = report::summary(&outcome, &split_rows)?;
-    let report_path = out_dir.join("report.json");
+    let report_path = dir.join("report.json");
     write_json(&report_path, &summary)?;
-    let md_path = out_dir.join("report.md");
+    let md_path = dir.join("report.md");
     write_bytes(&md_path, report::markdown(&summary).as_bytes())?;
-    let svg_path = out_dir.join("funnel.svg");
+    let svg_path = dir.join("funnel.svg");
     write_bytes(&svg_path, report::funnel_svg(&summary).as_bytes())?;
     for p in [&report_path, &md_path, &svg_path] {
-        outputs.push(entry(p, None)?);
+        outputs.push(staged_entry(&staged, p, None)?);
     }
 
     let mut m = Manifest::new("curate", config_hash(&cfg.stage_view("curate")), cfg.seed);
@@ -155,7 +151,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         .collect::<Result<_>>()?;
     m.outputs = outputs;
     m.summary = summary;
-    m.write(&out_dir)?;
+    m.write(dir)?;
+    staged.commit()?;
     eprintln!(
         "curate: {} rows in, {} out {} in {:.1} s → {}",
         outcome.rows_in,

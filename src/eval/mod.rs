@@ -10,9 +10,9 @@ mod student;
 mod teacher;
 
 use crate::config::{Config, EvalModel, StudentDecode, TeacherKind, TeacherSource};
-use crate::io::atomic::write_json;
+use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
-use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
+use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::prompts::Prompt;
 use crate::records::CuratedRow;
@@ -125,7 +125,8 @@ fn split_rows(cfg: &Config) -> Result<Vec<EvalRow>> {
 fn file_rows(cfg: &Config, task: &Task) -> Result<Vec<EvalRow>> {
     let mut data = cfg.data.clone();
     data.inputs = cfg.eval.files.clone();
-    data.limit = cfg.eval.limit;
+    // [eval] limit, else [data] limit: a quick trial stays quick on eval files too.
+    data.limit = cfg.eval.limit.or(cfg.data.limit);
     let mut rows = Vec::new();
     for r in read_inputs(&data)? {
         let field = data.gold_field.as_deref().unwrap_or("gold");
@@ -181,16 +182,16 @@ struct Scored {
     correct: Vec<bool>,
 }
 
-fn scored(
-    key: &str,
-    name: &str,
+/// Which model a set of answers belongs to, as the report names it.
+struct Who<'a> {
+    key: &'a str,
+    name: &'a str,
     model: String,
-    decode: &str,
-    answers: Answers,
-    rows: &[EvalRow],
-    task: &Task,
+    decode: &'a str,
     params: Option<u64>,
-) -> Scored {
+}
+
+fn scored(who: Who, answers: Answers, rows: &[EvalRow], task: &Task) -> Scored {
     let outcomes: Vec<Outcome> = rows
         .iter()
         .zip(&answers.predictions)
@@ -204,11 +205,11 @@ fn scored(
     let n = rows.len().max(1) as f64;
     let per_example = answers.wall_seconds / n;
     let scores = ModelScores {
-        key: key.into(),
-        name: name.into(),
-        size_bytes: size_on_disk(&model),
-        model,
-        decode: decode.into(),
+        key: who.key.into(),
+        name: who.name.into(),
+        size_bytes: size_on_disk(&who.model),
+        model: who.model,
+        decode: who.decode.into(),
         metrics: metrics::score(&outcomes, &task.labels),
         seconds_per_example: per_example,
         examples_per_second: if per_example > 0.0 {
@@ -217,7 +218,7 @@ fn scored(
             0.0
         },
         seconds_per_1k: per_example * 1000.0,
-        params,
+        params: who.params,
     };
     Scored {
         scores,
@@ -255,16 +256,14 @@ fn score_student(
         StudentDecode::Greedy => "greedy",
         StudentDecode::LabelScores => "label_scores",
     };
-    Ok(scored(
+    let who = Who {
         key,
         name,
-        model.to_string(),
+        model: model.to_string(),
         decode,
-        answers,
-        rows,
-        task,
-        Some(params_of(&loaded)),
-    ))
+        params: Some(params_of(&loaded)),
+    };
+    Ok(scored(who, answers, rows, task))
 }
 
 fn score_teacher(
@@ -294,9 +293,14 @@ fn score_teacher(
         }
         _ => None,
     };
-    Ok(Some(scored(
-        "teacher", "teacher", model, decode, answers, rows, task, params,
-    )))
+    let who = Who {
+        key: "teacher",
+        name: "teacher",
+        model,
+        decode,
+        params,
+    };
+    Ok(Some(scored(who, answers, rows, task)))
 }
 
 fn predictions_frame(rows: &[EvalRow], models: &[Scored]) -> Result<DataFrame> {
@@ -373,9 +377,10 @@ pub fn run(cfg: &Config) -> Result<Scores> {
         models.extend(scored);
     }
 
-    std::fs::create_dir_all(&out_dir)
-        .with_context(|| format!("cannot create {}", out_dir.display()))?;
-    let pred_path = out_dir.join("predictions.parquet");
+    // Written beside the earlier output, which stays complete until the swap.
+    let staged = StagedDir::begin(&out_dir)?;
+    let dir = staged.path();
+    let pred_path = dir.join("predictions.parquet");
     write_frame(&pred_path, &mut predictions_frame(&rows, &models)?)?;
     let scores = Scores {
         source,
@@ -383,19 +388,20 @@ pub fn run(cfg: &Config) -> Result<Scores> {
         threads: rayon::current_num_threads(),
         models: models.into_iter().map(|m| m.scores).collect(),
     };
-    let report_path = out_dir.join("report.json");
+    let report_path = dir.join("report.json");
     write_json(&report_path, &scores)?;
-    let md_path = out_dir.join("report.md");
-    crate::io::atomic::write_bytes(&md_path, scores.markdown().as_bytes())?;
+    let md_path = dir.join("report.md");
+    write_bytes(&md_path, scores.markdown().as_bytes())?;
 
     let mut m = Manifest::new("eval", config_hash(&cfg.stage_view("eval")), cfg.seed);
     m.inputs = inputs;
     m.outputs = vec![
-        entry(&pred_path, Some(rows.len()))?,
-        entry(&report_path, None)?,
-        entry(&md_path, None)?,
+        staged_entry(&staged, &pred_path, Some(rows.len()))?,
+        staged_entry(&staged, &report_path, None)?,
+        staged_entry(&staged, &md_path, None)?,
     ];
     m.summary = serde_json::to_value(&scores)?;
-    m.write(&out_dir)?;
+    m.write(dir)?;
+    staged.commit()?;
     Ok(scores)
 }

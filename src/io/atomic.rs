@@ -39,7 +39,138 @@ where
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result.map_err(|e| with_storage_hint(e, path))
+}
+
+/// A disk that is full or mounted read-only is the user's to fix: say so, and where.
+pub fn with_storage_hint(err: anyhow::Error, path: &Path) -> anyhow::Error {
+    use std::io::ErrorKind;
+    // Libraries (Polars, safetensors) pass the I/O error on as text: read both.
+    let text = format!("{err:#}");
+    let kind = err
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(|e| e.kind())
+        .or_else(|| {
+            if text.contains("(os error 28)") || text.contains("(os error 122)") {
+                Some(ErrorKind::StorageFull)
+            } else if text.contains("(os error 30)") {
+                Some(ErrorKind::ReadOnlyFilesystem)
+            } else {
+                None
+            }
+        });
+    let folder = path.parent().unwrap_or(path).display();
+    match kind {
+        Some(ErrorKind::StorageFull) | Some(ErrorKind::QuotaExceeded) => err.context(format!(
+            "the disk holding {folder} is full; nothing earlier was changed\nhint: free space there, or set runs_dir to a disk with room, then run the same command again"
+        )),
+        Some(ErrorKind::ReadOnlyFilesystem) | Some(ErrorKind::PermissionDenied) => {
+            err.context(format!(
+                "{folder} cannot be written (read-only or no permission); nothing earlier was changed\nhint: make it writable, or set runs_dir to a writable folder"
+            ))
+        }
+        _ => err,
+    }
+}
+
+/// A folder of outputs replaced as a whole. Files are written into a staging folder beside
+/// the target; `commit` moves the finished folder into place. Until then the earlier
+/// folder is untouched, so a failure anywhere (a full disk, a crash) leaves the earlier
+/// complete output as it was. A staging folder left by a crash is removed by the next run.
+pub struct StagedDir {
+    target: PathBuf,
+    staging: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    pub fn begin(target: &Path) -> Result<StagedDir> {
+        let parent = target.parent().unwrap_or(Path::new("."));
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        std::fs::create_dir_all(parent)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| remove_stale(parent, &name))
+            .map_err(|e| with_storage_hint(e, target))
+            .with_context(|| format!("cannot prepare {}", parent.display()))?;
+        let staging = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        std::fs::create_dir_all(&staging)
+            .with_context(|| format!("cannot create {}", staging.display()))
+            .map_err(|e| with_storage_hint(e, target))?;
+        Ok(StagedDir {
+            target: target.to_path_buf(),
+            staging,
+            committed: false,
+        })
+    }
+
+    /// Where the outputs are written.
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    /// A staged file's path as it will be once committed (for manifests).
+    pub fn final_path(&self, staged: &Path) -> PathBuf {
+        match staged.strip_prefix(&self.staging) {
+            Ok(rel) => self.target.join(rel),
+            Err(_) => staged.to_path_buf(),
+        }
+    }
+
+    /// Move the staged folder into place. The earlier folder is renamed aside first and
+    /// removed after; a crash between the two renames leaves no folder under the target
+    /// name (the stage reads as not run) and never a mix of old and new files.
+    pub fn commit(mut self) -> Result<()> {
+        let parent = self.target.parent().unwrap_or(Path::new("."));
+        let name = self
+            .target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        if self.target.exists() {
+            std::fs::rename(&self.target, &old)
+                .with_context(|| format!("cannot move {} aside", self.target.display()))?;
+        }
+        std::fs::rename(&self.staging, &self.target).with_context(|| {
+            format!(
+                "cannot move {} to {}",
+                self.staging.display(),
+                self.target.display()
+            )
+        })?;
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Staging and set-aside folders of `name` left by killed runs. A run killed between the
+/// two renames of `commit` left the earlier complete folder aside: it goes back in place.
+fn remove_stale(parent: &Path, name: &str) -> Result<()> {
+    let (staging, old) = (format!(".{name}.staging-"), format!(".{name}.old-"));
+    let target = parent.join(name);
+    for e in std::fs::read_dir(parent)? {
+        let e = e?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&old) && !target.exists() {
+            std::fs::rename(e.path(), &target)?;
+        } else if n.starts_with(&staging) || n.starts_with(&old) {
+            std::fs::remove_dir_all(e.path())?;
+        }
+    }
+    Ok(())
 }
 
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -80,6 +211,42 @@ pub fn text_sha256(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_folder_replaces_the_old_one_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("curate");
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("a.txt"), "old").unwrap();
+        // Dropped without commit: the old folder is untouched, no staging folder stays.
+        {
+            let staged = StagedDir::begin(&target).unwrap();
+            std::fs::write(staged.path().join("a.txt"), "half").unwrap();
+        }
+        assert_eq!(
+            std::fs::read_to_string(target.join("a.txt")).unwrap(),
+            "old"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let staged = StagedDir::begin(&target).unwrap();
+        let file = staged.path().join("b.txt");
+        std::fs::write(&file, "new").unwrap();
+        assert_eq!(staged.final_path(&file), target.join("b.txt"));
+        staged.commit().unwrap();
+        assert!(!target.join("a.txt").exists());
+        assert_eq!(
+            std::fs::read_to_string(target.join("b.txt")).unwrap(),
+            "new"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // A run killed between the renames left the old folder aside: it comes back.
+        std::fs::rename(&target, dir.path().join(".curate.old-1")).unwrap();
+        drop(StagedDir::begin(&target).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(target.join("b.txt")).unwrap(),
+            "new"
+        );
+    }
 
     #[test]
     fn failed_write_leaves_old_file_and_no_temp() {

@@ -87,6 +87,9 @@ fn read_jsonl(path: &Path, cfg: &DataConfig) -> Result<Vec<(InputRow, String)>> 
         let obj: serde_json::Value = serde_json::from_str(&line).with_context(|| {
             format!("{place}: malformed JSON line\nhint: each line must be one JSON object")
         })?;
+        if !obj.is_object() {
+            bail!("{place}: the line is not a JSON object\nhint: each line must be one JSON object with the [data] fields");
+        }
         let get = |field: &str| -> Result<Option<String>> {
             match obj.get(field) {
                 None | Some(serde_json::Value::Null) => Ok(None),
@@ -108,9 +111,30 @@ fn read_jsonl(path: &Path, cfg: &DataConfig) -> Result<Vec<(InputRow, String)>> 
             })?),
             None => None,
         };
+        check_input(&input, &place, cfg)?;
         out.push((InputRow { id, input, gold }, place));
     }
     Ok(out)
+}
+
+/// An input must hold text, and not more than the configured bound: one runaway row would
+/// otherwise fail late, at the teacher, after hours of work on the others.
+fn check_input(input: &str, place: &str, cfg: &DataConfig) -> Result<()> {
+    if input.trim().is_empty() {
+        bail!(
+            "{place}: field {:?} is empty\nhint: remove the row, or point [data] input_field at the field with the text",
+            cfg.input_field
+        );
+    }
+    let chars = input.chars().count();
+    if chars > cfg.max_input_chars {
+        bail!(
+            "{place}: field {:?} holds {chars} characters, more than [data] max_input_chars = {}\nhint: shorten or drop the row, or raise max_input_chars if the teacher's context can hold it",
+            cfg.input_field,
+            cfg.max_input_chars
+        );
+    }
+    Ok(())
 }
 
 fn read_table(path: &Path, cfg: &DataConfig, ext: &str) -> Result<Vec<(InputRow, String)>> {
@@ -169,6 +193,7 @@ fn read_table(path: &Path, cfg: &DataConfig, ext: &str) -> Result<Vec<(InputRow,
             ),
             None => None,
         };
+        check_input(&input, &place, cfg)?;
         out.push((InputRow { id, input, gold }, place));
     }
     Ok(out)
@@ -185,6 +210,7 @@ mod tests {
             input_field: "question".into(),
             gold_field: Some("answer".into()),
             limit,
+            max_input_chars: 1000,
         }
     }
 

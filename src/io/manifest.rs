@@ -2,7 +2,7 @@
 //! place. A folder without one is incomplete. `run` skips a stage whose manifest has the
 //! same config hash and input digests.
 
-use super::atomic::{file_sha256, text_sha256, write_json};
+use super::atomic::{file_sha256, text_sha256, write_json, StagedDir};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -41,6 +41,13 @@ pub fn entry(path: &Path, rows: Option<usize>) -> Result<FileEntry> {
         sha256: file_sha256(path)?,
         rows,
     })
+}
+
+/// The entry of a file written into a staging folder, recorded under its final path.
+pub fn staged_entry(staged: &StagedDir, path: &Path, rows: Option<usize>) -> Result<FileEntry> {
+    let mut e = entry(path, rows)?;
+    e.path = staged.final_path(path).display().to_string();
+    Ok(e)
 }
 
 pub fn manifest_path(stage_dir: &Path) -> PathBuf {
@@ -87,16 +94,23 @@ impl Manifest {
         }
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
-        let m: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a valid manifest", path.display()))?;
-        if m.schema_version != SCHEMA_VERSION {
+        let broken = || {
+            format!(
+                "{} is not a valid manifest (a crash mid-write, or edited by hand)\nhint: re-run kdpipe {stage} --config …",
+                path.display()
+            )
+        };
+        // The version first: a newer kdpipe's manifest may have fields this one lacks.
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(broken)?;
+        let version = value.get("schema_version").and_then(|v| v.as_u64());
+        if version.is_some_and(|v| v != u64::from(SCHEMA_VERSION)) {
             bail!(
                 "{} has schema version {}, this kdpipe reads {SCHEMA_VERSION}\nhint: re-run kdpipe {stage} --config …",
                 path.display(),
-                m.schema_version
+                version.unwrap_or_default()
             );
         }
-        Ok(m)
+        serde_json::from_value(value).with_context(broken)
     }
 
     /// Whether this finished stage was made from the same config and the same inputs, and

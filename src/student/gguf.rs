@@ -146,6 +146,20 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
+/// Parameters of a GGUF model, from its tensor table (no weights read).
+pub fn param_count(path: &Path) -> Result<u64> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    Ok(content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() as u64)
+        .sum())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,18 +198,4 @@ mod tests {
         let back = unpermute(&gguf, n_head).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
     }
-}
-
-/// Parameters of a GGUF model, from its tensor table (no weights read).
-pub fn param_count(path: &Path) -> Result<u64> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-    Ok(content
-        .tensor_infos
-        .values()
-        .map(|t| t.shape.elem_count() as u64)
-        .sum())
 }

@@ -10,7 +10,7 @@ pub mod shape;
 pub mod tokenizer;
 
 use crate::chat::ChatTemplate;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -44,6 +44,12 @@ pub fn load(model: &str, device: &Device) -> Result<LoadedModel> {
     } else {
         bail!("student model {model} is neither a .gguf file nor a folder with config.json\nhint: run scripts/fetch-models.sh, or point [student] model at a local model")
     }
+    .and_then(|loaded| {
+        model::check_weights(&loaded.shape, &loaded.weights).with_context(|| {
+            format!("student model {model}: the weights do not match the model's config\nhint: the download may be incomplete, or config.json belongs to another model")
+        })?;
+        Ok(loaded)
+    })
 }
 
 impl LoadedModel {

@@ -107,7 +107,7 @@ impl Decoder {
             sin,
             device: device.clone(),
         };
-        d.check_weights()?;
+        check_weights(&d.shape, &d.weights)?;
         Ok(d)
     }
 
@@ -176,44 +176,7 @@ impl Decoder {
     fn w(&self, name: &str) -> Result<&Tensor> {
         self.weights
             .get(name)
-            .with_context(|| format!("student weights lack {name}"))
-    }
-
-    fn check_weights(&self) -> Result<()> {
-        let s = &self.shape;
-        let (h, kv) = (s.hidden_size, s.num_key_value_heads * s.head_dim());
-        let check_shape = |name: &str, dims: &[usize]| -> Result<()> {
-            let got = self.w(name)?.dims().to_vec();
-            anyhow::ensure!(
-                got == dims,
-                "student weight {name} has shape {got:?}, the config says {dims:?}"
-            );
-            Ok(())
-        };
-        check_shape("model.embed_tokens.weight", &[s.vocab_size, h])?;
-        for l in 0..s.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            check_shape(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
-            check_shape(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
-            check_shape(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
-            check_shape(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
-            check_shape(
-                &format!("{p}.mlp.gate_proj.weight"),
-                &[s.intermediate_size, h],
-            )?;
-            check_shape(
-                &format!("{p}.mlp.up_proj.weight"),
-                &[s.intermediate_size, h],
-            )?;
-            check_shape(
-                &format!("{p}.mlp.down_proj.weight"),
-                &[h, s.intermediate_size],
-            )?;
-        }
-        if !s.tie_word_embeddings {
-            check_shape("lm_head.weight", &[s.vocab_size, h])?;
-        }
-        Ok(())
+            .with_context(|| format!("student weights lack {name} (missing tensor)"))
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
@@ -468,6 +431,47 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// Every weight the decoder reads is there with the shape the config implies.
+pub fn check_weights(s: &ModelShape, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    let (h, kv) = (s.hidden_size, s.num_key_value_heads * s.head_dim());
+    let check_shape = |name: &str, dims: &[usize]| -> Result<()> {
+        let got = weights
+            .get(name)
+            .with_context(|| format!("student weights lack {name} (missing tensor)"))?
+            .dims()
+            .to_vec();
+        anyhow::ensure!(
+            got == dims,
+            "student weight {name} has shape {got:?}, the config says {dims:?}"
+        );
+        Ok(())
+    };
+    check_shape("model.embed_tokens.weight", &[s.vocab_size, h])?;
+    for l in 0..s.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        check_shape(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
+        check_shape(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
+        check_shape(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
+        check_shape(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
+        check_shape(
+            &format!("{p}.mlp.gate_proj.weight"),
+            &[s.intermediate_size, h],
+        )?;
+        check_shape(
+            &format!("{p}.mlp.up_proj.weight"),
+            &[s.intermediate_size, h],
+        )?;
+        check_shape(
+            &format!("{p}.mlp.down_proj.weight"),
+            &[h, s.intermediate_size],
+        )?;
+    }
+    if !s.tie_word_embeddings {
+        check_shape("lm_head.weight", &[s.vocab_size, h])?;
+    }
+    Ok(())
 }
 
 /// cos / sin tables `[max_pos, head_dim / 2]` for rotate-half RoPE.

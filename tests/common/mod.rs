@@ -58,3 +58,49 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
 
 pub mod fault_proxy;
 pub mod server;
+pub mod training;
+
+/// Record a suite's counts: printed on stderr and kept under the target folder, where
+/// scripts/test.sh prints them after the run (cargo hides a passing test's output).
+pub fn record_suite(name: &str, line: &str) {
+    eprintln!("{line}");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("suite-counts");
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(dir.join(format!("{name}.txt")), format!("{line}\n"));
+}
+
+/// A parsed teacher row with the given text, for tests that need a generate folder.
+pub fn ok_teacher_row(
+    id: &str,
+    input: &str,
+    rationale: &str,
+    answer: &str,
+) -> kdpipe::records::TeacherRow {
+    kdpipe::records::TeacherRow {
+        id: id.into(),
+        sample: 0,
+        input: input.into(),
+        gold: Some(answer.into()),
+        raw: format!("{rationale}\nAnswer: {answer}"),
+        rationale: Some(rationale.into()),
+        answer: Some(answer.into()),
+        status: "ok".into(),
+        soft_kind: "none".into(),
+        soft_labels: vec![],
+        soft_probs: vec![],
+        soft_coverage: None,
+        tokens: Default::default(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        finish_reason: "stop".into(),
+        latency_ms: 1.0,
+        backend: "local".into(),
+        teacher: "t".into(),
+        prompt_name: "numeric".into(),
+        prompt_hash: "h".into(),
+        temperature: 0.0,
+        max_tokens: 8,
+        seed: None,
+        created_unix_ms: 0,
+    }
+}

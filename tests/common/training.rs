@@ -1,0 +1,94 @@
+//! A finished curate folder of the feelings task and a small finetune config on the real
+//! SmolLM2 student, shared by the finetune and crash suites.
+
+use super::{root, smollm2};
+use polars::prelude::*;
+use std::path::Path;
+
+pub const LABELS: [&str; 4] = ["anger", "joy", "optimism", "sadness"];
+
+/// A finished curate folder with `n` train rows and 2 val rows of the feelings task, each
+/// with a label-set soft label.
+pub fn curated(dir: &Path, n: usize) {
+    let text = std::fs::read_to_string(root().join("datasets/feelings.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .take(n + 2)
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let cur = dir.join("runs/t/curate");
+    std::fs::create_dir_all(&cur).unwrap();
+    let mut m = kdpipe::io::manifest::Manifest::new("curate", "x".into(), 0);
+    for (split, part) in [("train", &rows[..n]), ("val", &rows[n..])] {
+        let s = |k: &str| {
+            part.iter()
+                .map(|r| r[k].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let labels: Vec<Series> = part
+            .iter()
+            .map(|_| Series::new("".into(), LABELS))
+            .collect();
+        let probs: Vec<Series> = part
+            .iter()
+            .map(|r| {
+                let gold = r["label"].as_str().unwrap();
+                let p: Vec<f64> = LABELS
+                    .iter()
+                    .map(|l| if *l == gold { 0.7 } else { 0.1 })
+                    .collect();
+                Series::new("".into(), p)
+            })
+            .collect();
+        let k = part.len();
+        let mut df = DataFrame::new_infer_height(vec![
+            Column::new("id".into(), s("id")),
+            Column::new("sample".into(), vec![0u32; k]),
+            Column::new("input".into(), s("text")),
+            Column::new("gold".into(), s("label")),
+            Column::new("rationale".into(), vec!["The words show the feeling."; k]),
+            Column::new("answer".into(), s("label")),
+            Column::new("soft_kind".into(), vec!["label_scores"; k]),
+            Column::new("soft_labels".into(), labels),
+            Column::new("soft_probs".into(), probs),
+            Column::new("agreement".into(), vec![None::<f64>; k]),
+            Column::new("agrees_with_gold".into(), vec![Some(true); k]),
+        ])
+        .unwrap();
+        let path = cur.join(format!("{split}.parquet"));
+        kdpipe::io::parquet::write_frame(&path, &mut df).unwrap();
+        m.outputs
+            .push(kdpipe::io::manifest::entry(&path, Some(k)).unwrap());
+    }
+    m.write(&cur).unwrap();
+}
+
+pub fn config(dir: &Path, extra: &str) {
+    let text = format!(
+        r#"name = "t"
+seed = 4
+[data]
+inputs = ["unused.jsonl"]
+input_field = "text"
+[task]
+kind = "labels"
+labels = ["anger", "joy", "optimism", "sadness"]
+description = "What emotion does the post express?"
+prompt = "{prompts}/labels.md"
+[teacher]
+model = "unused.gguf"
+[student]
+model = "{model}"
+[finetune]
+max_steps = 6
+batch_size = 2
+max_seq_len = 96
+learning_rate = 1e-4
+checkpoint_every = 2
+{extra}
+"#,
+        prompts = root().join("prompts").display(),
+        model = smollm2().display()
+    );
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+}

@@ -1,0 +1,282 @@
+//! Crash suite: generate, curate and finetune are killed with SIGKILL at seeded random
+//! moments, then rerun with the same command. Every final output must equal an
+//! uninterrupted run's (rows by key, model weights to float tolerance), nothing may be
+//! doubled, and at every kill the folder must hold no file a reader would accept that is
+//! not complete: a manifest only when its outputs match their recorded digests, and every
+//! Parquet file in place readable.
+
+mod common;
+use common::training;
+use common::*;
+use kdpipe::io::manifest::Manifest;
+use kdpipe::records::TeacherRow;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kill points per stage: 8 × 3 = 24.
+const KILLS: usize = 8;
+
+/// Run `args` in `dir`, SIGKILL it after `delay` (if still running); true if it was killed.
+fn kill_after(args: &[&str], dir: &Path, delay: Duration) -> bool {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
+        .args(args)
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + delay;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    true
+}
+
+fn timed(args: &[&str], dir: &Path) -> Duration {
+    let t = Instant::now();
+    let out = kdpipe(args, dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    t.elapsed()
+}
+
+/// What a reader may see after a kill: a manifest only over complete outputs, and only
+/// readable Parquet files under their final names (temp files are `.tmp-*`).
+/// Manifest paths are relative to the folder the command ran in, `cwd`.
+fn assert_no_half_written_file(cwd: &Path, stage: &str, point: usize) {
+    let stage_dir = cwd.join("runs/t").join(stage);
+    if !stage_dir.exists() {
+        return;
+    }
+    for f in all_files(&stage_dir) {
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".parquet") && !name.contains(".tmp-") {
+            assert!(
+                kdpipe::io::parquet::read_frame(&f).is_ok(),
+                "kill {point}: {} is half-written",
+                f.display()
+            );
+        }
+        if name == "manifest.json" {
+            let m: Manifest = serde_json::from_str(&std::fs::read_to_string(&f).unwrap())
+                .unwrap_or_else(|e| panic!("kill {point}: {} unreadable: {e}", f.display()));
+            for o in &m.outputs {
+                let now = kdpipe::io::manifest::entry(&cwd.join(&o.path), None)
+                    .unwrap_or_else(|_| panic!("kill {point}: {} listed, missing", o.path));
+                assert_eq!(now.sha256, o.sha256, "kill {point}: {} changed", o.path);
+            }
+        }
+    }
+}
+
+/// Seeded kill delays spread over the span of an uninterrupted run.
+fn delays(seed: u64, span: Duration) -> Vec<Duration> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..KILLS)
+        .map(|_| span.mul_f64(rng.random_range(0.05..0.85)))
+        .collect()
+}
+
+fn teacher_rows(dir: &Path) -> Vec<TeacherRow> {
+    let p = dir.join("runs/t/generate/teacher-00000-of-00001.parquet");
+    TeacherRow::from_frame(&kdpipe::io::parquet::read_frame(&p).unwrap(), &p).unwrap()
+}
+
+#[test]
+fn generate_killed_anywhere_resumes_to_the_same_rows() {
+    let config = format!(
+        r#"name = "t"
+[data]
+inputs = ["{data}"]
+id_field = "id"
+input_field = "question"
+gold_field = "answer"
+limit = 6
+[task]
+kind = "numeric"
+prompt = "{prompts}/numeric.md"
+[teacher]
+model = "{model}"
+max_tokens = 20
+[student]
+model = "unused.gguf"
+[generate]
+flush_rows = 1
+"#,
+        data = root().join("datasets/arith.jsonl").display(),
+        prompts = root().join("prompts").display(),
+        model = smollm2().display()
+    );
+    let clean = tempfile::tempdir().unwrap();
+    std::fs::write(clean.path().join("c.toml"), &config).unwrap();
+    let args = ["generate", "--config", "c.toml"];
+    let span = timed(&args, clean.path());
+    let want = teacher_rows(clean.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.toml"), &config).unwrap();
+    let mut killed = 0;
+    for (i, delay) in delays(11, span).into_iter().enumerate() {
+        // Each kill interrupts a fresh attempt at the same job, resumed from what the
+        // earlier attempts left.
+        let _ = std::fs::remove_file(dir.path().join("runs/t/generate/manifest.json"));
+        let _ = std::fs::remove_file(
+            dir.path()
+                .join("runs/t/generate/teacher-00000-of-00001.parquet"),
+        );
+        killed += usize::from(kill_after(&args, dir.path(), delay));
+        assert_no_half_written_file(dir.path(), "generate", i);
+        let out = kdpipe(&args, dir.path());
+        assert!(out.status.success(), "kill {i}: {}", stderr(&out));
+        let got = teacher_rows(dir.path());
+        assert_eq!(got.len(), want.len(), "kill {i}: rows doubled or lost");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.id, g.sample), (&w.id, w.sample), "kill {i}: row order");
+            assert_eq!(g.raw, w.raw, "kill {i}: row {} differs", g.id);
+            assert_eq!(g.answer, w.answer, "kill {i}");
+        }
+    }
+    assert!(
+        killed >= KILLS - 1,
+        "only {killed} of {KILLS} runs were still going"
+    );
+    record_suite(
+        "crash-generate",
+        &format!("crash suite, generate: {KILLS} kill points, {killed} killed mid-run, all resumed to the uninterrupted rows"),
+    );
+}
+
+#[test]
+fn curate_killed_anywhere_leaves_no_false_output_and_reruns_identically() {
+    let config = r#"name = "t"
+[data]
+inputs = ["unused.jsonl"]
+input_field = "q"
+[task]
+kind = "numeric"
+[teacher]
+model = "t.gguf"
+[student]
+model = "s.gguf"
+"#;
+    let make = |dir: &Path| {
+        std::fs::write(dir.join("c.toml"), config).unwrap();
+        let gen = dir.join("runs/t/generate");
+        std::fs::create_dir_all(&gen).unwrap();
+        // Distinct inputs, so every rule (MinHash near-duplicates included) has work to do
+        // and the run lasts long enough to be killed while it writes.
+        let rows: Vec<TeacherRow> = (0..100_000)
+            .map(|i| {
+                let (a, b) = (i % 97, i % 13);
+                ok_teacher_row(
+                    &format!("r{i}"),
+                    &format!("Tom has {a} apples in box {i} and buys {b} more."),
+                    &format!("{a} + {b} = {}", a + b),
+                    &format!("{}", a + b),
+                )
+            })
+            .collect();
+        let mut df = TeacherRow::to_frame(&rows).unwrap();
+        kdpipe::io::parquet::write_frame(&gen.join("teacher-00000-of-00001.parquet"), &mut df)
+            .unwrap();
+        Manifest::new("generate", "x".into(), 0)
+            .write(&gen)
+            .unwrap();
+    };
+    let splits = |dir: &Path| -> Vec<polars::prelude::DataFrame> {
+        ["train", "val", "test"]
+            .iter()
+            .map(|s| {
+                kdpipe::io::parquet::read_frame(&dir.join(format!("runs/t/curate/{s}.parquet")))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let clean = tempfile::tempdir().unwrap();
+    make(clean.path());
+    let args = ["curate", "--config", "c.toml"];
+    let span = timed(&args, clean.path());
+    eprintln!("curate of 100,000 rows: {span:?}");
+    let want = splits(clean.path());
+
+    let dir = tempfile::tempdir().unwrap();
+    make(dir.path());
+    let mut killed = 0;
+    for (i, delay) in delays(12, span).into_iter().enumerate() {
+        let _ = std::fs::remove_dir_all(dir.path().join("runs/t/curate"));
+        killed += usize::from(kill_after(&args, dir.path(), delay));
+        assert_no_half_written_file(dir.path(), "curate", i);
+        let out = kdpipe(&args, dir.path());
+        assert!(out.status.success(), "kill {i}: {}", stderr(&out));
+        for (g, w) in splits(dir.path()).iter().zip(&want) {
+            assert!(g.equals_missing(w), "kill {i}: a split differs");
+        }
+    }
+    assert!(
+        killed >= KILLS - 2,
+        "only {killed} of {KILLS} runs were still going"
+    );
+    record_suite(
+        "crash-curate",
+        &format!("crash suite, curate: {KILLS} kill points, {killed} killed mid-run, all reran to the uninterrupted splits"),
+    );
+}
+
+fn weights(dir: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(
+        dir.join("runs/t/student/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+}
+
+#[test]
+fn finetune_killed_anywhere_resumes_to_the_same_weights() {
+    let clean = tempfile::tempdir().unwrap();
+    training::curated(clean.path(), 8);
+    training::config(clean.path(), "");
+    let args = ["finetune", "--config", "c.toml"];
+    let span = timed(&args, clean.path());
+    let want = weights(clean.path());
+
+    let mut killed = 0;
+    for (i, delay) in delays(13, span).into_iter().enumerate() {
+        // A fresh folder per kill: each resume starts from whatever checkpoint that one
+        // kill left (none, or any step).
+        let dir = tempfile::tempdir().unwrap();
+        training::curated(dir.path(), 8);
+        training::config(dir.path(), "");
+        killed += usize::from(kill_after(&args, dir.path(), delay));
+        assert_no_half_written_file(dir.path(), "finetune", i);
+        assert_no_half_written_file(dir.path(), "student", i);
+        let out = kdpipe(&args, dir.path());
+        assert!(out.status.success(), "kill {i}: {}", stderr(&out));
+        let got = weights(dir.path());
+        assert_eq!(got.len(), want.len());
+        for (name, w) in &want {
+            let diff = (got[name].clone() - w)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "kill {i}: {name} differs by {diff}");
+        }
+    }
+    assert!(
+        killed >= KILLS - 1,
+        "only {killed} of {KILLS} runs were still going"
+    );
+    record_suite(
+        "crash-finetune",
+        &format!("crash suite, finetune: {KILLS} kill points, {killed} killed mid-run, all resumed to the uninterrupted weights"),
+    );
+}
