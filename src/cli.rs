@@ -21,6 +21,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The teacher writes new task inputs from a few seed examples ([synthesize]).
+    Synthesize(StageArgs),
     /// The teacher writes a rationale, an answer and soft labels for every input.
     Generate(GenerateArgs),
     /// Teacher rows → train / val / test, with a report of what each rule removed.

@@ -30,12 +30,86 @@ pub struct Config {
     pub finetune: FinetuneConfig,
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Optional: write the inputs with the teacher from a few seed examples first.
+    #[serde(default)]
+    pub synthesize: Option<SynthesizeConfig>,
+}
+
+/// Input synthesis, Self-Instruct style (Wang et al., 2023): the teacher writes new task
+/// inputs from a few seeds, shown a rotating subset of the seeds and of its own accepted
+/// inputs; filters keep well-formed, new, uncontaminated ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthesizeConfig {
+    /// Seed examples (JSONL, Parquet or CSV with the [data] field names), 5 to 20 rows.
+    pub seeds: Vec<PathBuf>,
+    /// Accepted inputs wanted.
+    #[serde(default = "d_synth_target")]
+    pub target: usize,
+    /// Seeds shown in each request (a different random subset each time).
+    #[serde(default = "d_synth_seed_examples")]
+    pub seed_examples: usize,
+    /// Accepted inputs shown too, once there are some: new topics beget new topics.
+    #[serde(default = "d_one")]
+    pub accepted_examples: usize,
+    /// High enough for variety; the filters catch what goes wrong.
+    #[serde(default = "d_synth_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_synth_tokens")]
+    pub max_tokens: usize,
+    /// Bounds on an input's length, in characters.
+    #[serde(default = "d_synth_min_chars")]
+    pub min_chars: usize,
+    #[serde(default = "d_synth_max_chars")]
+    pub max_chars: usize,
+    /// Jaccard similarity of word 3-shingles at which a new input is a near duplicate of a
+    /// seed or of an accepted input. 0.5 here is stricter than Self-Instruct's ROUGE-L 0.7:
+    /// one changed number in a short word problem scores about 0.6.
+    #[serde(default = "d_synth_near")]
+    pub near_dup_threshold: f64,
+    /// Evaluation files (with the [data] input field) no synthesized input may share a
+    /// 13-word sequence with.
+    #[serde(default)]
+    pub decontaminate: Vec<PathBuf>,
+    /// Requests sent together; accepted inputs are saved after each round (resume point).
+    #[serde(default = "d_synth_round")]
+    pub requests_per_round: usize,
+    /// Give up after this many requests (default 5 × target).
+    #[serde(default)]
+    pub max_requests: Option<usize>,
+}
+
+fn d_synth_target() -> usize {
+    100
+}
+fn d_synth_seed_examples() -> usize {
+    3
+}
+fn d_synth_temperature() -> f64 {
+    0.9
+}
+fn d_synth_tokens() -> usize {
+    160
+}
+fn d_synth_min_chars() -> usize {
+    20
+}
+fn d_synth_max_chars() -> usize {
+    1000
+}
+fn d_synth_near() -> f64 {
+    0.5
+}
+fn d_synth_round() -> usize {
+    8
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Input files: JSONL, Parquet or CSV, told apart by extension.
+    /// Input files: JSONL, Parquet or CSV, told apart by extension. May be left out with
+    /// [synthesize]: the synthesized inputs are read then.
+    #[serde(default)]
     pub inputs: Vec<PathBuf>,
     /// Field holding a unique row id; when absent, ids are `<file stem>-<line>`.
     #[serde(default)]
@@ -620,6 +694,10 @@ impl Config {
         if let Some(v) = &overrides.eval_models {
             cfg.eval.models = v.clone();
         }
+        // With [synthesize] and no inputs of its own, generate reads the synthesized ones.
+        if cfg.synthesize.is_some() && cfg.data.inputs.is_empty() {
+            cfg.data.inputs = vec![cfg.synthesized_inputs()];
+        }
         cfg.validate()
             .with_context(|| format!("invalid config {}", path.display()))?;
         Ok(cfg)
@@ -631,7 +709,17 @@ impl Config {
         }
         self.validate_teacher()?;
         if self.data.inputs.is_empty() {
-            bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file");
+            bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file (or add [synthesize] to have the teacher write them)");
+        }
+        if let Some(s) = &self.synthesize {
+            if s.seeds.is_empty() || s.target == 0 || s.seed_examples == 0 {
+                bail!("[synthesize] needs seeds, and target and seed_examples of at least 1");
+            }
+            if !(0.0..=1.0).contains(&s.near_dup_threshold) || s.min_chars > s.max_chars {
+                bail!(
+                    "[synthesize] near_dup_threshold must be in [0, 1] and min_chars ≤ max_chars"
+                );
+            }
         }
         let c = &self.curate;
         if !(0.0..=1.0).contains(&c.min_agreement) || !(0.0..=1.0).contains(&c.min_confidence) {
@@ -739,6 +827,11 @@ impl Config {
         self.run_dir().join(stage)
     }
 
+    /// Where synthesize writes the inputs it accepted.
+    pub fn synthesized_inputs(&self) -> PathBuf {
+        self.stage_dir("synthesize").join("inputs.jsonl")
+    }
+
     /// The prompt template for this task.
     pub fn prompt_path(&self) -> PathBuf {
         self.task.prompt.clone().unwrap_or_else(|| {
@@ -770,6 +863,10 @@ impl Config {
         match stage {
             "generate" => {
                 json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher, "generate": self.generate})
+            }
+            "synthesize" => {
+                json!({"seed": self.seed, "task": self.task, "teacher": self.teacher,
+                       "synthesize": self.synthesize, "input_field": self.data.input_field})
             }
             "curate" => {
                 json!({"seed": self.seed, "task": self.task, "curate": self.curate, "input_field": self.data.input_field})

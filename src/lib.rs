@@ -17,5 +17,6 @@ pub mod prompts;
 pub mod records;
 pub mod run;
 pub mod student;
+pub mod synthesize;
 pub mod task;
 pub mod teacher;

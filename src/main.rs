@@ -55,6 +55,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 kdpipe::generate::run(&cfg, &opts)?;
             }
         }
+        Command::Synthesize(a) => {
+            if let Some(cfg) = load(&a)? {
+                kdpipe::synthesize::run(&cfg)?;
+            }
+        }
         Command::Curate(a) => {
             if let Some(cfg) = load(&a.stage)? {
                 if a.explain {

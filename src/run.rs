@@ -5,7 +5,7 @@
 use crate::config::Config;
 use crate::eval::Scores;
 use crate::io::manifest::{config_hash, FileEntry, Manifest};
-use crate::{curate, eval, finetune, generate};
+use crate::{curate, eval, finetune, generate, synthesize};
 use anyhow::Result;
 
 fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool {
@@ -18,6 +18,13 @@ fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool
 
 pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
     let started = std::time::Instant::now();
+    if cfg.synthesize.is_some() {
+        if force || !is_current(cfg, "synthesize", synthesize::input_entries(cfg)) {
+            synthesize::run(cfg)?;
+        } else {
+            eprintln!("synthesize: up to date, skipped");
+        }
+    }
     if force || !is_current(cfg, "generate", generate::input_entries(cfg)) {
         let opts = generate::Options {
             fresh,

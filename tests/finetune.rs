@@ -158,3 +158,29 @@ fn the_best_evaluated_weights_are_exported_and_patience_stops_training() {
     );
     assert_eq!(s["exported_step"].as_u64().unwrap() as usize, best.0);
 }
+
+#[test]
+fn sequences_longer_than_the_context_are_cut_with_a_warning_and_a_count() {
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 4);
+    config(dir.path(), "");
+    let text = std::fs::read_to_string(dir.path().join("c.toml"))
+        .unwrap()
+        .replace("max_steps = 6", "max_steps = 1")
+        .replace("max_seq_len = 96", "max_seq_len = 24");
+    std::fs::write(dir.path().join("c.toml"), text).unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("longer than max_seq_len = 24 and were cut"),
+        "{err}"
+    );
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    // 4 train and 2 val rows, a label and a rationale view each (step_by_step); every
+    // prompt alone is longer than 24 tokens.
+    assert_eq!(m["summary"]["truncated_examples"], 12, "{}", m["summary"]);
+}

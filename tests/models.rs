@@ -190,6 +190,7 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
             ids: [p, r].concat(),
             target,
             kd: None,
+            truncated: false,
         }
     };
     let batch = make_batch(

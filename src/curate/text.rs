@@ -34,6 +34,11 @@ fn shingles(words: &[String], n: usize) -> Vec<u64> {
     words.windows(n).map(hash64).collect()
 }
 
+/// The set of n-word shingle hashes of a text (exact Jaccard on small collections).
+pub fn shingle_set(text: &str, n: usize) -> HashSet<u64> {
+    shingles(&words(text), n).into_iter().collect()
+}
+
 /// MinHash signatures and LSH banding: `bands × rows` hash functions; two texts become
 /// candidates when one band of their signatures is equal, and a pair joins a cluster when
 /// its estimated Jaccard similarity reaches `threshold`.

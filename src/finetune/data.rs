@@ -25,6 +25,8 @@ pub struct Example {
     pub target: Vec<u8>,
     /// KD examples: the row they belong to and the teacher's probability of this answer.
     pub kd: Option<KdSlot>,
+    /// Prompt and reply did not fit in `max_seq_len` and were cut.
+    pub truncated: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -60,7 +62,8 @@ fn example(
     let mut ids = prompt_ids(model, prompt, tag, input)?;
     let mut reply_ids = model.encode(reply)?;
     reply_ids.push(model.eos_token_id);
-    // Keep the whole reply; cut the prompt from the left if the pair is too long.
+    let truncated = ids.len() + reply_ids.len() > max_len;
+    // Keep the reply (up to all but 8 tokens of the length); cut the prompt from the left.
     reply_ids.truncate(max_len.saturating_sub(8).max(1));
     let room = max_len.saturating_sub(reply_ids.len());
     if ids.len() > room {
@@ -74,6 +77,7 @@ fn example(
         ids,
         target,
         kd: None,
+        truncated,
     })
 }
 
@@ -157,6 +161,7 @@ mod tests {
             ids: vec![1; len],
             target: vec![1; len],
             kd: None,
+            truncated: false,
         }
     }
 

@@ -201,12 +201,14 @@ mod tests {
                 ids: vec![0, 1, 2],
                 target: vec![0, 1, 1],
                 kd: None,
+                truncated: false,
             },
             Example {
                 view: View::Rationale,
                 ids: vec![0, 3],
                 target: vec![0, 1],
                 kd: None,
+                truncated: false,
             },
         ];
         let batch = make_batch(&ex, 0, &dev).unwrap();
@@ -332,6 +334,7 @@ mod total_tests {
                 row: 7,
                 teacher_prob: p,
             }),
+            truncated: false,
         };
         let ex = vec![
             Example {
@@ -339,6 +342,7 @@ mod total_tests {
                 ids: vec![0, 1],
                 target: vec![0, 1],
                 kd: None,
+                truncated: false,
             },
             kd(1, 0.75),
             kd(2, 0.25),

@@ -143,6 +143,25 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         build_examples(&loaded, &prompt, &val_rows, cfg)?
     };
     let n_train_examples: usize = train.iter().map(Vec::len).sum();
+    // (Without val rows, `val` repeats train examples: count them once.)
+    let val_own = if val_rows.is_empty() {
+        &[][..]
+    } else {
+        &val[..]
+    };
+    let truncated = train
+        .iter()
+        .chain(val_own)
+        .flatten()
+        .filter(|e| e.truncated)
+        .count();
+    if truncated > 0 {
+        eprintln!(
+            "finetune: warning: {truncated} of {} examples are longer than max_seq_len = {} and were cut (the prompt from the left, then the reply); raise [finetune] max_seq_len to keep them whole",
+            n_train_examples + val_own.iter().map(Vec::len).sum::<usize>(),
+            ft.max_seq_len
+        );
+    }
     let micro = schedule(&train, cfg);
     let accum = ft.grad_accum.max(1);
     let total_steps = ft
@@ -296,6 +315,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
 
     let summary = serde_json::json!({
         "steps": step, "train_rows": train_rows.len(), "train_examples": n_train_examples,
+        "truncated_examples": truncated,
         "val_loss_before": val_before, "val_loss_after": val_after,
         "first_loss": losses.first(), "last_loss": losses.last(), "seconds": train_secs,
         "objective": ft.objective, "student": cfg.student.model,
