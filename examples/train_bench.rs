@@ -49,6 +49,7 @@ fn main() -> anyhow::Result<()> {
             rank: 16,
             alpha: 32.0,
             targets: kdpipe::config::default_targets(),
+            dropout: 0.0,
         };
         model.add_lora(&cfg, 0)?;
     }

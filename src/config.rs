@@ -428,6 +428,10 @@ pub struct LoraConfig {
     /// Linear layers that get adapters, by their last name part.
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// Dropout on the adapters' input during training (as PEFT's lora_dropout). Masks are
+    /// drawn from the run seed and the step, so a resumed run draws the same ones.
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 /// Every linear layer of a llama-family block.
@@ -758,8 +762,8 @@ impl Config {
             );
         }
         if let Some(l) = &f.lora {
-            if l.rank == 0 || l.alpha <= 0.0 {
-                bail!("[finetune.lora] rank must be at least 1 and alpha greater than 0");
+            if l.rank == 0 || l.alpha <= 0.0 || !(0.0..1.0).contains(&l.dropout) {
+                bail!("[finetune.lora] rank must be at least 1, alpha greater than 0 and dropout in [0, 1)");
             }
         }
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {

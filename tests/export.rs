@@ -32,6 +32,7 @@ fn exported_student_gives_the_same_logits_in_transformers() {
         rank: 4,
         alpha: 16.0,
         targets: vec!["q_proj".into(), "up_proj".into()],
+        dropout: 0.0,
     };
     model.add_lora(&lora, 3).unwrap();
     let train = loaded

@@ -293,6 +293,7 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
         rank: 4,
         alpha: 8.0,
         targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        dropout: 0.0,
     };
     model.add_lora(&cfg, 1).unwrap();
     // Three targets in each of SmolLM2's 30 layers, an A and a B each.

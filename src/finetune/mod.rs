@@ -78,6 +78,12 @@ fn mean_loss(
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
+/// The LoRA dropout masks of one micro-batch follow from the seed and its place in the run.
+fn dropout_key(seed: u64, step: usize, micro: usize) -> u64 {
+    let h = crate::io::atomic::text_sha256(&format!("dropout:{seed}:{step}:{micro}"));
+    u64::from_str_radix(&h[..15], 16).unwrap_or(0)
+}
+
 fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
     let warmup = (total / 10).max(1);
     if step < warmup {
@@ -221,7 +227,10 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
             let batch = make_batch(examples, pad, &device)?;
-            let logits = model.forward(&batch.ids, &batch.attention)?;
+            model.set_dropout_key(Some(dropout_key(cfg.seed, step, k)));
+            let logits = model.forward(&batch.ids, &batch.attention);
+            model.set_dropout_key(None);
+            let logits = logits?;
             let parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, &weights)?;
             let value = parts.total.to_scalar::<f32>()? as f64;
             if !value.is_finite() {

@@ -19,6 +19,10 @@ pub struct Decoder {
     pub vars: Vec<(String, Var)>,
     /// LoRA adapters by linear layer prefix (`model.layers.0.self_attn.q_proj`).
     lora: BTreeMap<String, Lora>,
+    /// LoRA input dropout rate, and the key of this forward pass's masks (None: no
+    /// dropout, as in evaluation).
+    lora_dropout: f64,
+    dropout_key: std::cell::Cell<Option<u64>>,
     cos: Tensor,
     sin: Tensor,
     device: Device,
@@ -38,13 +42,30 @@ struct Linear<'a> {
     weight: &'a Tensor,
     bias: Option<&'a Tensor>,
     lora: Option<&'a Lora>,
+    /// Dropout on the adapter's input: rate and mask key.
+    dropout: Option<(f64, u64)>,
+}
+
+/// A dropout mask for `x` (kept entries scaled by 1 / (1 − p)) drawn from `key`.
+fn dropout_mask(x: &Tensor, p: f64, key: u64) -> candle_core::Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random_bool(p) { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(mask, x.shape(), x.device())
 }
 
 impl Module for Linear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut y = matmul_t(x, self.weight)?;
         if let Some(l) = self.lora {
-            y = (y + (matmul_t(&matmul_t(x, &l.a)?, &l.b)? * l.scale)?)?;
+            let xa = match self.dropout {
+                Some((p, key)) if p > 0.0 => (x * dropout_mask(x, p, key)?)?,
+                _ => x.clone(),
+            };
+            y = (y + (matmul_t(&matmul_t(&xa, &l.a)?, &l.b)? * l.scale)?)?;
         }
         match self.bias {
             Some(b) => y.broadcast_add(b),
@@ -103,6 +124,8 @@ impl Decoder {
             weights: map,
             vars,
             lora: BTreeMap::new(),
+            lora_dropout: 0.0,
+            dropout_key: std::cell::Cell::new(None),
             cos,
             sin,
             device: device.clone(),
@@ -158,7 +181,14 @@ impl Decoder {
             self.vars.push((format!("{p}.lora_A.weight"), a));
             self.vars.push((format!("{p}.lora_B.weight"), b));
         }
+        self.lora_dropout = cfg.dropout;
         Ok(())
+    }
+
+    /// Training passes set a key (from seed, step and micro-batch) so LoRA dropout draws
+    /// reproducible masks; evaluation passes set None: no dropout.
+    pub fn set_dropout_key(&self, key: Option<u64>) {
+        self.dropout_key.set(key);
     }
 
     /// Every weight, by Hugging Face name (current values, trained ones included), with
@@ -180,10 +210,17 @@ impl Decoder {
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
+        // Each layer's mask key mixes in a hash of its name.
+        let dropout = self.dropout_key.get().map(|key| {
+            let layer = crate::io::atomic::text_sha256(prefix);
+            let salt = u64::from_str_radix(&layer[..15], 16).unwrap_or(0);
+            (self.lora_dropout, key ^ salt)
+        });
         Ok(Linear {
             weight: self.w(&format!("{prefix}.weight"))?,
             bias: self.weights.get(&format!("{prefix}.bias")),
             lora: self.lora.get(prefix),
+            dropout,
         })
     }
 
@@ -607,6 +644,54 @@ mod tests {
                 .unwrap();
             assert!(norm > 0.0, "zero gradient for {name}");
         }
+    }
+
+    #[test]
+    fn lora_dropout_is_seeded_and_off_without_a_key() {
+        let s = tiny_shape();
+        let mut d = Decoder::new(s.clone(), tiny_weights(&s), &Device::Cpu, |_| false).unwrap();
+        let cfg = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "up_proj".into()],
+            dropout: 0.5,
+        };
+        d.add_lora(&cfg, 3).unwrap();
+        // B starts at zero; give it values so the adapters (and their dropout) matter.
+        for (name, var) in &d.vars {
+            if name.contains("lora_B") {
+                var.set(&Tensor::randn(0f32, 0.5, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+        }
+        let ids = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        let mask = Tensor::ones((1, 4), DType::F32, &Device::Cpu).unwrap();
+        let run = |key: Option<u64>| {
+            d.set_dropout_key(key);
+            let y = d.forward(&ids, &mask).unwrap();
+            d.set_dropout_key(None);
+            y
+        };
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (plain, again) = (run(None), run(None));
+        let (k1, k1_again, k2) = (run(Some(1)), run(Some(1)), run(Some(2)));
+        assert_eq!(diff(&plain, &again), 0.0);
+        assert_eq!(
+            diff(&k1, &k1_again),
+            0.0,
+            "the same key draws the same masks"
+        );
+        assert!(diff(&k1, &plain) > 1e-4, "dropout changed nothing");
+        assert!(diff(&k1, &k2) > 1e-4, "two keys drew the same masks");
     }
 
     #[test]
