@@ -403,6 +403,13 @@ pub struct FinetuneConfig {
     /// answer's sequence log-probability, renormalized), on rows with ≥ 2 soft answers.
     #[serde(default)]
     pub kd_weight: f64,
+    /// Weight of token-level KD (0: off): on rows whose teacher kept its tokens' top-k
+    /// (`[generate] token_topk`), the forward KL from the teacher's top-k distribution at
+    /// each generated token (renormalized over its k tokens: the mass outside them is
+    /// dropped) to the student's, on the teacher's own text in the rationale view. Needs
+    /// the teacher's tokenizer (checked at start): self-distillation, or one model family.
+    #[serde(default)]
+    pub kd_token_weight: f64,
     /// Temperature T of the KD term (both sides softened; the term is scaled by T²).
     #[serde(default = "d_one_f")]
     pub kd_temperature: f64,
@@ -765,6 +772,9 @@ impl Config {
             if l.rank == 0 || l.alpha <= 0.0 || !(0.0..1.0).contains(&l.dropout) {
                 bail!("[finetune.lora] rank must be at least 1, alpha greater than 0 and dropout in [0, 1)");
             }
+        }
+        if f.kd_token_weight < 0.0 {
+            bail!("[finetune] kd_token_weight must be ≥ 0");
         }
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
             bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");

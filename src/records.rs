@@ -426,10 +426,15 @@ pub struct CuratedRow {
     pub agreement: Option<f64>,
     /// Whether the teacher's answer matches gold (null without gold, or with the rule off).
     pub agrees_with_gold: Option<bool>,
+    /// The teacher's text and, where generate kept them (`token_topk`), its tokens with
+    /// their top-k alternatives: the targets of token-level KD. Empty in splits written
+    /// before these columns existed.
+    pub raw: String,
+    pub tokens: TokenTopk,
 }
 
 /// The columns of a curated split file, in order.
-pub const CURATED_COLUMNS: [&str; 11] = [
+pub const CURATED_COLUMNS: [&str; 15] = [
     "id",
     "sample",
     "input",
@@ -441,6 +446,10 @@ pub const CURATED_COLUMNS: [&str; 11] = [
     "soft_probs",
     "agreement",
     "agrees_with_gold",
+    "raw",
+    "token_ids",
+    "topk_ids",
+    "topk_logprobs",
 ];
 
 impl CuratedRow {
@@ -459,6 +468,23 @@ impl CuratedRow {
         let sample = c.u32("sample")?;
         let agreement = c.f64("agreement")?;
         let agrees = require(df, path, "agrees_with_gold", &DataType::Boolean)?.bool()?;
+        // Optional columns (splits written by earlier versions lack them).
+        let has = |name: &str| df.get_column_names().iter().any(|c| c.as_str() == name);
+        let raw = if has("raw") {
+            Some(c.str("raw")?)
+        } else {
+            None
+        };
+        let nested = |t: DataType| DataType::List(Box::new(t));
+        let tokens = if has("token_ids") && has("topk_ids") && has("topk_logprobs") {
+            Some((
+                c.list("token_ids", DataType::UInt32)?,
+                c.list("topk_ids", nested(DataType::UInt32))?,
+                c.list("topk_logprobs", nested(DataType::Float32))?,
+            ))
+        } else {
+            None
+        };
         let mut out = Vec::with_capacity(df.height());
         for i in 0..df.height() {
             out.push(CuratedRow {
@@ -479,6 +505,20 @@ impl CuratedRow {
                     .get_as_series(i)
                     .map(|s| f64s(&s))
                     .unwrap_or_default(),
+                raw: raw.and_then(|r| opt_str(r, i)).unwrap_or_default(),
+                tokens: match tokens {
+                    Some((ids, top_ids, top_logprobs)) => TokenTopk {
+                        ids: flat(ids, i, |s| s.u32().map(|c| c.into_no_null_iter().collect())),
+                        top_ids: nested_rows(top_ids, i, |s| {
+                            s.u32().map(|c| c.into_no_null_iter().collect())
+                        }),
+                        top_logprobs: nested_rows(top_logprobs, i, |s| {
+                            s.f32().map(|c| c.into_no_null_iter().collect())
+                        }),
+                        ..Default::default()
+                    },
+                    None => TokenTopk::default(),
+                },
             });
         }
         Ok(out)

@@ -191,6 +191,7 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
             target,
             kd: None,
             truncated: false,
+            token_topk: vec![],
         }
     };
     let batch = make_batch(

@@ -15,6 +15,9 @@ pub enum View {
     Rationale,
     /// One answer of the row's soft label, in the label view: scored for the KD term.
     Kd,
+    /// The teacher's own generated tokens in the rationale view, each with the teacher's
+    /// top-k alternatives: token-level KD.
+    TokenKd,
 }
 
 #[derive(Debug, Clone)]
@@ -27,6 +30,9 @@ pub struct Example {
     pub kd: Option<KdSlot>,
     /// Prompt and reply did not fit in `max_seq_len` and were cut.
     pub truncated: bool,
+    /// Token-KD examples: for each target token (in order), the teacher's top-k ids and
+    /// natural-log probabilities at that position.
+    pub token_topk: Vec<(Vec<u32>, Vec<f32>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,7 +84,74 @@ fn example(
         target,
         kd: None,
         truncated,
+        token_topk: vec![],
     })
+}
+
+/// The token-KD example of a row whose teacher kept its tokens' top-k: the rationale-view
+/// prompt, then the teacher's generated token ids as the reply, each position carrying
+/// the teacher's alternatives. None when the row has no tokens.
+pub fn token_kd_example(
+    model: &LoadedModel,
+    prompt: &Prompt,
+    row: &CuratedRow,
+    max_len: usize,
+) -> Result<Option<Example>> {
+    let t = &row.tokens;
+    if t.ids.is_empty() || t.top_ids.len() != t.ids.len() || t.top_logprobs.len() != t.ids.len() {
+        return Ok(None);
+    }
+    let mut ids = prompt_ids(model, prompt, RATIONALE_VIEW, &row.input)?;
+    let keep = t.ids.len().min(max_len.saturating_sub(8).max(1));
+    let truncated = ids.len() + t.ids.len() > max_len;
+    let room = max_len.saturating_sub(keep);
+    if ids.len() > room {
+        ids.drain(..ids.len() - room);
+    }
+    let mut target = vec![0u8; ids.len()];
+    target.extend(std::iter::repeat_n(1u8, keep));
+    ids.extend(&t.ids[..keep]);
+    let token_topk = t.top_ids[..keep]
+        .iter()
+        .cloned()
+        .zip(t.top_logprobs[..keep].iter().cloned())
+        .collect();
+    Ok(Some(Example {
+        view: View::TokenKd,
+        ids,
+        target,
+        kd: None,
+        truncated,
+        token_topk,
+    }))
+}
+
+/// Token-level KD needs the teacher's vocabulary: the student's tokenizer must turn the
+/// teacher's token ids back into the teacher's text. Checked on up to 20 rows.
+pub fn check_shared_vocabulary(model: &LoadedModel, rows: &[CuratedRow]) -> Result<()> {
+    let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let with_tokens: Vec<&CuratedRow> = rows.iter().filter(|r| !r.tokens.ids.is_empty()).collect();
+    if with_tokens.is_empty() {
+        anyhow::bail!("[finetune] kd_token_weight > 0, but no train row has the teacher's tokens\nhint: generate with [generate] token_topk = 5 (a local teacher), or set kd_token_weight = 0");
+    }
+    for r in with_tokens.iter().take(20) {
+        let vocab = model.shape.vocab_size as u32;
+        let out_of_range = r.tokens.ids.iter().any(|&id| id >= vocab);
+        let decoded = if out_of_range {
+            String::new()
+        } else {
+            model.decode(&r.tokens.ids)?
+        };
+        if out_of_range || squash(&decoded) != squash(&r.raw) {
+            anyhow::bail!(
+                "token-level KD needs the teacher's tokenizer, and the student's is another: row {:?}'s teacher tokens decode to {:?} with it, not to the teacher's {:?}\nhint: use a student of the teacher's family (or the teacher itself), or set [finetune] kd_token_weight = 0 and use kd_weight (label-level KD works across tokenizers)",
+                r.id,
+                decoded.chars().take(60).collect::<String>(),
+                r.raw.chars().take(60).collect::<String>()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The examples of one row for the objective: label view always, rationale view for
@@ -162,6 +235,7 @@ mod tests {
             target: vec![1; len],
             kd: None,
             truncated: false,
+            token_topk: vec![],
         }
     }
 

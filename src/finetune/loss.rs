@@ -24,6 +24,13 @@ pub struct Batch {
     /// KD groups: the batch rows of one curated row's answers and the teacher's
     /// probabilities of them.
     pub kd_groups: Vec<(usize, Vec<f64>)>,
+    /// Token KD: positions `[batch, seq-1]` that predict a teacher token, and there the
+    /// teacher's top-k ids and log-probabilities `[batch, seq-1, k]` (padding: id 0,
+    /// log-probability −1e9).
+    pub token_kd_mask: Tensor,
+    pub token_kd_ids: Tensor,
+    pub token_kd_logprobs: Tensor,
+    pub n_token_kd: f64,
     pub tokens: usize,
 }
 
@@ -38,20 +45,40 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     let (mut ids, mut att) = (vec![pad; b * t], vec![0f32; b * t]);
     let (mut lab, mut rat) = (vec![0f32; b * (t - 1)], vec![0f32; b * (t - 1)]);
     let mut kd = vec![0f32; b * (t - 1)];
+    let k = examples
+        .iter()
+        .flat_map(|e| e.token_topk.iter().map(|(ids, _)| ids.len()))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut tk_mask = vec![0f32; b * (t - 1)];
+    let mut tk_ids = vec![0u32; b * (t - 1) * k];
+    let mut tk_logp = vec![-1e9f32; b * (t - 1) * k];
     let mut kd_groups: Vec<(usize, Vec<f64>)> = vec![];
     let mut kd_rows: Vec<Vec<usize>> = vec![];
     for (i, e) in examples.iter().enumerate() {
+        let mut reply_pos = 0;
         for (j, &id) in e.ids.iter().enumerate() {
             ids[i * t + j] = id;
             att[i * t + j] = 1.0;
             // Position j-1 predicts token j.
             if j > 0 && e.target[j] == 1 {
-                let m = match e.view {
-                    View::Label => &mut lab,
-                    View::Rationale => &mut rat,
-                    View::Kd => &mut kd,
-                };
-                m[i * (t - 1) + j - 1] = 1.0;
+                let at = i * (t - 1) + j - 1;
+                match e.view {
+                    View::Label => lab[at] = 1.0,
+                    View::Rationale => rat[at] = 1.0,
+                    View::Kd => kd[at] = 1.0,
+                    View::TokenKd => {
+                        if let Some((top_ids, top_logp)) = e.token_topk.get(reply_pos) {
+                            tk_mask[at] = 1.0;
+                            for (slot, (&tid, &lp)) in top_ids.iter().zip(top_logp).enumerate() {
+                                tk_ids[at * k + slot] = tid;
+                                tk_logp[at * k + slot] = lp;
+                            }
+                        }
+                    }
+                }
+                reply_pos += 1;
             }
         }
         if let Some(slot) = e.kd {
@@ -78,6 +105,7 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         .collect();
     let n_label = lab.iter().sum::<f32>() as f64;
     let n_rationale = rat.iter().sum::<f32>() as f64;
+    let n_token_kd = tk_mask.iter().sum::<f32>() as f64;
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, t), device)?,
         attention: Tensor::from_vec(att, (b, t), device)?,
@@ -87,6 +115,10 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         n_label,
         n_rationale,
         kd_groups,
+        token_kd_mask: Tensor::from_vec(tk_mask, (b, t - 1), device)?,
+        token_kd_ids: Tensor::from_vec(tk_ids, (b, t - 1, k), device)?,
+        token_kd_logprobs: Tensor::from_vec(tk_logp, (b, t - 1, k), device)?,
+        n_token_kd,
         tokens: examples.iter().map(|e| e.ids.len()).sum(),
     })
 }
@@ -115,6 +147,59 @@ pub struct LossParts {
     pub label: Option<f64>,
     pub rationale: Option<f64>,
     pub kd: Option<f64>,
+    pub kd_token: Option<f64>,
+}
+
+/// Add `weight ×` token-level KD to the loss: at every position that predicts a teacher
+/// token, the forward KL from the teacher's top-k distribution (softened by T and
+/// renormalized over its k tokens: the mass outside them is dropped, as in the top-k
+/// distillation of Gu et al. / GKD implementations) to the student's distribution over
+/// the whole vocabulary, read at those k ids; mean over positions, scaled by T².
+pub fn add_token_kd(
+    parts: &mut LossParts,
+    logits: &Tensor,
+    batch: &Batch,
+    weight: f64,
+    temperature: f64,
+) -> Result<()> {
+    if weight == 0.0 || batch.n_token_kd == 0.0 {
+        return Ok(());
+    }
+    let term = token_kd_divergence(
+        logits,
+        &batch.token_kd_ids,
+        &batch.token_kd_logprobs,
+        &batch.token_kd_mask,
+        batch.n_token_kd,
+        temperature,
+    )?;
+    parts.kd_token = Some(term.to_scalar::<f32>()? as f64);
+    parts.total = (&parts.total + (term * weight)?)?;
+    Ok(())
+}
+
+/// Mean over masked positions of KL(p_teacher ‖ q_student) restricted to the teacher's
+/// top-k ids, × T². `logits` `[b, t, v]`; ids / logprobs `[b, t-1, k]`; mask `[b, t-1]`.
+pub fn token_kd_divergence(
+    logits: &Tensor,
+    ids: &Tensor,
+    teacher_logprobs: &Tensor,
+    mask: &Tensor,
+    n: f64,
+    temperature: f64,
+) -> Result<Tensor> {
+    let (_, t, _) = logits.dims3()?;
+    let student = (logits.narrow(1, 0, t - 1)? / temperature)?;
+    let log_z = student.log_sum_exp(D::Minus1)?.unsqueeze(D::Minus1)?;
+    let log_q = student
+        .contiguous()?
+        .gather(&ids.contiguous()?, D::Minus1)?
+        .broadcast_sub(&log_z)?;
+    let teacher = (teacher_logprobs / temperature)?;
+    let log_p = teacher.broadcast_sub(&teacher.log_sum_exp(D::Minus1)?.unsqueeze(D::Minus1)?)?;
+    let p = log_p.exp()?;
+    let kl = (p * (log_p - log_q)?)?.sum(D::Minus1)?;
+    Ok(((kl * mask)?.sum_all()? * (temperature * temperature / n))?)
 }
 
 /// How the terms are weighed: `total = α·CE(label) + (1−α)·CE(rationale) + λ·KD`.
@@ -122,6 +207,8 @@ pub struct LossParts {
 pub struct LossWeights {
     pub alpha: f64,
     pub kd_weight: f64,
+    /// Token-level KD (added by `add_token_kd`, which needs the logits).
+    pub kd_token_weight: f64,
     pub temperature: f64,
     pub divergence: Divergence,
     pub jsd_beta: f64,
@@ -181,6 +268,7 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
         label: scalar(&label)?,
         rationale: scalar(&rationale)?,
         kd: None,
+        kd_token: None,
         total,
     })
 }
@@ -188,6 +276,84 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_kd_matches_a_hand_computed_kl() {
+        // Uniform student logits over 4 tokens: q = 1/4 everywhere. Teacher top-2 at one
+        // position: ids 0 and 1 with p = 0.75, 0.25 (given as log-probabilities; a padded
+        // third slot must not count). KL = 0.75 ln(0.75/0.25) + 0.25 ln(0.25/0.25)
+        //    = 0.75 ln 3 = 0.823959. The second position is masked out.
+        let dev = Device::Cpu;
+        let logits = Tensor::zeros((1, 3, 4), DType::F32, &dev).unwrap();
+        let ids = Tensor::new(&[[[0u32, 1, 0], [2, 3, 0]]], &dev).unwrap();
+        let lp = Tensor::new(
+            &[[
+                [0.75f32.ln(), 0.25f32.ln(), -1e9],
+                [0.5f32.ln(), 0.5f32.ln(), -1e9],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let mask = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
+        let kl = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((kl - 0.75 * 3f32.ln()).abs() < 1e-5, "{kl}");
+        // The teacher renormalized over its top-k: unnormalized log-probabilities (mass
+        // 0.6 on the two ids, in the ratio 3 : 1) give the same KL.
+        let lp = Tensor::new(
+            &[[
+                [0.45f32.ln(), 0.15f32.ln(), -1e9],
+                [0.5f32.ln(), 0.5f32.ln(), -1e9],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let kl2 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((kl2 - kl).abs() < 1e-5);
+        // A student that matches the teacher on the top-k (logits ln 3, 0, −∞-ish, …)
+        // renormalized the same way has zero divergence... up to the mass it puts
+        // outside the top-k; with logits (ln 3, 0, -30, -30) that mass is ~0.
+        let logits = Tensor::new(
+            &[[
+                [3f32.ln(), 0., -30., -30.],
+                [0., 0., 0., 0.],
+                [0., 0., 0., 0.],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let ids = Tensor::new(&[[[0u32, 1, 0], [2, 3, 0]]], &dev).unwrap();
+        let lp = Tensor::new(
+            &[[
+                [0.75f32.ln(), 0.25f32.ln(), -1e9],
+                [0.5f32.ln(), 0.5f32.ln(), -1e9],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let kl3 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(kl3.abs() < 1e-5, "{kl3}");
+        // Gradients reach the student's logits (gather and log-sum-exp have a backward).
+        let var = candle_core::Var::zeros((1, 3, 4), DType::F32, &dev).unwrap();
+        let kl = token_kd_divergence(var.as_tensor(), &ids, &lp, &mask, 1.0, 2.0).unwrap();
+        let g = kl.backward().unwrap();
+        let grad = g
+            .get(var.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(grad.to_scalar::<f32>().unwrap() > 1e-3);
+    }
 
     #[test]
     fn loss_weighs_views_by_alpha_over_target_tokens_only() {
@@ -202,6 +368,7 @@ mod tests {
                 target: vec![0, 1, 1],
                 kd: None,
                 truncated: false,
+                token_topk: vec![],
             },
             Example {
                 view: View::Rationale,
@@ -209,6 +376,7 @@ mod tests {
                 target: vec![0, 1],
                 kd: None,
                 truncated: false,
+                token_topk: vec![],
             },
         ];
         let batch = make_batch(&ex, 0, &dev).unwrap();
@@ -335,6 +503,7 @@ mod total_tests {
                 teacher_prob: p,
             }),
             truncated: false,
+            token_topk: vec![],
         };
         let ex = vec![
             Example {
@@ -343,6 +512,7 @@ mod total_tests {
                 target: vec![0, 1],
                 kd: None,
                 truncated: false,
+                token_topk: vec![],
             },
             kd(1, 0.75),
             kd(2, 0.25),
@@ -354,6 +524,7 @@ mod total_tests {
         let w = LossWeights {
             alpha: 1.0,
             kd_weight: 0.5,
+            kd_token_weight: 0.0,
             temperature: 1.0,
             divergence: Divergence::ForwardKl,
             jsd_beta: 0.5,

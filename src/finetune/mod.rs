@@ -11,7 +11,7 @@ pub mod loss;
 pub mod optim;
 mod svg;
 
-use crate::config::Config;
+use crate::config::{Config, Objective};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
@@ -21,8 +21,8 @@ use crate::records::CuratedRow;
 use crate::student::{self, Decoder, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use data::{batches, row_examples, Example};
-use loss::{make_batch, token_nll, total_loss, LossWeights};
+use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
+use loss::{add_token_kd, make_batch, token_nll, total_loss, LossWeights};
 use optim::AdamW;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -53,8 +53,12 @@ fn build_examples(
         .enumerate()
         .map(|(i, r)| {
             let kd = (ft.kd_weight > 0.0).then_some(i as u32);
-            row_examples(model, prompt, r, ft.objective, ft.max_seq_len, kd)
-                .with_context(|| format!("cannot build examples for row {:?}", r.id))
+            let mut views = row_examples(model, prompt, r, ft.objective, ft.max_seq_len, kd)
+                .with_context(|| format!("cannot build examples for row {:?}", r.id))?;
+            if ft.kd_token_weight > 0.0 && ft.objective != Objective::LabelOnly {
+                views.extend(token_kd_example(model, prompt, r, ft.max_seq_len)?);
+            }
+            Ok(views)
         })
         .collect()
 }
@@ -71,7 +75,14 @@ fn mean_loss(
     for chunk in batches(rows.to_vec(), batch, 0) {
         let b = make_batch(&chunk, pad, model.device())?;
         let logits = model.forward(&b.ids, &b.attention)?;
-        let parts = total_loss(&token_nll(&logits, &b.ids)?, &b, weights)?;
+        let mut parts = total_loss(&token_nll(&logits, &b.ids)?, &b, weights)?;
+        add_token_kd(
+            &mut parts,
+            &logits,
+            &b,
+            weights.kd_token_weight,
+            weights.temperature,
+        )?;
         sum += parts.total.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -122,6 +133,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let device = Device::Cpu;
     let prompt = Prompt::load(cfg)?;
     let loaded = student::load(&cfg.student.model, &device)?;
+    if ft.kd_token_weight > 0.0 {
+        check_shared_vocabulary(&loaded, &train_rows)?;
+    }
     let freeze = ft.freeze_embeddings;
     let tied = loaded.shape.tie_word_embeddings;
     let lora = ft.lora.as_ref();
@@ -137,6 +151,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let weights = LossWeights {
         alpha: ft.alpha,
         kd_weight: ft.kd_weight,
+        kd_token_weight: ft.kd_token_weight,
         temperature: ft.kd_temperature,
         divergence: ft.kd_divergence,
         jsd_beta: ft.jsd_beta,
@@ -223,7 +238,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let t0 = std::time::Instant::now();
         let mut acc = opt.accumulator();
         let (mut loss, mut tokens) = (0.0, 0);
-        let mut terms: [Vec<f64>; 3] = Default::default();
+        let mut terms: [Vec<f64>; 4] = Default::default();
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
             let batch = make_batch(examples, pad, &device)?;
@@ -231,7 +246,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             let logits = model.forward(&batch.ids, &batch.attention);
             model.set_dropout_key(None);
             let logits = logits?;
-            let parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, &weights)?;
+            let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, &weights)?;
+            let (w, temp) = (weights.kd_token_weight, weights.temperature);
+            add_token_kd(&mut parts, &logits, &batch, w, temp)?;
             let value = parts.total.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 bail!(
@@ -245,9 +262,10 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             opt.accumulate(&mut acc, &parts.total.backward()?)?;
             loss += value / chunk.len() as f64;
             tokens += batch.tokens;
-            for (slot, v) in terms
-                .iter_mut()
-                .zip([parts.label, parts.rationale, parts.kd])
+            for (slot, v) in
+                terms
+                    .iter_mut()
+                    .zip([parts.label, parts.rationale, parts.kd, parts.kd_token])
             {
                 slot.extend(v);
             }
@@ -259,7 +277,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         state.metrics.push(
             serde_json::json!({
                 "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
-                "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]), "lr": lr,
+                "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]),
+                "kd_token_loss": mean(&terms[3]), "lr": lr,
                 "grad_norm": grad_norm, "tokens": tokens,
                 "tokens_per_second": tokens as f64 / secs.max(1e-9),
             })

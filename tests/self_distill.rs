@@ -1,0 +1,112 @@
+//! Self-distillation as a plain config: teacher and student are the same SmolLM2 GGUF;
+//! generate keeps every token's top-5 by id, curate carries them into the splits, and
+//! finetune trains with token-level KD on the shared tokenizer. A student with another
+//! tokenizer (Qwen2.5) is refused with a clear error instead of being silently aligned.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+fn config(dir: &Path, student: &Path) {
+    let text = format!(
+        r#"name = "self"
+seed = 2
+[data]
+inputs = ["{data}"]
+id_field = "id"
+input_field = "question"
+gold_field = "answer"
+limit = 12
+[task]
+kind = "numeric"
+description = "Solve the arithmetic word problem."
+prompt = "{prompts}/numeric.md"
+[teacher]
+model = "{teacher}"
+max_tokens = 40
+[generate]
+token_topk = 5
+[curate]
+split = [0.75, 0.25, 0.0]
+check_arithmetic = false
+require_answer_in_rationale = false
+[student]
+model = "{student}"
+[finetune]
+objective = "step_by_step"
+kd_token_weight = 1.0
+max_steps = 4
+batch_size = 2
+max_seq_len = 192
+checkpoint_every = 0
+"#,
+        data = root().join("datasets/arith.jsonl").display(),
+        prompts = root().join("prompts").display(),
+        teacher = smollm2().display(),
+        student = student.display()
+    );
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+}
+
+#[test]
+fn self_distillation_trains_with_token_level_kd_and_other_vocabularies_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path(), &smollm2());
+    for stage in ["generate", "curate", "finetune"] {
+        let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
+        assert!(out.status.success(), "{stage}: {}", stderr(&out));
+    }
+    let train = dir.path().join("runs/self/curate/train.parquet");
+    let rows = kdpipe::records::CuratedRow::from_frame(
+        &kdpipe::io::parquet::read_frame(&train).unwrap(),
+        &train,
+    )
+    .unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert!(!r.tokens.ids.is_empty(), "row {} lost its tokens", r.id);
+        assert_eq!(r.tokens.top_ids.len(), r.tokens.ids.len());
+        assert!(r.tokens.top_ids.iter().all(|k| k.len() == 5));
+    }
+    let metrics =
+        std::fs::read_to_string(dir.path().join("runs/self/finetune/metrics.jsonl")).unwrap();
+    let kd: Vec<f64> = metrics
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kd_token_loss"].as_f64()
+        })
+        .collect();
+    assert!(!kd.is_empty(), "no step logged a token KD term:\n{metrics}");
+    assert!(kd.iter().all(|v| v.is_finite() && *v >= 0.0), "{kd:?}");
+
+    // Another tokenizer: a clear error naming a row, nothing trained.
+    config(dir.path(), &qwen());
+    let text = std::fs::read_to_string(dir.path().join("c.toml"))
+        .unwrap()
+        .replace("name = \"self\"", "name = \"other\"");
+    std::fs::write(dir.path().join("c.toml"), text).unwrap();
+    std::fs::create_dir_all(dir.path().join("runs/other")).unwrap();
+    copy_dir(
+        &dir.path().join("runs/self/curate"),
+        &dir.path().join("runs/other/curate"),
+    );
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("token-level KD needs the teacher's tokenizer") && err.contains("hint:"),
+        "{err}"
+    );
+    assert!(!dir
+        .path()
+        .join("runs/other/finetune/manifest.json")
+        .exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
