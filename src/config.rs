@@ -21,6 +21,10 @@ pub struct Config {
     pub data: DataConfig,
     pub task: TaskConfig,
     pub teacher: TeacherConfig,
+    /// More teachers (`[[ensemble]]`, each a full teacher section, local and API mixed):
+    /// every input is answered by each; curate votes across them, weighted by `weight`.
+    #[serde(default)]
+    pub ensemble: Vec<TeacherConfig>,
     #[serde(default)]
     pub generate: GenerateConfig,
     #[serde(default)]
@@ -171,6 +175,10 @@ pub struct TeacherConfig {
     /// `local`: mistralrs in this process (GGUF file or Hugging Face model directory).
     #[serde(default = "d_teacher_kind")]
     pub kind: TeacherKind,
+    /// This teacher's vote in curate's self-consistency when several teachers answer
+    /// (`[[ensemble]]`), and its weight in their averaged label-set soft labels.
+    #[serde(default = "d_one_f")]
+    pub weight: f64,
     /// A GGUF file path, a Hugging Face model directory, or a hub id.
     pub model: String,
     /// Cap on generated tokens a row: a rationale plus an answer line fits in 256.
@@ -800,8 +808,34 @@ impl Config {
         Ok(())
     }
 
+    /// Every teacher, `[teacher]` first: teacher i writes samples i·k … i·k + k − 1 of an
+    /// input (k = `[generate] samples`).
+    pub fn teachers(&self) -> Vec<&TeacherConfig> {
+        std::iter::once(&self.teacher)
+            .chain(&self.ensemble)
+            .collect()
+    }
+
     fn validate_teacher(&self) -> Result<()> {
-        let (t, g) = (&self.teacher, &self.generate);
+        let g = &self.generate;
+        let mut models = std::collections::HashSet::new();
+        for t in self.teachers() {
+            if !models.insert(&t.model) {
+                bail!("[[ensemble]] names the teacher {:?} twice: rows are told apart by the teacher's model", t.model);
+            }
+            if !(t.weight > 0.0 && t.weight.is_finite()) {
+                bail!("teacher {:?}: weight must be greater than 0", t.model);
+            }
+            self.validate_one_teacher(t)?;
+        }
+        if g.samples == 0 {
+            bail!("[generate] samples must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn validate_one_teacher(&self, t: &TeacherConfig) -> Result<()> {
+        let g = &self.generate;
         if g.samples == 0 {
             bail!("[generate] samples must be at least 1");
         }
@@ -861,13 +895,21 @@ impl Config {
     /// be reused by a resumed or extended run (more inputs, more samples, other limits).
     /// Operational settings (concurrency, rate limits, timeouts, URL) are left out.
     pub fn row_view(&self) -> serde_json::Value {
-        let t = &self.teacher;
-        serde_json::json!({
+        let view = |t: &TeacherConfig| {
+            serde_json::json!({"kind": t.kind, "model": t.model, "max_tokens": t.max_tokens,
+                               "temperature": t.temperature, "label_scores": t.label_scores})
+        };
+        let mut v = serde_json::json!({
             "seed": self.seed, "task": self.task,
-            "teacher": {"kind": t.kind, "model": t.model, "max_tokens": t.max_tokens,
-                        "temperature": t.temperature, "label_scores": t.label_scores},
+            "teacher": view(&self.teacher),
             "token_topk": self.generate.token_topk,
-        })
+        });
+        // Only with an ensemble: single-teacher runs keep their earlier hash (and rows).
+        if !self.ensemble.is_empty() {
+            v["ensemble"] = self.ensemble.iter().map(view).collect();
+            v["samples"] = self.generate.samples.into();
+        }
+        v
     }
 
     /// The sections a stage depends on, as one JSON value: its hash decides whether a
@@ -876,14 +918,21 @@ impl Config {
         use serde_json::json;
         match stage {
             "generate" => {
-                json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher, "generate": self.generate})
+                json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher,
+                       "ensemble": self.ensemble, "generate": self.generate})
             }
             "synthesize" => {
                 json!({"seed": self.seed, "task": self.task, "teacher": self.teacher,
                        "synthesize": self.synthesize, "input_field": self.data.input_field})
             }
             "curate" => {
-                json!({"seed": self.seed, "task": self.task, "curate": self.curate, "input_field": self.data.input_field})
+                let weights: Vec<_> = self
+                    .teachers()
+                    .iter()
+                    .map(|t| (&t.model, t.weight))
+                    .collect();
+                json!({"seed": self.seed, "task": self.task, "curate": self.curate,
+                       "input_field": self.data.input_field, "weights": weights})
             }
             "finetune" => {
                 json!({"seed": self.seed, "task": self.task, "student": self.student, "finetune": self.finetune})

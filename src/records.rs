@@ -18,6 +18,8 @@ pub struct InputRow {
 /// How a row's soft label was obtained, best first (DESIGN.md).
 pub const SOFT_LABEL_SCORES: &str = "label_scores";
 pub const SOFT_VOTE_SHARE: &str = "vote_share";
+/// The teachers' label-set scores averaged (weighted) over an ensemble.
+pub const SOFT_ENSEMBLE_LABEL_SCORES: &str = "ensemble_label_scores";
 pub const SOFT_TOKEN_TOPK: &str = "token_topk";
 pub const SOFT_NONE: &str = "none";
 
@@ -526,10 +528,11 @@ impl CuratedRow {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests_support {
     use super::*;
 
-    fn row(id: &str, labels: &[&str]) -> TeacherRow {
+    /// A parsed label-task row with the given soft labels (probability 0.5 each).
+    pub fn row(id: &str, labels: &[&str]) -> TeacherRow {
         TeacherRow {
             id: id.into(),
             sample: 0,
@@ -558,6 +561,13 @@ mod tests {
             created_unix_ms: 1_700_000_000_000,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::tests_support::row;
 
     #[test]
     fn teacher_rows_round_trip_through_parquet() {

@@ -576,7 +576,7 @@ fn dry_run_counts_requests_tokens_and_cost_without_a_server() {
     assert!(out.status.success(), "{}", stderr(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("requests: 30 (10 inputs × 3 samples)"),
+        stdout.contains("requests: 30 (10 inputs × 3 samples × 1 teacher(s))"),
         "{stdout}"
     );
     assert!(stdout.contains("prompt tokens: ≈ "), "{stdout}");

@@ -3,6 +3,7 @@
 //! and tuned in `[curate]`, each one's removals counted.
 
 mod arith;
+mod ensemble;
 mod report;
 pub mod rules;
 pub mod text;
@@ -112,6 +113,11 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let task = Task::from_config(&cfg.task);
     let (files, all) = teacher_rows(cfg)?;
     let contamination = contamination(cfg)?;
+    let all = if cfg.ensemble.is_empty() {
+        all
+    } else {
+        ensemble::prepare(cfg, all, &files)?
+    };
     let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed, contamination.as_ref())?;
 
     // Written beside the earlier output, which stays complete until the swap.

@@ -37,6 +37,7 @@ pub fn summary(outcome: &Outcome, splits: &serde_json::Map<String, Value>) -> Re
         "rationale_chars": stats(kept, col("rationale").str().len_chars().cast(DataType::Float64))?,
         "completion_tokens": stats(kept, col("completion_tokens").cast(DataType::Float64))?,
         "agrees_with_gold": gold_counts(kept)?,
+        "teachers": outcome.teachers,
     }))
 }
 
@@ -116,6 +117,24 @@ pub fn markdown(r: &Value) -> String {
         ));
     }
     md.push_str(&format!("\nSplits: {}.\n", r["splits"]));
+    if let Some(teachers) = r["teachers"].as_array().filter(|t| !t.is_empty()) {
+        md.push_str("\n## Teachers\n\n| teacher | rows | usable | agrees with the vote | agrees with gold |\n|---|---:|---:|---:|---:|\n");
+        let pct = |v: &Value| {
+            v.as_f64()
+                .map(|x| format!("{:.1} %", 100.0 * x))
+                .unwrap_or_else(|| "—".into())
+        };
+        for t in teachers {
+            md.push_str(&format!(
+                "| `{}` | {} | {} | {} | {} |\n",
+                t["teacher"].as_str().unwrap_or(""),
+                t["rows"],
+                t["usable"],
+                pct(&t["agrees_with_vote"]),
+                pct(&t["agrees_with_gold"])
+            ));
+        }
+    }
     md.push_str("\n## Labels (kept rows)\n\n| answer | rows |\n|---|---:|\n");
     for l in r["labels"].as_array().into_iter().flatten() {
         md.push_str(&format!(

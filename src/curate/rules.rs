@@ -27,6 +27,8 @@ pub struct Outcome {
     pub agreement_histogram: Option<Vec<usize>>,
     /// Kept rows with a `split` column.
     pub kept: DataFrame,
+    /// With several teachers (an ensemble): each one's agreement with the vote and gold.
+    pub teachers: Vec<serde_json::Value>,
 }
 
 /// The rules, in the order they run (each one's keep column is `_keep_<rule>`).
@@ -198,18 +200,27 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
     let usable = col("status")
         .eq(lit(ParseStatus::Ok.as_str()))
         .or(col("status").eq(lit(ParseStatus::Rescued.as_str())));
+    // A row's vote weighs its teacher's weight (1 unless an ensemble says otherwise).
+    let weighted = df
+        .get_column_names()
+        .iter()
+        .any(|c| c.as_str() == "_weight");
     let mut lf = df.lazy();
+    if !weighted {
+        lf = lf.with_column(lit(1.0).alias("_weight"));
+    }
     let on = |enabled: bool, pass: Expr| if enabled { pass } else { lit(true) };
     let mut prev = keep_col("parse_failure");
     lf = lf.with_column(on(cfg.drop_parse_failures, usable).alias(&prev));
 
     // Self-consistency: the majority answer among an input's kept samples (ties go to the
-    // answer that sorts first), its share of all the input's samples.
+    // answer that sorts first), its share of all the input's samples; every sample votes
+    // with its teacher's weight.
     let votes = lf
         .clone()
         .filter(col(&prev))
         .group_by([col("id"), col("answer")])
-        .agg([len().alias("_votes")])
+        .agg([col("_weight").sum().alias("_votes")])
         .sort_by_exprs(
             [col("id"), col("_votes"), col("answer")],
             SortMultipleOptions::default().with_order_descending_multi([false, true, false]),
@@ -221,6 +232,12 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
         ]);
     lf = lf
         .with_column(len().over([col("id")])?.alias("_samples"))
+        .with_column(
+            col("_weight")
+                .sum()
+                .over([col("id")])?
+                .alias("_weight_total"),
+        )
         .join(
             votes,
             [col("id")],
@@ -229,7 +246,7 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
         )
         .with_column(
             (col("_majority_votes").cast(DataType::Float64)
-                / col("_samples").cast(DataType::Float64))
+                / col("_weight_total").cast(DataType::Float64))
             .alias("_agreement"),
         );
     let multi = col("_samples").gt(lit(1));
@@ -361,6 +378,7 @@ pub fn apply(
         before = after;
     }
     let agreement_histogram = agreement_histogram(&all)?;
+    let teachers = teacher_agreement(&all, task)?;
     let last = keep_col(RULES[RULES.len() - 1]);
     let kept = all
         .lazy()
@@ -379,7 +397,45 @@ pub fn apply(
         parse_reasons,
         agreement_histogram,
         kept,
+        teachers,
     })
+}
+
+/// Per teacher, when rows come from more than one: rows, usable answers, and how often a
+/// usable answer matches the input's (weighted) vote and, where there is gold, the gold.
+fn teacher_agreement(all: &DataFrame, task: &Task) -> Result<Vec<serde_json::Value>> {
+    let distinct = all.column("teacher")?.n_unique()?;
+    if distinct < 2 {
+        return Ok(vec![]);
+    }
+    let usable = col("status")
+        .eq(lit(ParseStatus::Ok.as_str()))
+        .or(col("status").eq(lit(ParseStatus::Rescued.as_str())));
+    let share = |hit: Expr, of: Expr| {
+        hit.and(of.clone()).cast(DataType::Float64).sum() / of.cast(DataType::Float64).sum()
+    };
+    let with_gold = usable.clone().and(col("gold").is_not_null());
+    let per = all
+        .clone()
+        .lazy()
+        .group_by([col("teacher")])
+        .agg([
+            len().alias("rows"),
+            usable.clone().cast(DataType::UInt32).sum().alias("usable"),
+            share(
+                col("answer").eq(col("_majority")).fill_null(lit(false)),
+                usable.clone(),
+            )
+            .alias("agrees_with_vote"),
+            share(
+                gold_agreement(task).fill_null(lit(false)),
+                with_gold.clone(),
+            )
+            .alias("agrees_with_gold"),
+        ])
+        .sort(["teacher"], Default::default())
+        .collect()?;
+    Ok(crate::io::parquet::rows_as_json(&per, usize::MAX)?)
 }
 
 fn parse_reasons(df: &DataFrame) -> Result<BTreeMap<String, usize>> {

@@ -45,9 +45,10 @@ pub fn report(cfg: &Config, jobs: &[Job], settings: &Settings) -> Result<()> {
     let requests = jobs.len();
     let completion_max = requests * settings.max_tokens;
     println!(
-        "requests: {requests} ({} inputs × {} samples)",
+        "requests: {requests} ({} inputs × {} samples × {} teacher(s))",
         per_input.len(),
-        cfg.generate.samples
+        cfg.generate.samples,
+        cfg.teachers().len()
     );
     println!(
         "prompt tokens: {}{prompt_tokens}{}",

@@ -10,7 +10,7 @@ mod dry_run;
 mod parts;
 mod rows;
 
-use crate::config::{Config, TaskKind, TeacherKind};
+use crate::config::{Config, TaskKind, TeacherConfig, TeacherKind};
 use crate::io::atomic::text_sha256;
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
@@ -59,18 +59,41 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
     Ok(v)
 }
 
-/// The request settings every job of this config shares.
-fn settings(cfg: &Config) -> Settings {
-    let labels_scored = cfg.task.kind == TaskKind::Labels && cfg.teacher.label_scores;
+/// The request settings of one teacher's jobs.
+fn settings(cfg: &Config, teacher: &TeacherConfig) -> Settings {
+    let labels_scored = cfg.task.kind == TaskKind::Labels && teacher.label_scores;
     Settings {
-        max_tokens: cfg.teacher.max_tokens,
-        temperature: cfg.teacher.temperature,
+        max_tokens: teacher.max_tokens,
+        temperature: teacher.temperature,
         token_topk: cfg.generate.token_topk,
         labels: if labels_scored {
             cfg.task.labels.clone()
         } else {
             vec![]
         },
+    }
+}
+
+/// Which teacher writes a sample: teacher i writes samples i·k … i·k + k − 1.
+fn teacher_index(cfg: &Config, sample: u32) -> usize {
+    sample as usize / cfg.generate.samples.max(1)
+}
+
+fn row_context<'a>(
+    cfg: &Config,
+    task: &'a Task,
+    settings: &'a Settings,
+    prompt: &Prompt,
+    backend: &str,
+    teacher: &str,
+) -> RowContext<'a> {
+    RowContext {
+        task,
+        settings,
+        backend: backend.to_string(),
+        teacher: teacher.to_string(),
+        prompt_name: prompt_name(cfg),
+        prompt_hash: prompt.hash.clone(),
     }
 }
 
@@ -82,17 +105,22 @@ fn sample_seed(seed: u64, id: &str, sample: u32) -> u64 {
 }
 
 fn jobs(cfg: &Config, prompt: &Prompt, inputs: &[InputRow]) -> Result<Vec<Job>> {
-    let seeded = cfg.teacher.kind != TeacherKind::Local; // mistralrs takes no request seed
-    let mut jobs = Vec::with_capacity(inputs.len() * cfg.generate.samples);
+    let k = cfg.generate.samples as u32;
+    let teachers = cfg.teachers();
+    let mut jobs = Vec::with_capacity(inputs.len() * k as usize * teachers.len());
     for input in inputs {
         let messages = prompt.teacher_chat(&input.input)?;
-        for sample in 0..cfg.generate.samples as u32 {
-            jobs.push(Job {
-                id: input.id.clone(),
-                sample,
-                messages: messages.clone(),
-                seed: seeded.then(|| sample_seed(cfg.seed, &input.id, sample)),
-            });
+        for (index, t) in teachers.iter().enumerate() {
+            let seeded = t.kind != TeacherKind::Local; // mistralrs takes no request seed
+            for s in 0..k {
+                let sample = index as u32 * k + s;
+                jobs.push(Job {
+                    id: input.id.clone(),
+                    sample,
+                    messages: messages.clone(),
+                    seed: seeded.then(|| sample_seed(cfg.seed, &input.id, sample)),
+                });
+            }
         }
     }
     Ok(jobs)
@@ -110,10 +138,12 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         .filter(|r| shard.owns(&r.id))
         .collect();
     let jobs = jobs(cfg, &prompt, &inputs)?;
-    let settings = settings(cfg);
     if opts.dry_run {
-        dry_run::report(cfg, &jobs, &settings)?;
+        dry_run::report(cfg, &jobs, &settings(cfg, &cfg.teacher))?;
         return Ok(out_dir);
+    }
+    if opts.batch.is_some() && !cfg.ensemble.is_empty() {
+        bail!("Batch API files are written for one teacher, and this config names an [[ensemble]]\nhint: run the Batch job with one [teacher] per run name");
     }
 
     let inputs_manifest = input_entries(cfg)?;
@@ -168,7 +198,8 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     );
 
     if let Some(BatchMode::Write(dir)) = &opts.batch {
-        let files = batch::write_requests(dir, &cfg.teacher.model, &todo, &settings)?;
+        let files =
+            batch::write_requests(dir, &cfg.teacher.model, &todo, &settings(cfg, &cfg.teacher))?;
         eprintln!(
             "generate: wrote {} requests in {} file(s) under {}",
             todo.len(),
@@ -178,58 +209,88 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         return Ok(dir.clone());
     }
 
-    // Where the rows come from: batch result files, or the live teacher.
-    let teacher = match (&opts.batch, todo.is_empty()) {
-        (Some(BatchMode::Ingest(_)), _) | (_, true) => None,
-        _ => Some(teacher::open(
-            &cfg.teacher,
-            !settings.labels.is_empty(),
-            settings.token_topk,
-        )?),
-    };
-    let (backend, teacher_id) = match (&teacher, &opts.batch) {
-        (Some(t), _) => (t.backend().to_string(), t.id().to_string()),
-        (None, Some(_)) => ("batch".to_string(), cfg.teacher.model.clone()),
-        (None, None) => (String::new(), String::new()),
-    };
-    let ctx = RowContext {
-        task: &task,
-        settings: &settings,
-        backend: backend.clone(),
-        teacher: teacher_id.clone(),
-        prompt_name: prompt_name(cfg),
-        prompt_hash: prompt.hash.clone(),
-    };
+    // Where the rows come from: batch result files, or the live teachers one after another.
     let by_id: HashMap<&str, &InputRow> = inputs.iter().map(|r| (r.id.as_str(), r)).collect();
     let locate = |text: &str| task.parse_rationale_output(text, false).answer_offset;
     let mut progress = Progress::new("generate", todo.len() as u64);
     let mut new_rows: Vec<TeacherRow> = vec![];
     let mut new_tokens = (0u64, 0u64);
     let mut unanswered: Vec<Job> = vec![];
-    let outcome = {
-        let mut sink = |job: Job, result: JobResult| -> Result<()> {
-            let input = by_id
-                .get(job.id.as_str())
-                .context("a reply for an id that was not asked")?;
-            let row = ctx.row(&job, input, result);
-            progress.inc(row.completion_tokens as u64);
-            new_tokens.0 += row.prompt_tokens as u64;
-            new_tokens.1 += row.completion_tokens as u64;
-            parts.push(row.clone())?;
-            new_rows.push(row);
-            Ok(())
-        };
-        match (&teacher, &opts.batch) {
-            (Some(t), _) => t.answer_all(todo.clone(), &settings, &locate, &mut sink),
-            (None, Some(BatchMode::Ingest(files))) => {
-                batch::ingest(files, &todo, &settings, &locate, &mut sink).map(|o| {
-                    unanswered = o.unanswered;
-                    o.failures
-                })
+    let mut teacher_ids: Vec<(String, String)> = vec![];
+    let mut record = |ctx: &RowContext, job: Job, result: JobResult| -> Result<()> {
+        let input = by_id
+            .get(job.id.as_str())
+            .context("a reply for an id that was not asked")?;
+        let row = ctx.row(&job, input, result);
+        progress.inc(row.completion_tokens as u64);
+        new_tokens.0 += row.prompt_tokens as u64;
+        new_tokens.1 += row.completion_tokens as u64;
+        parts.push(row.clone())?;
+        new_rows.push(row);
+        Ok(())
+    };
+    let outcome = match &opts.batch {
+        Some(BatchMode::Ingest(files)) => {
+            let settings = settings(cfg, &cfg.teacher);
+            let ctx = row_context(cfg, &task, &settings, &prompt, "batch", &cfg.teacher.model);
+            teacher_ids.push(("batch".into(), cfg.teacher.model.clone()));
+            batch::ingest(files, &todo, &settings, &locate, &mut |job, result| {
+                record(&ctx, job, result)
+            })
+            .map(|o| {
+                unanswered = o.unanswered;
+                o.failures
+            })
+        }
+        _ => {
+            let mut retries = RetryCounts::new();
+            let mut outcome = Ok(());
+            for (index, tcfg) in cfg.teachers().into_iter().enumerate() {
+                let mine: Vec<Job> = todo
+                    .iter()
+                    .filter(|j| teacher_index(cfg, j.sample) == index)
+                    .cloned()
+                    .collect();
+                if mine.is_empty() {
+                    continue;
+                }
+                let settings = settings(cfg, tcfg);
+                let teacher =
+                    match teacher::open(tcfg, !settings.labels.is_empty(), settings.token_topk) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            outcome = Err(e);
+                            break;
+                        }
+                    };
+                teacher_ids.push((teacher.backend().to_string(), teacher.id().to_string()));
+                let ctx = row_context(
+                    cfg,
+                    &task,
+                    &settings,
+                    &prompt,
+                    teacher.backend(),
+                    teacher.id(),
+                );
+                let answered = teacher.answer_all(mine, &settings, &locate, &mut |job, result| {
+                    record(&ctx, job, result)
+                });
+                match answered {
+                    Ok(r) => {
+                        for (cause, n) in r {
+                            *retries.entry(cause).or_default() += n;
+                        }
+                    }
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
             }
-            _ => Ok(RetryCounts::new()),
+            outcome.map(|()| retries)
         }
     };
+    let (backend, teacher_id) = teacher_ids.first().cloned().unwrap_or_default();
     // Whatever happened, rows already answered are kept for the next run.
     parts.flush()?;
     let retries = outcome?;
@@ -246,6 +307,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
+        let settings = settings(cfg, &cfg.teacher);
         let files = batch::write_requests(&dir, &cfg.teacher.model, &unanswered, &settings)?;
         bail!(
             "{} rows have no answer in the batch files ({} written for them under {})\nhint: submit those request files, then ingest their output together with the earlier files",
@@ -263,7 +325,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
             .with_context(|| format!("no row for input {:?} sample {}", job.id, job.sample))?;
         rows.push(row);
     }
-    add_vote_shares(&mut rows, cfg.generate.samples);
+    add_vote_shares(&mut rows, cfg.generate.samples * cfg.teachers().len());
     let mut df = TeacherRow::to_frame(&rows)?;
     write_frame(&out_path, &mut df)?;
 
@@ -276,6 +338,9 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     m.summary = summary;
     m.summary["backend"] = backend.clone().into();
     m.summary["teacher"] = teacher_id.into();
+    if teacher_ids.len() > 1 {
+        m.summary["teachers"] = teacher_ids.iter().map(|(_, id)| id.clone()).collect();
+    }
     m.write_as(&out_dir, &shard.manifest_name())?;
     parts.remove()?;
     let parsed = rows
