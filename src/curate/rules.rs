@@ -435,7 +435,7 @@ fn teacher_agreement(all: &DataFrame, task: &Task) -> Result<Vec<serde_json::Val
         ])
         .sort(["teacher"], Default::default())
         .collect()?;
-    Ok(crate::io::parquet::rows_as_json(&per, usize::MAX)?)
+    crate::io::parquet::rows_as_json(&per, usize::MAX)
 }
 
 fn parse_reasons(df: &DataFrame) -> Result<BTreeMap<String, usize>> {
