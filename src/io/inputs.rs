@@ -105,10 +105,13 @@ fn read_jsonl(path: &Path, cfg: &DataConfig) -> Result<Vec<(InputRow, String)>> 
             Some(f) => get(f)?.with_context(|| format!("{place}: missing id field {f:?}"))?,
             None => format!("{}-{lineno}", stem(path)),
         };
+        // An absent gold field is an error (a misspelt name would drop every gold
+        // answer); an explicit null says this row has none.
         let gold = match &cfg.gold_field {
-            Some(f) => Some(get(f)?.with_context(|| {
-                format!("{place}: missing gold field {f:?}\nhint: remove [data] gold_field if the data has no gold answers")
-            })?),
+            Some(f) if obj.get(f).is_none() => bail!(
+                "{place}: missing gold field {f:?}\nhint: remove [data] gold_field if the data has no gold answers, or write null for a row without one"
+            ),
+            Some(f) => get(f)?,
             None => None,
         };
         check_input(&input, &place, cfg)?;
@@ -184,13 +187,9 @@ fn read_table(path: &Path, cfg: &DataConfig, ext: &str) -> Result<Vec<(InputRow,
                 .with_context(|| format!("{place}: id is null"))?,
             None => format!("{}-{}", stem(path), i + 1),
         };
+        // A null gold cell: this row has no gold answer.
         let gold = match &golds {
-            Some(c) => Some(
-                c.str()?
-                    .get(i)
-                    .map(str::to_string)
-                    .with_context(|| format!("{place}: gold is null"))?,
-            ),
+            Some(c) => c.str()?.get(i).map(str::to_string),
             None => None,
         };
         check_input(&input, &place, cfg)?;
@@ -212,6 +211,22 @@ mod tests {
             limit,
             max_input_chars: 1000,
         }
+    }
+
+    #[test]
+    fn null_gold_means_none_and_an_absent_gold_field_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("in.jsonl");
+        std::fs::write(
+            &p,
+            "{\"key\": \"a\", \"question\": \"1+1?\", \"answer\": null}\n",
+        )
+        .unwrap();
+        let rows = read_inputs(&cfg(&p, None)).unwrap();
+        assert_eq!(rows[0].gold, None);
+        std::fs::write(&p, "{\"key\": \"a\", \"question\": \"1+1?\"}\n").unwrap();
+        let err = format!("{:#}", read_inputs(&cfg(&p, None)).unwrap_err());
+        assert!(err.contains("in.jsonl:1") && err.contains("missing gold field"), "{err}");
     }
 
     #[test]

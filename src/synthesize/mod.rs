@@ -105,6 +105,10 @@ fn write_inputs(path: &Path, cfg: &Config, rows: &[Synthesized]) -> Result<()> {
         let mut obj = serde_json::Map::new();
         obj.insert(id_field.into(), r.id.clone().into());
         obj.insert(cfg.data.input_field.clone(), r.input.clone().into());
+        // No gold answer (null, not absent: the reader tells the two apart).
+        if let Some(g) = &cfg.data.gold_field {
+            obj.insert(g.clone(), serde_json::Value::Null);
+        }
         obj.insert("synthesized".into(), true.into());
         obj.insert("round".into(), r.round.into());
         obj.insert("seed_ids".into(), r.seed_ids.clone().into());
