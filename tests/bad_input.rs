@@ -156,32 +156,10 @@ fn generate_folder(dir: &Path, df: &mut polars::prelude::DataFrame, schema: Opti
 
 fn teacher_frame(n: usize) -> polars::prelude::DataFrame {
     let rows: Vec<kdpipe::records::TeacherRow> = (0..n)
-        .map(|i| kdpipe::records::TeacherRow {
-            id: format!("r{i}"),
-            sample: 0,
-            input: format!("question {i}"),
-            gold: None,
-            raw: "x = 1\nAnswer: 1".into(),
-            rationale: Some("x = 1".into()),
-            answer: Some("1".into()),
-            status: "ok".into(),
-            soft_kind: "none".into(),
-            soft_labels: vec![],
-            soft_probs: vec![],
-            soft_coverage: None,
-            tokens: Default::default(),
-            prompt_tokens: 1,
-            completion_tokens: 1,
-            finish_reason: "stop".into(),
-            latency_ms: 1.0,
-            backend: "local".into(),
-            teacher: "t".into(),
-            prompt_name: "p".into(),
-            prompt_hash: "h".into(),
-            temperature: 0.0,
-            max_tokens: 8,
-            seed: None,
-            created_unix_ms: 0,
+        .map(|i| {
+            let mut r = ok_teacher_row(&format!("r{i}"), &format!("question {i}"), "x = 1", "1");
+            r.gold = None;
+            r
         })
         .collect();
     kdpipe::records::TeacherRow::to_frame(&rows).unwrap()

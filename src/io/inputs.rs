@@ -226,7 +226,10 @@ mod tests {
         assert_eq!(rows[0].gold, None);
         std::fs::write(&p, "{\"key\": \"a\", \"question\": \"1+1?\"}\n").unwrap();
         let err = format!("{:#}", read_inputs(&cfg(&p, None)).unwrap_err());
-        assert!(err.contains("in.jsonl:1") && err.contains("missing gold field"), "{err}");
+        assert!(
+            err.contains("in.jsonl:1") && err.contains("missing gold field"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -265,6 +265,26 @@ impl Decoder {
         Ok(matmul_t(&x, head)?)
     }
 
+    /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, RoPE applied for
+    /// positions starting at `offset`.
+    fn qkv(&self, x: &Tensor, p: &str, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let s = &self.shape;
+        let (b, t, _) = x.dims3()?;
+        let hd = s.head_dim();
+        let project = |name: &str, n: usize| -> Result<Tensor> {
+            let y = self.linear(&format!("{p}.self_attn.{name}"))?.forward(x)?;
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = project("q_proj", s.num_attention_heads)?;
+        let k = project("k_proj", s.num_key_value_heads)?;
+        let v = project("v_proj", s.num_key_value_heads)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        Ok((q, k, v))
+    }
+
     fn attention(
         &self,
         x: &Tensor,
@@ -275,25 +295,7 @@ impl Decoder {
         let s = &self.shape;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
-        let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(
-            self.linear(&format!("{p}.self_attn.q_proj"))?.forward(x)?,
-            nh,
-        )?;
-        let k = heads(
-            self.linear(&format!("{p}.self_attn.k_proj"))?.forward(x)?,
-            nkv,
-        )?;
-        let v = heads(
-            self.linear(&format!("{p}.self_attn.v_proj"))?.forward(x)?,
-            nkv,
-        )?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let (q, k, v) = self.qkv(x, p, 0)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         // Scaling q (4× smaller than the scores) costs less than scaling the scores.
         let q = (q / (hd as f64).sqrt())?;
@@ -400,25 +402,7 @@ impl Decoder {
         let s = &self.shape;
         let (_, n, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
-        let heads = |y: Tensor, h: usize| -> candle_core::Result<Tensor> {
-            y.reshape((1, n, h, hd))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(
-            self.linear(&format!("{p}.self_attn.q_proj"))?.forward(x)?,
-            nh,
-        )?;
-        let k = heads(
-            self.linear(&format!("{p}.self_attn.k_proj"))?.forward(x)?,
-            nkv,
-        )?;
-        let v = heads(
-            self.linear(&format!("{p}.self_attn.v_proj"))?.forward(x)?,
-            nkv,
-        )?;
-        let cos = self.cos.narrow(0, past, n)?;
-        let sin = self.sin.narrow(0, past, n)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let (q, k, v) = self.qkv(x, p, past)?;
         let (k, v) = match layer.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
