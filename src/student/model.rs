@@ -62,8 +62,8 @@ impl Module for Linear<'_> {
         let mut y = matmul_t(x, self.weight)?;
         if let Some(l) = self.lora {
             let xa = match self.dropout {
-                Some((p, key)) if p > 0.0 => (x * dropout_mask(x, p, key)?)?,
-                _ => x.clone(),
+                Some((p, key)) => (x * dropout_mask(x, p, key)?)?,
+                None => x.clone(),
             };
             y = (y + (matmul_t(&matmul_t(&xa, &l.a)?, &l.b)? * l.scale)?)?;
         }
@@ -210,16 +210,21 @@ impl Decoder {
     }
 
     fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
-        // Each layer's mask key mixes in a hash of its name.
-        let dropout = self.dropout_key.get().map(|key| {
-            let layer = crate::io::atomic::text_sha256(prefix);
-            let salt = u64::from_str_radix(&layer[..15], 16).unwrap_or(0);
-            (self.lora_dropout, key ^ salt)
-        });
+        let lora = self.lora.get(prefix);
+        // Only adapters in a training pass drop out; each layer's mask key mixes in a hash
+        // of its name.
+        let dropout = match (lora, self.dropout_key.get()) {
+            (Some(_), Some(key)) if self.lora_dropout > 0.0 => {
+                let layer = crate::io::atomic::text_sha256(prefix);
+                let salt = u64::from_str_radix(&layer[..15], 16).unwrap_or(0);
+                Some((self.lora_dropout, key ^ salt))
+            }
+            _ => None,
+        };
         Ok(Linear {
             weight: self.w(&format!("{prefix}.weight"))?,
             bias: self.weights.get(&format!("{prefix}.bias")),
-            lora: self.lora.get(prefix),
+            lora,
             dropout,
         })
     }
