@@ -271,14 +271,7 @@ fn finetune_killed_anywhere_resumes_to_the_same_weights() {
         let got = weights(dir.path());
         assert_eq!(got.len(), want.len());
         for (name, w) in &want {
-            let diff = (got[name].clone() - w)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_diff(&got[name], w);
             assert!(diff < 1e-4, "kill {i}: {name} differs by {diff}");
         }
         finished

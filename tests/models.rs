@@ -356,13 +356,6 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
     .unwrap();
     let a = model.forward(&input, &mask).unwrap();
     let b = merged.forward(&input, &mask).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&a, &b);
     assert!(diff < 1e-3, "merged logits differ by {diff}");
 }

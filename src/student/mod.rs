@@ -74,3 +74,16 @@ impl LoadedModel {
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }
 }
+
+/// Largest absolute difference between two tensors of one shape (unit tests).
+#[cfg(test)]
+pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -547,6 +547,7 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::student::max_diff;
 
     fn tiny_shape() -> ModelShape {
         ModelShape {
@@ -661,26 +662,16 @@ mod tests {
             d.set_dropout_key(None);
             y
         };
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         let (plain, again) = (run(None), run(None));
         let (k1, k1_again, k2) = (run(Some(1)), run(Some(1)), run(Some(2)));
-        assert_eq!(diff(&plain, &again), 0.0);
+        assert_eq!(max_diff(&plain, &again), 0.0);
         assert_eq!(
-            diff(&k1, &k1_again),
+            max_diff(&k1, &k1_again),
             0.0,
             "the same key draws the same masks"
         );
-        assert!(diff(&k1, &plain) > 1e-4, "dropout changed nothing");
-        assert!(diff(&k1, &k2) > 1e-4, "two keys drew the same masks");
+        assert!(max_diff(&k1, &plain) > 1e-4, "dropout changed nothing");
+        assert!(max_diff(&k1, &k2) > 1e-4, "two keys drew the same masks");
     }
 
     #[test]
@@ -704,14 +695,7 @@ mod tests {
         }
         assert_eq!(cache.len(), ids.len());
         let cached = Tensor::cat(&parts, 0).unwrap();
-        let diff = (full - cached)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&full, &cached);
         assert!(diff < 1e-4, "cached logits differ by {diff}");
     }
 
@@ -733,14 +717,7 @@ mod tests {
             .unwrap()
             .narrow(1, 0, 3)
             .unwrap();
-        let diff = (short - padded)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(&short, &padded);
         assert!(diff < 1e-5, "padding changed logits by {diff}");
     }
 }

@@ -475,18 +475,8 @@ impl CustomOp3 for CrossEntropyGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::student::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn fused_softmax_matches_candle_forward_and_backward() {

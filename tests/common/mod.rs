@@ -104,3 +104,15 @@ pub fn ok_teacher_row(
         created_unix_ms: 0,
     }
 }
+
+/// Largest absolute difference between two tensors of one shape.
+pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
