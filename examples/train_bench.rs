@@ -16,6 +16,7 @@ use std::time::Instant;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    kdpipe::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
         args.len() >= 5,

@@ -169,12 +169,33 @@ pub enum TeacherKind {
     Openai,
 }
 
+/// Which engine serves a `local` teacher.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalEngine {
+    /// `batched` when the model is llama or qwen2 and its f32 weights take at most half
+    /// the memory available; `mistralrs` otherwise.
+    #[default]
+    Auto,
+    /// kdpipe's own decoder, f32, `batch` sequences decoded together.
+    Batched,
+    /// mistralrs, one request at a time, quantized weights as stored.
+    Mistralrs,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TeacherConfig {
-    /// `local`: mistralrs in this process (GGUF file or Hugging Face model directory).
+    /// `local`: a model in this process (GGUF file or Hugging Face model directory).
     #[serde(default = "d_teacher_kind")]
     pub kind: TeacherKind,
+    /// `local`: "auto", "batched" (kdpipe's decoder) or "mistralrs".
+    #[serde(default)]
+    pub engine: LocalEngine,
+    /// `local`, batched engine: sequences decoded together. More keeps the CPU's matrix
+    /// units busier and holds more key/value caches in memory.
+    #[serde(default = "d_local_batch")]
+    pub batch: usize,
     /// This teacher's vote in curate's self-consistency when several teachers answer
     /// (`[[ensemble]]`), and its weight in their averaged label-set soft labels.
     #[serde(default = "d_one_f")]
@@ -611,6 +632,11 @@ fn d_ngram() -> usize {
 fn d_max_in_flight() -> usize {
     8
 }
+fn d_local_batch() -> usize {
+    BATCH_DEFAULT
+}
+/// Chosen by `scripts/bench/teacher.sh` (see bench-results/teacher.md).
+const BATCH_DEFAULT: usize = 32;
 fn d_timeout() -> f64 {
     120.0
 }
@@ -850,6 +876,9 @@ impl Config {
                 "[generate] token_topk must be at most 20, got {}",
                 g.token_topk
             );
+        }
+        if t.batch == 0 {
+            bail!("[teacher] batch must be at least 1");
         }
         if t.kind == TeacherKind::Openai {
             if t.base_url.as_deref().unwrap_or("").is_empty() {

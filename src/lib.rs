@@ -4,6 +4,7 @@
 //! generate → curate → finetune → eval, chained by `run`. No stage module imports
 //! another; each is a function of (resolved config, input files) → output files.
 
+pub mod alloc;
 pub mod chat;
 pub mod cli;
 pub mod config;

@@ -127,6 +127,7 @@ fn report(err: &anyhow::Error) {
 }
 
 fn main() -> ExitCode {
+    kdpipe::alloc::tune();
     let cli = Cli::parse();
     init_logs(cli.verbose);
     match run(cli) {

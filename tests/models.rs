@@ -359,3 +359,183 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
     let diff = max_diff(&a, &b);
     assert!(diff < 1e-3, "merged logits differ by {diff}");
 }
+
+/// Replies of the batched teacher for `chats`, in job order.
+fn batched_replies(
+    teacher: &kdpipe::teacher::batched::BatchedTeacher,
+    chats: &[Vec<ChatMessage>],
+    settings: &kdpipe::teacher::Settings,
+    locate: kdpipe::teacher::AnswerLocator,
+) -> Vec<kdpipe::teacher::Reply> {
+    use kdpipe::teacher::{Job, Teacher};
+    let jobs = chats
+        .iter()
+        .enumerate()
+        .map(|(i, messages)| Job {
+            id: i.to_string(),
+            sample: 0,
+            messages: messages.clone(),
+            seed: None,
+        })
+        .collect();
+    let mut replies = vec![None; chats.len()];
+    teacher
+        .answer_all(jobs, settings, locate, &mut |job, r| {
+            replies[job.id.parse::<usize>().unwrap()] = Some(r.unwrap());
+            Ok(())
+        })
+        .unwrap();
+    replies.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn batched_teacher_replies_do_not_depend_on_the_batch_and_match_the_engine() {
+    use kdpipe::teacher::batched::BatchedTeacher;
+    use kdpipe::teacher::Settings;
+    let path = smollm2();
+    let questions = [
+        "What is the capital of France? Answer in one sentence.",
+        "Name three colors.",
+        "What is 12 plus 30?",
+        "Write a haiku about rain.",
+        "Who wrote Hamlet?",
+    ];
+    let chats: Vec<Vec<ChatMessage>> = questions
+        .iter()
+        .map(|q| vec![ChatMessage::new("user", *q)])
+        .collect();
+    let settings = Settings {
+        max_tokens: 24,
+        temperature: 0.0,
+        token_topk: 0,
+        labels: vec![],
+    };
+    let one = BatchedTeacher::open(path.to_str().unwrap(), 1).unwrap();
+    let four = BatchedTeacher::open(path.to_str().unwrap(), 4).unwrap();
+    let alone = batched_replies(&one, &chats, &settings, &|_| None);
+    let together = batched_replies(&four, &chats, &settings, &|_| None);
+    for (a, b) in alone.iter().zip(&together) {
+        assert_eq!(a.text, b.text, "a reply changed with its batch");
+        assert_eq!(a.completion_tokens, b.completion_tokens);
+        assert!(a.finish_reason == "stop" || a.finish_reason == "length");
+    }
+    // The first chat is the one the mistralrs engine is compared with above.
+    let engine = LocalTeacher::open(path.to_str().unwrap(), false).unwrap();
+    let engine_text = engine.generate(&chats[0], 16, 0.0).unwrap().text;
+    let short = Settings {
+        max_tokens: 16,
+        ..settings
+    };
+    let ours = batched_replies(&four, &chats[..1], &short, &|_| None);
+    assert_eq!(ours[0].text.trim(), engine_text.trim());
+}
+
+#[test]
+fn batched_teacher_label_probs_equal_a_fresh_forward_pass() {
+    use kdpipe::student::KvCache;
+    use kdpipe::teacher::batched::BatchedTeacher;
+    use kdpipe::teacher::Settings;
+    let path = smollm2();
+    let teacher = BatchedTeacher::open(path.to_str().unwrap(), 2).unwrap();
+    let labels: Vec<String> = ["joy", "anger", "optimism", "sadness"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let chats = vec![
+        chat(),
+        vec![ChatMessage::new("user", "I lost my keys again.")],
+    ];
+    let settings = Settings {
+        max_tokens: 20,
+        temperature: 0.0,
+        token_topk: 3,
+        labels: labels.clone(),
+    };
+    // Score the labels halfway through each reply.
+    let locate = |text: &str| {
+        text.char_indices()
+            .nth(text.chars().count() / 2)
+            .map(|(i, _)| i)
+    };
+    let replies = batched_replies(&teacher, &chats, &settings, &locate);
+    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
+    let model = loaded.decoder(&Device::Cpu, |_| false).unwrap();
+    for (messages, reply) in chats.iter().zip(&replies) {
+        let probs = reply.label_probs.as_ref().expect("label probs");
+        let total: f64 = probs.iter().sum();
+        assert!(total > 0.0 && total <= 1.0 + 1e-6, "{probs:?}");
+        assert_eq!(reply.tokens.len(), reply.completion_tokens as usize);
+        let offset = locate(&reply.text).unwrap();
+        let mut context = loaded
+            .encode(&loaded.chat.render(messages, true).unwrap())
+            .unwrap();
+        context.extend(loaded.encode(&reply.text[..offset]).unwrap());
+        for (label, p) in labels.iter().zip(probs) {
+            let ids = loaded.encode(&format!(" {label}")).unwrap();
+            let mut all = context.clone();
+            all.extend(&ids);
+            let logits = model.forward_cached(&all, &mut KvCache::default()).unwrap();
+            let lp = candle_nn::ops::log_softmax(&logits, 1)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            let want: f64 = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &id)| lp[context.len() - 1 + j][id as usize] as f64)
+                .sum::<f64>()
+                .exp();
+            assert!(
+                (p - want).abs() <= 1e-3 * want.max(1e-6) + 1e-7,
+                "{label}: batched {p} vs fresh {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn served_logits_are_bit_identical_alone_and_in_any_batch() {
+    use kdpipe::student::serve::{SeqCache, StepInput};
+    let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
+    let model = loaded
+        .decoder(&Device::Cpu, |_| false)
+        .unwrap()
+        .into_inference()
+        .unwrap();
+    let prompt: Vec<u32> = (0..40u32).map(|i| 100 + i * 7).collect();
+    let other: Vec<u32> = (0..25u32).map(|i| 300 + i * 11).collect();
+    let run = |others: usize| -> Vec<Vec<f32>> {
+        let mut mine = SeqCache::new(&model, 64);
+        let mut rest: Vec<SeqCache> = (0..others).map(|_| SeqCache::new(&model, 64)).collect();
+        let mut out = vec![];
+        for (tokens, extra) in [(&prompt[..], &other[..]), (&[5u32][..], &[9u32][..])] {
+            let mut inputs = vec![StepInput {
+                cache: &mut mine,
+                tokens,
+                all_logits: false,
+            }];
+            inputs.extend(rest.iter_mut().map(|c| StepInput {
+                cache: c,
+                tokens: extra,
+                all_logits: false,
+            }));
+            out.push(model.forward_step(&mut inputs).unwrap().swap_remove(0));
+        }
+        out
+    };
+    let alone = run(0);
+    for others in [1, 3, 20] {
+        let got = run(others);
+        for (step, (a, b)) in alone.iter().zip(&got).enumerate() {
+            let differ = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "step {step}: {differ} logits changed with {others} others"
+            );
+        }
+    }
+}

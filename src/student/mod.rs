@@ -6,6 +6,7 @@ pub mod gguf;
 pub mod hf;
 pub mod model;
 pub mod ops;
+pub mod serve;
 pub mod shape;
 pub mod tokenizer;
 

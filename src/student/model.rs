@@ -23,8 +23,10 @@ pub struct Decoder {
     /// dropout, as in evaluation).
     lora_dropout: f64,
     dropout_key: std::cell::Cell<Option<u64>>,
-    cos: Tensor,
-    sin: Tensor,
+    /// Linear weights stored as `[in, out]` (see `into_inference`).
+    transposed: bool,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
     device: Device,
 }
 
@@ -38,8 +40,10 @@ struct Lora {
     scale: f64,
 }
 
-struct Linear<'a> {
+pub(super) struct Linear<'a> {
+    /// `[out, in]`, or `[in, out]` when `transposed`.
     weight: &'a Tensor,
+    transposed: bool,
     bias: Option<&'a Tensor>,
     lora: Option<&'a Lora>,
     /// Dropout on the adapter's input: rate and mask key.
@@ -59,7 +63,11 @@ fn dropout_mask(x: &Tensor, p: f64, key: u64) -> candle_core::Result<Tensor> {
 
 impl Module for Linear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = matmul_t(x, self.weight)?;
+        let mut y = if self.transposed {
+            matmul_rows(x, self.weight)?
+        } else {
+            matmul_t(x, self.weight)?
+        };
         if let Some(l) = self.lora {
             let xa = match self.dropout {
                 Some((p, key)) => (x * dropout_mask(x, p, key)?)?,
@@ -77,7 +85,7 @@ impl Module for Linear<'_> {
 /// `x · wᵀ` for `x` of shape `[..., in]` and `w` of shape `[out, in]`, as one 2-D matmul:
 /// a batched matmul against a broadcast weight is several times slower, forward and
 /// backward (measured on the CPU backend).
-fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let (rows, inner) = (
         dims[..dims.len() - 1].iter().product::<usize>(),
@@ -91,6 +99,28 @@ fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let mut out = dims;
     let last = out.len() - 1;
     out[last] = w.dim(0)?;
+    y.reshape(out)
+}
+
+/// `x · w` for `x` of shape `[..., in]` and `w` of shape `[in, out]` (inference weights),
+/// as one 2-D matmul. A single row is padded to two: for one row the matrix kernel takes a
+/// matrix-vector path that sums in another order, so a sequence decoded alone would get
+/// logits differing in the last bits from the same sequence in a batch, and a resumed
+/// run could write a different reply than an uninterrupted one. From two rows on, every
+/// row's result is independent of the others (the kernel's k blocking depends on k only).
+pub(super) fn matmul_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = dims[dims.len() - 1];
+    let x2 = x.reshape(((), inner))?;
+    let rows = x2.dim(0)?;
+    let y = if rows == 1 {
+        x2.pad_with_zeros(0, 0, 1)?.matmul(w)?.narrow(0, 0, 1)?
+    } else {
+        x2.matmul(w)?
+    };
+    let mut out = dims;
+    let last = out.len() - 1;
+    out[last] = w.dim(1)?;
     y.reshape(out)
 }
 
@@ -125,6 +155,7 @@ impl Decoder {
             vars,
             lora: BTreeMap::new(),
             lora_dropout: 0.0,
+            transposed: false,
             dropout_key: std::cell::Cell::new(None),
             cos,
             sin,
@@ -136,6 +167,56 @@ impl Decoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The same model for inference only: every linear weight stored transposed, `[in,
+    /// out]`, and the vocabulary head as `lm_head.weight.T`. The matrix kernel then reads
+    /// weights in place; as `[out, in]` it copies (packs) the whole weight at every call,
+    /// which for a few rows (batched decoding) cost more than the product itself (perf:
+    /// 42 % of decoding time). No LoRA, no training afterwards.
+    pub fn into_inference(mut self) -> Result<Self> {
+        anyhow::ensure!(
+            self.lora.is_empty() && self.vars.is_empty(),
+            "into_inference needs a frozen model without adapters"
+        );
+        if self.transposed {
+            return Ok(self);
+        }
+        let head = self.head()?.t()?.contiguous()?;
+        for (name, w) in self.weights.iter_mut() {
+            if name.starts_with("model.layers.") && name.ends_with("_proj.weight") {
+                *w = w.t()?.contiguous()?;
+            }
+        }
+        self.weights.insert("lm_head.weight.T".into(), head);
+        if self.shape.tie_word_embeddings {
+            self.weights.remove("lm_head.weight");
+        }
+        self.transposed = true;
+        Ok(self)
+    }
+
+    /// The vocabulary head `[vocab, hidden]` (the embeddings when tied).
+    fn head(&self) -> Result<&Tensor> {
+        if self.shape.tie_word_embeddings {
+            self.w("model.embed_tokens.weight")
+        } else {
+            self.w("lm_head.weight")
+        }
+    }
+
+    /// Logits for final hidden states `[..., hidden]`.
+    pub(super) fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(if self.transposed {
+            matmul_rows(x, self.w("lm_head.weight.T")?)?
+        } else {
+            matmul_t(x, self.head()?)?
+        })
+    }
+
+    /// Positions the model can attend over (its RoPE table, capped at 32,768).
+    pub fn context_len(&self) -> usize {
+        self.cos.dims()[0]
     }
 
     /// Add LoRA adapters to every target linear layer; they become the trainable
@@ -194,6 +275,10 @@ impl Decoder {
     /// Every weight, by Hugging Face name (current values, trained ones included), with
     /// LoRA adapters merged into their layers: `W + (alpha / r)·B·A`.
     pub fn weights(&self) -> Result<BTreeMap<String, Tensor>> {
+        anyhow::ensure!(
+            !self.transposed,
+            "an inference-only model has no exportable weights"
+        );
         let mut out = self.weights.clone();
         for (p, l) in &self.lora {
             let name = format!("{p}.weight");
@@ -203,13 +288,13 @@ impl Decoder {
         Ok(out)
     }
 
-    fn w(&self, name: &str) -> Result<&Tensor> {
+    pub(super) fn w(&self, name: &str) -> Result<&Tensor> {
         self.weights
             .get(name)
             .with_context(|| format!("student weights lack {name} (missing tensor)"))
     }
 
-    fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
+    pub(super) fn linear(&self, prefix: &str) -> Result<Linear<'_>> {
         let lora = self.lora.get(prefix);
         // Only adapters in a training pass drop out; each layer's mask key mixes in a hash
         // of its name.
@@ -223,6 +308,7 @@ impl Decoder {
         };
         Ok(Linear {
             weight: self.w(&format!("{prefix}.weight"))?,
+            transposed: self.transposed,
             bias: self.weights.get(&format!("{prefix}.bias")),
             lora,
             dropout,
@@ -262,12 +348,7 @@ impl Decoder {
             x = (x + self.mlp(&h, &p)?)?;
         }
         let x = rms_norm(&x, self.w("model.norm.weight")?, s.rms_norm_eps)?;
-        let head = if s.tie_word_embeddings {
-            embed
-        } else {
-            self.w("lm_head.weight")?
-        };
-        Ok(matmul_t(&x, head)?)
+        self.logits(&x)
     }
 
     /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, RoPE applied for
@@ -322,7 +403,7 @@ impl Decoder {
             .forward(&out)?)
     }
 
-    fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
+    pub(super) fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
         let gate = self
             .linear(&format!("{p}.mlp.gate_proj"))?
             .forward(x)?
@@ -389,12 +470,7 @@ impl Decoder {
         }
         cache.len += n;
         let x = rms_norm(&x, self.w("model.norm.weight")?, s.rms_norm_eps)?;
-        let head = if s.tie_word_embeddings {
-            embed
-        } else {
-            self.w("lm_head.weight")?
-        };
-        Ok(matmul_t(&x, head)?.reshape((n, s.vocab_size))?)
+        Ok(self.logits(&x)?.reshape((n, s.vocab_size))?)
     }
 
     fn attention_cached(
@@ -545,9 +621,32 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::student::max_diff;
+
+    /// A random two-layer Qwen2-shaped decoder (GQA, q/k/v bias, tied embeddings).
+    pub(in crate::student) fn tiny_decoder() -> Decoder {
+        let s = tiny_shape();
+        Decoder::new(s.clone(), tiny_weights(&s), &Device::Cpu, |_| false).unwrap()
+    }
+
+    /// The same shape with weights drawn from a seeded generator (reproducible).
+    pub(in crate::student) fn tiny_decoder_with_seed(seed: u64) -> Decoder {
+        use rand::{Rng, SeedableRng};
+        let s = tiny_shape();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let weights = tiny_weights(&s)
+            .into_iter()
+            .map(|(name, w)| {
+                let v: Vec<f32> = (0..w.elem_count())
+                    .map(|_| rng.random_range(-0.5f32..0.5))
+                    .collect();
+                (name, Tensor::from_vec(v, w.shape(), &Device::Cpu).unwrap())
+            })
+            .collect();
+        Decoder::new(s, weights, &Device::Cpu, |_| false).unwrap()
+    }
 
     fn tiny_shape() -> ModelShape {
         ModelShape {

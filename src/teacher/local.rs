@@ -8,8 +8,8 @@
 //! each distinct label prefix, one token generated per request.
 
 use super::{
-    AnswerLocator, ChatMessage, Job, JobResult, Reply, RetryCounts, Settings, Teacher,
-    TeacherError, Token, TokenChoice,
+    log_softmax, top_k, AnswerLocator, ChatMessage, Job, JobResult, Reply, RetryCounts, Settings,
+    Teacher, TeacherError, Token, TokenChoice,
 };
 use anyhow::{bail, Context, Result};
 use mistralrs::{
@@ -260,13 +260,6 @@ impl LastReply {
     }
 }
 
-fn log_softmax(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = v.iter().map(|x| ((x - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
-    v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
-}
-
 impl LocalTeacher {
     /// Write a reply to the chat (one request).
     pub fn generate(
@@ -424,21 +417,6 @@ impl LocalTeacher {
         reply.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         Ok(reply)
     }
-}
-
-/// The k largest entries of a distribution, largest first.
-fn top_k(dist: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..dist.len() as u32).collect();
-    let k = k.min(idx.len());
-    if k == 0 {
-        return vec![];
-    }
-    idx.select_nth_unstable_by(k - 1, |a, b| {
-        dist[*b as usize].total_cmp(&dist[*a as usize])
-    });
-    idx.truncate(k);
-    idx.sort_by(|a, b| dist[*b as usize].total_cmp(&dist[*a as usize]));
-    idx.into_iter().map(|i| (i, dist[i as usize])).collect()
 }
 
 impl Teacher for LocalTeacher {

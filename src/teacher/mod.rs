@@ -5,13 +5,14 @@
 //! imports reqwest), wire.rs (the OpenAI chat JSON, shared with batch files).
 
 pub mod batch;
+pub mod batched;
 pub mod labels;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod openai;
 pub mod wire;
 
-use crate::config::{TeacherConfig, TeacherKind};
+use crate::config::{LocalEngine, TeacherConfig, TeacherKind};
 use anyhow::Result;
 use std::collections::BTreeMap;
 
@@ -140,7 +141,21 @@ pub fn open(
     will_score_labels: bool,
     token_topk: usize,
 ) -> Result<Box<dyn Teacher>> {
+    let batched = match cfg.engine {
+        LocalEngine::Batched => true,
+        LocalEngine::Mistralrs => false,
+        LocalEngine::Auto => batched::fits_in_memory(&cfg.model),
+    };
     match cfg.kind {
+        TeacherKind::Local if batched => {
+            tracing::info!(
+                "local teacher: kdpipe's batched decoder, batch {}",
+                cfg.batch
+            );
+            Ok(Box::new(batched::BatchedTeacher::open(
+                &cfg.model, cfg.batch,
+            )?))
+        }
         #[cfg(feature = "local")]
         TeacherKind::Local => Ok(Box::new(local::LocalTeacher::open(
             &cfg.model,
@@ -150,9 +165,32 @@ pub fn open(
         TeacherKind::Local => {
             let _ = (will_score_labels, token_topk);
             anyhow::bail!(
-            "this kdpipe was built without the local teacher\nhint: build with --features local"
+            "this kdpipe was built without mistralrs, and {} is not a llama or qwen2 model that fits in memory for kdpipe's own decoder\nhint: build with --features local, or set [teacher] engine = \"batched\"", cfg.model
             )
         }
         TeacherKind::Openai => Ok(Box::new(openai::ApiTeacher::open(cfg)?)),
     }
+}
+
+/// Natural-log softmax of logits (in f64 for the normalizer over a large vocabulary).
+pub(crate) fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = v.iter().map(|x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
+}
+
+/// The k largest entries of a distribution, largest first.
+pub(crate) fn top_k(dist: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..dist.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    idx.select_nth_unstable_by(k - 1, |a, b| {
+        dist[*b as usize].total_cmp(&dist[*a as usize])
+    });
+    idx.truncate(k);
+    idx.sort_by(|a, b| dist[*b as usize].total_cmp(&dist[*a as usize]));
+    idx.into_iter().map(|i| (i, dist[i as usize])).collect()
 }
