@@ -108,11 +108,11 @@ impl BatchedTeacher {
     pub fn open(model: &str, batch: usize) -> Result<Self> {
         let mut loaded = crate::student::load(model, &candle_core::Device::Cpu)
             .with_context(|| format!("cannot load teacher model {model}"))?;
-        let decoder = loaded
-            .decoder(&candle_core::Device::Cpu, |_| false)?
-            .into_inference()?;
-        // The decoder holds its own (transposed) copies; keep only the tokenizer and template.
+        let decoder = loaded.decoder(&candle_core::Device::Cpu, |_| false)?;
+        // Keep only the tokenizer and template here, so each weight is freed as soon as
+        // its transposed copy exists (peak: the weights plus one layer's copy).
         loaded.weights.clear();
+        let decoder = decoder.into_inference()?;
         let mut stop = vec![loaded.eos_token_id];
         stop.extend(
             END_OF_TURN
