@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         args[4].parse()?,
     );
     let dev = Device::Cpu;
-    let loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
+    let mut loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
     if let Some(dir) = args.get(5) {
         let base = loaded.decoder(&dev, |_| false)?;
         let eos = loaded
@@ -45,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     let mut model = loaded.decoder(&dev, |_| mode == "full")?;
+    loaded.weights.clear(); // as finetune does: the decoder holds its own copies
     if mode == "lora" {
         let cfg = LoraConfig {
             rank: 16,

@@ -132,7 +132,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     }
     let device = Device::Cpu;
     let prompt = Prompt::load(cfg)?;
-    let loaded = student::load(&cfg.student.model, &device)?;
+    let mut loaded = student::load(&cfg.student.model, &device)?;
     if ft.kd_token_weight > 0.0 {
         check_shared_vocabulary(&loaded, &train_rows)?;
     }
@@ -147,6 +147,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     if let Some(l) = lora {
         model.add_lora(l, cfg.seed)?;
     }
+    // The decoder holds what it needs; trainable weights are copies (variables), so the
+    // loaded originals would be a second copy of the model for the whole run.
+    loaded.weights.clear();
     let pad = loaded.eos_token_id;
     let weights = LossWeights {
         alpha: ft.alpha,
