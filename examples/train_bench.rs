@@ -28,7 +28,13 @@ fn main() -> anyhow::Result<()> {
         args[3].parse()?,
         args[4].parse()?,
     );
-    let dev = Device::Cpu;
+    // KDPIPE_DEVICE=cuda (a build with --features cuda) trains on the GPU.
+    let dev = match kdpipe::finetune::parse_device(
+        &std::env::var("KDPIPE_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )? {
+        None => Device::Cpu,
+        Some(n) => Device::new_cuda(n)?,
+    };
     let mut loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
     if let Some(dir) = args.get(5) {
         let base = loaded.decoder(&dev, |_| false)?;
@@ -75,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         let b = s.elapsed();
         opt.accumulate(&mut acc, &grads)?;
         opt.step(acc, Some(1.0))?;
+        dev.synchronize()?; // a GPU's queued work finishes before the clock stops
         eprintln!(
             "step {step}: forward {f:?}, backward {:?}, optimizer {:?}",
             b - f,

@@ -451,6 +451,10 @@ pub struct FinetuneConfig {
     /// they are merged into the weights on export.
     #[serde(default)]
     pub lora: Option<LoraConfig>,
+    /// Where the student trains: "cpu", or "cuda" / "cuda:N" (GPU N) in a build with
+    /// `--features cuda`.
+    #[serde(default = "d_device")]
+    pub device: String,
 }
 
 /// Where LoRA goes and how big it is.
@@ -632,6 +636,9 @@ fn d_ngram() -> usize {
 fn d_max_in_flight() -> usize {
     8
 }
+fn d_device() -> String {
+    "cpu".into()
+}
 fn d_local_batch() -> usize {
     BATCH_DEFAULT
 }
@@ -787,6 +794,7 @@ impl Config {
             );
         }
         let f = &self.finetune;
+        crate::finetune::parse_device(&f.device)?;
         if f.grad_accum == 0 || f.batch_size == 0 {
             bail!("[finetune] batch_size and grad_accum must be at least 1");
         }

@@ -130,7 +130,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     if train_rows.is_empty() {
         bail!("the train split is empty: nothing to learn from\nhint: generate more rows or loosen [curate] rules");
     }
-    let device = Device::Cpu;
+    let device = open_device(&ft.device)?;
     let prompt = Prompt::load(cfg)?;
     let mut loaded = student::load(&cfg.student.model, &device)?;
     if ft.kd_token_weight > 0.0 {
@@ -373,4 +373,28 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
 /// Whether a folder holds an exported student.
 pub fn is_student_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
+}
+
+/// Which device a `[finetune] device` value names: `None` for the CPU, `Some(n)` for CUDA
+/// GPU n.
+pub fn parse_device(name: &str) -> Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => bail!("[finetune] device must be \"cpu\", \"cuda\" or \"cuda:N\", got {other:?}"),
+        },
+    }
+}
+
+fn open_device(name: &str) -> Result<Device> {
+    match parse_device(name)? {
+        None => Ok(Device::Cpu),
+        Some(n) => Device::new_cuda(n).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open CUDA device {n} for [finetune] device = {name:?}: {e}\nhint: build kdpipe with --features cuda on a machine with an NVIDIA GPU and the CUDA toolkit, or set device = \"cpu\""
+            )
+        }),
+    }
 }

@@ -143,6 +143,7 @@ for name, text, expect in [
     ("config-negative-kd", "[finetune]\nkd_weight = -1.0\n", ["kd_weight"]),
     ("config-lora-rank-zero", "[finetune.lora]\nrank = 0\nalpha = 16.0\n", ["rank"]),
     ("config-max-seq-tiny", "[finetune]\nmax_seq_len = 4\n", ["max_seq_len"]),
+    ("config-bad-device", "[finetune]\ndevice = \"gpu\"\n", ["[finetune] device", "cuda:N", "\"gpu\""]),
 ]:
     if text is None:
         case(name, "generate", expect, kind="labels_one")
