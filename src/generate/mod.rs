@@ -10,7 +10,7 @@ mod dry_run;
 mod parts;
 mod rows;
 
-use crate::config::{Config, TaskKind, TeacherConfig, TeacherKind};
+use crate::config::{Config, TaskKind, TeacherConfig};
 use crate::io::atomic::text_sha256;
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
@@ -110,15 +110,15 @@ fn jobs(cfg: &Config, prompt: &Prompt, inputs: &[InputRow]) -> Result<Vec<Job>> 
     let mut jobs = Vec::with_capacity(inputs.len() * k as usize * teachers.len());
     for input in inputs {
         let messages = prompt.teacher_chat(&input.input)?;
-        for (index, t) in teachers.iter().enumerate() {
-            let seeded = t.kind != TeacherKind::Local; // mistralrs takes no request seed
+        // Every backend gets a seed; one that cannot use it (mistralrs) drops it.
+        for index in 0..teachers.len() {
             for s in 0..k {
                 let sample = index as u32 * k + s;
                 jobs.push(Job {
                     id: input.id.clone(),
                     sample,
                     messages: messages.clone(),
-                    seed: seeded.then(|| sample_seed(cfg.seed, &input.id, sample)),
+                    seed: Some(sample_seed(cfg.seed, &input.id, sample)),
                 });
             }
         }

@@ -436,7 +436,10 @@ impl Teacher for LocalTeacher {
         locate_answer: AnswerLocator,
         sink: &mut dyn FnMut(Job, JobResult) -> Result<()>,
     ) -> Result<RetryCounts> {
-        for job in jobs {
+        for mut job in jobs {
+            // mistralrs has one engine-wide sampler and takes no request seed: the row
+            // must not claim one.
+            job.seed = None;
             let result = match self.answer(&job, settings, locate_answer) {
                 Ok(reply) => Ok(reply),
                 Err(TeacherError::Row(m)) => Err(m),
