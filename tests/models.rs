@@ -457,15 +457,23 @@ fn batched_teacher_label_probs_equal_a_fresh_forward_pass() {
             .nth(text.chars().count() / 2)
             .map(|(i, _)| i)
     };
-    let replies = batched_replies(&teacher, &chats, &settings, &locate);
+    // And right at the start of the reply (labels scored just after the prompt).
+    let at_start = |_: &str| Some(0);
+    let mut replies = batched_replies(&teacher, &chats, &settings, &locate);
+    replies.extend(batched_replies(&teacher, &chats, &settings, &at_start));
     let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
     let model = loaded.decoder(&Device::Cpu, |_| false).unwrap();
-    for (messages, reply) in chats.iter().zip(&replies) {
+    let halfway = chats.len();
+    for (i, (messages, reply)) in chats.iter().cycle().zip(&replies).enumerate() {
         let probs = reply.label_probs.as_ref().expect("label probs");
         let total: f64 = probs.iter().sum();
         assert!(total > 0.0 && total <= 1.0 + 1e-6, "{probs:?}");
         assert_eq!(reply.tokens.len(), reply.completion_tokens as usize);
-        let offset = locate(&reply.text).unwrap();
+        let offset = if i < halfway {
+            locate(&reply.text).unwrap()
+        } else {
+            0
+        };
         let mut context = loaded
             .encode(&loaded.chat.render(messages, true).unwrap())
             .unwrap();

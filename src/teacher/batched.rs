@@ -88,6 +88,8 @@ struct Active {
     job: Job,
     cache: SeqCache,
     prompt_len: usize,
+    /// The prompt's last token, rerun when labels are scored right after the prompt.
+    prompt_last: u32,
     generated: Vec<u32>,
     choices: Vec<TokenChoice>,
     /// Next-token logits after everything in `cache`.
@@ -144,6 +146,9 @@ impl BatchedTeacher {
         let started = Instant::now();
         let ids = self.chat_ids(&job.messages)?;
         let context = self.model.context_len();
+        if ids.is_empty() {
+            return Ok(Err((job, "the prompt rendered to no tokens".to_string())));
+        }
         if ids.len() >= context {
             let msg = format!(
                 "the prompt has {} tokens; the teacher's context holds {context}",
@@ -182,6 +187,7 @@ impl BatchedTeacher {
         Ok(Ok(Active {
             job,
             prompt_len: ids.len(),
+            prompt_last: ids[ids.len() - 1],
             cache,
             generated: Vec::new(),
             choices: Vec::new(),
@@ -269,19 +275,16 @@ impl BatchedTeacher {
         }
         let mut context: Vec<u32> = a.generated[..kept].to_vec();
         context.extend(self.loaded.encode(&before_answer[spelled_len..])?);
-        // Rerun from one token back, so the step yields the distribution after the context.
+        // Rerun from one token back (the prompt's last or the last kept generated token),
+        // so the step yields the distribution after the context.
         let keep = a.prompt_len + kept - 1;
-        let last_prompt_or_kept = if kept > 0 {
+        let rerun = if kept > 0 {
             a.generated[kept - 1]
         } else {
-            // The prompt's last token: re-run it for its next-token distribution.
-            self.chat_ids(&a.job.messages)?
-                .last()
-                .copied()
-                .context("empty prompt")?
+            a.prompt_last
         };
         a.cache.truncate(keep);
-        let mut feed = vec![last_prompt_or_kept];
+        let mut feed = vec![rerun];
         feed.extend_from_slice(&context[kept..]);
         let after = self
             .model
