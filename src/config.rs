@@ -955,11 +955,13 @@ impl Config {
         use serde_json::json;
         match stage {
             "generate" => {
-                json!({"seed": self.seed, "data": self.data, "task": self.task, "teacher": self.teacher,
-                       "ensemble": self.ensemble, "generate": self.generate})
+                let ensemble: Vec<_> = self.ensemble.iter().map(what_answers).collect();
+                json!({"seed": self.seed, "data": self.data, "task": self.task,
+                       "teacher": what_answers(&self.teacher), "ensemble": ensemble,
+                       "generate": self.generate})
             }
             "synthesize" => {
-                json!({"seed": self.seed, "task": self.task, "teacher": self.teacher,
+                json!({"seed": self.seed, "task": self.task, "teacher": what_answers(&self.teacher),
                        "synthesize": self.synthesize, "input_field": self.data.input_field})
             }
             "curate" => {
@@ -977,15 +979,53 @@ impl Config {
             _ => {
                 let fields = json!({"input": self.data.input_field, "id": self.data.id_field, "gold": self.data.gold_field});
                 json!({"seed": self.seed, "task": self.task, "student": self.student, "eval": self.eval,
-                       "teacher": self.teacher, "fields": fields})
+                       "teacher": what_answers(&self.teacher), "fields": fields})
             }
         }
     }
 }
 
+/// A teacher's settings that decide its answers, for stage hashes: the pacing and cost
+/// knobs (batch size, concurrency, rate limits, timeouts, retries, prices) change how fast
+/// rows come, not what they say, so changing them must not invalidate written rows.
+fn what_answers(t: &TeacherConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(t).unwrap_or_default();
+    if let Some(fields) = v.as_object_mut() {
+        for pacing in [
+            "batch",
+            "max_in_flight",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "timeout_s",
+            "max_retries",
+            "retry_base_s",
+            "price_per_mtok",
+        ] {
+            fields.remove(pacing);
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacing_knobs_do_not_change_the_generate_hash() {
+        let base: Config = toml::from_str(MINIMAL).unwrap();
+        let mut faster = base.clone();
+        faster.teacher.batch = 64;
+        faster.teacher.max_in_flight = 99;
+        faster.teacher.timeout_s = 5.0;
+        assert_eq!(base.stage_view("generate"), faster.stage_view("generate"));
+        let mut other = base.clone();
+        other.teacher.max_tokens += 1;
+        assert_ne!(base.stage_view("generate"), other.stage_view("generate"));
+        other = base.clone();
+        other.teacher.engine = LocalEngine::Mistralrs;
+        assert_ne!(base.stage_view("generate"), other.stage_view("generate"));
+    }
 
     const MINIMAL: &str = r#"
 [data]
