@@ -272,12 +272,30 @@ impl Default for GenerateConfig {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum GoldRule {
+    /// `filter` for numeric tasks, `flag` for label tasks: a number that disagrees with
+    /// gold is wrong, and so is the rationale that reached it (on SVAMP, 54 % of the
+    /// teacher's kept rows; training on them taught the student wrong steps), while a
+    /// label task's gold is often one annotator's call, which the teacher may fairly
+    /// dispute.
+    Auto,
     /// Ignore gold.
     Off,
     /// Keep every row and record `agrees_with_gold` (null where there is no gold).
     Flag,
-    /// Keep only rows whose answer matches gold (rows without gold are kept).
+    /// Keep only rows whose answer matches gold (rows without gold are kept); applied
+    /// before the vote, so a sample that reached gold is kept even when most missed it.
     Filter,
+}
+
+impl GoldRule {
+    /// The rule for a task of `kind`, `auto` resolved.
+    pub fn resolve(self, kind: TaskKind) -> GoldRule {
+        match (self, kind) {
+            (GoldRule::Auto, TaskKind::Numeric) => GoldRule::Filter,
+            (GoldRule::Auto, TaskKind::Labels) => GoldRule::Flag,
+            (rule, _) => rule,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -300,11 +318,14 @@ pub struct CurateConfig {
     /// this share of the samples. 0.5 keeps inputs where most samples agree.
     #[serde(default)]
     pub min_agreement: f64,
-    /// Rationales kept an input once the majority answer is known.
+    /// Rationales kept an input once the majority answer is known: "all" (the default:
+    /// distinct reasoning paths to one answer help a small student, Ho et al. 2023,
+    /// "Large Language Models Are Reasoning Teachers") or "one".
     #[serde(default = "d_keep_rationales")]
     pub keep_rationales: KeepRationales,
-    /// Agreement with gold (when the data has gold): distillation learns the teacher, so
-    /// the default only records it.
+    /// Agreement with gold (when the data has gold): "auto" (filter for numeric tasks,
+    /// flag for label tasks), "off", "flag" (record it) or "filter" (keep the samples
+    /// that reached the gold answer).
     #[serde(default = "d_gold")]
     pub gold: GoldRule,
     /// Drop rows whose soft-label probability of their own answer (renormalized over the
@@ -536,9 +557,39 @@ pub struct EvalConfig {
     /// tasks: the label whose tokens the student finds most likely; never a parse failure).
     #[serde(default = "d_student_decode")]
     pub student_decode: StudentDecode,
-    /// The label view answers in a few tokens; more only costs time.
-    #[serde(default = "d_eval_tokens")]
-    pub max_new_tokens: usize,
+    /// Which view the student answers in: "label" (the answer alone, as the paper infers)
+    /// or "rationale" (its reasoning, then `Answer: X`; a step_by_step student learned to
+    /// write both). "auto": rationale for a step_by_step student of a numeric task, label
+    /// otherwise.
+    #[serde(default = "d_student_view")]
+    pub student_view: StudentView,
+    /// Tokens the student may generate per example. Default: 12 in the label view (an
+    /// answer is a few tokens; more only costs time), 160 in the rationale view.
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    /// Numeric tasks in the rationale view: kdpipe writes the result of each equation the
+    /// student leaves open (`3 * 4 =`), so its accuracy measures the reasoning, not the
+    /// digits. Off by default: the figure is then the model's alone.
+    #[serde(default)]
+    pub calculator: bool,
+}
+
+impl EvalConfig {
+    /// How many tokens the student may generate in `view`.
+    pub fn new_tokens(&self, view: StudentView) -> usize {
+        self.max_new_tokens.unwrap_or(match view {
+            StudentView::Rationale => 160,
+            _ => 12,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StudentView {
+    Auto,
+    Label,
+    Rationale,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -613,10 +664,10 @@ fn d_divergence() -> Divergence {
     Divergence::ForwardKl
 }
 fn d_keep_rationales() -> KeepRationales {
-    KeepRationales::One
+    KeepRationales::All
 }
 fn d_gold() -> GoldRule {
-    GoldRule::Flag
+    GoldRule::Auto
 }
 fn d_min_chars() -> usize {
     1
@@ -689,8 +740,8 @@ fn d_seq() -> usize {
 fn d_eval_split() -> String {
     "test".into()
 }
-fn d_eval_tokens() -> usize {
-    12
+fn d_student_view() -> StudentView {
+    StudentView::Auto
 }
 
 /// Overrides from the command line; each `None` keeps the file's value.
@@ -827,6 +878,10 @@ impl Config {
                 self.eval.split
             );
         }
+        self.validate_eval()
+    }
+
+    fn validate_eval(&self) -> Result<()> {
         let e = &self.eval;
         if e.models.is_empty() {
             bail!(
@@ -835,6 +890,11 @@ impl Config {
         }
         if e.student_decode == StudentDecode::LabelScores && self.task.kind != TaskKind::Labels {
             bail!("[eval] student_decode = \"label_scores\" needs a label task ([task] kind = \"labels\")");
+        }
+        if e.student_decode == StudentDecode::LabelScores
+            && self.student_view() == StudentView::Rationale
+        {
+            bail!("[eval] student_decode = \"label_scores\" scores the labels right after the prompt, so it needs student_view = \"label\" (or \"auto\"), not \"rationale\"");
         }
         if !e.files.is_empty() && self.data.gold_field.is_none() {
             bail!("[eval] files need gold answers: set [data] gold_field to the field that holds them");
@@ -902,6 +962,22 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The view the student answers in at eval, "auto" resolved: a numeric task's
+    /// step-by-step student reasons first (a small model cannot do the arithmetic in the
+    /// answer tokens alone); everything else answers in the label view.
+    pub fn student_view(&self) -> StudentView {
+        match self.eval.student_view {
+            StudentView::Auto
+                if self.task.kind == TaskKind::Numeric
+                    && self.finetune.objective == Objective::StepByStep =>
+            {
+                StudentView::Rationale
+            }
+            StudentView::Auto => StudentView::Label,
+            view => view,
+        }
     }
 
     pub fn run_dir(&self) -> PathBuf {
@@ -1038,6 +1114,29 @@ model = "t.gguf"
 [student]
 model = "s.gguf"
 "#;
+
+    #[test]
+    fn a_numeric_step_by_step_student_reasons_at_eval_unless_told_otherwise() {
+        let mut cfg: Config = toml::from_str(MINIMAL).unwrap();
+        assert_eq!(cfg.student_view(), StudentView::Rationale);
+        assert_eq!(cfg.eval.new_tokens(StudentView::Rationale), 160);
+        cfg.finetune.objective = Objective::Distill;
+        assert_eq!(
+            cfg.student_view(),
+            StudentView::Label,
+            "no rationale learned"
+        );
+        assert_eq!(cfg.eval.new_tokens(StudentView::Label), 12);
+        cfg.finetune.objective = Objective::StepByStep;
+        cfg.task.kind = TaskKind::Labels;
+        cfg.task.labels = vec!["a".into(), "b".into()];
+        assert_eq!(cfg.student_view(), StudentView::Label);
+        cfg.eval.student_view = StudentView::Rationale;
+        assert_eq!(cfg.student_view(), StudentView::Rationale);
+        cfg.eval.student_decode = StudentDecode::LabelScores;
+        let err = cfg.validate_eval().unwrap_err().to_string();
+        assert!(err.contains("student_view"), "{err}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

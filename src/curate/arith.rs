@@ -17,6 +17,17 @@ static EQUATION: LazyLock<Regex> = LazyLock::new(|| {
     .expect("the equation pattern is a valid regex")
 });
 
+/// The same left side, at the very end of the text and followed by `=`: an equation whose
+/// result is still to be written.
+static OPEN_EQUATION: LazyLock<Regex> = LazyLock::new(|| {
+    let num = r"\$?\d[\d,]*(?:\.\d+)?";
+    let op = r"[-+*/×÷x−]";
+    Regex::new(&format!(
+        r"((?:\(\s*)*{num}(?:\s*\)\s*)*(?:\s*{op}\s*(?:\(\s*)*{num}(?:\s*\))*)+)\s*=\s*$"
+    ))
+    .expect("the open equation pattern is a valid regex")
+});
+
 static NUMBER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("valid regex"));
 
@@ -37,6 +48,14 @@ pub fn arithmetic_holds(text: &str, tolerance: f64) -> bool {
         };
         close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right
     })
+}
+
+/// The value of the equation the text ends in (`... 3 * 4 =`), rounded to 2 decimals;
+/// None when the text does not end in one that can be evaluated.
+pub fn open_equation_value(text: &str) -> Option<f64> {
+    let c = OPEN_EQUATION.captures(text)?;
+    let v = evaluate(&c[1])?;
+    Some((v * 100.0).round() / 100.0)
 }
 
 /// The rationale writes the answer somewhere as a number.
@@ -183,6 +202,21 @@ mod tests {
             1e-6
         ));
         assert!(arithmetic_holds("It costs $1,200 - $200 = $1,000.", 1e-6));
+    }
+
+    #[test]
+    fn an_equation_left_open_at_the_end_is_evaluated() {
+        assert_eq!(open_equation_value("The bags hold 3 * 4 ="), Some(12.0));
+        assert_eq!(
+            open_equation_value("Then 5 + 12 = 17, and 17 - 2 = "),
+            Some(15.0)
+        );
+        assert_eq!(open_equation_value("Each gets 10 / 3 ="), Some(3.33));
+        assert_eq!(open_equation_value("(2 + 3) * 4 ="), Some(20.0));
+        assert_eq!(open_equation_value("3 * 4 = 12"), None, "already written");
+        assert_eq!(open_equation_value("So x ="), None, "no arithmetic");
+        assert_eq!(open_equation_value("It is 7 ="), None, "no operator");
+        assert_eq!(open_equation_value("4 / 0 ="), None);
     }
 
     #[test]

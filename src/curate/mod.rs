@@ -2,7 +2,7 @@
 //! report.md and funnel.svg. The rules (rules.rs) are one Polars plan, each rule on/off
 //! and tuned in `[curate]`, each one's removals counted.
 
-mod arith;
+pub mod arith;
 mod ensemble;
 mod report;
 pub mod rules;

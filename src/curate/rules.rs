@@ -23,7 +23,9 @@ pub struct Outcome {
     pub funnel: Vec<(&'static str, usize)>,
     pub parse_reasons: BTreeMap<String, usize>,
     /// Inputs by majority share in tenths (0–10 %, …, 90–100 %), when inputs have k > 1
-    /// samples; counted before the agreement rule, over inputs with a usable sample.
+    /// samples; counted before the agreement rule, over inputs with a usable sample (with
+    /// gold = filter, a sample that missed gold is not usable: the share is then of the
+    /// samples that reached gold).
     pub agreement_histogram: Option<Vec<usize>>,
     /// Kept rows with a `split` column.
     pub kept: DataFrame,
@@ -34,10 +36,10 @@ pub struct Outcome {
 /// The rules, in the order they run (each one's keep column is `_keep_<rule>`).
 pub const RULES: [&str; 13] = [
     "parse_failure",
+    "disagrees_with_gold",
     "low_agreement",
     "minority_answer",
     "extra_rationale",
-    "disagrees_with_gold",
     "low_confidence",
     "rationale_length",
     "answer_not_in_rationale",
@@ -213,6 +215,34 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
     let mut prev = keep_col("parse_failure");
     lf = lf.with_column(on(cfg.drop_parse_failures, usable).alias(&prev));
 
+    let rule = |lf: LazyFrame, prev: &mut String, name: &str, pass: Expr| {
+        let next = keep_col(name);
+        let lf = lf.with_column(
+            col(prev.as_str())
+                .and(pass.fill_null(lit(false)))
+                .alias(&next),
+        );
+        *prev = next;
+        lf
+    };
+    // Gold before the vote: with gold = filter, the samples that reached the gold answer
+    // are kept even where most samples missed it, as in rejection sampling (STaR,
+    // Zelikman et al. 2022), and the vote below runs among them.
+    let gold = cfg.gold.resolve(task.kind);
+    lf = lf.with_column(
+        match gold {
+            GoldRule::Off => lit(NULL).cast(DataType::Boolean),
+            _ => gold_agreement(task),
+        }
+        .alias("agrees_with_gold"),
+    );
+    let gold_pass = col("gold").is_null().or(col("agrees_with_gold"));
+    lf = rule(
+        lf,
+        &mut prev,
+        "disagrees_with_gold",
+        on(gold == GoldRule::Filter, gold_pass),
+    );
     // Self-consistency: the majority answer among an input's kept samples (ties go to the
     // answer that sorts first), its share of all the input's samples; every sample votes
     // with its teacher's weight.
@@ -250,16 +280,6 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
             .alias("_agreement"),
         );
     let multi = col("_samples").gt(lit(1));
-    let rule = |lf: LazyFrame, prev: &mut String, name: &str, pass: Expr| {
-        let next = keep_col(name);
-        let lf = lf.with_column(
-            col(prev.as_str())
-                .and(pass.fill_null(lit(false)))
-                .alias(&next),
-        );
-        *prev = next;
-        lf
-    };
     lf = rule(
         lf,
         &mut prev,
@@ -279,21 +299,6 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
     let first_sample = first_kept_in_group(&prev, "id", col("sample"))?;
     lf = rule(lf, &mut prev, "extra_rationale", on(one, first_sample));
 
-    let agrees = gold_agreement(task);
-    lf = lf.with_column(
-        match cfg.gold {
-            GoldRule::Off => lit(NULL).cast(DataType::Boolean),
-            _ => agrees,
-        }
-        .alias("agrees_with_gold"),
-    );
-    let gold_pass = col("gold").is_null().or(col("agrees_with_gold"));
-    lf = rule(
-        lf,
-        &mut prev,
-        "disagrees_with_gold",
-        on(cfg.gold == GoldRule::Filter, gold_pass),
-    );
     lf = rule(
         lf,
         &mut prev,
@@ -557,6 +562,8 @@ mod tests {
 
     fn lenient() -> CurateConfig {
         CurateConfig {
+            gold: GoldRule::Flag,
+            keep_rationales: KeepRationales::One,
             require_answer_in_rationale: false,
             check_arithmetic: false,
             near_dup_threshold: 0.0,
@@ -604,6 +611,42 @@ mod tests {
             .iter()
             .collect();
         assert_eq!(flags, [Some(true), Some(false), None]);
+    }
+
+    #[test]
+    fn with_gold_as_filter_gold_not_the_vote_picks_the_samples() {
+        // a (gold 5): samples 4, 4, 5: the vote says 4, gold says 5: sample 2 is kept.
+        // b (no gold): samples 7, 7, 8: the vote decides: sample 0 is kept.
+        // c (gold 9): samples 1, 2: no sample reached gold: nothing is kept.
+        let mut rows = vec![
+            row("a", 0, "qa", Some("4"), "r0"),
+            row("a", 1, "qa", Some("4"), "r1"),
+            row("a", 2, "qa", Some("5"), "r2"),
+            row("b", 0, "qb", Some("7"), "r0"),
+            row("b", 1, "qb", Some("7"), "r1"),
+            row("b", 2, "qb", Some("8"), "r2"),
+            row("c", 0, "qc", Some("1"), "r0"),
+            row("c", 1, "qc", Some("2"), "r1"),
+        ];
+        for r in rows.iter_mut() {
+            r.gold = match r.id.as_str() {
+                "a" => Some("5".into()),
+                "c" => Some("9".into()),
+                _ => None,
+            };
+        }
+        let cfg = CurateConfig {
+            gold: GoldRule::Filter,
+            ..lenient()
+        };
+        let o = run(&rows, &task(TaskKind::Numeric), &cfg);
+        assert_eq!(kept_keys(&o), [("a".into(), 2), ("b".into(), 0)]);
+        // Flag mode: the vote decides everywhere.
+        let o = run(&rows, &task(TaskKind::Numeric), &lenient());
+        assert_eq!(
+            kept_keys(&o),
+            [("a".into(), 0), ("b".into(), 0), ("c".into(), 0)]
+        );
     }
 
     #[test]

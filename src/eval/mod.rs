@@ -9,7 +9,7 @@ mod report;
 mod student;
 mod teacher;
 
-use crate::config::{Config, EvalModel, StudentDecode, TeacherKind, TeacherSource};
+use crate::config::{Config, EvalModel, StudentDecode, StudentView, TeacherKind, TeacherSource};
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
@@ -238,23 +238,26 @@ fn score_student(
     let loaded = student_model::load(model, &Device::Cpu)?;
     let inputs: Vec<&str> = rows.iter().map(|r| r.input.as_str()).collect();
     let decode = cfg.eval.student_decode;
-    let answers = student::answer(
-        key,
-        &loaded,
-        prompt,
-        task,
-        &inputs,
+    let view = cfg.student_view();
+    let how = student::Decoding {
         decode,
-        cfg.eval.max_new_tokens,
-    )?;
+        view,
+        max_new: cfg.eval.new_tokens(view),
+        calculator: cfg.eval.calculator && view == StudentView::Rationale,
+    };
+    let answers = student::answer(key, &loaded, prompt, task, &inputs, how)?;
     let name = if key == "base" {
         "student before"
     } else {
         "student after"
     };
-    let decode = match decode {
-        StudentDecode::Greedy => "greedy",
-        StudentDecode::LabelScores => "label_scores",
+    let decode = match (decode, view) {
+        (StudentDecode::LabelScores, _) => "label_scores",
+        (StudentDecode::Greedy, StudentView::Rationale) if how.calculator => {
+            "greedy, rationale view, calculator"
+        }
+        (StudentDecode::Greedy, StudentView::Rationale) => "greedy, rationale view",
+        (StudentDecode::Greedy, _) => "greedy",
     };
     let who = Who {
         key,

@@ -5,6 +5,7 @@ use crate::config::Objective;
 use crate::prompts::{Prompt, LABEL_VIEW, RATIONALE_VIEW};
 use crate::records::CuratedRow;
 use crate::student::LoadedModel;
+use crate::task::ANSWER_MARKER;
 use anyhow::Result;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -179,12 +180,15 @@ pub fn row_examples(
         max_len,
     )?];
     if objective == Objective::StepByStep && !row.rationale.trim().is_empty() {
+        // The rationale view ends with the answer line, as the teacher wrote it, so a
+        // student can also answer by reasoning first ([eval] student_view = "rationale").
+        let reply = format!("{}\n{ANSWER_MARKER} {label}", row.rationale.trim());
         out.push(example(
             model,
             prompt,
             View::Rationale,
             &row.input,
-            row.rationale.trim(),
+            &reply,
             max_len,
         )?);
     }
