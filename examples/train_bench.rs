@@ -76,16 +76,21 @@ fn main() -> anyhow::Result<()> {
         let logits = model.forward(&ids, &mask)?;
         let loss = kdpipe::finetune::loss::token_nll(&logits, &ids)?.mean_all()?;
         let f = s.elapsed();
+        let rss_forward = rss_mb();
         let mut acc = opt.accumulator();
         let grads = loss.backward()?;
         let b = s.elapsed();
+        let rss_backward = rss_mb();
+        drop((logits, loss));
         opt.accumulate(&mut acc, &grads)?;
+        drop(grads);
         opt.step(acc, Some(1.0))?;
         dev.synchronize()?; // a GPU's queued work finishes before the clock stops
         eprintln!(
-            "step {step}: forward {f:?}, backward {:?}, optimizer {:?}",
+            "step {step}: forward {f:?}, backward {:?}, optimizer {:?}; RSS MB after forward {rss_forward:?}, after backward {rss_backward:?}, after the step {:?}",
             b - f,
-            s.elapsed() - b
+            s.elapsed() - b,
+            rss_mb()
         );
         if step > 0 {
             timed += s.elapsed().as_secs_f64();
@@ -96,4 +101,19 @@ fn main() -> anyhow::Result<()> {
         (b * t * steps) as f64 / timed
     );
     Ok(())
+}
+
+/// (current, peak) resident set in MB, from /proc (Linux); (0, 0) elsewhere.
+fn rss_mb() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            / 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }

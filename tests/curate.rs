@@ -51,6 +51,10 @@ samples = 2
 [curate]
 min_agreement = 0.5
 decontaminate = ["eval.jsonl"]
+# The 135M teacher rarely reaches gold: flag it, so the later rules see rows; one
+# rationale an input, so the vote's rule is what keeps ids unique.
+gold = "flag"
+keep_rationales = "one"
 [student]
 model = "{model}"
 "#,

@@ -5,6 +5,7 @@
 //! (STACK-NOTES). `forward_cached` is the inference path (greedy decoding, label scoring):
 //! a KV cache, so each new token costs one position instead of the whole sequence.
 
+use super::ops::{rope_heads, silu_mul};
 use super::ModelShape;
 use crate::config::LoraConfig;
 use anyhow::{Context, Result};
@@ -61,8 +62,36 @@ fn dropout_mask(x: &Tensor, p: f64, key: u64) -> candle_core::Result<Tensor> {
     Tensor::from_vec(mask, x.shape(), x.device())
 }
 
+impl Linear<'_> {
+    /// The frozen weight and its adapter in one fused op (CPU, f32), when it applies.
+    fn fused_lora(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let Some(l) = self.lora.filter(|_| !self.transposed) else {
+            return Ok(None);
+        };
+        let dims = x.dims().to_vec();
+        let x2 = x.reshape(((), dims[dims.len() - 1]))?;
+        let mask = match self.dropout {
+            Some((p, key)) => Some(dropout_mask(&x2, p, key)?),
+            None => None,
+        };
+        let Some(y) = super::ops::lora_linear(&x2, self.weight, &l.a, &l.b, l.scale, mask)? else {
+            return Ok(None);
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.weight.dim(0)?;
+        Ok(Some(y.reshape(out)?))
+    }
+}
+
 impl Module for Linear<'_> {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if let Some(y) = self.fused_lora(x)? {
+            return match self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let mut y = if self.transposed {
             matmul_rows(x, self.weight)?
         } else {
@@ -73,7 +102,9 @@ impl Module for Linear<'_> {
                 Some((p, key)) => (x * dropout_mask(x, p, key)?)?,
                 None => x.clone(),
             };
-            y = (y + (matmul_t(&matmul_t(&xa, &l.a)?, &l.b)? * l.scale)?)?;
+            // Scaled at rank width, not at the output's: one fewer output-sized tensor.
+            let low = (matmul_t(&xa, &l.a)? * l.scale)?;
+            y = (y + matmul_t(&low, &l.b)?)?;
         }
         match self.bias {
             Some(b) => y.broadcast_add(b),
@@ -352,22 +383,30 @@ impl Decoder {
     }
 
     /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, RoPE applied for
-    /// positions starting at `offset`.
+    /// positions starting at `offset`; the queries come scaled by 1/√head_dim (cheaper on
+    /// them than on the scores, and free inside the fused RoPE).
     fn qkv(&self, x: &Tensor, p: &str, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let s = &self.shape;
         let (b, t, _) = x.dims3()?;
         let hd = s.head_dim();
-        let project = |name: &str, n: usize| -> Result<Tensor> {
-            let y = self.linear(&format!("{p}.self_attn.{name}"))?.forward(x)?;
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        let project = |name: &str| -> Result<Tensor> {
+            Ok(self.linear(&format!("{p}.self_attn.{name}"))?.forward(x)?)
         };
-        let q = project("q_proj", s.num_attention_heads)?;
-        let k = project("k_proj", s.num_key_value_heads)?;
-        let v = project("v_proj", s.num_key_value_heads)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let q = candle_nn::rotary_emb::rope_slow(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_slow(&k, &cos, &sin)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = rope_heads(
+            &project("q_proj")?,
+            s.num_attention_heads,
+            &cos,
+            &sin,
+            scale,
+        )?;
+        let k = rope_heads(&project("k_proj")?, s.num_key_value_heads, &cos, &sin, 1.0)?;
+        let v = project("v_proj")?
+            .reshape((b, t, s.num_key_value_heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         Ok((q, k, v))
     }
 
@@ -382,10 +421,15 @@ impl Decoder {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
         let (q, k, v) = self.qkv(x, p, 0)?;
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        // Scaling q (4× smaller than the scores) costs less than scaling the scores.
-        let q = (q / (hd as f64).sqrt())?;
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        // Grouped-query attention without copying keys and values for every query head:
+        // the `rep` query heads that share a key/value head (heads kv·rep … kv·rep + rep − 1,
+        // as transformers' repeat_kv pairs them) are stacked along the sequence axis, a
+        // free reshape, and multiply that head's keys in one product.
+        let rep = nh / nkv;
+        let scores = q
+            .reshape((b, nkv, rep * t, hd))?
+            .matmul(&k.t()?.contiguous()?)?
+            .reshape((b, nh, t, t))?;
         let probs = match super::ops::causal_masked_softmax(&scores, keys.clone())? {
             Some(p) => p,
             None => candle_nn::ops::softmax(
@@ -394,7 +438,9 @@ impl Decoder {
             )?,
         };
         let out = probs
+            .reshape((b, nkv, rep * t, t))?
             .matmul(&v)?
+            .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, nh * hd))?;
@@ -404,14 +450,11 @@ impl Decoder {
     }
 
     pub(super) fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
-        let gate = self
-            .linear(&format!("{p}.mlp.gate_proj"))?
-            .forward(x)?
-            .silu()?;
+        let gate = self.linear(&format!("{p}.mlp.gate_proj"))?.forward(x)?;
         let up = self.linear(&format!("{p}.mlp.up_proj"))?.forward(x)?;
         Ok(self
             .linear(&format!("{p}.mlp.down_proj"))?
-            .forward(&(gate * up)?)?)
+            .forward(&silu_mul(&gate, &up)?)?)
     }
 
     /// Greedy decoding of one prompt, up to `max_new` tokens or `stop`.
@@ -491,7 +534,6 @@ impl Decoder {
         *layer = Some((k.clone(), v.clone()));
         let total = past + n;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
-        let q = (q / (hd as f64).sqrt())?;
         let mut scores = q.matmul(&k.t()?.contiguous()?)?;
         if n > 1 {
             // New token i sits at position past + i and sees keys up to there.
