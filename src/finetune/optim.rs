@@ -86,18 +86,18 @@ impl AdamW {
     /// of `max_norm` (none: no clipping). Returns the norm before clipping.
     pub fn step(&mut self, acc: Accumulated, max_norm: Option<f64>) -> Result<f64> {
         let scale = 1.0 / acc.micro_batches.max(1) as f64;
-        // Gradients can arrive as strided views (a tied lm_head's is a transpose);
-        // elementwise ops on strided tensors take a slow path, so copy them once.
+        // Gradients can arrive as strided views (a tied lm_head's is a transpose): copy
+        // those once; the update reads them in order.
         let grads: Vec<Option<Tensor>> = acc
             .grads
             .into_iter()
-            .map(|g| g.map(|g| g.contiguous()?.affine(scale, 0.0)).transpose())
+            .map(|g| g.map(|g| g.contiguous()).transpose())
             .collect::<candle_core::Result<_>>()?;
         let mut sq = 0f64;
         for g in grads.iter().flatten() {
-            sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            sq += sum_of_squares(g)?;
         }
-        let norm = sq.sqrt();
+        let norm = sq.sqrt() * scale;
         let clip = match max_norm {
             Some(m) if norm > m => m / (norm + 1e-6),
             _ => 1.0,
@@ -105,15 +105,30 @@ impl AdamW {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.beta1, self.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let hyper = fused_adamw::Hyper {
+            grad_scale: (scale * clip) as f32,
+            beta1: b1 as f32,
+            beta2: b2 as f32,
+            correction1: (1.0 - b1.powi(t)) as f32,
+            correction2: (1.0 - b2.powi(t)) as f32,
+            lr: self.lr as f32,
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            eps: self.eps as f32,
+        };
         for (i, g) in grads.into_iter().enumerate() {
             let Some(g) = g else { continue };
-            let g = if clip < 1.0 { g.affine(clip, 0.0)? } else { g };
+            let var = &self.vars[i].1;
+            if fused_adamw::applies(var.as_tensor(), &g) {
+                fused_adamw::update(var.as_tensor(), &g, &self.first[i], &self.second[i], &hyper)?;
+                continue;
+            }
+            // Other devices and dtypes: the same formula in tensor operations.
+            let g = (g * (scale * clip))?;
             let m = ((&self.first[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.second[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let var = &self.vars[i].1;
             let decayed = (var.as_tensor() * (1.0 - self.lr * self.weight_decay))?;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.eps)?)?;
+            let update = ((&m / hyper.correction1 as f64)?
+                / ((&v / hyper.correction2 as f64)?.sqrt()? + self.eps)?)?;
             var.set(&(decayed - (update * self.lr)?)?)?;
             self.first[i] = m.detach();
             self.second[i] = v.detach();
@@ -155,6 +170,147 @@ impl AdamW {
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// Σ g², in f64 over f32 partial sums, without a temporary tensor on the CPU.
+fn sum_of_squares(g: &Tensor) -> candle_core::Result<f64> {
+    if g.device().is_cpu() && g.dtype() == candle_core::DType::F32 {
+        let (storage, layout) = g.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(v[a..b]
+                .chunks(4096)
+                .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
+                .sum());
+        }
+    }
+    Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// The AdamW update in place, one pass over the moments and one over the weights, with no
+/// temporary tensors: the composed version allocates and walks about ten weight-sized
+/// tensors a step.
+mod fused_adamw {
+    use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+
+    pub struct Hyper {
+        /// Multiplies the gradient: 1 / micro-batches, times the clipping factor.
+        pub grad_scale: f32,
+        pub beta1: f32,
+        pub beta2: f32,
+        /// 1 − β₁ᵗ and 1 − β₂ᵗ.
+        pub correction1: f32,
+        pub correction2: f32,
+        pub lr: f32,
+        /// 1 − lr·λ.
+        pub decay: f32,
+        pub eps: f32,
+    }
+
+    pub fn applies(var: &Tensor, g: &Tensor) -> bool {
+        let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
+        cpu_f32(var) && cpu_f32(g) && var.is_contiguous() && g.is_contiguous()
+    }
+
+    pub fn update(
+        var: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        h: &Hyper,
+    ) -> candle_core::Result<()> {
+        m.inplace_op2(g, &Moments { h, second: false })?;
+        v.inplace_op2(g, &Moments { h, second: true })?;
+        var.inplace_op3(m, v, &Weights { h })
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+            _ => candle_core::bail!("fused AdamW: contiguous f32 only"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+            _ => candle_core::bail!("fused AdamW: contiguous f32 only"),
+        }
+    }
+
+    /// m ← β₁·m + (1 − β₁)·ĝ, or v ← β₂·v + (1 − β₂)·ĝ², with ĝ = grad_scale·g.
+    struct Moments<'a> {
+        h: &'a Hyper,
+        second: bool,
+    }
+
+    impl InplaceOp2 for Moments<'_> {
+        fn name(&self) -> &'static str {
+            "kdpipe-adamw-moments"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+        ) -> candle_core::Result<()> {
+            let g = slice(s2, l2)?;
+            let m = slice_mut(s1, l1)?;
+            if m.len() != g.len() {
+                candle_core::bail!("fused AdamW: moment and gradient sizes differ");
+            }
+            let k = self.h.grad_scale;
+            if self.second {
+                let b = self.h.beta2;
+                for (m, g) in m.iter_mut().zip(g) {
+                    let g = g * k;
+                    *m = *m * b + g * g * (1.0 - b);
+                }
+            } else {
+                let b = self.h.beta1;
+                for (m, g) in m.iter_mut().zip(g) {
+                    *m = *m * b + g * k * (1.0 - b);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// θ ← θ·(1 − lr·λ) − lr·(m / c₁) / (√(v / c₂) + ε).
+    struct Weights<'a> {
+        h: &'a Hyper,
+    }
+
+    impl InplaceOp3 for Weights<'_> {
+        fn name(&self) -> &'static str {
+            "kdpipe-adamw-weights"
+        }
+
+        fn cpu_fwd(
+            &self,
+            s1: &mut CpuStorage,
+            l1: &Layout,
+            s2: &CpuStorage,
+            l2: &Layout,
+            s3: &CpuStorage,
+            l3: &Layout,
+        ) -> candle_core::Result<()> {
+            let (m, v) = (slice(s2, l2)?, slice(s3, l3)?);
+            let w = slice_mut(s1, l1)?;
+            if w.len() != m.len() || w.len() != v.len() {
+                candle_core::bail!("fused AdamW: weight and moment sizes differ");
+            }
+            let h = self.h;
+            for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+                let update = (m / h.correction1) / ((v / h.correction2).sqrt() + h.eps);
+                *w = *w * h.decay - update * h.lr;
+            }
+            Ok(())
+        }
     }
 }
 
