@@ -6,26 +6,26 @@
 use regex::Regex;
 use std::sync::LazyLock;
 
-/// `left = right`, where left is an arithmetic expression with at least one operator and
-/// right a number. Thousands separators are allowed in numbers ("1,200").
-static EQUATION: LazyLock<Regex> = LazyLock::new(|| {
-    let num = r"\$?\d[\d,]*(?:\.\d+)?";
+/// A number: thousands separators are allowed ("1,200"), and a leading `$`.
+const NUM: &str = r"\$?\d[\d,]*(?:\.\d+)?";
+
+/// An arithmetic expression with at least one operator, as a capture group.
+fn expression() -> String {
     let op = r"[-+*/×÷x−]";
-    Regex::new(&format!(
-        r"((?:\(\s*)*{num}(?:\s*\)\s*)*(?:\s*{op}\s*(?:\(\s*)*{num}(?:\s*\))*)+)\s*=\s*(-?{num})"
-    ))
-    .expect("the equation pattern is a valid regex")
+    format!(r"((?:\(\s*)*{NUM}(?:\s*\)\s*)*(?:\s*{op}\s*(?:\(\s*)*{NUM}(?:\s*\))*)+)")
+}
+
+/// `left = right`, where left is an expression and right a number.
+static EQUATION: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(&format!(r"{}\s*=\s*(-?{NUM})", expression()))
+        .expect("the equation pattern is a valid regex")
 });
 
-/// The same left side, at the very end of the text and followed by `=`: an equation whose
-/// result is still to be written.
+/// An expression and `=` at the very end of the text: an equation whose result is still
+/// to be written.
 static OPEN_EQUATION: LazyLock<Regex> = LazyLock::new(|| {
-    let num = r"\$?\d[\d,]*(?:\.\d+)?";
-    let op = r"[-+*/×÷x−]";
-    Regex::new(&format!(
-        r"((?:\(\s*)*{num}(?:\s*\)\s*)*(?:\s*{op}\s*(?:\(\s*)*{num}(?:\s*\))*)+)\s*=\s*$"
-    ))
-    .expect("the open equation pattern is a valid regex")
+    Regex::new(&format!(r"{}\s*=\s*$", expression()))
+        .expect("the open equation pattern is a valid regex")
 });
 
 static NUMBER: LazyLock<Regex> =
