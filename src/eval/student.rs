@@ -118,30 +118,16 @@ fn greedy_with_calculator(
     prompt: &[u32],
     max_new: usize,
 ) -> Result<Vec<u32>> {
-    let mut cache = KvCache::default();
-    let mut out: Vec<u32> = Vec::new();
-    let mut logits = model.forward_cached(prompt, &mut cache)?;
-    while out.len() < max_new {
-        let n = logits.dim(0)?;
-        let next = logits.get(n - 1)?.argmax(0)?.to_scalar::<u32>()?;
-        if next == loaded.eos_token_id {
-            break;
-        }
-        out.push(next);
-        let mut feed = vec![next];
+    model.greedy_with(prompt, max_new, &[loaded.eos_token_id], |out| {
         // Decoding only the last tokens keeps this cheap; an equation is short.
         let tail = loaded.decode(&out[out.len().saturating_sub(24)..])?;
-        if tail.trim_end().ends_with('=') {
-            if let Some(value) = arith::open_equation_value(&tail) {
-                let result = loaded.encode(&format!(" {}", format_number(value)))?;
-                let room = max_new - out.len();
-                feed.extend(result.iter().take(room));
-                out.extend(result.iter().take(room));
+        match arith::open_equation_value(&tail) {
+            Some(value) if tail.trim_end().ends_with('=') => {
+                loaded.encode(&format!(" {}", format_number(value)))
             }
+            _ => Ok(vec![]),
         }
-        logits = model.forward_cached(&feed, &mut cache)?;
-    }
-    Ok(out)
+    })
 }
 
 /// Index of the continuation with the highest log-probability after `prompt`. The prompt

@@ -459,17 +459,36 @@ impl Decoder {
 
     /// Greedy decoding of one prompt, up to `max_new` tokens or `stop`.
     pub fn greedy(&self, prompt: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+        self.greedy_with(prompt, max_new, stop, |_| Ok(vec![]))
+    }
+
+    /// Greedy decoding in which, after each generated token, `insert` may append tokens of
+    /// its own to the output (it sees the output so far); the model reads them and goes on.
+    pub fn greedy_with(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        stop: &[u32],
+        mut insert: impl FnMut(&[u32]) -> Result<Vec<u32>>,
+    ) -> Result<Vec<u32>> {
         let mut cache = KvCache::default();
         let mut out = Vec::new();
         let mut logits = self.forward_cached(prompt, &mut cache)?;
-        for _ in 0..max_new {
+        while out.len() < max_new {
             let n = logits.dim(0)?;
             let next = logits.get(n - 1)?.argmax(0)?.to_scalar::<u32>()?;
             if stop.contains(&next) {
                 break;
             }
             out.push(next);
-            logits = self.forward_cached(&[next], &mut cache)?;
+            let mut feed = vec![next];
+            let extra = insert(&out)?;
+            let room = max_new - out.len();
+            feed.extend(extra.iter().take(room));
+            out.extend(extra.iter().take(room));
+            if out.len() < max_new {
+                logits = self.forward_cached(&feed, &mut cache)?;
+            }
         }
         Ok(out)
     }
