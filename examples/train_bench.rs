@@ -1,12 +1,13 @@
-//! Student training speed for `scripts/bench/train.sh`: SmolLM2-135M from its GGUF, f32,
+//! Student training speed for `scripts/bench/train.sh`: SmolLM2-135M from its GGUF,
 //! batch × seq random token ids, AdamW; `full` trains every weight, `lora` rank-16 adapters
-//! on every linear layer of the blocks. Prints one JSON line (tokens/s over the timed steps,
-//! after one warm-up step). `export DIR` writes the base model as a Hugging Face folder
-//! first, for the PyTorch side to load the same weights.
+//! on every linear layer of the blocks; `f32`, or `bf16` mixed precision (`[finetune]
+//! precision`). Prints one JSON line (tokens/s over the timed steps, after one warm-up
+//! step). `EXPORT_DIR` writes the base model as a Hugging Face folder first, for the
+//! PyTorch side to load the same weights.
 //!
-//! `cargo run --release --example train_bench -- MODE BATCH SEQ STEPS [EXPORT_DIR]`
+//! `cargo run --release --example train_bench -- MODE PRECISION BATCH SEQ STEPS [EXPORT_DIR]`
 use candle_core::{DType, Device, Tensor};
-use kdpipe::config::LoraConfig;
+use kdpipe::config::{LoraConfig, Precision};
 use kdpipe::finetune::optim::AdamW;
 use kdpipe::student;
 use std::time::Instant;
@@ -19,15 +20,20 @@ fn main() -> anyhow::Result<()> {
     kdpipe::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
-        args.len() >= 5,
-        "usage: train_bench full|lora BATCH SEQ STEPS [EXPORT_DIR]"
+        args.len() >= 6,
+        "usage: train_bench full|lora f32|bf16 BATCH SEQ STEPS [EXPORT_DIR]"
     );
     let (mode, b, t, steps): (&str, usize, usize, usize) = (
         &args[1],
-        args[2].parse()?,
         args[3].parse()?,
         args[4].parse()?,
+        args[5].parse()?,
     );
+    let precision = match args[2].as_str() {
+        "f32" => Precision::F32,
+        "bf16" => Precision::Bf16,
+        other => anyhow::bail!("precision must be f32 or bf16, got {other:?}"),
+    };
     // KDPIPE_DEVICE=cuda (a build with --features cuda) trains on the GPU.
     let dev = match kdpipe::finetune::parse_device(
         &std::env::var("KDPIPE_DEVICE").unwrap_or_else(|_| "cpu".into()),
@@ -36,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         Some(n) => Device::new_cuda(n)?,
     };
     let mut loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
-    if let Some(dir) = args.get(5) {
+    if let Some(dir) = args.get(6) {
         let base = loaded.decoder(&dev, |_| false)?;
         let eos = loaded
             .tokenizer
@@ -61,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         };
         model.add_lora(&cfg, 0)?;
     }
+    model.set_precision(precision)?;
     let mut opt = AdamW::new(model.vars.clone(), 1e-5, 0.0)?;
     let ids = Tensor::from_vec(
         (0..(b * t) as u32)
@@ -97,7 +104,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "{{\"engine\": \"kdpipe (candle 0.10.2)\", \"mode\": \"{mode}\", \"tokens_per_s\": {:.1}}}",
+        "{{\"engine\": \"kdpipe (candle 0.10.2)\", \"mode\": \"{mode}\", \"precision\": \"{}\", \"tokens_per_s\": {:.1}}}",
+        args[2],
         (b * t * steps) as f64 / timed
     );
     Ok(())

@@ -1,6 +1,6 @@
 //! finetune on the real SmolLM2 student: a run killed with SIGKILL after a checkpoint
 //! resumes and gives the same loss curve as an uninterrupted run; the KD term over the
-//! label set trains alongside the CE terms.
+//! label set trains alongside the CE terms; bf16 mixed precision trains.
 
 mod common;
 use common::training::{config, curated};
@@ -113,6 +113,39 @@ fn kd_term_over_the_label_set_trains_with_the_ce_terms() {
         after < before,
         "the val loss (CE + λ·KD) fell: {before} → {after}"
     );
+}
+
+#[test]
+fn bf16_mixed_precision_trains_where_the_cpu_has_avx512_bf16() {
+    if !kdpipe::student::bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX512-BF16");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 6);
+    config(dir.path(), "precision = \"bf16\"");
+    let out = kdpipe(
+        &["finetune", "--config", "c.toml", "--max-steps", "3"],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("bf16 mixed precision"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(losses(dir.path()).len(), 3);
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let (before, after) = (
+        m["summary"]["val_loss_before"].as_f64().unwrap(),
+        m["summary"]["val_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before, "the val loss fell: {before} → {after}");
+    // The exported student is f32 safetensors like any other.
+    assert!(dir.path().join("runs/t/student/model.safetensors").exists());
 }
 
 #[test]

@@ -1,10 +1,13 @@
 """PyTorch + transformers side of scripts/bench/train.sh: the same SmolLM2 weights (an HF
-folder kdpipe exported), f32, the same random ids, AdamW, gradient clipping at 1.0; `full`
+folder kdpipe exported), the same random ids, AdamW, gradient clipping at 1.0; `full`
 trains every weight, `lora` rank-16 adapters (alpha 32) on every linear layer of the blocks,
-written here in a few lines (no peft). One warm-up step, then STEPS timed. One JSON line.
+written here in a few lines (no peft). `f32`, or `bf16`: CPU autocast to bfloat16 around
+the forward pass and the loss, f32 master weights (PyTorch's mixed precision on a CPU).
+One warm-up step, then STEPS timed. One JSON line.
 
-    python torch_train_bench.py MODEL_DIR full|lora BATCH SEQ STEPS THREADS
+    python torch_train_bench.py MODEL_DIR full|lora f32|bf16 BATCH SEQ STEPS THREADS
 """
+import contextlib
 import json
 import sys
 import time
@@ -12,7 +15,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-model_dir, mode, b, t, steps, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+model_dir, mode, precision, b, t, steps, threads = *sys.argv[1:4], *map(int, sys.argv[4:8])
+assert precision in ("f32", "bf16"), precision
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -45,11 +49,13 @@ ids = (torch.arange(b * t) * 7919 % 49152).reshape(b, t)
 timed = 0.0
 for step in range(steps + 1):
     start = time.perf_counter()
-    out = model(input_ids=ids, labels=ids)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    with autocast:
+        out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     if step > 0:
         timed += time.perf_counter() - start
-print(json.dumps({"engine": f"PyTorch {torch.__version__} + transformers", "mode": mode, "tokens_per_s": round(b * t * steps / timed, 1)}))
+print(json.dumps({"engine": f"PyTorch {torch.__version__} + transformers", "mode": mode, "precision": precision, "tokens_per_s": round(b * t * steps / timed, 1)}))

@@ -147,6 +147,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     if let Some(l) = lora {
         model.add_lora(l, cfg.seed)?;
     }
+    model.set_precision(ft.precision)?;
     // The decoder holds what it needs; trainable weights are copies (variables), so the
     // loaded originals would be a second copy of the model for the whole run.
     loaded.weights.clear();
@@ -193,7 +194,11 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         .unwrap_or(usize::MAX)
         .min(micro.len().div_ceil(accum))
         .max(1);
-    eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of {accum} × about {} sequences", train_rows.len(), val.len(), ft.batch_size);
+    let arithmetic = match ft.precision {
+        crate::config::Precision::F32 => "f32",
+        crate::config::Precision::Bf16 => "bf16 mixed precision (bf16 products, f32 weights)",
+    };
+    eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of {accum} × about {} sequences, {arithmetic}", train_rows.len(), val.len(), ft.batch_size);
 
     std::fs::create_dir_all(&out_dir)?;
     let hash = config_hash(&cfg.stage_view("finetune"));

@@ -1,0 +1,179 @@
+//! Mixed-precision products for training (`[finetune] precision = "bf16"`): a linear
+//! layer's products, forward and backward, take bf16 operands and sum in f32. The weights
+//! the optimizer updates, its moments, the activations and every other op stay f32, as in
+//! PyTorch's CPU autocast (which also keeps norms, softmax and losses in f32).
+//!
+//! On the CPU the products run on `bf16_gemm` (AVX512-BF16); elsewhere candle's bf16
+//! matmul runs between casts, whose backward passes cast the gradients back.
+
+use super::bf16_gemm::{self, View};
+use super::ops::f32_slice;
+use crate::config::Precision;
+use anyhow::Result;
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+
+/// Whether `device` can train in `precision`; the error says what to change.
+pub fn check(precision: Precision, device: &Device) -> Result<()> {
+    if precision == Precision::Bf16 && device.is_cpu() && !bf16_gemm::available() {
+        anyhow::bail!(
+            "[finetune] precision = \"bf16\" needs a CPU with AVX512-BF16 (Intel Cooper Lake or \
+             Sapphire Rapids, AMD Zen 4 or later) or a CUDA device, and this CPU lacks it\n\
+             hint: set precision = \"f32\" (the default)"
+        );
+    }
+    Ok(())
+}
+
+/// `x · wᵀ` for `x` `[rows, in]` and `w` `[out, in]` with bf16 operands and f32 sums.
+/// Gradients flow to `x`, and to `w` when it is a variable.
+pub fn linear_bf16(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = LinearBf16 {
+            weight_grad: w.is_variable(),
+        };
+        x.contiguous()?.apply_op2(&w.contiguous()?, op)
+    } else {
+        let bf16 = DType::BF16;
+        x.to_dtype(bf16)?
+            .matmul(&w.to_dtype(bf16)?.t()?)?
+            .to_dtype(x.dtype())
+    }
+}
+
+/// `op(a) · op(b)` for 2-D f32 CPU tensors, where `op` transposes when its flag is set,
+/// with bf16 operands and f32 sums. No gradient: for backward passes.
+pub fn product(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> candle_core::Result<Tensor> {
+    let view = |data, t: &Tensor, transposed| -> candle_core::Result<View> {
+        let (rows, cols) = t.dims2()?;
+        let v = View::row_major(data, rows, cols);
+        Ok(if transposed { v.t() } else { v })
+    };
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (a_storage, a_layout) = a.storage_and_layout();
+    let (b_storage, b_layout) = b.storage_and_layout();
+    let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
+        candle_core::bail!("bf16 product: both operands must be on the CPU");
+    };
+    let av = view(f32_slice(a_cpu, a_layout, "bf16 product")?, &a, a_t)?;
+    let bv = view(f32_slice(b_cpu, b_layout, "bf16 product")?, &b, b_t)?;
+    if av.cols != bv.rows {
+        candle_core::bail!(
+            "bf16 product: {:?} and {:?} do not fit",
+            a.shape(),
+            b.shape()
+        );
+    }
+    let mut out = vec![0f32; av.rows * bv.cols];
+    bf16_gemm::gemm(&mut out, av, bv, false);
+    Tensor::from_vec(out, (av.rows, bv.cols), &Device::Cpu)
+}
+
+struct LinearBf16 {
+    /// Whether the weight is trained (a frozen one gets no gradient computed).
+    weight_grad: bool,
+}
+
+impl CustomOp2 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "kdpipe-linear-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, self.name())?;
+        let w = f32_slice(s2, l2, self.name())?;
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("{}: x {:?} and w {:?}", self.name(), l1.shape(), l2.shape());
+        }
+        let mut dst = vec![0f32; m * n];
+        let wt = View::row_major(w, n, k).t();
+        bf16_gemm::gemm(&mut dst, View::row_major(x, m, k), wt, false);
+        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
+    }
+
+    /// d x = g · w, d w = gᵀ · x, both in the forward pass's precision.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = product(g, false, w, false)?;
+        let dw = if self.weight_grad {
+            Some(product(g, true, x, false)?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn random(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// Largest |a − b| relative to the largest |b|.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = b.abs().unwrap().max_all().unwrap();
+        (diff / scale).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn bf16_linear_matches_f32_values_and_gradients_to_bf16_precision() {
+        if !bf16_gemm::available() {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        }
+        let x = Var::from_tensor(&random((37, 70), 1)).unwrap();
+        let w = Var::from_tensor(&random((45, 70), 2)).unwrap();
+        let up = random((37, 45), 3); // a fixed upstream gradient through the sum below
+        let y16 = linear_bf16(x.as_tensor(), w.as_tensor()).unwrap();
+        let y32 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
+        // Operands rounded to 8 mantissa bits: errors near 2⁻⁸ of each product, which
+        // partly cancel over 70 terms.
+        assert!(
+            rel_err(&y16, &y32) < 1e-2,
+            "forward {}",
+            rel_err(&y16, &y32)
+        );
+        assert!(
+            rel_err(&y16, &y32) > 0.0,
+            "the products were not rounded to bf16"
+        );
+        let g16 = (&y16 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g32 = (&y32 * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, v) in [("x", &x), ("w", &w)] {
+            let (a, b) = (g16.get(v).unwrap(), g32.get(v).unwrap());
+            assert_eq!(a.dims(), b.dims(), "{name}");
+            assert!(rel_err(a, b) < 1e-2, "d{name}: {}", rel_err(a, b));
+        }
+    }
+
+    #[test]
+    fn bf16_needs_the_cpu_feature_or_says_what_to_set() {
+        assert!(check(Precision::F32, &Device::Cpu).is_ok());
+        match check(Precision::Bf16, &Device::Cpu) {
+            Ok(()) => assert!(bf16_gemm::available()),
+            Err(e) => assert!(e.to_string().contains("precision = \"f32\""), "{e}"),
+        }
+    }
+}
