@@ -20,7 +20,7 @@ const MR: usize = 8;
 const NV: usize = 3;
 const NR: usize = NV * 16;
 /// Block sizes: k (even, so k-pairs never straddle blocks), rows of a, columns of b.
-const KC: usize = 256;
+const KC: usize = 512;
 const MC: usize = MR * 16;
 const NC: usize = NR * 32;
 /// Below this many multiply-adds a product runs on one thread.
