@@ -21,6 +21,19 @@ fn losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The val loss before and after training, from the finetune manifest's summary.
+fn val_loss_before_after(dir: &Path) -> (f64, f64) {
+    let m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("runs/t/finetune/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let summary = &m["summary"];
+    (
+        summary["val_loss_before"].as_f64().unwrap(),
+        summary["val_loss_after"].as_f64().unwrap(),
+    )
+}
+
 #[test]
 fn killed_training_resumes_with_the_same_loss_curve() {
     let clean = tempfile::tempdir().unwrap();
@@ -101,14 +114,7 @@ fn kd_term_over_the_label_set_trains_with_the_ce_terms() {
     assert!(lines.iter().all(|l| l["grad_norm"].as_f64().unwrap() > 0.0));
     // Three steps of two micro-batches each went through.
     assert_eq!(lines.len(), 3);
-    let m: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let (before, after) = (
-        m["summary"]["val_loss_before"].as_f64().unwrap(),
-        m["summary"]["val_loss_after"].as_f64().unwrap(),
-    );
+    let (before, after) = val_loss_before_after(dir.path());
     assert!(
         after < before,
         "the val loss (CE + λ·KD) fell: {before} → {after}"
@@ -135,14 +141,7 @@ fn bf16_mixed_precision_trains_where_the_cpu_has_avx512_bf16() {
         stderr(&out)
     );
     assert_eq!(losses(dir.path()).len(), 3);
-    let m: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("runs/t/finetune/manifest.json")).unwrap(),
-    )
-    .unwrap();
-    let (before, after) = (
-        m["summary"]["val_loss_before"].as_f64().unwrap(),
-        m["summary"]["val_loss_after"].as_f64().unwrap(),
-    );
+    let (before, after) = val_loss_before_after(dir.path());
     assert!(after < before, "the val loss fell: {before} → {after}");
     // The exported student is f32 safetensors like any other.
     assert!(dir.path().join("runs/t/student/model.safetensors").exists());

@@ -273,10 +273,7 @@ unsafe fn pack_a(out: &mut [u32], a: View, ic: usize, mc: usize, pc: usize, kc: 
         } else {
             for i in 0..MR {
                 for p in 0..pairs {
-                    let word =
-                        pair_word(a, ic + ir + i, pc + 2 * p, i < rows, pc + kc, |v, r, k| {
-                            v.bf16_at(r, k)
-                        });
+                    let word = pair_word(a, ic + ir + i, pc + 2 * p, i < rows, pc + kc);
                     *dst.add(p * MR + i) = word;
                 }
             }
@@ -313,14 +310,7 @@ unsafe fn pack_b(out: &mut [u32], b: View, pc: usize, kc: usize, jc: usize, nc: 
         } else {
             for j in 0..NR {
                 for p in 0..pairs {
-                    let word = pair_word(
-                        b.t(),
-                        jc + jr + j,
-                        pc + 2 * p,
-                        j < cols,
-                        pc + kc,
-                        |v, r, k| v.bf16_at(r, k),
-                    );
+                    let word = pair_word(b.t(), jc + jr + j, pc + 2 * p, j < cols, pc + kc);
                     *dst.add(p * NR + j) = word;
                 }
             }
@@ -331,19 +321,16 @@ unsafe fn pack_b(out: &mut [u32], b: View, pc: usize, kc: usize, jc: usize, nc: 
 /// The word for (row, k), (row, k + 1) of `v`, zero outside the tile (`inside` false) or
 /// past `k_end`. The scalar path of partial tiles and odd k.
 #[inline(always)]
-unsafe fn pair_word(
-    v: View,
-    row: usize,
-    k: usize,
-    inside: bool,
-    k_end: usize,
-    at: impl Fn(&View, usize, usize) -> u32,
-) -> u32 {
+unsafe fn pair_word(v: View, row: usize, k: usize, inside: bool, k_end: usize) -> u32 {
     if !inside {
         return 0;
     }
-    let lo = at(&v, row, k);
-    let hi = if k + 1 < k_end { at(&v, row, k + 1) } else { 0 };
+    let lo = v.bf16_at(row, k);
+    let hi = if k + 1 < k_end {
+        v.bf16_at(row, k + 1)
+    } else {
+        0
+    };
     lo | hi << 16
 }
 
