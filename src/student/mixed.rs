@@ -10,7 +10,7 @@ use super::bf16_gemm::{self, View};
 use super::ops::f32_slice;
 use crate::config::Precision;
 use anyhow::Result;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 
 /// Whether `device` can train in `precision`; the error says what to change.
 pub fn check(precision: Precision, device: &Device) -> Result<()> {
@@ -28,7 +28,8 @@ pub fn check(precision: Precision, device: &Device) -> Result<()> {
 /// Gradients flow to `x`, and to `w` when it is a variable.
 pub fn linear_bf16(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = LinearBf16 {
+        let op = super::ops::LinearOp {
+            bf16: true,
             weight_grad: w.is_variable(),
         };
         x.contiguous()?.apply_op2(&w.contiguous()?, op)
@@ -66,54 +67,6 @@ pub fn product(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> candle_core::Res
     let mut out = vec![0f32; av.rows * bv.cols];
     bf16_gemm::gemm(&mut out, av, bv, false);
     Tensor::from_vec(out, (av.rows, bv.cols), &Device::Cpu)
-}
-
-struct LinearBf16 {
-    /// Whether the weight is trained (a frozen one gets no gradient computed).
-    weight_grad: bool,
-}
-
-impl CustomOp2 for LinearBf16 {
-    fn name(&self) -> &'static str {
-        "kdpipe-linear-bf16"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, self.name())?;
-        let w = f32_slice(s2, l2, self.name())?;
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("{}: x {:?} and w {:?}", self.name(), l1.shape(), l2.shape());
-        }
-        let mut dst = vec![0f32; m * n];
-        let wt = View::row_major(w, n, k).t();
-        bf16_gemm::gemm(&mut dst, View::row_major(x, m, k), wt, false);
-        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
-    }
-
-    /// d x = g · w, d w = gᵀ · x, both in the forward pass's precision.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = product(g, false, w, false)?;
-        let dw = if self.weight_grad {
-            Some(product(g, true, x, false)?)
-        } else {
-            None
-        };
-        Ok((Some(dx), dw))
-    }
 }
 
 #[cfg(test)]

@@ -251,9 +251,11 @@ pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tenso
     if !(fused(x) && fused(w)) || w.is_variable() {
         return Ok(None);
     }
-    Ok(Some(
-        x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear)?,
-    ))
+    let op = LinearOp {
+        bf16: false,
+        weight_grad: false,
+    };
+    Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, op)?))
 }
 
 /// `dst [m, n] (+)= scale · x [m, k] · wᵀ`, `w` `[n, k]`, all row-major; `accumulate`
@@ -389,12 +391,7 @@ impl CustomOp3 for LoraLinear {
             _ => candle_core::bail!("{}: the weight must be on the CPU", self.name()),
         };
         let mut dst = vec![0f32; m * n];
-        if self.bf16 {
-            let (xv, wv) = (View::row_major(x, m, k), View::row_major(w, n, k).t());
-            super::bf16_gemm::gemm(&mut dst, xv, wv, false);
-        } else {
-            x_times_w_t(&mut dst, x, w, m, n, k, false, 1.0);
-        }
+        base_product(&mut dst, x, w, (m, n, k), self.bf16);
         let dropped: Vec<f32>;
         let x_in = match &self.mask {
             Some(mask) => {
@@ -424,12 +421,7 @@ impl CustomOp3 for LoraLinear {
         let xin = self.dropped(&x)?;
         let scale = self.scale as f64;
         let gb = g.matmul(&b)?;
-        let base = if self.bf16 {
-            super::mixed::product(g, false, &self.w, false)?
-        } else {
-            g.matmul(&self.w)?
-        };
-        let dx = (base + self.dropped(&(gb.matmul(&a)? * scale)?)?)?;
+        let dx = (g_times_w(g, &self.w, self.bf16)? + self.dropped(&(gb.matmul(&a)? * scale)?)?)?;
         let da = (gb.t()?.matmul(&xin)? * scale)?;
         let h = (xin.matmul(&a.t()?)? * scale)?;
         let db = g.t()?.matmul(&h)?;
@@ -437,11 +429,17 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-struct FrozenLinear;
+/// `x · wᵀ` for `x` `[rows, in]` and `w` `[out, in]`, the product in f32 or, with `bf16`,
+/// in bf16 operands with f32 sums (`super::mixed`). The backward pass computes the weight's
+/// gradient only with `weight_grad`.
+pub(super) struct LinearOp {
+    pub bf16: bool,
+    pub weight_grad: bool,
+}
 
-impl CustomOp2 for FrozenLinear {
+impl CustomOp2 for LinearOp {
     fn name(&self) -> &'static str {
-        "kdpipe-frozen-linear"
+        "kdpipe-linear"
     }
 
     fn cpu_fwd(
@@ -461,18 +459,51 @@ impl CustomOp2 for FrozenLinear {
             candle_core::bail!("{}: x {:?} and w {:?}", self.name(), l1.shape(), l2.shape());
         }
         let mut dst = vec![0f32; m * n];
-        x_times_w_t(&mut dst, x, w, m, n, k, false, 1.0);
+        base_product(&mut dst, x, w, (m, n, k), self.bf16);
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 
+    /// d x = g · w, d w = gᵀ · x, both in the forward pass's precision.
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(g.matmul(w)?), None))
+        let dx = g_times_w(g, w, self.bf16)?;
+        let dw = match (self.weight_grad, self.bf16) {
+            (false, _) => None,
+            (true, true) => Some(super::mixed::product(g, true, x, false)?),
+            (true, false) => Some(g.t()?.matmul(x)?),
+        };
+        Ok((Some(dx), dw))
+    }
+}
+
+/// `dst [m, n] = x [m, k] · wᵀ` for `w` `[n, k]`, all row-major; with `bf16`, bf16
+/// operands and f32 sums.
+fn base_product(
+    dst: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    (m, n, k): (usize, usize, usize),
+    bf16: bool,
+) {
+    if bf16 {
+        let (xv, wv) = (View::row_major(x, m, k), View::row_major(w, n, k).t());
+        super::bf16_gemm::gemm(dst, xv, wv, false);
+    } else {
+        x_times_w_t(dst, x, w, m, n, k, false, 1.0);
+    }
+}
+
+/// `g · w` (the input gradient of `x · wᵀ`), in bf16 operands with f32 sums when `bf16`.
+fn g_times_w(g: &Tensor, w: &Tensor, bf16: bool) -> candle_core::Result<Tensor> {
+    if bf16 {
+        super::mixed::product(g, false, w, false)
+    } else {
+        g.matmul(w)
     }
 }
 
