@@ -51,8 +51,8 @@ pub(super) struct Linear<'a> {
     lora: Option<&'a Lora>,
     /// Dropout on the adapter's input: rate and mask key.
     dropout: Option<(f64, u64)>,
-    /// The product with `weight` (not the adapter's) in bf16 with f32 sums.
-    bf16: bool,
+    /// The arithmetic of the product with `weight` (the adapter's is f32).
+    precision: Precision,
 }
 
 /// A dropout mask for `x` (kept entries scaled by 1 / (1 − p)) drawn from `key`.
@@ -78,7 +78,7 @@ impl Linear<'_> {
             Some((p, key)) => Some(dropout_mask(&x2, p, key)?),
             None => None,
         };
-        let base = (self.weight, self.bf16);
+        let base = (self.weight, self.precision == Precision::Bf16);
         let Some(y) = super::ops::lora_linear(&x2, base, &l.a, &l.b, l.scale, mask)? else {
             return Ok(None);
         };
@@ -99,10 +99,8 @@ impl Module for Linear<'_> {
         }
         let mut y = if self.transposed {
             matmul_rows(x, self.weight)?
-        } else if self.bf16 {
-            matmul_t_in(x, self.weight, Precision::Bf16)?
         } else {
-            matmul_t(x, self.weight)?
+            matmul_t_in(x, self.weight, self.precision)?
         };
         if let Some(l) = self.lora {
             let xa = match self.dropout {
@@ -367,7 +365,7 @@ impl Decoder {
             bias: self.weights.get(&format!("{prefix}.bias")),
             lora,
             dropout,
-            bf16: self.precision == Precision::Bf16 && !self.transposed,
+            precision: self.precision,
         })
     }
 
