@@ -78,7 +78,8 @@ impl<'a> View<'a> {
         }
     }
 
-    fn fits(&self) -> bool {
+    /// Whether every element lies inside `data`.
+    pub fn fits(&self) -> bool {
         self.rows == 0
             || self.cols == 0
             || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
@@ -171,6 +172,35 @@ pub fn gemm(c: &mut [f32], a: View, b: View, accumulate: bool) {
             });
         }
     });
+}
+
+/// `gemm` on the calling thread only, into `c` with row stride `ldc` (`c` may be a block
+/// of a wider matrix): for callers that already split their work across threads, such as
+/// the fused attention's (batch, head) groups.
+///
+/// Panics as `gemm` does, and when `c` is too short for `a.rows` rows of stride `ldc`.
+pub fn gemm_on_this_thread(c: &mut [f32], ldc: usize, a: View, b: View, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+        "bf16 gemm: shapes do not fit"
+    );
+    assert!(
+        a.fits() && b.fits(),
+        "bf16 gemm: a view reaches past its data"
+    );
+    assert!(available(), "bf16 gemm: this CPU lacks AVX512-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).for_each(|row| row[..n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: c spans m rows of stride ldc ≥ n (checked above), the views fit their data.
+    unsafe { gemm_serial(c.as_mut_ptr(), ldc, a, b, accumulate) };
 }
 
 #[derive(Clone, Copy)]

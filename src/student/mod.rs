@@ -1,6 +1,7 @@
 //! The student: a llama-family training decoder of our own (SmolLM2, Llama, Qwen2 shapes),
 //! its tokenizer, loading from GGUF or a Hugging Face folder, and export back to one.
 
+pub mod attention;
 pub mod bf16_gemm;
 pub mod export;
 pub mod gguf;

@@ -405,19 +405,19 @@ impl Decoder {
         self.logits(&x)
     }
 
-    /// Queries, keys and values `[batch, heads, seq, head_dim]` of `x`, RoPE applied for
-    /// positions starting at `offset`; the queries come scaled by 1/√head_dim (cheaper on
-    /// them than on the scores, and free inside the fused RoPE).
+    /// Queries and keys `[batch, heads, seq, head_dim]` of `x`, RoPE applied for positions
+    /// starting at `offset`, and the value projection `[batch, seq, kv_heads · head_dim]`
+    /// (`value_heads` splits it); the queries come scaled by 1/√head_dim (cheaper on them
+    /// than on the scores, and free inside the fused RoPE).
     fn qkv(&self, x: &Tensor, p: &str, offset: usize) -> Result<(Tensor, Tensor, Tensor)> {
         let s = &self.shape;
-        let (b, t, _) = x.dims3()?;
-        let hd = s.head_dim();
+        let t = x.dim(1)?;
         let project = |name: &str| -> Result<Tensor> {
             Ok(self.linear(&format!("{p}.self_attn.{name}"))?.forward(x)?)
         };
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = 1.0 / (s.head_dim() as f64).sqrt();
         let q = rope_heads(
             &project("q_proj")?,
             s.num_attention_heads,
@@ -426,11 +426,17 @@ impl Decoder {
             scale,
         )?;
         let k = rope_heads(&project("k_proj")?, s.num_key_value_heads, &cos, &sin, 1.0)?;
-        let v = project("v_proj")?
-            .reshape((b, t, s.num_key_value_heads, hd))?
+        Ok((q, k, project("v_proj")?))
+    }
+
+    /// The value projection `[batch, seq, kv_heads · head_dim]` as `[batch, kv_heads, seq,
+    /// head_dim]`.
+    fn value_heads(&self, v: &Tensor) -> Result<Tensor> {
+        let s = &self.shape;
+        let (b, t, _) = v.dims3()?;
+        Ok(v.reshape((b, t, s.num_key_value_heads, s.head_dim()))?
             .transpose(1, 2)?
-            .contiguous()?;
-        Ok((q, k, v))
+            .contiguous()?)
     }
 
     fn attention(
@@ -444,6 +450,12 @@ impl Decoder {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
         let (q, k, v) = self.qkv(x, p, 0)?;
+        let o_proj = self.linear(&format!("{p}.self_attn.o_proj"))?;
+        let bf16 = self.precision == Precision::Bf16;
+        if let Some(out) = super::attention::causal_attention(&q, &k, &v, keys.clone(), bf16)? {
+            return Ok(o_proj.forward(&out)?);
+        }
+        let v = self.value_heads(&v)?;
         // Grouped-query attention without copying keys and values for every query head:
         // the `rep` query heads that share a key/value head (heads kv·rep … kv·rep + rep − 1,
         // as transformers' repeat_kv pairs them) are stacked along the sequence axis, a
@@ -467,9 +479,7 @@ impl Decoder {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, t, nh * hd))?;
-        Ok(self
-            .linear(&format!("{p}.self_attn.o_proj"))?
-            .forward(&out)?)
+        Ok(o_proj.forward(&out)?)
     }
 
     pub(super) fn mlp(&self, x: &Tensor, p: &str) -> Result<Tensor> {
@@ -569,6 +579,7 @@ impl Decoder {
         let (_, n, _) = x.dims3()?;
         let (nh, nkv, hd) = (s.num_attention_heads, s.num_key_value_heads, s.head_dim());
         let (q, k, v) = self.qkv(x, p, past)?;
+        let v = self.value_heads(&v)?;
         let (k, v) = match layer.take() {
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
             None => (k, v),
