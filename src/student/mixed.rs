@@ -24,21 +24,16 @@ pub fn check(precision: Precision, device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// `x · wᵀ` for `x` `[rows, in]` and `w` `[out, in]` with bf16 operands and f32 sums.
+/// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]` with bf16 operands and f32 sums.
 /// Gradients flow to `x`, and to `w` when it is a variable.
 pub fn linear_bf16(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = super::ops::LinearOp {
-            bf16: true,
-            weight_grad: w.is_variable(),
-        };
-        x.contiguous()?.apply_op2(&w.contiguous()?, op)
-    } else {
-        let bf16 = DType::BF16;
-        x.to_dtype(bf16)?
-            .matmul(&w.to_dtype(bf16)?.t()?)?
-            .to_dtype(x.dtype())
+    if let Some(y) = super::ops::linear(x, w, true)? {
+        return Ok(y);
     }
+    let bf16 = DType::BF16;
+    x.to_dtype(bf16)?
+        .broadcast_matmul(&w.to_dtype(bf16)?.t()?)?
+        .to_dtype(x.dtype())
 }
 
 /// `op(a) · op(b)` for 2-D f32 CPU tensors, where `op` transposes when its flag is set,

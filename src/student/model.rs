@@ -72,20 +72,12 @@ impl Linear<'_> {
         let Some(l) = self.lora.filter(|_| !self.transposed) else {
             return Ok(None);
         };
-        let dims = x.dims().to_vec();
-        let x2 = x.reshape(((), dims[dims.len() - 1]))?;
         let mask = match self.dropout {
-            Some((p, key)) => Some(dropout_mask(&x2, p, key)?),
+            Some((p, key)) => Some(dropout_mask(x, p, key)?),
             None => None,
         };
         let base = (self.weight, self.precision == Precision::Bf16);
-        let Some(y) = super::ops::lora_linear(&x2, base, &l.a, &l.b, l.scale, mask)? else {
-            return Ok(None);
-        };
-        let mut out = dims;
-        let last = out.len() - 1;
-        out[last] = self.weight.dim(0)?;
-        Ok(Some(y.reshape(out)?))
+        super::ops::lora_linear(x, base, &l.a, &l.b, l.scale, mask)
     }
 }
 
@@ -127,18 +119,16 @@ pub(super) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 
 /// `matmul_t` in `precision`.
 fn matmul_t_in(x: &Tensor, w: &Tensor, precision: Precision) -> candle_core::Result<Tensor> {
+    let bf16 = precision == Precision::Bf16;
+    if let Some(y) = super::ops::linear(x, w, bf16)? {
+        return Ok(y);
+    }
+    // Other devices: one 2-D product.
     let dims = x.dims().to_vec();
-    let (rows, inner) = (
-        dims[..dims.len() - 1].iter().product::<usize>(),
-        dims[dims.len() - 1],
-    );
-    let x2 = x.reshape((rows, inner))?;
+    let x2 = x.reshape(((), dims[dims.len() - 1]))?;
     let y = match precision {
         Precision::Bf16 => super::mixed::linear_bf16(&x2, w)?,
-        Precision::F32 => match super::ops::linear_frozen(&x2, w)? {
-            Some(y) => y,
-            None => x2.matmul(&w.t()?)?,
-        },
+        Precision::F32 => x2.matmul(&w.t()?)?,
     };
     let mut out = dims;
     let last = out.len() - 1;

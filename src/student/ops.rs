@@ -243,19 +243,33 @@ impl CustomOp3 for RmsNormGrad {
     }
 }
 
-/// `x · wᵀ` for `x` `[rows, in]` and a frozen weight `w` `[out, in]`. Its backward pass
-/// computes only the input's gradient: candle's matmul backward also computes the weight's
-/// gradient (and adds it into a zero tensor) when the weight is frozen, a third of the
-/// backward matrix work in LoRA mode and for a frozen tied lm_head.
-pub fn linear_frozen(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if !(fused(x) && fused(w)) || w.is_variable() {
+/// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]` on the CPU (f32 tensors), in f32 or,
+/// with `bf16`, in bf16 operands with f32 sums (`super::mixed`). The backward pass computes
+/// the weight's gradient only when `w` is a variable: candle's matmul backward also
+/// computes it for a frozen weight (and adds it into a zero tensor), a third of the
+/// backward matrix work in LoRA mode and for a frozen tied lm_head. Leading dimensions are
+/// read as rows in place: a reshape around the product would be two more tensors in the
+/// graph, each given a zero tensor and an add by candle's backward pass. `None` on other
+/// devices or dtypes.
+pub fn linear(x: &Tensor, w: &Tensor, bf16: bool) -> candle_core::Result<Option<Tensor>> {
+    if !(fused(x) && fused(w)) || x.rank() < 2 {
         return Ok(None);
     }
     let op = LinearOp {
-        bf16: false,
-        weight_grad: false,
+        bf16,
+        weight_grad: w.is_variable(),
     };
     Ok(Some(x.contiguous()?.apply_op2(&w.contiguous()?, op)?))
+}
+
+/// `[..., k]` as (rows, k), and the shape `[..., n]` of a product with `n` columns.
+fn rows_of(x: &Shape, n: usize) -> candle_core::Result<((usize, usize), Shape)> {
+    let dims = x.dims();
+    let Some((&k, lead)) = dims.split_last().filter(|_| dims.len() >= 2) else {
+        candle_core::bail!("a linear layer's input needs rows: got {x:?}");
+    };
+    let out: Vec<usize> = lead.iter().copied().chain([n]).collect();
+    Ok(((lead.iter().product(), k), Shape::from(out)))
 }
 
 /// `dst [m, n] (+)= scale · x [m, k] · wᵀ`, `w` `[n, k]`, all row-major; `accumulate`
@@ -307,7 +321,7 @@ fn x_times_w_t(
 }
 
 /// A linear layer with a frozen weight `w` `[out, in]` and a LoRA adapter `a` `[r, in]`,
-/// `b` `[out, r]`: `x·wᵀ + scale·(x⊙mask)·aᵀ·bᵀ` for `x` `[rows, in]`, `mask` the
+/// `b` `[out, r]`: `x·wᵀ + scale·(x⊙mask)·aᵀ·bᵀ` for `x` `[..., in]`, `mask` the
 /// adapter's dropout (None: no dropout). One output-sized tensor instead of four (the
 /// base product, the adapter's product, their sum, and the dropped input); the backward
 /// pass recomputes the rank-width product. Gradients flow to `x`, `a` and `b` only.
@@ -320,7 +334,7 @@ pub fn lora_linear(
     mask: Option<Tensor>,
 ) -> candle_core::Result<Option<Tensor>> {
     let all_fused = fused(x) && fused(w) && fused(a) && fused(b);
-    if !all_fused || w.is_variable() || x.rank() != 2 {
+    if !all_fused || w.is_variable() || x.rank() < 2 {
         return Ok(None);
     }
     let op = LoraLinear {
@@ -348,7 +362,7 @@ impl LoraLinear {
     /// The adapter's input: `x`, or `x ⊙ mask`.
     fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.mask {
-            Some(m) => x * m,
+            Some(m) => x * m.reshape(x.shape())?,
             None => Ok(x.clone()),
         }
     }
@@ -371,9 +385,9 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(s1, l1, self.name())?;
         let a = f32_slice(s2, l2, self.name())?;
         let b = f32_slice(s3, l3, self.name())?;
-        let (m, k) = l1.shape().dims2()?;
         let (r, k2) = l2.shape().dims2()?;
         let (n, r2) = l3.shape().dims2()?;
+        let ((m, k), out_shape) = rows_of(l1.shape(), n)?;
         let (n2, k3) = self.w.dims2()?;
         if k != k2 || k != k3 || r != r2 || n != n2 {
             candle_core::bail!(
@@ -404,7 +418,7 @@ impl CustomOp3 for LoraLinear {
         let mut low = vec![0f32; m * r];
         x_times_w_t(&mut low, x_in, a, m, r, k, false, self.scale);
         x_times_w_t(&mut dst, &low, b, m, n, r, true, 1.0);
-        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
+        Ok((CpuStorage::F32(dst), out_shape))
     }
 
     /// With h = scale·(x⊙mask)·aᵀ and gb = g·b:  d x = g·w + scale·(gb·a)⊙mask,
@@ -417,19 +431,22 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        let xin = self.dropped(&x)?;
+        let (k, n) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
+        let (x2, a, b) = (x.detach().reshape(((), k))?, a.detach(), b.detach());
+        let g = g.reshape(((), n))?;
+        let xin = self.dropped(&x2)?;
         let scale = self.scale as f64;
         let gb = g.matmul(&b)?;
-        let dx = (g_times_w(g, &self.w, self.bf16)? + self.dropped(&(gb.matmul(&a)? * scale)?)?)?;
+        let dx =
+            (g_times_w(&g, &self.w, self.bf16)? + self.dropped(&(gb.matmul(&a)? * scale)?)?)?;
         let da = (gb.t()?.matmul(&xin)? * scale)?;
         let h = (xin.matmul(&a.t()?)? * scale)?;
         let db = g.t()?.matmul(&h)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
     }
 }
 
-/// `x · wᵀ` for `x` `[rows, in]` and `w` `[out, in]`, the product in f32 or, with `bf16`,
+/// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]`, the product in f32 or, with `bf16`,
 /// in bf16 operands with f32 sums (`super::mixed`). The backward pass computes the weight's
 /// gradient only with `weight_grad`.
 pub(super) struct LinearOp {
@@ -453,14 +470,14 @@ impl CustomOp2 for LinearOp {
             f32_slice(s1, l1, self.name())?,
             f32_slice(s2, l2, self.name())?,
         );
-        let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
+        let ((m, k), out_shape) = rows_of(l1.shape(), n)?;
         if k != k2 {
             candle_core::bail!("{}: x {:?} and w {:?}", self.name(), l1.shape(), l2.shape());
         }
         let mut dst = vec![0f32; m * n];
         base_product(&mut dst, x, w, (m, n, k), self.bf16);
-        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
+        Ok((CpuStorage::F32(dst), out_shape))
     }
 
     /// d x = g · w, d w = gᵀ · x, both in the forward pass's precision.
@@ -471,11 +488,14 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = g_times_w(g, w, self.bf16)?;
+        let (n, k) = w.dims2()?;
+        let g = g.reshape(((), n))?;
+        let dx = g_times_w(&g, w, self.bf16)?.reshape(x.shape())?;
+        let x2 = x.detach().reshape(((), k))?;
         let dw = match (self.weight_grad, self.bf16) {
             (false, _) => None,
-            (true, true) => Some(super::mixed::product(g, true, x, false)?),
-            (true, false) => Some(g.t()?.matmul(x)?),
+            (true, true) => Some(super::mixed::product(&g, true, &x2, false)?),
+            (true, false) => Some(g.t()?.matmul(&x2)?),
         };
         Ok((Some(dx), dw))
     }
@@ -910,31 +930,42 @@ mod tests {
     }
 
     #[test]
-    fn frozen_linear_matches_matmul_and_passes_the_input_gradient() {
+    fn linear_reads_leading_dims_as_rows_and_gives_a_frozen_weight_no_gradient() {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (5, 7), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
-        let up = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
-        let ours = linear_frozen(x.as_tensor(), &w).unwrap().unwrap();
-        let theirs = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
-        assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let d = max_diff(
-            g1.get(x.as_tensor()).unwrap(),
-            g2.get(x.as_tensor()).unwrap(),
-        );
-        assert!(d < 1e-5, "{d}");
-        assert!(g1.get(&w).is_none(), "no gradient for the frozen weight");
-        let trainable = Var::randn(0f32, 1.0, (3, 7), &dev).unwrap();
-        assert!(linear_frozen(x.as_tensor(), trainable.as_tensor())
-            .unwrap()
-            .is_none());
+        let x = Var::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap();
+        let up = Tensor::randn(0f32, 1.0, (2, 5, 3), &dev).unwrap();
+        let frozen = Tensor::randn(0f32, 1.0, (3, 7), &dev).unwrap();
+        let trainable = Var::from_tensor(&frozen).unwrap();
+        for w in [&frozen, trainable.as_tensor()] {
+            let ours = linear(x.as_tensor(), w, false).unwrap().unwrap();
+            assert_eq!(ours.dims(), &[2, 5, 3]);
+            let theirs = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
+            assert!(max_diff(&ours, &theirs) < 1e-5);
+            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (ours_dx, theirs_dx) = (
+                g1.get(x.as_tensor()).unwrap(),
+                g2.get(x.as_tensor()).unwrap(),
+            );
+            assert_eq!(ours_dx.dims(), &[2, 5, 7]);
+            assert!(max_diff(ours_dx, theirs_dx) < 1e-5);
+            match (g1.get(w), w.is_variable()) {
+                (None, false) => {}
+                (Some(dw), true) => {
+                    let d = max_diff(dw, g2.get(w).unwrap());
+                    assert!(d < 1e-5, "dw differs by {d}");
+                }
+                (got, trained) => panic!(
+                    "weight gradient {:?} for a weight trained: {trained}",
+                    got.is_some()
+                ),
+            }
+        }
     }
 
     #[test]
