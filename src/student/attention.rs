@@ -194,7 +194,7 @@ fn masked_softmax_row(row: &mut [f32], i: usize, visible: &[u8]) {
     let mut sum = 0f32;
     for (j, x) in row.iter_mut().enumerate() {
         *x = if j <= i && visible[j] == 1 {
-            (*x - max).exp()
+            super::fastmath::exp(*x - max)
         } else {
             0.0
         };
@@ -332,7 +332,7 @@ impl CustomOp3 for CausalAttention {
                     product(dp, t, out_grad, values.t(), false, self.bf16);
                 }
                 for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    let dot = super::fastmath::dot(ds_row, p_row);
                     for (x, p) in ds_row.iter_mut().zip(p_row) {
                         *x = p * (*x - dot);
                     }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod bf16_gemm;
 pub mod export;
+pub mod fastmath;
 pub mod gguf;
 pub mod hf;
 pub mod mixed;

@@ -455,13 +455,10 @@ impl Decoder {
             .reshape((b, nkv, rep * t, hd))?
             .matmul(&k.t()?.contiguous()?)?
             .reshape((b, nh, t, t))?;
-        let probs = match super::ops::causal_masked_softmax(&scores, keys.clone())? {
-            Some(p) => p,
-            None => candle_nn::ops::softmax(
-                &scores.broadcast_add(&attention_bias(mask, t, &self.device)?)?,
-                D::Minus1,
-            )?,
-        };
+        let probs = candle_nn::ops::softmax(
+            &scores.broadcast_add(&attention_bias(mask, t, &self.device)?)?,
+            D::Minus1,
+        )?;
         let out = probs
             .reshape((b, nkv, rep * t, t))?
             .matmul(&v)?
