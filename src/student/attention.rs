@@ -11,8 +11,8 @@
 //! autocast runs attention's batched products in bf16 too).
 
 use super::bf16_gemm::{self, View};
-use super::ops::f32_slice;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use super::ops::{cpu_f32, f32_product, f32_slice};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -138,44 +138,12 @@ impl Dims {
 }
 
 /// `c (+)= a · b` on the calling thread, `c` with row stride `ldc`: bf16 operands with f32
-/// sums when `bf16`, else f32 (the gemm crate, as candle's matmul).
+/// sums when `bf16`, else f32.
 fn product(c: &mut [f32], ldc: usize, a: View, b: View, accumulate: bool, bf16: bool) {
     if bf16 {
         bf16_gemm::gemm_on_this_thread(c, ldc, a, b, accumulate);
-        return;
-    }
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
-        "attention product: shapes do not fit"
-    );
-    assert!(
-        a.fits() && b.fits(),
-        "attention product: a view reaches past its data"
-    );
-    // SAFETY: c spans m rows of stride ldc ≥ n and the views fit their data (asserted).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    } else {
+        f32_product(c, ldc, (a, b), accumulate, 1.0, false);
     }
 }
 
@@ -216,14 +184,6 @@ fn heads_to_rows(heads: &[f32], d: Dims, n: usize) -> Vec<f32> {
         }
     });
     out
-}
-
-/// The f32 data of a CPU tensor (contiguous).
-fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(cpu) => f32_slice(cpu, l, NAME),
-        _ => candle_core::bail!("{NAME}: tensors must be on the CPU"),
-    }
 }
 
 impl CustomOp3 for CausalAttention {
@@ -298,10 +258,10 @@ impl CustomOp3 for CausalAttention {
         let (vs, vl) = v.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
         let (qd, kd, vd, gd) = (
-            cpu_f32(&qs, ql)?,
-            cpu_f32(&ks, kl)?,
-            cpu_f32(&vs, vl)?,
-            cpu_f32(&gs, gl)?,
+            cpu_f32(&qs, ql, NAME)?,
+            cpu_f32(&ks, kl, NAME)?,
+            cpu_f32(&vs, vl, NAME)?,
+            cpu_f32(&gs, gl, NAME)?,
         );
         let d = Dims::of(ql.shape(), kl.shape(), vl.shape(), self.keys.len())?;
         let (rows, t, hd, rep) = (d.rows(), d.seq, d.head_dim, d.rep());

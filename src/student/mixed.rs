@@ -6,11 +6,10 @@
 //! On the CPU the products run on `bf16_gemm` (AVX512-BF16); elsewhere candle's bf16
 //! matmul runs between casts, whose backward passes cast the gradients back.
 
-use super::bf16_gemm::{self, View};
-use super::ops::f32_slice;
+use super::bf16_gemm;
 use crate::config::Precision;
 use anyhow::Result;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Whether `device` can train in `precision`; the error says what to change.
 pub fn check(precision: Precision, device: &Device) -> Result<()> {
@@ -34,34 +33,6 @@ pub fn linear_bf16(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.to_dtype(bf16)?
         .broadcast_matmul(&w.to_dtype(bf16)?.t()?)?
         .to_dtype(x.dtype())
-}
-
-/// `op(a) · op(b)` for 2-D f32 CPU tensors, where `op` transposes when its flag is set,
-/// with bf16 operands and f32 sums. No gradient: for backward passes.
-pub fn product(a: &Tensor, a_t: bool, b: &Tensor, b_t: bool) -> candle_core::Result<Tensor> {
-    let view = |data, t: &Tensor, transposed| -> candle_core::Result<View> {
-        let (rows, cols) = t.dims2()?;
-        let v = View::row_major(data, rows, cols);
-        Ok(if transposed { v.t() } else { v })
-    };
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let (a_storage, a_layout) = a.storage_and_layout();
-    let (b_storage, b_layout) = b.storage_and_layout();
-    let (Storage::Cpu(a_cpu), Storage::Cpu(b_cpu)) = (&*a_storage, &*b_storage) else {
-        candle_core::bail!("bf16 product: both operands must be on the CPU");
-    };
-    let av = view(f32_slice(a_cpu, a_layout, "bf16 product")?, &a, a_t)?;
-    let bv = view(f32_slice(b_cpu, b_layout, "bf16 product")?, &b, b_t)?;
-    if av.cols != bv.rows {
-        candle_core::bail!(
-            "bf16 product: {:?} and {:?} do not fit",
-            a.shape(),
-            b.shape()
-        );
-    }
-    let mut out = vec![0f32; av.rows * bv.cols];
-    bf16_gemm::gemm(&mut out, av, bv, false);
-    Tensor::from_vec(out, (av.rows, bv.cols), &Device::Cpu)
 }
 
 #[cfg(test)]

@@ -194,45 +194,50 @@ fn rows_of(x: &Shape, n: usize) -> candle_core::Result<((usize, usize), Shape)> 
     Ok(((lead.iter().product(), k), Shape::from(out)))
 }
 
-/// `dst [m, n] (+)= scale · x [m, k] · wᵀ`, `w` `[n, k]`, all row-major; `accumulate`
-/// adds to what `dst` holds instead of overwriting it.
-#[allow(clippy::too_many_arguments)]
-fn x_times_w_t(
-    dst: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
+/// `c (+)= scale · a · b` in f32 (the gemm crate, as candle's matmul) for strided views,
+/// `c` row-major with row stride `ldc`; `accumulate` adds to what `c` holds. On every
+/// rayon thread when `parallel`, else on the calling thread.
+pub(super) fn f32_product(
+    c: &mut [f32],
+    ldc: usize,
+    (a, b): (View, View),
     accumulate: bool,
     scale: f32,
+    parallel: bool,
 ) {
-    assert!(dst.len() >= m * n && x.len() >= m * k && w.len() >= n * k);
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+        "f32 product: shapes do not fit"
+    );
+    assert!(
+        a.fits() && b.fits(),
+        "f32 product: a view reaches past its data"
+    );
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
+    let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the asserts above bound the three buffers, and the strides below stay
-    // inside them: x row-major [m, k]; wᵀ read from w row-major [n, k], so element
-    // (kk, nn) sits at nn·k + kk; dst row-major [m, n].
+    // SAFETY: c spans m rows of stride ldc ≥ n and both views fit their data (asserted);
+    // the gemm crate reads element (i, j) of a view at i·row_stride + j·col_stride.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            1f32,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
             scale,
             false,
             false,
@@ -240,6 +245,33 @@ fn x_times_w_t(
             parallelism,
         );
     }
+}
+
+/// `c (+)= a · b` into a row-major `c` `[a.rows, b.cols]`, in f32 or, with `bf16`, in
+/// bf16 operands with f32 sums (`super::bf16_gemm`), on every rayon thread.
+pub(super) fn product(c: &mut [f32], (a, b): (View, View), accumulate: bool, bf16: bool) {
+    if bf16 {
+        super::bf16_gemm::gemm(c, a, b, accumulate);
+    } else {
+        f32_product(c, b.cols, (a, b), accumulate, 1.0, true);
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor's storage.
+pub(super) fn cpu_f32<'a>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::Storage::Cpu(cpu) => f32_slice(cpu, l, what),
+        _ => candle_core::bail!("{what}: tensors must be on the CPU"),
+    }
+}
+
+/// `x ⊙ mask`, elementwise.
+fn masked(x: &[f32], mask: &[f32]) -> Vec<f32> {
+    x.par_iter().zip(mask).map(|(x, m)| x * m).collect()
 }
 
 /// A linear layer with a frozen weight `w` `[out, in]` and a LoRA adapter `a` `[r, in]`,
@@ -281,12 +313,12 @@ struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// The adapter's input: `x`, or `x ⊙ mask`.
-    fn dropped(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.mask {
-            Some(m) => x * m.reshape(x.shape())?,
-            None => Ok(x.clone()),
-        }
+    /// The dropout mask, flattened (None: no dropout).
+    fn mask(&self) -> candle_core::Result<Option<Vec<f32>>> {
+        self.mask
+            .as_ref()
+            .map(|m| m.flatten_all()?.to_vec1::<f32>())
+            .transpose()
     }
 }
 
@@ -322,29 +354,29 @@ impl CustomOp3 for LoraLinear {
             );
         }
         let (w_storage, w_layout) = self.w.storage_and_layout();
-        let w = match &*w_storage {
-            candle_core::Storage::Cpu(cpu) => f32_slice(cpu, w_layout, self.name())?,
-            _ => candle_core::bail!("{}: the weight must be on the CPU", self.name()),
-        };
+        let w = cpu_f32(&w_storage, w_layout, self.name())?;
         let mut dst = vec![0f32; m * n];
-        base_product(&mut dst, x, w, (m, n, k), self.bf16);
-        let dropped: Vec<f32>;
-        let x_in = match &self.mask {
-            Some(mask) => {
-                let mask = mask.flatten_all()?.to_vec1::<f32>()?;
-                dropped = x.iter().zip(&mask).map(|(x, m)| x * m).collect();
-                &dropped[..]
-            }
-            None => x,
-        };
+        let xv = View::row_major(x, m, k);
+        product(
+            &mut dst,
+            (xv, View::row_major(w, n, k).t()),
+            false,
+            self.bf16,
+        );
+        let mask = self.mask()?;
+        let dropped = mask.as_ref().map(|mask| masked(x, mask));
+        let x_in = View::row_major(dropped.as_deref().unwrap_or(x), m, k);
         let mut low = vec![0f32; m * r];
-        x_times_w_t(&mut low, x_in, a, m, r, k, false, self.scale);
-        x_times_w_t(&mut dst, &low, b, m, n, r, true, 1.0);
+        let (av, bv) = (View::row_major(a, r, k), View::row_major(b, n, r));
+        f32_product(&mut low, r, (x_in, av.t()), false, self.scale, true);
+        let low = View::row_major(&low, m, r);
+        f32_product(&mut dst, n, (low, bv.t()), true, 1.0, true);
         Ok((CpuStorage::F32(dst), out_shape))
     }
 
     /// With h = scale·(x⊙mask)·aᵀ and gb = g·b:  d x = g·w + scale·(gb·a)⊙mask,
-    /// d a = scale·gbᵀ·(x⊙mask),  d b = gᵀ·h.
+    /// d a = scale·gbᵀ·(x⊙mask),  d b = gᵀ·h. On slices: candle ops here would add
+    /// element-wise passes that candle runs on one thread.
     fn bwd(
         &self,
         x: &Tensor,
@@ -353,18 +385,58 @@ impl CustomOp3 for LoraLinear {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (k, n) = (x.dim(D::Minus1)?, g.dim(D::Minus1)?);
-        let (x2, a, b) = (x.detach().reshape(((), k))?, a.detach(), b.detach());
-        let g = g.reshape(((), n))?;
-        let xin = self.dropped(&x2)?;
-        let scale = self.scale as f64;
-        let gb = g.matmul(&b)?;
-        let dx =
-            (g_times_w(&g, &self.w, self.bf16)? + self.dropped(&(gb.matmul(&a)? * scale)?)?)?;
-        let da = (gb.t()?.matmul(&xin)? * scale)?;
-        let h = (xin.matmul(&a.t()?)? * scale)?;
-        let db = g.t()?.matmul(&h)?;
-        Ok((Some(dx.reshape(x.shape())?), Some(da), Some(db)))
+        let name = self.name();
+        let g = g.contiguous()?;
+        let ((r, k), n) = (a.dims2()?, b.dim(0)?);
+        let m = x.elem_count() / k.max(1);
+        let (xs, xl) = x.storage_and_layout();
+        let (a_s, al) = a.storage_and_layout();
+        let (bs, bl) = b.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let xd = cpu_f32(&xs, xl, name)?;
+        let gv = View::row_major(cpu_f32(&gs, gl, name)?, m, n);
+        let av = View::row_major(cpu_f32(&a_s, al, name)?, r, k);
+        let bv = View::row_major(cpu_f32(&bs, bl, name)?, n, r);
+        let wv = View::row_major(cpu_f32(&ws, wl, name)?, n, k);
+        let scale = self.scale;
+        let mut gb = vec![0f32; m * r];
+        f32_product(&mut gb, r, (gv, bv), false, 1.0, true);
+        let gbv = View::row_major(&gb, m, r);
+        let mut dx = vec![0f32; m * k];
+        product(&mut dx, (gv, wv), false, self.bf16);
+        let mask = self.mask()?;
+        match &mask {
+            None => f32_product(&mut dx, k, (gbv, av), true, scale, true),
+            Some(mask) => {
+                let mut adapter = vec![0f32; m * k];
+                f32_product(&mut adapter, k, (gbv, av), false, scale, true);
+                dx.par_iter_mut()
+                    .zip(adapter.par_iter().zip(mask.par_iter()))
+                    .for_each(|(d, (t, keep))| *d += t * keep);
+            }
+        }
+        let dropped = mask.as_ref().map(|mask| masked(xd, mask));
+        let x_in = View::row_major(dropped.as_deref().unwrap_or(xd), m, k);
+        let mut da = vec![0f32; r * k];
+        f32_product(&mut da, k, (gbv.t(), x_in), false, scale, true);
+        let mut h = vec![0f32; m * r];
+        f32_product(&mut h, r, (x_in, av.t()), false, scale, true);
+        let mut db = vec![0f32; n * r];
+        f32_product(
+            &mut db,
+            r,
+            (gv.t(), View::row_major(&h, m, r)),
+            false,
+            1.0,
+            true,
+        );
+        let device = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), device)?),
+            Some(Tensor::from_vec(da, (r, k), device)?),
+            Some(Tensor::from_vec(db, (n, r), device)?),
+        ))
     }
 }
 
@@ -398,7 +470,8 @@ impl CustomOp2 for LinearOp {
             candle_core::bail!("{}: x {:?} and w {:?}", self.name(), l1.shape(), l2.shape());
         }
         let mut dst = vec![0f32; m * n];
-        base_product(&mut dst, x, w, (m, n, k), self.bf16);
+        let (xv, wv) = (View::row_major(x, m, k), View::row_major(w, n, k));
+        product(&mut dst, (xv, wv.t()), false, self.bf16);
         Ok((CpuStorage::F32(dst), out_shape))
     }
 
@@ -410,42 +483,30 @@ impl CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let name = self.name();
+        let g = g.contiguous()?;
         let (n, k) = w.dims2()?;
-        let g = g.reshape(((), n))?;
-        let dx = g_times_w(&g, w, self.bf16)?.reshape(x.shape())?;
-        let x2 = x.detach().reshape(((), k))?;
-        let dw = match (self.weight_grad, self.bf16) {
-            (false, _) => None,
-            (true, true) => Some(super::mixed::product(&g, true, &x2, false)?),
-            (true, false) => Some(g.t()?.matmul(&x2)?),
+        let m = x.elem_count() / k.max(1);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let gv = View::row_major(cpu_f32(&gs, gl, name)?, m, n);
+        let mut dx = vec![0f32; m * k];
+        product(
+            &mut dx,
+            (gv, View::row_major(cpu_f32(&ws, wl, name)?, n, k)),
+            false,
+            self.bf16,
+        );
+        let dw = if self.weight_grad {
+            let xv = View::row_major(cpu_f32(&xs, xl, name)?, m, k);
+            let mut dw = vec![0f32; n * k];
+            product(&mut dw, (gv.t(), xv), false, self.bf16);
+            Some(Tensor::from_vec(dw, (n, k), w.device())?)
+        } else {
+            None
         };
-        Ok((Some(dx), dw))
-    }
-}
-
-/// `dst [m, n] = x [m, k] · wᵀ` for `w` `[n, k]`, all row-major; with `bf16`, bf16
-/// operands and f32 sums.
-fn base_product(
-    dst: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    (m, n, k): (usize, usize, usize),
-    bf16: bool,
-) {
-    if bf16 {
-        let (xv, wv) = (View::row_major(x, m, k), View::row_major(w, n, k).t());
-        super::bf16_gemm::gemm(dst, xv, wv, false);
-    } else {
-        x_times_w_t(dst, x, w, m, n, k, false, 1.0);
-    }
-}
-
-/// `g · w` (the input gradient of `x · wᵀ`), in bf16 operands with f32 sums when `bf16`.
-fn g_times_w(g: &Tensor, w: &Tensor, bf16: bool) -> candle_core::Result<Tensor> {
-    if bf16 {
-        super::mixed::product(g, false, w, false)
-    } else {
-        g.matmul(w)
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), dw))
     }
 }
 
