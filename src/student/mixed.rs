@@ -1,7 +1,8 @@
 //! Mixed-precision products for training (`[finetune] precision = "bf16"`): a linear
 //! layer's products, forward and backward, take bf16 operands and sum in f32. The weights
 //! the optimizer updates, its moments, the activations and every other op stay f32, as in
-//! PyTorch's CPU autocast (which also keeps norms, softmax and losses in f32).
+//! PyTorch's CPU autocast (which also keeps norms, softmax and losses in f32). Attention's
+//! two products follow the same precision inside `super::attention`.
 //!
 //! On the CPU the products run on `bf16_gemm` (AVX512-BF16); elsewhere candle's bf16
 //! matmul runs between casts, whose backward passes cast the gradients back.
