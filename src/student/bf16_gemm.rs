@@ -181,14 +181,7 @@ pub fn gemm(c: &mut [f32], a: View, b: View, accumulate: bool) {
 /// Panics as `gemm` does, and when `c` is too short for `a.rows` rows of stride `ldc`.
 pub fn gemm_on_this_thread(c: &mut [f32], ldc: usize, a: View, b: View, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
-        "bf16 gemm: shapes do not fit"
-    );
-    assert!(
-        a.fits() && b.fits(),
-        "bf16 gemm: a view reaches past its data"
-    );
+    assert_product_fits(c, ldc, &a, &b, "bf16 gemm");
     assert!(available(), "bf16 gemm: this CPU lacks AVX512-BF16");
     if m == 0 || n == 0 {
         return;
@@ -201,6 +194,17 @@ pub fn gemm_on_this_thread(c: &mut [f32], ldc: usize, a: View, b: View, accumula
     }
     // SAFETY: c spans m rows of stride ldc ≥ n (checked above), the views fit their data.
     unsafe { gemm_serial(c.as_mut_ptr(), ldc, a, b, accumulate) };
+}
+
+/// Panics unless `a · b` is defined, `c` holds its `a.rows × b.cols` result with row
+/// stride `ldc`, and both views lie inside their data; `what` names the product.
+pub fn assert_product_fits(c: &[f32], ldc: usize, a: &View, b: &View, what: &str) {
+    let (m, n) = (a.rows, b.cols);
+    assert!(
+        b.rows == a.cols && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
+        "{what}: shapes do not fit"
+    );
+    assert!(a.fits() && b.fits(), "{what}: a view reaches past its data");
 }
 
 #[derive(Clone, Copy)]

@@ -206,14 +206,7 @@ pub(super) fn f32_product(
     parallel: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && ldc >= n && (m == 0 || c.len() >= (m - 1) * ldc + n),
-        "f32 product: shapes do not fit"
-    );
-    assert!(
-        a.fits() && b.fits(),
-        "f32 product: a view reaches past its data"
-    );
+    super::bf16_gemm::assert_product_fits(c, ldc, &a, &b, "f32 product");
     let threads = rayon::current_num_threads();
     let parallelism = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
