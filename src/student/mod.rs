@@ -92,3 +92,10 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The gradients of Σ y ⊙ w, a fixed random weighting of an op's output (unit tests that
+/// compare an op's backward pass with a reference's).
+#[cfg(test)]
+pub(crate) fn weighted_grads(y: &Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+    (y * w).unwrap().sum_all().unwrap().backward().unwrap()
+}

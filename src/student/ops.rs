@@ -815,7 +815,7 @@ impl CustomOp3 for CrossEntropyGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::student::max_diff;
+    use crate::student::{max_diff, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -830,13 +830,8 @@ mod tests {
             assert_eq!(ours.dims(), &[2, 5, 3]);
             let theirs = x.as_tensor().broadcast_matmul(&w.t().unwrap()).unwrap();
             assert!(max_diff(&ours, &theirs) < 1e-5);
-            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = weighted_grads(&ours, &up);
+            let g2 = weighted_grads(&theirs, &up);
             let (ours_dx, theirs_dx) = (
                 g1.get(x.as_tensor()).unwrap(),
                 g2.get(x.as_tensor()).unwrap(),
@@ -877,13 +872,8 @@ mod tests {
             .broadcast_mul(w.as_tensor())
             .unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&ours, &up);
+        let g2 = weighted_grads(&theirs, &up);
         for v in [x.as_tensor(), w.as_tensor()] {
             let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-4, "{d}");
@@ -935,13 +925,8 @@ mod tests {
             let theirs = (xt.matmul(&w.t().unwrap()).unwrap() + (adapter * 2.0).unwrap()).unwrap();
             let d = max_diff(&ours, &theirs);
             assert!(d < tol && (d > 0.0 || !bf16), "{d}");
-            let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (theirs * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g1 = weighted_grads(&ours, &up);
+            let g2 = weighted_grads(&theirs, &up);
             for v in [xt, at, bt] {
                 let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
                 assert!(d < grad_tol, "{d}");
@@ -970,13 +955,8 @@ mod tests {
         let theirs = (candle_nn::rotary_emb::rope_slow(&x, &cos, &sin).unwrap() * 0.25).unwrap();
         assert_eq!(ours.dims(), theirs.dims());
         assert!(max_diff(&ours, &theirs) < 1e-6);
-        let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &up)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&ours, &up);
+        let g2 = weighted_grads(&theirs, &up);
         let d = max_diff(
             g1.get(y.as_tensor()).unwrap(),
             g2.get(y.as_tensor()).unwrap(),
@@ -993,13 +973,8 @@ mod tests {
         let ours = silu_mul(a.as_tensor(), u.as_tensor()).unwrap();
         let theirs = (a.as_tensor().silu().unwrap() * u.as_tensor()).unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&ours, &w);
+        let g2 = weighted_grads(&theirs, &w);
         for v in [a.as_tensor(), u.as_tensor()] {
             let d = max_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
@@ -1022,13 +997,8 @@ mod tests {
             .neg()
             .unwrap();
         assert!(max_diff(&ours, &theirs) < 1e-5);
-        let g1 = (ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g2 = (theirs * &w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g1 = weighted_grads(&ours, &w);
+        let g2 = weighted_grads(&theirs, &w);
         let (a, b) = (
             g1.get(x.as_tensor()).unwrap(),
             g2.get(x.as_tensor()).unwrap(),
