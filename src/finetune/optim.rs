@@ -12,6 +12,7 @@
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -180,10 +181,12 @@ fn sum_of_squares(g: &Tensor) -> candle_core::Result<f64> {
         if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) =
             (&*storage, layout.contiguous_offsets())
         {
-            return Ok(v[a..b]
-                .chunks(4096)
-                .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
-                .sum());
+            // Chunk sums in parallel, added in chunk order: the same norm on every run.
+            let chunks: Vec<f64> = v[a..b]
+                .par_chunks(4096)
+                .map(|c| crate::student::fastmath::dot(c, c) as f64)
+                .collect();
+            return Ok(chunks.iter().sum());
         }
     }
     Ok(g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
@@ -194,6 +197,10 @@ fn sum_of_squares(g: &Tensor) -> candle_core::Result<f64> {
 /// tensors a step.
 mod fused_adamw {
     use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Tensor};
+    use rayon::prelude::*;
+
+    /// Elements per parallel task: element-wise work, split across the threads.
+    const CHUNK: usize = 1 << 16;
 
     pub struct Hyper {
         /// Multiplies the gradient: 1 / micro-batches, times the clipping factor.
@@ -263,19 +270,17 @@ mod fused_adamw {
             if m.len() != g.len() {
                 candle_core::bail!("fused AdamW: moment and gradient sizes differ");
             }
-            let k = self.h.grad_scale;
-            if self.second {
-                let b = self.h.beta2;
-                for (m, g) in m.iter_mut().zip(g) {
-                    let g = g * k;
-                    *m = *m * b + g * g * (1.0 - b);
-                }
-            } else {
-                let b = self.h.beta1;
-                for (m, g) in m.iter_mut().zip(g) {
-                    *m = *m * b + g * k * (1.0 - b);
-                }
-            }
+            let (k, second) = (self.h.grad_scale, self.second);
+            let b = if second { self.h.beta2 } else { self.h.beta1 };
+            m.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(m, g)| {
+                    for (m, g) in m.iter_mut().zip(g) {
+                        let g = g * k;
+                        let term = if second { g * g } else { g };
+                        *m = *m * b + term * (1.0 - b);
+                    }
+                });
             Ok(())
         }
     }
@@ -305,10 +310,14 @@ mod fused_adamw {
                 candle_core::bail!("fused AdamW: weight and moment sizes differ");
             }
             let h = self.h;
-            for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
-                let update = (m / h.correction1) / ((v / h.correction2).sqrt() + h.eps);
-                *w = *w * h.decay - update * h.lr;
-            }
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+                .for_each(|(w, (m, v))| {
+                    for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+                        let update = (m / h.correction1) / ((v / h.correction2).sqrt() + h.eps);
+                        *w = *w * h.decay - update * h.lr;
+                    }
+                });
             Ok(())
         }
     }
