@@ -476,8 +476,8 @@ pub struct FinetuneConfig {
     /// `--features cuda`.
     #[serde(default = "d_device")]
     pub device: String,
-    /// The arithmetic of the linear layers' products while training: "f32", or "bf16"
-    /// (mixed precision: bf16 operands, f32 sums, f32 master weights and everything else).
+    /// The arithmetic of the training step's matrix products: "f32", or "bf16" (mixed
+    /// precision: bf16 operands, f32 sums, f32 master weights and everything else).
     #[serde(default)]
     pub precision: Precision,
 }
@@ -489,10 +489,11 @@ pub enum Precision {
     /// Everything in f32.
     #[default]
     F32,
-    /// The products of every linear layer and of the vocabulary head, forward and
-    /// backward, take operands rounded to bfloat16 and sum in f32 (as PyTorch's CPU
-    /// autocast). Weights, optimizer moments, activations, attention, norms and losses stay
-    /// f32. On a CPU it needs AVX512-BF16, where the products run about 1.5× faster.
+    /// The products of every linear layer, of attention (on the CPU) and of the vocabulary
+    /// head, forward and backward, take operands rounded to bfloat16 and sum in f32 (as
+    /// PyTorch's CPU autocast). Weights, optimizer moments, activations, the softmax, norms
+    /// and losses stay f32. On a CPU it needs AVX512-BF16, where the products run about
+    /// 1.5× faster.
     Bf16,
 }
 

@@ -11,7 +11,7 @@
 //! autocast runs attention's batched products in bf16 too).
 
 use super::bf16_gemm::{self, View};
-use super::ops::{cpu_f32, f32_product, f32_slice};
+use super::ops::{cpu_f32, f32_product, f32_slice, fused};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -33,8 +33,7 @@ pub fn causal_attention(
     keys: Arc<Vec<u8>>,
     bf16: bool,
 ) -> candle_core::Result<Option<Tensor>> {
-    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == candle_core::DType::F32;
-    if !(on_cpu_f32(q) && on_cpu_f32(k) && on_cpu_f32(v)) {
+    if !(fused(q) && fused(k) && fused(v)) {
         return Ok(None);
     }
     let op = CausalAttention {

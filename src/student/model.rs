@@ -110,9 +110,9 @@ impl Module for Linear<'_> {
     }
 }
 
-/// `x · wᵀ` for `x` of shape `[..., in]` and `w` of shape `[out, in]`, as one 2-D matmul:
-/// a batched matmul against a broadcast weight is several times slower, forward and
-/// backward (measured on the CPU backend).
+/// `x · wᵀ` for `x` of shape `[..., in]` and `w` of shape `[out, in]`: the fused linear op
+/// on the CPU, elsewhere one 2-D matmul (a batched matmul against a broadcast weight is
+/// several times slower, forward and backward, measured on the CPU backend).
 pub(super) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     matmul_t_in(x, w, Precision::F32)
 }

@@ -35,7 +35,8 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Resu
     }
 }
 
-fn fused(x: &Tensor) -> bool {
+/// Whether `x` can go through the fused kernels (a CPU f32 tensor).
+pub(super) fn fused(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }
 
