@@ -1,135 +1,106 @@
-//! The local teacher's speed on real prompts, for `scripts/bench/teacher.sh`: renders the
-//! first N inputs of a dataset through a prompt template and generates greedily, as
-//! `generate` does, with one engine:
-//! - `mistralrs`: one request at a time; prompt and decode tokens/s from the engine's own
-//!   timings;
-//! - `batched`: kdpipe's decoder, BATCH sequences decoded together; prompt time is the
-//!   time spent prefilling (sequences wait meanwhile), decode time the rest of the wall.
+//! The local teacher's speed, for `scripts/bench/teacher.sh` (see scripts/bench/teacher.py).
+//! Modes:
+//! - `chats CONFIG MODEL N OUT`: render the first N inputs of CONFIG's data through its
+//!   prompt template, as `generate` does, and write them to OUT (JSON lines: `messages`,
+//!   `prompt_tokens`), so every engine answers the same chats;
+//! - `batched MODEL CHATS MAX_TOKENS BATCH`: kdpipe's batched engine answers every chat
+//!   greedily, BATCH sequences decoded together, the jobs all queued at the start (as a
+//!   `generate` run queues them);
+//! - `mistralrs MODEL CHATS MAX_TOKENS`: the mistralrs engine, one request at a time;
+//! - `raw MODEL NPP NTG NPL`: the batched engine's raw speed, the way llama.cpp's
+//!   `llama-batched-bench` measures it: NPL distinct prompts of NPP tokens prefilled (no
+//!   shared prefix), then NTG decode steps of all NPL sequences together.
 //!
-//! Prints one JSON line. The mistralrs run writes the chats it sent to CHATS_OUT, so other
-//! engines run the same ones.
+//! Each run prints one JSON line on stdout.
 //!
-//! `cargo run --release --example teacher_bench -- ENGINE CONFIG MODEL N MAX_TOKENS CHATS [BATCH]`
+//! `cargo run --release --example teacher_bench -- MODE ARGS…`
 use kdpipe::config::{Config, Overrides};
 use kdpipe::io::inputs::read_inputs;
 use kdpipe::prompts::Prompt;
+use kdpipe::student::serve::{SeqCache, StepInput};
 use kdpipe::teacher::batched::BatchedTeacher;
-use kdpipe::teacher::{Job, Settings, Teacher};
+use kdpipe::teacher::{ChatMessage, Job, Settings, Teacher};
 use std::io::Write;
 use std::time::Instant;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Totals over a run.
-#[derive(Default)]
-struct Totals {
-    requests: usize,
-    prompt_tokens: usize,
-    prompt_secs: f64,
-    /// Generated tokens after the first (which comes out of the prompt pass).
-    decode_tokens: usize,
-    decode_secs: f64,
-}
-
 fn main() -> anyhow::Result<()> {
     kdpipe::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
-    anyhow::ensure!(
-        args.len() >= 7,
-        "usage: teacher_bench mistralrs|batched CONFIG MODEL N MAX_TOKENS CHATS [BATCH]"
-    );
-    let engine = args[1].as_str();
+    let arg = |i: usize| -> anyhow::Result<&str> {
+        args.get(i).map(String::as_str).ok_or_else(|| {
+            anyhow::anyhow!(
+                "usage: teacher_bench chats CONFIG MODEL N OUT | batched MODEL CHATS MAX_TOKENS BATCH \
+                 | mistralrs MODEL CHATS MAX_TOKENS | raw MODEL NPP NTG NPL"
+            )
+        })
+    };
+    match arg(1)? {
+        "chats" => chats(arg(2)?, arg(3)?, arg(4)?.parse()?, arg(5)?),
+        "batched" => batched(arg(2)?, arg(3)?, arg(4)?.parse()?, arg(5)?.parse()?),
+        "mistralrs" => mistralrs(arg(2)?, arg(3)?, arg(4)?.parse()?),
+        "raw" => raw(
+            arg(2)?,
+            arg(3)?.parse()?,
+            arg(4)?.parse()?,
+            arg(5)?.parse()?,
+        ),
+        other => anyhow::bail!("unknown mode {other:?}"),
+    }
+}
+
+struct Chat {
+    messages: Vec<ChatMessage>,
+}
+
+fn read_chats(path: &str) -> anyhow::Result<Vec<Chat>> {
+    std::fs::read_to_string(path)?
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(Chat {
+                messages: serde_json::from_value(v["messages"].clone())?,
+            })
+        })
+        .collect()
+}
+
+fn chats(config: &str, model: &str, n: usize, out: &str) -> anyhow::Result<()> {
     let overrides = Overrides {
-        limit: Some(args[4].parse()?),
-        teacher_model: Some(args[3].clone()),
+        limit: Some(n),
+        teacher_model: Some(model.to_string()),
         ..Overrides::default()
     };
-    let cfg = Config::resolve(args[2].as_ref(), &overrides)?;
-    let max_tokens: usize = args[5].parse()?;
+    let cfg = Config::resolve(config.as_ref(), &overrides)?;
     let prompt = Prompt::load(&cfg)?;
-    let inputs = read_inputs(&cfg.data)?;
-    let chats: Vec<_> = inputs
-        .iter()
-        .map(|i| prompt.teacher_chat(&i.input))
-        .collect::<anyhow::Result<_>>()?;
-    let wall = Instant::now();
-    let (totals, label) = match engine {
-        "mistralrs" => (
-            mistralrs(&cfg.teacher.model, &chats, max_tokens, &args[6])?,
-            "kdpipe, mistralrs 0.8.1 engine".to_string(),
-        ),
-        "batched" => {
-            let batch: usize = args.get(7).map(|b| b.parse()).transpose()?.unwrap_or(32);
-            let t = batched(&cfg.teacher.model, &chats, max_tokens, batch, &wall)?;
-            (t, format!("kdpipe, batched engine (batch {batch})"))
-        }
-        other => anyhow::bail!("unknown engine {other:?}: mistralrs or batched"),
-    };
-    let wall_s = wall.elapsed().as_secs_f64();
-    println!(
-        "{{\"engine\": \"{label}\", \"requests\": {}, \"prompt_tokens\": {}, \"prompt_tok_s\": {:.1}, \"decode_tokens\": {}, \"decode_tok_s\": {:.1}, \"wall_s\": {wall_s:.1}, \"generated_tok_s_wall\": {:.1}}}",
-        totals.requests,
-        totals.prompt_tokens,
-        totals.prompt_tokens as f64 / totals.prompt_secs.max(1e-9),
-        totals.decode_tokens,
-        totals.decode_tokens as f64 / totals.decode_secs.max(1e-9),
-        (totals.decode_tokens + totals.requests) as f64 / wall_s,
-    );
+    let teacher = BatchedTeacher::open(model, 1)?;
+    let mut file = std::fs::File::create(out)?;
+    let mut total = 0;
+    for input in read_inputs(&cfg.data)? {
+        let messages = prompt.teacher_chat(&input.input)?;
+        let tokens = teacher.count_prompt_tokens(&messages)?.unwrap_or(0);
+        total += tokens;
+        let line = serde_json::json!({"messages": messages, "prompt_tokens": tokens});
+        writeln!(file, "{line}")?;
+    }
+    println!("{{\"chats\": {n}, \"prompt_tokens\": {total}}}");
     Ok(())
 }
 
-#[cfg(feature = "local")]
-fn mistralrs(
-    model: &str,
-    chats: &[Vec<kdpipe::teacher::ChatMessage>],
-    max_tokens: usize,
-    chats_out: &str,
-) -> anyhow::Result<Totals> {
-    let teacher = kdpipe::teacher::local::LocalTeacher::open(model, false)?;
-    let mut out = std::fs::File::create(chats_out)?;
-    let mut t = Totals::default();
-    for messages in chats {
-        let reply = teacher
-            .generate(messages, max_tokens, 0.0)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let line = serde_json::json!({"messages": messages, "prompt_tokens": reply.prompt_tokens});
-        writeln!(out, "{line}")?;
-        t.requests += 1;
-        t.prompt_tokens += reply.prompt_tokens as usize;
-        t.prompt_secs += reply.prompt_seconds;
-        t.decode_tokens += (reply.completion_tokens as usize).saturating_sub(1);
-        t.decode_secs += reply.decode_seconds;
-    }
-    Ok(t)
-}
-
-#[cfg(not(feature = "local"))]
-fn mistralrs(
-    _: &str,
-    _: &[Vec<kdpipe::teacher::ChatMessage>],
-    _: usize,
-    _: &str,
-) -> anyhow::Result<Totals> {
-    anyhow::bail!("built without the local (mistralrs) feature")
-}
-
-fn batched(
-    model: &str,
-    chats: &[Vec<kdpipe::teacher::ChatMessage>],
-    max_tokens: usize,
-    batch: usize,
-    wall: &Instant,
-) -> anyhow::Result<Totals> {
+fn batched(model: &str, chats_path: &str, max_tokens: usize, batch: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
     let teacher = BatchedTeacher::open(model, batch)?;
-    let started = wall.elapsed().as_secs_f64();
+    let load_s = start.elapsed().as_secs_f64();
+    let chats = read_chats(chats_path)?;
     let jobs = chats
         .iter()
         .enumerate()
-        .map(|(i, messages)| Job {
+        .map(|(i, c)| Job {
             id: i.to_string(),
             sample: 0,
-            messages: messages.clone(),
+            messages: c.messages.clone(),
             seed: None,
         })
         .collect();
@@ -139,16 +110,143 @@ fn batched(
         token_topk: 0,
         labels: vec![],
     };
-    let mut t = Totals::default();
+    let (mut requests, mut prompt_tokens, mut completion_tokens) = (0, 0, 0);
+    let mut latency_sum = 0.0;
+    let job_start = Instant::now();
     teacher.answer_all(jobs, &settings, &|_| None, &mut |_, reply| {
         let reply = reply.map_err(|e| anyhow::anyhow!(e))?;
-        t.requests += 1;
-        t.prompt_tokens += reply.prompt_tokens as usize;
-        t.prompt_secs += reply.prompt_seconds;
-        t.decode_tokens += (reply.completion_tokens as usize).saturating_sub(1);
+        requests += 1;
+        prompt_tokens += reply.prompt_tokens as usize;
+        completion_tokens += reply.completion_tokens as usize;
+        // Every job was queued at the start: its latency is the time until its reply.
+        latency_sum += job_start.elapsed().as_secs_f64();
         Ok(())
     })?;
-    // Prefills run one after another while the batch waits: the rest of the time decodes.
-    t.decode_secs = wall.elapsed().as_secs_f64() - started - t.prompt_secs;
-    Ok(t)
+    let job_s = job_start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": format!("kdpipe batched engine (batch {batch})"),
+            "requests": requests,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "load_s": load_s,
+            "job_s": job_s,
+            "generated_tok_s": completion_tokens as f64 / job_s,
+            "mean_latency_s": latency_sum / requests.max(1) as f64,
+        })
+    );
+    Ok(())
+}
+
+#[cfg(feature = "local")]
+fn mistralrs(model: &str, chats_path: &str, max_tokens: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let teacher = kdpipe::teacher::local::LocalTeacher::open(model, false)?;
+    let load_s = start.elapsed().as_secs_f64();
+    let (mut prompt_tokens, mut prompt_s, mut decode_tokens, mut decode_s) = (0, 0.0, 0, 0.0);
+    let (mut completion_tokens, mut latency_sum) = (0, 0.0);
+    let chats = read_chats(chats_path)?;
+    let job_start = Instant::now();
+    for chat in &chats {
+        let asked = Instant::now();
+        let reply = teacher
+            .generate(&chat.messages, max_tokens, 0.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        latency_sum += asked.elapsed().as_secs_f64();
+        prompt_tokens += reply.prompt_tokens as usize;
+        prompt_s += reply.prompt_seconds;
+        completion_tokens += reply.completion_tokens as usize;
+        // The first generated token comes out of the prompt pass.
+        decode_tokens += (reply.completion_tokens as usize).saturating_sub(1);
+        decode_s += reply.decode_seconds;
+    }
+    let job_s = job_start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kdpipe mistralrs 0.8.1 engine (one request at a time)",
+            "requests": chats.len(),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "load_s": load_s,
+            "job_s": job_s,
+            "generated_tok_s": completion_tokens as f64 / job_s,
+            "mean_latency_s": latency_sum / chats.len().max(1) as f64,
+            "prompt_tok_s": prompt_tokens as f64 / prompt_s.max(1e-9),
+            "decode_tok_s": decode_tokens as f64 / decode_s.max(1e-9),
+        })
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "local"))]
+fn mistralrs(_: &str, _: &str, _: usize) -> anyhow::Result<()> {
+    anyhow::bail!("built without the local (mistralrs) feature")
+}
+
+fn raw(model: &str, npp: usize, ntg: usize, npl: usize) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let loaded = kdpipe::student::load(model, &candle_core::Device::Cpu)?;
+    let decoder = loaded
+        .decoder(&candle_core::Device::Cpu, |_| false)?
+        .into_inference()?;
+    let load_s = start.elapsed().as_secs_f64();
+    let vocab = decoder.shape.vocab_size as u32;
+    // Distinct prompts: sequence s's token i is a fixed function of (s, i) below the vocab.
+    let prompts: Vec<Vec<u32>> = (0..npl as u32)
+        .map(|s| {
+            (0..npp as u32)
+                .map(|i| (1000 + s * 7919 + i * 104_729) % vocab)
+                .collect()
+        })
+        .collect();
+    let mut caches: Vec<SeqCache> = (0..npl)
+        .map(|_| SeqCache::new(&decoder, npp + ntg))
+        .collect();
+    // Prompt processing: one prompt at a time, as the engine prefills.
+    let pp = Instant::now();
+    let mut next: Vec<u32> = Vec::with_capacity(npl);
+    for (cache, prompt) in caches.iter_mut().zip(&prompts) {
+        let logits = decoder.forward_step(&mut [StepInput {
+            cache,
+            tokens: prompt,
+            all_logits: false,
+        }])?;
+        next.push(argmax(&logits[0]));
+    }
+    let t_pp = pp.elapsed().as_secs_f64();
+    // Decoding: every sequence one token a step, NTG steps, whatever the tokens are.
+    let tg = Instant::now();
+    for _ in 0..ntg {
+        let mut inputs: Vec<StepInput> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(cache, t)| StepInput {
+                cache,
+                tokens: std::slice::from_ref(t),
+                all_logits: false,
+            })
+            .collect();
+        let logits = decoder.forward_step(&mut inputs)?;
+        next = logits.iter().map(|l| argmax(l)).collect();
+    }
+    let t_tg = tg.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "engine": "kdpipe batched engine (raw)",
+            "pp": npp, "tg": ntg, "pl": npl, "load_s": load_s,
+            "t_pp": t_pp, "speed_pp": (npl * npp) as f64 / t_pp,
+            "t_tg": t_tg, "speed_tg": (npl * ntg) as f64 / t_tg,
+        })
+    );
+    Ok(())
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i as u32)
 }

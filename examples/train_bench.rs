@@ -1,11 +1,11 @@
 //! Student training speed for `scripts/bench/train.sh`: SmolLM2-135M from its GGUF,
-//! batch × seq random token ids, AdamW; `full` trains every weight, `lora` rank-16 adapters
+//! batch × seq token ids, AdamW; `full` trains every weight, `lora` rank-16 adapters
 //! on every linear layer of the blocks; `f32`, or `bf16` mixed precision (`[finetune]
-//! precision`). Prints one JSON line (tokens/s over the timed steps, after one warm-up
-//! step). `EXPORT_DIR` writes the base model as a Hugging Face folder first, for the
-//! PyTorch side to load the same weights.
+//! precision`). Prints one JSON line (tokens/s over the STEPS timed steps after WARMUP
+//! untimed ones, and the median step). `EXPORT_DIR` writes the base model as a Hugging
+//! Face folder first, for the PyTorch side to load the same weights.
 //!
-//! `cargo run --release --example train_bench -- MODE PRECISION BATCH SEQ STEPS [EXPORT_DIR]`
+//! `cargo run --release --example train_bench -- MODE PRECISION BATCH SEQ WARMUP STEPS [EXPORT_DIR]`
 use candle_core::{DType, Device, Tensor};
 use kdpipe::config::{LoraConfig, Precision};
 use kdpipe::finetune::optim::AdamW;
@@ -20,14 +20,15 @@ fn main() -> anyhow::Result<()> {
     kdpipe::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
-        args.len() >= 6,
-        "usage: train_bench full|lora f32|bf16 BATCH SEQ STEPS [EXPORT_DIR]"
+        args.len() >= 7,
+        "usage: train_bench full|lora f32|bf16 BATCH SEQ WARMUP STEPS [EXPORT_DIR]"
     );
-    let (mode, b, t, steps): (&str, usize, usize, usize) = (
+    let (mode, b, t, warmup, steps): (&str, usize, usize, usize, usize) = (
         &args[1],
         args[3].parse()?,
         args[4].parse()?,
         args[5].parse()?,
+        args[6].parse()?,
     );
     let precision = match args[2].as_str() {
         "f32" => Precision::F32,
@@ -42,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         Some(n) => Device::new_cuda(n)?,
     };
     let mut loaded = student::load("models/SmolLM2-135M-Instruct.Q4_1.gguf", &dev)?;
-    if let Some(dir) = args.get(6) {
+    if let Some(dir) = args.get(7) {
         let base = loaded.decoder(&dev, |_| false)?;
         let eos = loaded
             .tokenizer
@@ -77,8 +78,8 @@ fn main() -> anyhow::Result<()> {
         &dev,
     )?;
     let mask = Tensor::ones((b, t), DType::F32, &dev)?;
-    let mut timed = 0.0;
-    for step in 0..=steps {
+    let mut timed = Vec::with_capacity(steps);
+    for step in 0..warmup + steps {
         let s = Instant::now();
         let logits = model.forward(&ids, &mask)?;
         let loss = kdpipe::finetune::loss::token_nll(&logits, &ids)?.mean_all()?;
@@ -99,14 +100,17 @@ fn main() -> anyhow::Result<()> {
             s.elapsed() - b,
             rss_mb()
         );
-        if step > 0 {
-            timed += s.elapsed().as_secs_f64();
+        if step >= warmup {
+            timed.push(s.elapsed().as_secs_f64());
         }
     }
+    let total: f64 = timed.iter().sum();
+    timed.sort_by(f64::total_cmp);
     println!(
-        "{{\"engine\": \"kdpipe (candle 0.10.2)\", \"mode\": \"{mode}\", \"precision\": \"{}\", \"tokens_per_s\": {:.1}}}",
+        "{{\"engine\": \"kdpipe (candle 0.10.2)\", \"mode\": \"{mode}\", \"precision\": \"{}\", \"tokens_per_s\": {:.1}, \"step_s\": {:.3}}}",
         args[2],
-        (b * t * steps) as f64 / timed
+        (b * t * timed.len()) as f64 / total,
+        timed.get(timed.len() / 2).copied().unwrap_or(f64::NAN)
     );
     Ok(())
 }

@@ -103,6 +103,23 @@ fn assert_no_half_written_file(cwd: &Path, stage: &str, point: usize) {
     }
 }
 
+/// Rows a killed generate left flushed in its parts folder.
+fn flushed_rows(dir: &Path) -> usize {
+    let generate = dir.join("runs/t/generate");
+    if !generate.exists() {
+        return 0;
+    }
+    all_files(&generate)
+        .iter()
+        .filter(|f| {
+            let name = f.file_name().unwrap().to_string_lossy();
+            let in_parts = f.parent().unwrap().to_string_lossy().contains("parts-");
+            in_parts && name.starts_with("part-") && name.ends_with(".parquet")
+        })
+        .map(|f| kdpipe::io::parquet::read_frame(f).unwrap().height())
+        .sum()
+}
+
 fn teacher_rows(dir: &Path) -> Vec<TeacherRow> {
     let p = dir.join("runs/t/generate/teacher-00000-of-00001.parquet");
     TeacherRow::from_frame(&kdpipe::io::parquet::read_frame(&p).unwrap(), &p).unwrap()
@@ -124,6 +141,9 @@ prompt = "{prompts}/numeric.md"
 [teacher]
 model = "{model}"
 max_tokens = 20
+# One sequence at a time: rows arrive (and are flushed) one after another, so kills land
+# between flushes, not only before the first or after the last.
+batch = 1
 [student]
 model = "unused.gguf"
 [generate]
@@ -141,6 +161,7 @@ flush_rows = 1
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.toml"), &config).unwrap();
+    let mut after_a_flush = 0;
     let tries = kill_points(11, span, |i, delay| {
         // Each kill interrupts a fresh attempt at the same job, resumed from what the
         // earlier attempts left.
@@ -151,8 +172,19 @@ flush_rows = 1
         );
         let finished = kill_after(&args, dir.path(), delay);
         assert_no_half_written_file(dir.path(), "generate", i);
+        let flushed = flushed_rows(dir.path());
+        let complete = dir.path().join("runs/t/generate/manifest.json").exists();
         let out = kdpipe(&args, dir.path());
         assert!(out.status.success(), "kill {i}: {}", stderr(&out));
+        // Unless the killed run had finished, the rerun reused exactly the rows it flushed.
+        assert!(
+            complete || stderr(&out).contains(&format!("{flushed} already written")),
+            "kill {i}: {flushed} rows were flushed: {}",
+            stderr(&out)
+        );
+        if finished.is_none() && (1..want.len()).contains(&flushed) {
+            after_a_flush += 1;
+        }
         let got = teacher_rows(dir.path());
         assert_eq!(got.len(), want.len(), "kill {i}: rows doubled or lost");
         for (g, w) in got.iter().zip(&want) {
@@ -162,9 +194,14 @@ flush_rows = 1
         }
         finished
     });
+    assert!(
+        after_a_flush >= KILLS / 4,
+        "only {after_a_flush} kills landed between the first and the last flushed row: \
+         resuming from flushed parts was hardly exercised"
+    );
     record_suite(
         "crash-generate",
-        &format!("crash suite, generate: {KILLS} runs killed mid-run ({tries} tries), each resumed to the uninterrupted rows"),
+        &format!("crash suite, generate: {KILLS} runs killed mid-run ({tries} tries; {after_a_flush} after some rows were flushed and before the last), each resumed to the uninterrupted rows"),
     );
 }
 

@@ -1,36 +1,16 @@
-//! curate on real teacher rows: SVAMP problems from ../shared/data answered by the local
+//! curate on real teacher rows: SVAMP problems (tests/fixtures) answered by the local
 //! teacher (SmolLM2 GGUF through mistralrs), two samples an input; every rule's count in
-//! the report, the funnel adding up, decontamination against an evaluation file, and the
-//! Polars plan from --explain.
+//! the report, the funnel adding up, decontamination against an evaluation file removing
+//! exactly the rows of the contaminated inputs, and the Polars plan from --explain.
 
 mod common;
 use common::*;
+use kdpipe::records::CuratedRow;
+use std::collections::BTreeSet;
+use std::path::Path;
 
-#[test]
-fn real_teacher_rows_go_through_every_rule_with_a_report() {
-    let svamp = root().join("../shared/data/svamp/dev.jsonl");
-    assert!(svamp.is_file(), "{} is missing", svamp.display());
-    let dir = tempfile::tempdir().unwrap();
-    // The evaluation file holds two of the twelve problems, reworded at the start.
-    let lines: Vec<String> = std::fs::read_to_string(&svamp)
-        .unwrap()
-        .lines()
-        .take(12)
-        .map(str::to_string)
-        .collect();
-    let question = |i: usize| -> String {
-        let v: serde_json::Value = serde_json::from_str(&lines[i]).unwrap();
-        v["question"].as_str().unwrap().to_string()
-    };
-    let eval: String = [3, 7]
-        .iter()
-        .map(|&i| {
-            serde_json::json!({"question": format!("Quick one: {}", question(i))}).to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(dir.path().join("eval.jsonl"), eval).unwrap();
-    let cfg = format!(
+fn config(svamp: &Path, decontaminate: &str) -> String {
+    format!(
         r#"name = "svamp"
 seed = 5
 [data]
@@ -50,7 +30,7 @@ temperature = 0.7
 samples = 2
 [curate]
 min_agreement = 0.5
-decontaminate = ["eval.jsonl"]
+decontaminate = [{decontaminate}]
 # The 135M teacher rarely reaches gold: flag it, so the later rules see rows; one
 # rationale an input, so the vote's rule is what keeps ids unique.
 gold = "flag"
@@ -61,17 +41,59 @@ model = "{model}"
         svamp = svamp.display(),
         prompts = root().join("prompts").display(),
         model = smollm2().display()
-    );
-    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let out = kdpipe(&["generate", "--config", "c.toml"], dir.path());
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = kdpipe(&["curate", "--config", "c.toml"], dir.path());
-    assert!(out.status.success(), "{}", stderr(&out));
+    )
+}
 
-    let run = dir.path().join("runs/svamp/curate");
+fn curate(dir: &Path, decontaminate: &str) -> (serde_json::Value, String, Vec<CuratedRow>) {
+    let svamp = root().join("tests/fixtures/svamp-dev-excerpt.jsonl");
+    std::fs::write(dir.join("c.toml"), config(&svamp, decontaminate)).unwrap();
+    let out = kdpipe(&["curate", "--config", "c.toml"], dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = dir.join("runs/svamp/curate");
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("report.json")).unwrap()).unwrap();
     let md = std::fs::read_to_string(run.join("report.md")).unwrap();
+    let mut kept = vec![];
+    for split in ["train", "val", "test"] {
+        let p = run.join(format!("{split}.parquet"));
+        let df = kdpipe::io::parquet::read_frame(&p).unwrap();
+        kept.extend(CuratedRow::from_frame(&df, &p).unwrap());
+    }
+    (report, md, kept)
+}
+
+/// The 13-word windows of a text's lower-case words of letters and digits (a reference
+/// written apart from kdpipe's own, for the decontamination check).
+fn thirteen_grams(text: &str) -> BTreeSet<String> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words.windows(13).map(|w| w.join(" ")).collect()
+}
+
+fn removed_by(report: &serde_json::Value, rule: &str) -> u64 {
+    report["funnel"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["rule"] == rule)
+        .unwrap()["removed"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn real_teacher_rows_go_through_every_rule_with_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let svamp = root().join("tests/fixtures/svamp-dev-excerpt.jsonl");
+    std::fs::write(dir.path().join("c.toml"), config(&svamp, "")).unwrap();
+    let out = kdpipe(&["generate", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Without decontamination.
+    let (report, md, clean) = curate(dir.path(), "");
     eprintln!("{md}");
     assert_eq!(report["rows_in"], 24, "12 inputs × 2 samples");
     let funnel = report["funnel"].as_array().unwrap();
@@ -94,27 +116,60 @@ model = "{model}"
         .map(|s| report["splits"][s].as_u64().unwrap())
         .sum();
     assert_eq!(splits, report["rows_out"].as_u64().unwrap());
+    assert_eq!(report["rows_out"].as_u64().unwrap() as usize, clean.len());
     assert!(report["agreement_histogram"].as_array().unwrap().len() == 10);
-    assert!(std::fs::read_to_string(run.join("funnel.svg"))
-        .unwrap()
-        .starts_with("<svg"));
-
-    // No kept row is one of the evaluation problems; at most one rationale an input.
-    let mut kept = vec![];
-    for split in ["train", "val", "test"] {
-        let p = run.join(format!("{split}.parquet"));
-        let df = kdpipe::io::parquet::read_frame(&p).unwrap();
-        kept.extend(kdpipe::records::CuratedRow::from_frame(&df, &p).unwrap());
-    }
-    for r in &kept {
-        assert!(
-            r.input != question(3) && r.input != question(7),
-            "contaminated row kept"
-        );
+    assert!(
+        std::fs::read_to_string(dir.path().join("runs/svamp/curate/funnel.svg"))
+            .unwrap()
+            .starts_with("<svg")
+    );
+    assert_eq!(removed_by(&report, "contaminated"), 0);
+    for r in &clean {
         assert!(r.agreement.unwrap() >= 0.5);
     }
-    let ids: std::collections::HashSet<_> = kept.iter().map(|r| &r.id).collect();
-    assert_eq!(ids.len(), kept.len());
+    let ids: BTreeSet<_> = clean.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids.len(), clean.len(), "at most one rationale an input");
+    assert!(
+        clean.len() >= 2,
+        "the teacher's rows leave at least two inputs to contaminate: {md}"
+    );
+
+    // An evaluation file holding two of the kept problems, reworded at the start and the
+    // end, so only 13-word windows from their middles match.
+    let dirty: Vec<&CuratedRow> = clean.iter().take(2).collect();
+    let eval_texts: Vec<String> = dirty
+        .iter()
+        .map(|r| {
+            let words: Vec<&str> = r.input.split_whitespace().collect();
+            format!("Quick one: {} Thanks!", words[1..words.len() - 1].join(" "))
+        })
+        .collect();
+    let eval: String = eval_texts
+        .iter()
+        .map(|q| serde_json::json!({ "question": q }).to_string() + "\n")
+        .collect();
+    std::fs::write(dir.path().join("eval.jsonl"), eval).unwrap();
+    let (report, _, kept) = curate(dir.path(), "\"eval.jsonl\"");
+    // Exactly the rows sharing a 13-word window with the evaluation file went (the two
+    // problems, and any templated variant of them), counted by the rule; the rest is as
+    // it was.
+    let eval_grams: BTreeSet<String> = eval_texts.iter().flat_map(|q| thirteen_grams(q)).collect();
+    let key = |r: &CuratedRow| (r.id.clone(), r.sample);
+    let want: BTreeSet<_> = clean
+        .iter()
+        .filter(|r| thirteen_grams(&r.input).is_disjoint(&eval_grams))
+        .map(key)
+        .collect();
+    for d in &dirty {
+        assert!(!want.contains(&key(d)), "{} shares no window", d.id);
+    }
+    assert_eq!(
+        removed_by(&report, "contaminated") as usize,
+        clean.len() - want.len(),
+        "{report}"
+    );
+    let got: BTreeSet<_> = kept.iter().map(key).collect();
+    assert_eq!(got, want);
 
     let out = kdpipe(&["curate", "--config", "c.toml", "--explain"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));

@@ -104,7 +104,9 @@ fn student_decoder_reproduces_the_engine_greedy_output_and_logits() {
         .map(|&i| (ours_lp[i] - engine_lp[i]).abs())
         .fold(0f32, f32::max);
     eprintln!("max |Δ log p| over the engine's top 10 tokens: {max_diff:.4}");
-    assert!(max_diff < 0.5, "log-probs differ by {max_diff}");
+    // Measured: 0.182 (the engine's 8-bit activations against our f32); the bound leaves
+    // room for little more than that.
+    assert!(max_diff < 0.25, "log-probs differ by {max_diff}");
 }
 
 #[test]

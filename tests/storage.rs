@@ -1,7 +1,9 @@
 //! A full disk and a read-only output folder: the command stops with a clear error that
 //! says what to do, and the earlier complete outputs are left byte for byte as they were.
-//! The runs folder is a small tmpfs (mounting needs root, as in CI; elsewhere the test says
-//! it was skipped).
+//! The runs folder is a small tmpfs. Mounting one needs root; without it the test runs
+//! itself again inside a user and mount namespace (`unshare --user --map-root-user
+//! --mount`), where an ordinary user may mount a tmpfs. Where neither works the skip is
+//! recorded and fails the suite (see src/test_skip.rs).
 
 mod common;
 use common::*;
@@ -23,8 +25,10 @@ impl Tmpfs {
     }
 
     fn remount(&self, mode: &str) {
+        // The type and source spelled out: inside a user namespace, mount(8) cannot
+        // remount by mount point alone.
         let status = Command::new("mount")
-            .args(["-o", &format!("remount,{mode}")])
+            .args(["-t", "tmpfs", "-o", &format!("remount,{mode}"), "tmpfs"])
             .arg(&self.0)
             .status()
             .unwrap();
@@ -98,17 +102,50 @@ fn assert_clear_failure(out: &std::process::Output, words: &[&str], what: &str) 
     }
 }
 
+const TEST: &str = "full_disk_and_read_only_folder_fail_clearly_and_keep_earlier_outputs";
+/// Set when the test runs itself inside a user and mount namespace.
+const IN_NAMESPACE: &str = "KDPIPE_STORAGE_IN_NAMESPACE";
+
+fn unshare(args: &[&str]) -> Command {
+    let mut c = Command::new("unshare");
+    c.args(["--user", "--map-root-user", "--mount", "--"])
+        .args(args);
+    c
+}
+
 #[test]
 fn full_disk_and_read_only_folder_fail_clearly_and_keep_earlier_outputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let Some(fs) = Tmpfs::mount(&dir.join("runs"), "4m") else {
-        record_suite(
-            "storage",
-            "storage suite: skipped (mounting a tmpfs needs root)",
-        );
+    if let Some(fs) = Tmpfs::mount(&tmp.path().join("runs"), "4m") {
+        return scenario(tmp.path(), fs);
+    }
+    assert!(
+        std::env::var_os(IN_NAMESPACE).is_none(),
+        "no tmpfs could be mounted even inside a user namespace"
+    );
+    let namespaces = unshare(&["true"]).status().is_ok_and(|s| s.success());
+    if !skip::can_run(
+        &format!("storage::{TEST}"),
+        "tmpfs-mount",
+        namespaces,
+        "mounting a tmpfs needs root or unprivileged user namespaces (unshare -Urm)",
+    ) {
         return;
-    };
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = unshare(&[exe.to_str().unwrap(), "--exact", TEST, "--nocapture"])
+        .env(IN_NAMESPACE, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "the test inside a user namespace failed:\n{stdout}\n{}",
+        stderr(&out)
+    );
+}
+
+fn scenario(dir: &Path, fs: Tmpfs) {
     config(dir, 3);
     let out = kdpipe(&["generate", "--config", "c.toml"], dir);
     assert!(out.status.success(), "{}", stderr(&out));

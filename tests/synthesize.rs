@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use std::path::Path;
 
-fn config(dir: &Path, target: usize) {
+fn config(dir: &Path, target: usize, max_requests: u64) {
     let text = format!(
         r#"name = "syn"
 seed = 3
@@ -26,7 +26,7 @@ model = "unused.gguf"
 [synthesize]
 seeds = ["seeds.jsonl"]
 target = {target}
-max_requests = 16
+max_requests = {max_requests}
 requests_per_round = 4
 max_tokens = 96
 decontaminate = ["eval.jsonl"]
@@ -56,7 +56,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
         all.lines().skip(8).take(40).collect::<Vec<_>>().join("\n"),
     )
     .unwrap();
-    config(dir.path(), 3);
+    config(dir.path(), 3, 16);
     let out = kdpipe(&["synthesize", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -129,11 +129,11 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
     // Same config: nothing to do. A larger target keeps the inputs already accepted.
     let out = kdpipe(&["synthesize", "--config", "c.toml"], dir.path());
     assert!(stderr(&out).contains("up to date"), "{}", stderr(&out));
-    config(dir.path(), rows.len() + 1);
+    config(dir.path(), rows.len() + 1, count("requests") + 16);
     let out = kdpipe(&["synthesize", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     let more = lines(&synth.join("inputs.jsonl"));
-    assert!(more.len() >= rows.len());
+    assert_eq!(more.len(), rows.len() + 1, "the larger target was reached");
     assert_eq!(&more[..rows.len()], &rows[..]);
 
     // generate reads the synthesized inputs when [data] names none.

@@ -1,16 +1,29 @@
-"""The anchor of the curate benchmark: kdpipe's curation rules written with Python Polars,
-on the same teacher file and the same settings as scripts/bench/curate.sh gives kdpipe
-(min_agreement 0.5, one rationale an input, gold flagged, rationale 1–4000 characters,
-answer stated, arithmetic checked, exact dedup, MinHash near-dup at 0.8 over 3-word
-shingles with 16 bands × 8 rows, 13-gram decontamination, splits 0.8/0.1/0.1 by a seeded
-sha256 of the near-duplicate cluster). Vectorized Polars wherever Polars can express the
-rule; Python only for the arithmetic evaluator (on distinct equations) and union-find.
+"""The anchor of the curate benchmark: kdpipe's curation rules written in Python Polars the
+way a Polars expert would, on the same teacher file and the same settings
+(scripts/bench/curate.sh passes both the same values):
 
-    python curate_polars.py TEACHER_PARQUET EVAL_JSONL OUT_DIR
+- lazy plans, each collected once (Polars' default streaming engine where it applies);
+- the distinct inputs normalized once, every per-input fact (exact-duplicate group,
+  near-duplicate cluster, contamination, split) computed on them and joined back;
+- word n-grams hashed to integers (word hashes combined across plain shifts, windows that
+  cross a text's end masked out), never built as strings;
+- MinHash signatures as 128 grouped minima, LSH banding by grouping on band hashes: each
+  text is compared with the first text of its bucket, as kdpipe does, and only the
+  candidate pairs are joined and scored; connected components of the near-duplicate
+  edges in a small union-find (there are few edges);
+- Python only for the arithmetic evaluator (on distinct equations) and the sha256 of each
+  split key (on distinct clusters): Polars has no expression for either.
+
+Counts differ from kdpipe's only where hash functions do (MinHash estimates, n-gram hashes).
+
+    python curate_polars.py TEACHER_PARQUET EVAL_JSONL OUT_DIR [--min-agreement 0.5]
+        [--near-dup 0.8] [--shingle 3] [--ngram 13] [--seed 0] [--split 0.8,0.1,0.1]
 Prints the funnel and the seconds on stderr, and one JSON line on stdout.
 """
+import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 import time
@@ -22,8 +35,9 @@ NUM = r"-?\d[\d,]*(?:\.\d+)?"
 EQ = re.compile(
     r"((?:\(\s*)*\$?\d[\d,]*(?:\.\d+)?(?:\s*\)\s*)*(?:\s*[-+*/×÷x−]\s*(?:\(\s*)*\$?\d[\d,]*(?:\.\d+)?(?:\s*\))*)+)\s*=\s*(-?\$?\d[\d,]*(?:\.\d+)?)"
 )
-BANDS, ROWS, THRESHOLD, SHINGLE, NGRAM = 16, 8, 0.8, 3, 13
+BANDS, ROWS = 16, 8
 MASK = (1 << 64) - 1
+PRIME = 0x100000001B3  # combines word hashes into a window hash (wrapping u64 arithmetic)
 
 
 def evaluate(expr):
@@ -108,97 +122,135 @@ def equation_holds(eq):
     return abs(left - right) <= TOL * max(abs(right), 1.0) or round(left * 100) / 100 == right
 
 
-def norm_expr(c):
+def normalized(c):
     return pl.col(c).str.to_lowercase().str.replace_all(r"[^\p{L}\p{N}]+", " ").str.strip_chars()
 
 
-def word_windows(texts, n, key):
-    """(key, window text) for every n-word window of each text (the text when shorter)."""
+def window_hashes(texts, n, key):
+    """(key, _g) for every n-word window's hash of each text in column `_t` (the whole
+    text's hash when it is shorter than n words). Rows of one text are contiguous after
+    the explode, so plain shifts see the next words; windows past the text's end are
+    masked out by position."""
     words = (
         texts.with_columns(pl.col("_t").str.split(" ").alias("_w"))
         .with_columns(pl.col("_w").list.len().alias("_nw"))
         .explode("_w")
-        .with_columns(pl.int_range(pl.len()).over(key).alias("_pos"))
+        .with_columns(
+            pl.int_range(pl.len()).over(key).alias("_pos"),
+            pl.col("_w").hash(11).alias("_h"),
+        )
     )
-    shifted = [pl.col("_w").shift(-j).over(key) for j in range(n)]
-    grams = words.with_columns(pl.concat_str(shifted, separator=" ").alias("_g")).filter(
-        (pl.col("_pos") + n <= pl.col("_nw")) | ((pl.col("_nw") < n) & (pl.col("_pos") == 0))
+    g = pl.col("_h")
+    for j in range(1, n):
+        g = g * pl.lit(PRIME, pl.UInt64) + pl.col("_h").shift(-j)
+    long_window = (pl.col("_pos") + n <= pl.col("_nw")) & (pl.col("_nw") >= n)
+    short_text = (pl.col("_nw") < n) & (pl.col("_pos") == 0)
+    return (
+        words.filter(long_window | short_text)
+        .with_columns(pl.when(short_text).then(pl.col("_t").hash(13)).otherwise(g).alias("_g"))
+        .select(key, "_g")
     )
-    return grams.with_columns(
-        pl.when(pl.col("_nw") < n).then(pl.col("_t")).otherwise(pl.col("_g")).alias("_g")
-    ).select(key, "_g")
 
 
-def near_dup_clusters(norms):
-    """Cluster leader (index of the first text) of each distinct normalized text."""
-    texts = pl.DataFrame({"_t": norms}).with_row_index("_k")
-    sh = word_windows(texts, SHINGLE, "_k").with_columns(pl.col("_g").hash(7).alias("_h"))
+def minhash_clusters(norms, threshold, shingle):
+    """Leader (the earliest text) of each distinct normalized text's near-duplicate cluster."""
+    shingles = window_hashes(norms.select("_norm", "_t"), shingle, "_norm")
     perms = []
     for i in range(BANDS * ROWS):
         a = (0x9E3779B97F4A7C15 * (2 * i + 1)) & MASK
         b = (i * 0xD6E8FEB86659FD93) & MASK
-        y = (pl.col("_h") ^ pl.lit(b, pl.UInt64)) * pl.lit(a, pl.UInt64)
+        y = (pl.col("_g") ^ pl.lit(b, pl.UInt64)) * pl.lit(a, pl.UInt64)
         perms.append((y ^ (y // pl.lit(1 << 29, pl.UInt64))).min().alias(f"m{i}"))
-    sig = sh.group_by("_k").agg(perms).sort("_k")
-    m = sig.select([f"m{i}" for i in range(BANDS * ROWS)]).to_numpy()
-    keys = sig["_k"].to_list()
-    parent = list(range(len(norms)))
+    sig = shingles.group_by("_norm").agg(perms).collect()
+    # Each text against the first (smallest index) text of its bucket, band by band.
+    pairs = pl.concat(
+        [
+            sig.lazy()
+            .select(
+                "_norm",
+                pl.col("_norm").min().over(pl.concat_list([f"m{i}" for i in range(b * ROWS, (b + 1) * ROWS)]).hash(17)).alias("_rep"),
+            )
+            .filter(pl.col("_norm") != pl.col("_rep"))
+            for b in range(BANDS)
+        ]
+    ).unique()
+    other = sig.lazy().rename({f"m{i}": f"o{i}" for i in range(BANDS * ROWS)} | {"_norm": "_rep"})
+    same = pl.sum_horizontal([(pl.col(f"m{i}") == pl.col(f"o{i}")).cast(pl.UInt32) for i in range(BANDS * ROWS)])
+    edges = (
+        pairs.join(sig.lazy(), on="_norm")
+        .join(other, on="_rep")
+        .filter(same >= threshold * BANDS * ROWS)
+        .select("_norm", "_rep")
+        .collect()
+    )
+    parent = {}
 
     def root(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
             i = parent[i]
         return i
 
-    for band in range(BANDS):
-        seen = {}
-        block = m[:, band * ROWS : (band + 1) * ROWS]
-        for row, k in enumerate(keys):
-            bk = block[row].tobytes()
-            j = seen.setdefault(bk, row)
-            if j != row and (m[row] == m[j]).mean() >= THRESHOLD:
-                a, b = root(keys[row]), root(keys[j])
-                parent[max(a, b)] = min(a, b)
-    return [root(i) for i in range(len(norms))]
+    for i, j in edges.iter_rows():
+        ri, rj = root(i), root(j)
+        parent[max(ri, rj)] = min(ri, rj)
+    leaders = {i: root(i) for i in list(parent)}
+    return pl.DataFrame(
+        {"_norm": list(leaders), "_cluster": list(leaders.values())},
+        schema={"_norm": pl.UInt32, "_cluster": pl.UInt32},
+    )
 
 
-def split_of(key, seed=0):
+def split_of(key, seed, shares):
     u = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / MASK
-    return "train" if u < 0.8 else ("val" if u < 0.9 else "test")
+    return "train" if u < shares[0] else ("val" if u < shares[0] + shares[1] else "test")
 
 
 def main():
-    teacher, eval_path, out_dir = sys.argv[1:4]
+    p = argparse.ArgumentParser()
+    p.add_argument("teacher")
+    p.add_argument("eval")
+    p.add_argument("out_dir")
+    p.add_argument("--min-agreement", type=float, default=0.5)
+    p.add_argument("--near-dup", type=float, default=0.8)
+    p.add_argument("--shingle", type=int, default=3)
+    p.add_argument("--ngram", type=int, default=13)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="0.8,0.1,0.1")
+    a = p.parse_args()
+    shares = [float(x) for x in a.split.split(",")]
     t0 = time.perf_counter()
-    df = pl.read_parquet(teacher).with_row_index("_row")
-    rows_in = df.height
+    rows = pl.scan_parquet(a.teacher).with_row_index("_row")
 
-    # Distinct normalized inputs: exact-dup groups, near-dup clusters, contamination, split.
+    # Per distinct normalized input: exact-duplicate group, cluster, contamination, split.
     norms = (
-        df.select(norm_expr("input").alias("_t")).unique(maintain_order=True)["_t"].to_list()
+        rows.select(normalized("input").alias("_t"))
+        .unique(maintain_order=True)
+        .with_row_index("_norm")
+        .collect()
     )
-    leaders = near_dup_clusters(norms)
-    eval_texts = pl.read_ndjson(eval_path).select(norm_expr("question").alias("_t"))
-    eval_grams = set(word_windows(eval_texts.with_row_index("_k"), NGRAM, "_k")["_g"].to_list())
-    grams = word_windows(pl.DataFrame({"_t": norms}).with_row_index("_k"), NGRAM, "_k")
-    dirty = set(grams.filter(pl.col("_g").is_in(list(eval_grams)))["_k"].to_list())
-    per_norm = pl.DataFrame(
-        {
-            "_norm_text": norms,
-            "_norm": list(range(len(norms))),
-            "_cluster": leaders,
-            "_contaminated": [i in dirty for i in range(len(norms))],
-            "split": [split_of(norms[c]) for c in leaders],
-        },
-        schema_overrides={"_norm": pl.UInt32, "_cluster": pl.UInt32},
+    clusters = minhash_clusters(norms.lazy(), a.near_dup, a.shingle)
+    eval_grams = window_hashes(
+        pl.scan_ndjson(a.eval).select(normalized("question").alias("_t")).with_row_index("_e"), a.ngram, "_e"
+    ).select("_g")
+    dirty = window_hashes(norms.lazy(), a.ngram, "_norm").join(eval_grams, on="_g", how="semi").select("_norm").unique()
+    per_norm = (
+        norms.lazy()
+        .join(clusters.lazy(), on="_norm", how="left")
+        .with_columns(pl.col("_cluster").fill_null(pl.col("_norm")))
+        .join(dirty.with_columns(pl.lit(True).alias("_contaminated")), on="_norm", how="left")
+        .with_columns(pl.col("_contaminated").fill_null(False))
+        .collect()
     )
-    df = df.with_columns(norm_expr("input").alias("_norm_text")).join(
-        per_norm, on="_norm_text", how="left"
-    )
+    leaders = per_norm.filter(pl.col("_norm") == pl.col("_cluster")).select("_cluster", "_t")
+    leaders = leaders.with_columns(
+        pl.Series("split", [split_of(t, a.seed, shares) for t in leaders["_t"]], dtype=pl.String)
+    ).drop("_t")
+    per_norm = per_norm.join(leaders, on="_cluster").rename({"_t": "_norm_text"})
 
-    # Rationale checks: numbers stated; equations (distinct ones evaluated in Python).
+    # Rationale checks: the answer stated; equations (distinct ones evaluated in Python).
     nums = (
-        df.select("_row", "answer", pl.col("rationale").str.extract_all(NUM).alias("_n"))
+        rows.select("_row", "answer", pl.col("rationale").str.extract_all(NUM).alias("_n"))
         .explode("_n")
         .with_columns(
             pl.col("_n").str.replace_all(",", "").cast(pl.Float64, strict=False),
@@ -207,49 +259,34 @@ def main():
         .group_by("_row")
         .agg(((pl.col("_n") - pl.col("_a")).abs() <= TOL * pl.max_horizontal(pl.col("_a").abs(), 1.0)).any().alias("_states_answer"))
     )
-    eqs = (
-        df.select("_row", pl.col("rationale").str.extract_all(EQ.pattern).alias("_e"))
-        .explode("_e")
-        .drop_nulls("_e")
-    )
-    distinct_eqs = eqs["_e"].unique().to_list()
-    verdict = pl.DataFrame({"_e": distinct_eqs, "_ok": [equation_holds(e) for e in distinct_eqs]})
+    eqs = rows.select("_row", pl.col("rationale").str.extract_all(EQ.pattern).alias("_e")).explode("_e").drop_nulls("_e")
+    distinct_eqs = eqs.select(pl.col("_e").unique()).collect()["_e"].to_list()
+    verdict = pl.LazyFrame({"_e": distinct_eqs, "_ok": [equation_holds(e) for e in distinct_eqs]})
     arith = eqs.join(verdict, on="_e").group_by("_row").agg(pl.col("_ok").all().alias("_arith_ok"))
     conf = (
-        df.select("_row", "answer", "soft_labels", "soft_probs")
+        rows.select("_row", "answer", "soft_labels", "soft_probs")
         .explode(["soft_labels", "soft_probs"])
         .group_by("_row")
         .agg(
-            (pl.col("soft_probs").filter(pl.col("soft_labels") == pl.col("answer")).first() / pl.col("soft_probs").sum()).alias("_confidence")
+            (pl.col("soft_probs").filter(pl.col("soft_labels") == pl.col("answer")).first() / pl.col("soft_probs").sum()).alias(
+                "_confidence"
+            )
         )
     )
-    df = (
-        df.join(nums, on="_row", how="left")
+    lf = (
+        rows.with_columns(normalized("input").alias("_norm_text"))
+        .join(per_norm.lazy(), on="_norm_text", how="left")
+        .join(nums, on="_row", how="left")
         .join(arith, on="_row", how="left")
         .join(conf, on="_row", how="left")
         .with_columns(pl.col("_arith_ok").fill_null(True), pl.col("_states_answer").fill_null(False))
         .sort("_row")
     )
 
-    # The rules, each a keep column after the previous one.
-    usable = pl.col("status").is_in(["ok", "rescued"])
-    lf = df.lazy().with_columns(usable.alias("k_parse_failure"))
-    votes = (
-        lf.filter(pl.col("k_parse_failure"))
-        .group_by("id", "answer")
-        .agg(pl.len().alias("_votes"))
-        .sort(["id", "_votes", "answer"], descending=[False, True, False])
-        .group_by("id")
-        .agg(pl.col("answer").first().alias("_majority"), pl.col("_votes").first().alias("_mv"))
-    )
-    lf = (
-        lf.with_columns(pl.len().over("id").alias("_samples"))
-        .join(votes, on="id", how="left")
-        .with_columns((pl.col("_mv") / pl.col("_samples")).alias("_agreement"))
-    )
-    multi = pl.col("_samples") > 1
-    prev = "k_parse_failure"
+    # The rules, each a keep column after the previous one, in kdpipe's order.
     funnel = []
+    prev = "k_parse_failure"
+    lf = lf.with_columns(pl.col("status").is_in(["ok", "rescued"]).alias(prev))
 
     def rule(lf, name, passes):
         nonlocal prev
@@ -262,11 +299,25 @@ def main():
     def first_kept(group, key):
         return (pl.col(key) == pl.col(key).filter(pl.col(prev)).first().over(group)).fill_null(False)
 
-    lf = rule(lf, "low_agreement", ~multi | (pl.col("_agreement") >= 0.5))
+    ans, gold = pl.col("answer").cast(pl.Float64, strict=False), pl.col("gold").cast(pl.Float64, strict=False)
+    lf = lf.with_columns(((ans - gold).abs() <= TOL * pl.max_horizontal(gold.abs(), 1.0)).alias("agrees_with_gold"))
+    lf = rule(lf, "disagrees_with_gold", pl.col("gold").is_null() | pl.col("agrees_with_gold"))
+    votes = (
+        lf.filter(pl.col(prev))
+        .group_by("id", "answer")
+        .agg(pl.len().alias("_votes"))
+        .sort(["id", "_votes", "answer"], descending=[False, True, False])
+        .group_by("id")
+        .agg(pl.col("answer").first().alias("_majority"), pl.col("_votes").first().alias("_mv"))
+    )
+    lf = (
+        lf.with_columns(pl.len().over("id").alias("_samples"))
+        .join(votes, on="id", how="left")
+        .with_columns((pl.col("_mv") / pl.col("_samples")).alias("_agreement"))
+    )
+    multi = pl.col("_samples") > 1
+    lf = rule(lf, "low_agreement", ~multi | (pl.col("_agreement") >= a.min_agreement))
     lf = rule(lf, "minority_answer", ~multi | (pl.col("answer") == pl.col("_majority")))
-    lf = rule(lf, "extra_rationale", first_kept("id", "sample"))
-    a, g = pl.col("answer").cast(pl.Float64, strict=False), pl.col("gold").cast(pl.Float64, strict=False)
-    lf = lf.with_columns(((a - g).abs() <= TOL * pl.max_horizontal(g.abs(), 1.0)).alias("agrees_with_gold"))
     lf = rule(lf, "low_confidence", pl.col("_confidence").is_null() | (pl.col("_confidence") >= 0.0))
     chars = pl.col("rationale").fill_null("").str.len_chars()
     lf = rule(lf, "rationale_length", (chars >= 1) & (chars <= 4000))
@@ -277,25 +328,26 @@ def main():
     lf = rule(lf, "contaminated", ~pl.col("_contaminated"))
     all_rows = lf.collect()
 
+    rows_in = all_rows.height
     counts = [("parse_failure", rows_in - all_rows["k_parse_failure"].sum())]
     for name, before, after in funnel:
         counts.append((name, all_rows[before].sum() - all_rows[after].sum()))
-    kept = all_rows.filter(pl.col(prev)).with_columns(
-        pl.when(multi).then(pl.col("_agreement")).alias("agreement")
-    )
+    kept = all_rows.filter(pl.col(prev)).with_columns(pl.when(multi).then(pl.col("_agreement")).alias("agreement"))
     columns = ["id", "sample", "input", "gold", "rationale", "answer", "soft_kind", "soft_labels", "soft_probs", "agreement", "agrees_with_gold"]
-    import os
-
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(a.out_dir, exist_ok=True)
     splits = {}
     for split in ["train", "val", "test"]:
         part = kept.filter(pl.col("split") == split).select(columns)
-        part.write_parquet(f"{out_dir}/{split}.parquet", compression="zstd")
+        part.write_parquet(f"{a.out_dir}/{split}.parquet", compression="zstd")
         splits[split] = part.height
     secs = time.perf_counter() - t0
     for name, n in counts:
         print(f"  {name:24} {n}", file=sys.stderr)
-    print(json.dumps({"engine": f"Python Polars {pl.__version__}", "rows_in": rows_in, "rows_out": kept.height, "splits": splits, "seconds": round(secs, 2), "funnel": dict(counts)}))
+    print(
+        json.dumps(
+            {"engine": f"Python Polars {pl.__version__}", "rows_in": rows_in, "rows_out": kept.height, "splits": splits, "seconds": round(secs, 2), "funnel": dict(counts)}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality benchmark: does the distilled student beat its teacher? ("Distilling step-by-step",
 # Hsieh et al., 2023, at laptop scale.) Teacher Qwen2.5-Coder-0.5B-Instruct (GGUF, local),
-# student SmolLM2-135M-Instruct, two tasks from ../shared/data: SVAMP (numeric) and
+# student SmolLM2-135M-Instruct, two tasks from KDPIPE_DATA (default ../shared/data): SVAMP (numeric) and
 # TweetEval emotion (4 labels). Every row of the table is scored on the same held-back rows:
 #
 #   teacher few-shot (step-by-step prompt, greedy)   student before training (same prompt,
@@ -36,7 +36,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root="$(pwd)"
-data="$root/../shared/data"
+. scripts/bench/data-dir.sh svamp/dev.jsonl tweeteval-emotion/train.jsonl tweeteval-emotion/val.jsonl
 svamp_eval="${1:--}"
 emotion_eval="${2:--}"
 train_rows="${TRAIN_ROWS:-160}"

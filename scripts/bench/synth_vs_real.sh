@@ -2,7 +2,7 @@
 # Synthesized inputs against real ones: two SmolLM2-135M students trained step-by-step on
 # the same number of teacher-labelled rows (teacher Qwen2.5-Coder-0.5B), one on real SVAMP
 # inputs, one on inputs the teacher synthesized from 8 SVAMP seeds, scored on the same
-# held-back SVAMP rows (every 7th row of ../shared/data/svamp/dev.jsonl, as in
+# held-back SVAMP rows (every 7th row of $KDPIPE_DATA/svamp/dev.jsonl, as in
 # quality.sh). Prints one table and writes it to bench-results/synth-vs-real.md.
 #
 #   scripts/bench/synth_vs_real.sh
@@ -26,7 +26,8 @@ cp "$CARGO_TARGET_DIR/release/kdpipe" "$work/kdpipe"
 kdpipe="$work/kdpipe"
 
 # Seeds: the first 8 training-pool rows; real inputs: the next ROWS; eval: held back.
-python3 - "$root/../shared/data/svamp/dev.jsonl" "$work" "$rows" "$eval_rows" <<'PY'
+. scripts/bench/data-dir.sh svamp/dev.jsonl
+python3 - "$data/svamp/dev.jsonl" "$work" "$rows" "$eval_rows" <<'PY'
 import json, sys
 src, work, rows, eval_rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 data = [json.loads(l) for l in open(src) if l.strip()]

@@ -450,8 +450,7 @@ mod tests {
 
     #[test]
     fn bf16_fused_attention_matches_to_bf16_precision() {
-        if !bf16_gemm::available() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16");
+        if !bf16_gemm::testable("attention::bf16_fused_attention_matches_to_bf16_precision") {
             return;
         }
         // The bf16 path really ran: its values differ from f32's.

@@ -96,6 +96,18 @@ impl<'a> View<'a> {
     }
 }
 
+/// For tests of bf16 code: whether this CPU can run them; records the skip otherwise
+/// (see `test_skip`: a skip fails the suite unless allowed).
+#[cfg(test)]
+pub(crate) fn testable(test: &str) -> bool {
+    crate::test_skip::can_run(
+        test,
+        "avx512-bf16",
+        available(),
+        "this CPU lacks AVX512-BF16 (Intel Cooper Lake or later, AMD Zen 4 or later)",
+    )
+}
+
 /// Whether this CPU runs the kernel (AVX-512 F and BF16).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -487,8 +499,7 @@ mod tests {
     /// rows, and by columns): within f32 rounding of the exact bf16 product.
     #[test]
     fn matches_the_exact_product_of_bf16_operands() {
-        if !available() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16");
+        if !testable("bf16_gemm::matches_the_exact_product_of_bf16_operands") {
             return;
         }
         // (m, k, n): partial tiles and odd k; k past one block; big enough to split by
@@ -543,8 +554,7 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_gives_zeros_or_leaves_c() {
-        if !available() {
-            eprintln!("skipped: this CPU lacks AVX512-BF16");
+        if !testable("bf16_gemm::an_empty_inner_dimension_gives_zeros_or_leaves_c") {
             return;
         }
         let mut c = vec![5.0f32; 6];

@@ -58,13 +58,15 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
 
 pub mod fault_proxy;
 pub mod server;
+#[path = "../../src/test_skip.rs"]
+pub mod skip;
 pub mod training;
 
-/// Record a suite's counts: printed on stderr and kept under the target folder, where
+/// Record a suite's counts: printed on stderr and kept in the suite folder, where
 /// scripts/test.sh prints them after the run (cargo hides a passing test's output).
 pub fn record_suite(name: &str, line: &str) {
     eprintln!("{line}");
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("suite-counts");
+    let dir = skip::suite_dir().join("counts");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join(format!("{name}.txt")), format!("{line}\n"));
 }
