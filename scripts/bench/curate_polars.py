@@ -145,9 +145,10 @@ def window_hashes(texts, n, key):
         g = g * pl.lit(PRIME, pl.UInt64) + pl.col("_h").shift(-j)
     long_window = (pl.col("_pos") + n <= pl.col("_nw")) & (pl.col("_nw") >= n)
     short_text = (pl.col("_nw") < n) & (pl.col("_pos") == 0)
+    # The shifts read the neighbouring rows: computed before the filter drops any.
     return (
-        words.filter(long_window | short_text)
-        .with_columns(pl.when(short_text).then(pl.col("_t").hash(13)).otherwise(g).alias("_g"))
+        words.with_columns(pl.when(short_text).then(pl.col("_t").hash(13)).otherwise(g).alias("_g"))
+        .filter(long_window | short_text)
         .select(key, "_g")
     )
 
@@ -312,7 +313,8 @@ def main():
     )
     lf = (
         lf.with_columns(pl.len().over("id").alias("_samples"))
-        .join(votes, on="id", how="left")
+        # The rules below pick "the first kept row" of a group: row order must survive.
+        .join(votes, on="id", how="left", maintain_order="left")
         .with_columns((pl.col("_mv") / pl.col("_samples")).alias("_agreement"))
     )
     multi = pl.col("_samples") > 1

@@ -272,7 +272,12 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
             votes,
             [col("id")],
             [col("id")],
-            JoinArgs::new(JoinType::Left),
+            // The rules below keep "the first kept row" of a group: the frame's row order
+            // must survive the join, which Polars does not promise by default.
+            JoinArgs {
+                maintain_order: MaintainOrderJoin::Left,
+                ..JoinArgs::new(JoinType::Left)
+            },
         )
         .with_column(
             (col("_majority_votes").cast(DataType::Float64)
