@@ -151,7 +151,7 @@ fn main() -> anyhow::Result<()> {
     let path = dir.join("teacher-00000-of-00001.parquet");
     let mut df = TeacherRow::to_frame(&rows)?;
     write_frame(&path, &mut df)?;
-    let mut m = Manifest::new("generate", "synthetic".into(), 0);
+    let mut m = Manifest::new(kdpipe::config::Stage::Generate, "synthetic".into(), 0);
     m.outputs = vec![entry(&path, Some(rows.len()))?];
     m.write(&dir)?;
     eprintln!(

@@ -17,9 +17,10 @@
 use kdpipe::config::{Config, Overrides};
 use kdpipe::io::inputs::read_inputs;
 use kdpipe::prompts::Prompt;
-use kdpipe::student::serve::{SeqCache, StepInput};
-use kdpipe::teacher::batched::BatchedTeacher;
-use kdpipe::teacher::{ChatMessage, Job, Settings, Teacher};
+use kdpipe::llama::infer::{SeqCache, StepInput};
+use kdpipe::teacher::engine::EngineTeacher;
+use kdpipe::chat::ChatMessage;
+use kdpipe::teacher::{Job, Settings, Teacher};
 use std::io::Write;
 use std::time::Instant;
 
@@ -75,7 +76,7 @@ fn chats(config: &str, model: &str, n: usize, out: &str) -> anyhow::Result<()> {
     };
     let cfg = Config::resolve(config.as_ref(), &overrides)?;
     let prompt = Prompt::load(&cfg)?;
-    let teacher = BatchedTeacher::open(model, 1)?;
+    let teacher = EngineTeacher::open(model, 1)?;
     let mut file = std::fs::File::create(out)?;
     let mut total = 0;
     for input in read_inputs(&cfg.data)? {
@@ -91,7 +92,7 @@ fn chats(config: &str, model: &str, n: usize, out: &str) -> anyhow::Result<()> {
 
 fn batched(model: &str, chats_path: &str, max_tokens: usize, batch: usize) -> anyhow::Result<()> {
     let start = Instant::now();
-    let teacher = BatchedTeacher::open(model, batch)?;
+    let teacher = EngineTeacher::open(model, batch)?;
     let load_s = start.elapsed().as_secs_f64();
     let chats = read_chats(chats_path)?;
     let jobs = chats
@@ -126,7 +127,7 @@ fn batched(model: &str, chats_path: &str, max_tokens: usize, batch: usize) -> an
     println!(
         "{}",
         serde_json::json!({
-            "engine": format!("kdpipe batched engine (batch {batch})"),
+            "engine": format!("kdpipe engine ({batch} in parallel)"),
             "requests": requests,
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -139,10 +140,10 @@ fn batched(model: &str, chats_path: &str, max_tokens: usize, batch: usize) -> an
     Ok(())
 }
 
-#[cfg(feature = "local")]
+#[cfg(feature = "mistralrs")]
 fn mistralrs(model: &str, chats_path: &str, max_tokens: usize) -> anyhow::Result<()> {
     let start = Instant::now();
-    let teacher = kdpipe::teacher::local::LocalTeacher::open(model, false)?;
+    let teacher = kdpipe::teacher::mistralrs::MistralrsTeacher::open(model, false)?;
     let load_s = start.elapsed().as_secs_f64();
     let (mut prompt_tokens, mut prompt_s, mut decode_tokens, mut decode_s) = (0, 0.0, 0, 0.0);
     let (mut completion_tokens, mut latency_sum) = (0, 0.0);
@@ -180,14 +181,14 @@ fn mistralrs(model: &str, chats_path: &str, max_tokens: usize) -> anyhow::Result
     Ok(())
 }
 
-#[cfg(not(feature = "local"))]
+#[cfg(not(feature = "mistralrs"))]
 fn mistralrs(_: &str, _: &str, _: usize) -> anyhow::Result<()> {
     anyhow::bail!("built without the local (mistralrs) feature")
 }
 
 fn raw(model: &str, npp: usize, ntg: usize, npl: usize) -> anyhow::Result<()> {
     let start = Instant::now();
-    let loaded = kdpipe::student::load(model, &candle_core::Device::Cpu)?;
+    let loaded = kdpipe::llama::load(model, &candle_core::Device::Cpu)?;
     let decoder = loaded
         .decoder(&candle_core::Device::Cpu, |_| false)?
         .into_inference()?;
@@ -235,7 +236,7 @@ fn raw(model: &str, npp: usize, ntg: usize, npl: usize) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "engine": "kdpipe batched engine (raw)",
+            "engine": "kdpipe engine (raw)",
             "pp": npp, "tg": ntg, "pl": npl, "load_s": load_s,
             "t_pp": t_pp, "speed_pp": (npl * npp) as f64 / t_pp,
             "t_tg": t_tg, "speed_tg": (npl * ntg) as f64 / t_tg,

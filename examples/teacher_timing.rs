@@ -3,15 +3,15 @@
 //! reply read from the captured decode steps, next to the anchor in the same run: the
 //! same context scored by a fresh one-step request (the engine recomputes the prompt).
 //! `cargo run --release --example teacher_timing -- MODEL`
-use kdpipe::teacher::local::LocalTeacher;
-use kdpipe::teacher::ChatMessage;
+use kdpipe::teacher::mistralrs::MistralrsTeacher;
+use kdpipe::chat::ChatMessage;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let model = std::env::args()
         .nth(1)
         .unwrap_or("models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf".into());
-    let t = LocalTeacher::open(&model, true)?;
+    let t = MistralrsTeacher::open(&model, true)?;
     let err = |e: kdpipe::teacher::TeacherError| anyhow::anyhow!("{e}");
     let long =
         "Background: ".to_string() + &"the quick brown fox jumps over the lazy dog. ".repeat(20);

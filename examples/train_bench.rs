@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 use kdpipe::config::{LoraConfig, Precision};
 use kdpipe::finetune::optim::AdamW;
-use kdpipe::student;
+use kdpipe::llama as student;
 use std::time::Instant;
 
 // The allocator the kdpipe binary uses (src/main.rs): training allocates large temporaries.
@@ -36,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("precision must be f32 or bf16, got {other:?}"),
     };
     // KDPIPE_DEVICE=cuda (a build with --features cuda) trains on the GPU.
-    let dev = match kdpipe::finetune::parse_device(
+    let dev = match kdpipe::config::parse_device(
         &std::env::var("KDPIPE_DEVICE").unwrap_or_else(|_| "cpu".into()),
     )? {
         None => Device::Cpu,
@@ -69,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         model.add_lora(&cfg, 0)?;
     }
     model.set_precision(precision)?;
-    let mut opt = AdamW::new(model.vars.clone(), 1e-5, 0.0)?;
+    let mut opt = AdamW::new(model.vars.clone(), 0.0)?;
     let ids = Tensor::from_vec(
         (0..(b * t) as u32)
             .map(|i| (i * 7919) % 49152)
@@ -92,7 +92,7 @@ fn main() -> anyhow::Result<()> {
         drop((logits, loss));
         opt.accumulate(&mut acc, &grads)?;
         drop(grads);
-        opt.step(acc, Some(1.0))?;
+        opt.step(acc, 1e-5, Some(1.0))?;
         dev.synchronize()?; // a GPU's queued work finishes before the clock stops
         eprintln!(
             "step {step}: forward {f:?}, backward {:?}, optimizer {:?}; RSS MB after forward {rss_forward:?}, after backward {rss_backward:?}, after the step {:?}",

@@ -36,7 +36,7 @@ case "${CARGO_TARGET_DIR:-}" in /*) KDPIPE_SUITE_DIR="$CARGO_TARGET_DIR/tmp/kdpi
 export KDPIPE_SUITE_DIR
 rm -rf "$KDPIPE_SUITE_DIR"
 status=0
-cargo test --release --locked --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+cargo test --release --locked --features mistralrs --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
 passed="$(grep -oE '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')"
 failed="$(grep -oE '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')"
 if [ -d "$KDPIPE_SUITE_DIR/counts" ]; then

@@ -1,9 +1,24 @@
 //! Chat templates (Jinja, as shipped in GGUF metadata or tokenizer_config.json) rendered
 //! with minijinja, so the student sees its prompts exactly as its own chat format says.
 
-use crate::teacher::ChatMessage;
 use anyhow::{Context, Result};
 use minijinja::{context, Environment};
+
+/// One chat message (system, user or assistant turn).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: &str, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.to_string(),
+            content: content.into(),
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {

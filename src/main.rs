@@ -1,10 +1,11 @@
 //! The kdpipe binary: parse the command line, run one command, print errors as
-//! `error:` / `caused by:` / `hint:`. Exit 0 ok, 1 quality gate failed, 2 error.
+//! `error:` / `caused by:` / `hint:`. Exit 0 ok, 1 finished but the quality gate
+//! (`[eval] min_accuracy`) failed, 2 error.
 
 use clap::Parser;
 use kdpipe::cli::{Cli, Command, StageArgs};
 use kdpipe::config::{Config, Overrides};
-use kdpipe::generate::BatchMode;
+use kdpipe::generate::BatchFiles;
 use std::process::ExitCode;
 
 #[global_allocator]
@@ -37,20 +38,23 @@ fn load_with(args: &StageArgs, overrides: Overrides) -> anyhow::Result<Option<Co
     Ok(Some(cfg))
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// How a command that finished went: `Err(message)` when the quality gate failed.
+type Outcome = Result<(), String>;
+
+fn run(cli: Cli) -> anyhow::Result<Outcome> {
     match cli.command {
         Command::Generate(a) => {
             if let Some(cfg) = load(&a.stage)? {
-                let batch = match (a.batch_write, a.batch_ingest.is_empty()) {
-                    (Some(dir), _) => Some(BatchMode::Write(dir)),
-                    (None, false) => Some(BatchMode::Ingest(a.batch_ingest)),
+                let batch_files = match (a.batch_write, a.batch_ingest.is_empty()) {
+                    (Some(dir), _) => Some(BatchFiles::Write(dir)),
+                    (None, false) => Some(BatchFiles::Ingest(a.batch_ingest)),
                     (None, true) => None,
                 };
                 let opts = kdpipe::generate::Options {
                     shard: a.shard.unwrap_or_default(),
                     dry_run: a.dry_run,
                     fresh: a.fresh,
-                    batch,
+                    batch_files,
                 };
                 kdpipe::generate::run(&cfg, &opts)?;
             }
@@ -87,12 +91,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 overrides.eval_models = Some(serde_json::from_value(list)?);
             }
             if let Some(cfg) = load_with(&a.stage, overrides)? {
-                print!("{}", kdpipe::eval::run(&cfg)?.table());
+                let scores = kdpipe::eval::run(&cfg)?;
+                print!("{}", scores.table());
+                if let Some(why) = scores.gate_failure(cfg.eval.min_accuracy) {
+                    return Ok(Err(why));
+                }
             }
         }
         Command::Run(a) => {
             if let Some(cfg) = load(&a.stage)? {
-                print!("{}", kdpipe::run::run(&cfg, a.force, a.fresh)?.table());
+                let scores = kdpipe::run::run(&cfg, a.force, a.fresh)?;
+                print!("{}", scores.table());
+                if let Some(why) = scores.gate_failure(cfg.eval.min_accuracy) {
+                    return Ok(Err(why));
+                }
             }
         }
         Command::Show(a) => {
@@ -102,7 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Print the error chain; a line starting with `hint:` inside any message is printed
@@ -131,7 +143,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.verbose);
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(gate)) => {
+            eprintln!("{gate}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             report(&e);
             ExitCode::from(2)

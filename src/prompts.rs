@@ -2,10 +2,10 @@
 //! few-shot examples), then a minijinja template for one user turn. Rendering gives the
 //! teacher's step-by-step chat and the student's two views (label, rationale).
 
+use crate::chat::ChatMessage;
 use crate::config::{Config, TaskKind};
 use crate::io::atomic::text_sha256;
 use crate::task::ANSWER_MARKER;
-use crate::teacher::ChatMessage;
 use anyhow::{bail, Context, Result};
 use minijinja::{context, Environment};
 use serde::Deserialize;
@@ -40,9 +40,32 @@ pub struct Prompt {
     pub hash: String,
 }
 
-/// The student's task prefixes, as in Distilling step-by-step: one model, two views.
-pub const LABEL_VIEW: &str = "[label]";
-pub const RATIONALE_VIEW: &str = "[rationale]";
+/// The student's two views of a task, as in Distilling step-by-step: one model answers
+/// alone (label) or reasons first (rationale), told apart by a prefix on the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Label,
+    Rationale,
+}
+
+impl View {
+    /// The prefix the student's prompt puts before the input.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            View::Label => "[label]",
+            View::Rationale => "[rationale]",
+        }
+    }
+
+    /// The view the student answers in at eval (`Config::student_reasons_at_eval`).
+    pub fn for_eval(cfg: &Config) -> View {
+        if cfg.student_reasons_at_eval() {
+            View::Rationale
+        } else {
+            View::Label
+        }
+    }
+}
 
 impl Prompt {
     pub fn load(cfg: &Config) -> Result<Prompt> {
@@ -146,12 +169,13 @@ impl Prompt {
     }
 
     /// The student's prompt for one view: the task line, then the view prefix and input.
-    pub fn student_chat(&self, view: &str, input: &str) -> Vec<ChatMessage> {
+    pub fn student_chat(&self, view: View, input: &str) -> Vec<ChatMessage> {
         let mut head = self.description.trim().to_string();
         if !self.labels.is_empty() {
             head.push_str(&format!(" Answer with one of: {}.", self.labels.join(", ")));
         }
-        vec![ChatMessage::new("user", format!("{head}\n{view} {input}"))]
+        let prefix = view.prefix();
+        vec![ChatMessage::new("user", format!("{head}\n{prefix} {input}"))]
     }
 }
 

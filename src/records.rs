@@ -2,7 +2,6 @@
 //! Polars frame; readers check columns and types and name the file when one is wrong.
 //! `SCHEMA_VERSION` (in io::manifest) changes whenever a column here changes.
 
-use crate::io::parquet::require;
 use anyhow::Result;
 use polars::prelude::*;
 use std::path::Path;
@@ -525,6 +524,26 @@ impl CuratedRow {
         }
         Ok(out)
     }
+}
+
+/// A column that must exist with the given type, or an error naming file and column.
+pub fn require<'a>(
+    df: &'a DataFrame,
+    path: &Path,
+    name: &str,
+    dtype: &DataType,
+) -> Result<&'a Column> {
+    let col = anyhow::Context::with_context(df.column(name), || {
+        format!("{}: missing column {name:?}\nhint: was this file written by this kdpipe version? re-run the stage that wrote it", path.display())
+    })?;
+    if col.dtype() != dtype {
+        bail!(
+            "{}: column {name:?} has type {}, expected {dtype}",
+            path.display(),
+            col.dtype()
+        );
+    }
+    Ok(col)
 }
 
 #[cfg(test)]

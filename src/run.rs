@@ -2,13 +2,13 @@
 //! hash, same input digests, outputs unchanged) is skipped, so a killed job resumes at the
 //! first unfinished stage.
 
-use crate::config::Config;
+use crate::config::{Config, Stage};
 use crate::eval::Scores;
 use crate::io::manifest::{config_hash, FileEntry, Manifest};
 use crate::{curate, eval, finetune, generate, synthesize};
 use anyhow::Result;
 
-fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool {
+fn is_current(cfg: &Config, stage: Stage, inputs: Result<Vec<FileEntry>>) -> bool {
     let Ok(inputs) = inputs else { return false };
     match Manifest::read(&cfg.stage_dir(stage), stage) {
         Ok(m) => m.is_current(&config_hash(&cfg.stage_view(stage)), &inputs),
@@ -19,13 +19,13 @@ fn is_current(cfg: &Config, stage: &str, inputs: Result<Vec<FileEntry>>) -> bool
 pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
     let started = std::time::Instant::now();
     if cfg.synthesize.is_some() {
-        if force || !is_current(cfg, "synthesize", synthesize::input_entries(cfg)) {
+        if force || !is_current(cfg, Stage::Synthesize, synthesize::input_entries(cfg)) {
             synthesize::run(cfg)?;
         } else {
             eprintln!("synthesize: up to date, skipped");
         }
     }
-    if force || !is_current(cfg, "generate", generate::input_entries(cfg)) {
+    if force || !is_current(cfg, Stage::Generate, generate::input_entries(cfg)) {
         let opts = generate::Options {
             fresh,
             ..Default::default()
@@ -34,19 +34,19 @@ pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
     } else {
         eprintln!("generate: up to date, skipped");
     }
-    if force || !is_current(cfg, "curate", curate::input_entries(cfg)) {
+    if force || !is_current(cfg, Stage::Curate, curate::input_entries(cfg)) {
         curate::run(cfg)?;
     } else {
         eprintln!("curate: up to date, skipped");
     }
-    if force || !is_current(cfg, "finetune", finetune::input_entries(cfg)) {
+    if force || !is_current(cfg, Stage::Finetune, finetune::input_entries(cfg)) {
         finetune::run(cfg)?;
     } else {
         eprintln!("finetune: up to date, skipped");
     }
-    let scores = if !force && is_current(cfg, "eval", eval::input_entries(cfg)) {
+    let scores = if !force && is_current(cfg, Stage::Eval, eval::input_entries(cfg)) {
         eprintln!("eval: up to date, skipped");
-        let m = Manifest::read(&cfg.stage_dir("eval"), "eval")?;
+        let m = Manifest::read(&cfg.stage_dir(Stage::Eval), Stage::Eval)?;
         serde_json::from_value(m.summary)?
     } else {
         eval::run(cfg)?

@@ -115,7 +115,7 @@ fn valid_generate(dir: &Path, n: usize) {
         .collect();
     let mut df = TeacherRow::to_frame(&rows).unwrap();
     kdpipe::io::parquet::write_frame(&gen.join("teacher-00000-of-00001.parquet"), &mut df).unwrap();
-    Manifest::new("generate", "x".into(), 0)
+    Manifest::new(kdpipe::config::Stage::Generate, "x".into(), 0)
         .write(&gen)
         .unwrap();
 }

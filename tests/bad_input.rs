@@ -147,7 +147,7 @@ fn generate_folder(dir: &Path, df: &mut polars::prelude::DataFrame, schema: Opti
     std::fs::create_dir_all(&gen).unwrap();
     let path = gen.join("teacher-00000-of-00001.parquet");
     kdpipe::io::parquet::write_frame(&path, df).unwrap();
-    let mut m = kdpipe::io::manifest::Manifest::new("generate", "x".into(), 0);
+    let mut m = kdpipe::io::manifest::Manifest::new(kdpipe::config::Stage::Generate, "x".into(), 0);
     if let Some(v) = schema {
         m.schema_version = v;
     }

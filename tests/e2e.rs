@@ -133,11 +133,11 @@ max_new_tokens = 6
 
     // The exported student loads in the teacher engine (mistralrs, safetensors folder).
     let served =
-        kdpipe::teacher::local::LocalTeacher::open(run.join("student").to_str().unwrap(), false)
+        kdpipe::teacher::mistralrs::MistralrsTeacher::open(run.join("student").to_str().unwrap(), false)
             .unwrap();
     let reply = served
         .generate(
-            &[kdpipe::teacher::ChatMessage::new("user", "Say hi.")],
+            &[kdpipe::chat::ChatMessage::new("user", "Say hi.")],
             4,
             0.0,
         )
@@ -206,13 +206,13 @@ samples = 3
         rows.sort_by(|a, b| (&a.id, a.sample).cmp(&(&b.id, b.sample)));
         rows
     };
-    let first = rows(1, "batched");
+    let first = rows(1, "kdpipe");
     assert_eq!(first.len(), 9, "3 inputs × 3 samples");
     assert!(
         first.iter().all(|r| r.seed.is_some()),
         "every sampled row has its seed"
     );
-    let again = rows(1, "batched");
+    let again = rows(1, "kdpipe");
     let text = |rs: &[kdpipe::records::TeacherRow]| -> Vec<String> {
         rs.iter().map(|r| r.raw.clone()).collect()
     };
@@ -222,7 +222,7 @@ samples = 3
         distinct.len() > 3,
         "samples of one input differ: {distinct:?}"
     );
-    let other = rows(2, "batched");
+    let other = rows(2, "kdpipe");
     assert_ne!(
         text(&first),
         text(&other),

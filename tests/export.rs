@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use kdpipe::config::LoraConfig;
 use kdpipe::finetune::optim::AdamW;
-use kdpipe::student;
+use kdpipe::llama as student;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -45,10 +45,10 @@ fn exported_student_gives_the_same_logits_in_transformers() {
         .unwrap()
         .mean_all()
         .unwrap();
-    let mut opt = AdamW::new(model.vars.clone(), 1e-2, 0.0).unwrap();
+    let mut opt = AdamW::new(model.vars.clone(), 0.0).unwrap();
     let mut acc = opt.accumulator();
     opt.accumulate(&mut acc, &loss.backward().unwrap()).unwrap();
-    opt.step(acc, None).unwrap();
+    opt.step(acc, 1e-2, None).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let eos = loaded.tokenizer.id_to_token(loaded.eos_token_id).unwrap();
@@ -64,7 +64,7 @@ fn exported_student_gives_the_same_logits_in_transformers() {
     let probe = "How many apples does Tom have? Café, 😀.";
     let chat = loaded
         .chat
-        .render(&[kdpipe::teacher::ChatMessage::new("user", probe)], true)
+        .render(&[kdpipe::chat::ChatMessage::new("user", probe)], true)
         .unwrap();
     let ids: Vec<u32> = loaded.encode(&chat).unwrap();
     let n = ids.len();

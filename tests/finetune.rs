@@ -149,7 +149,7 @@ fn bf16_mixed_precision_trains_where_the_cpu_has_avx512_bf16() {
     if !skip::can_run(
         "finetune::bf16_mixed_precision_trains_where_the_cpu_has_avx512_bf16",
         "avx512-bf16",
-        kdpipe::student::bf16_gemm::available(),
+        kdpipe::kernels::bf16_gemm::available(),
         "this CPU lacks AVX512-BF16 (Intel Cooper Lake or later, AMD Zen 4 or later)",
     ) {
         return;

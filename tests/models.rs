@@ -1,13 +1,14 @@
-//! Checks against the real teacher engine (mistralrs) on the real GGUFs from
-//! scripts/fetch-models.sh: the GGUF tokenizer gives the engine's token ids, the student
-//! decoder gives its greedy tokens and near-equal logits, and every weight trains.
+//! The decoder and kdpipe's engine on the real GGUFs from scripts/fetch-models.sh: every
+//! weight trains, AdamW and LoRA lower the loss and merge exactly, the engine's replies do
+//! not depend on their batch, its label probabilities equal a fresh forward pass, and its
+//! logits are bit-identical alone and in any batch. (mistralrs_engine.rs checks the
+//! tokenizer and the decoder against the mistralrs engine.)
 
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use kdpipe::student;
-use kdpipe::teacher::local::LocalTeacher;
-use kdpipe::teacher::ChatMessage;
+use kdpipe::llama as student;
+use kdpipe::chat::ChatMessage;
 
 fn chat() -> Vec<ChatMessage> {
     vec![
@@ -19,95 +20,8 @@ fn chat() -> Vec<ChatMessage> {
     ]
 }
 
-fn tokenizer_matches_engine(path: &std::path::Path) {
-    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
-    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-    let ours = loaded
-        .encode(&loaded.chat.render(&chat(), true).unwrap())
-        .unwrap();
-    let engine = teacher.chat_ids(&chat()).unwrap();
-    assert_eq!(
-        ours,
-        engine,
-        "token ids differ from mistralrs for {}",
-        path.display()
-    );
-    for text in [
-        "Hello world",
-        " leading space",
-        "12345 + 678 = 13023",
-        "Ünïcödé — “quotes” ok?",
-        "line\nbreaks\n\n  indented",
-    ] {
-        let ids = loaded.encode(text).unwrap();
-        assert_eq!(loaded.decode(&ids).unwrap(), text, "round trip of {text:?}");
-    }
-}
 
-#[test]
-fn smollm2_gguf_tokenizer_matches_the_engine() {
-    tokenizer_matches_engine(&smollm2());
-}
 
-#[test]
-fn qwen2_gguf_tokenizer_matches_the_engine() {
-    tokenizer_matches_engine(&qwen());
-}
-
-#[test]
-fn student_decoder_reproduces_the_engine_greedy_output_and_logits() {
-    let path = smollm2();
-    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
-    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-    let model = loaded.decoder(&Device::Cpu, |_| false).unwrap();
-    let msgs = vec![ChatMessage::new(
-        "user",
-        "What is the capital of France? Answer in one sentence.",
-    )];
-    let prompt = teacher.chat_ids(&msgs).unwrap();
-
-    // Greedy tokens: the engine's text and ours, 16 tokens.
-    let engine_text = teacher.generate(&msgs, 16, 0.0).unwrap().text;
-    let ours = model.greedy(&prompt, 16, &[loaded.eos_token_id]).unwrap();
-    let ours_text = loaded.decode(&ours).unwrap();
-    assert_eq!(ours_text.trim(), engine_text.trim());
-
-    // Next-token distribution after the prompt: same argmax, near-equal log-probs on the
-    // engine's top tokens. The engine runs Q4_1 weights with 8-bit activations, we run the
-    // dequantized weights in f32, so small differences are expected.
-    let engine_lp = teacher.next_token_logprobs(prompt.clone()).unwrap();
-    let n = prompt.len();
-    let input = Tensor::from_vec(prompt.clone(), (1, n), &Device::Cpu).unwrap();
-    let logits = model
-        .forward(
-            &input,
-            &Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap(),
-        )
-        .unwrap();
-    let last = logits.narrow(1, n - 1, 1).unwrap().flatten_all().unwrap();
-    let ours_lp = candle_nn::ops::log_softmax(&last, 0)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let argmax = |v: &[f32]| {
-        v.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap()
-            .0
-    };
-    assert_eq!(argmax(&ours_lp), argmax(&engine_lp));
-    let mut top: Vec<usize> = (0..engine_lp.len()).collect();
-    top.sort_by(|a, b| engine_lp[*b].total_cmp(&engine_lp[*a]));
-    let max_diff = top[..10]
-        .iter()
-        .map(|&i| (ours_lp[i] - engine_lp[i]).abs())
-        .fold(0f32, f32::max);
-    eprintln!("max |Δ log p| over the engine's top 10 tokens: {max_diff:.4}");
-    // Measured: 0.182 (the engine's 8-bit activations against our f32); the bound leaves
-    // room for little more than that.
-    assert!(max_diff < 0.25, "log-probs differ by {max_diff}");
-}
 
 #[test]
 fn every_weight_of_the_real_student_gets_a_gradient() {
@@ -141,54 +55,24 @@ fn every_weight_of_the_real_student_gets_a_gradient() {
     }
 }
 
-#[test]
-fn label_scores_from_captured_steps_equal_a_fresh_forward_pass() {
-    let path = smollm2();
-    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
-    let msgs = vec![ChatMessage::new("user", "Is the sky blue on a clear day? Reply with one short sentence, then 'Answer: yes' or 'Answer: no'.")];
-    let reply = teacher.generate(&msgs, 40, 0.0).unwrap().text;
-    let prefix = &reply[..reply.find(' ').map(|i| i + 1).unwrap_or(0)];
-    let labels = [" yes".to_string(), " no".to_string()];
-    let captured = teacher
-        .score_continuations(&msgs, prefix.trim_end(), &labels)
-        .unwrap();
-
-    // The same scores from fresh one-step requests on the same token contexts.
-    let mut ctx = teacher.chat_ids(&msgs).unwrap();
-    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-    ctx.extend(loaded.encode(prefix.trim_end()).unwrap());
-    let fresh = teacher.next_token_logprobs(ctx).unwrap();
-    for (label, got) in labels.iter().zip(&captured) {
-        let id = loaded.encode(label).unwrap();
-        assert_eq!(id.len(), 1, "{label:?} is one token in SmolLM2");
-        let want = fresh[id[0] as usize] as f64;
-        // Incremental decoding and whole-prompt processing quantize activations in
-        // different blocks, so log-probs of unlikely tokens move a little (measured:
-        // 0.08 at log p = -12); as probabilities they agree closely.
-        assert!(
-            (got.exp() - want.exp()).abs() < 0.01 && (got - want).abs() < 0.02 * want.abs() + 0.05,
-            "{label:?}: captured {got}, fresh {want}"
-        );
-    }
-}
 
 #[test]
 fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-    use kdpipe::finetune::data::{Example, View};
+    use kdpipe::finetune::data::{Example, ExampleKind};
     use kdpipe::finetune::loss::{make_batch, step_by_step_loss, token_nll};
     let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
     let model = loaded
         .decoder(&Device::Cpu, |n| n != "model.embed_tokens.weight")
         .unwrap();
-    let example = |view, prompt: &str, reply: &str| {
+    let example = |kind, prompt: &str, reply: &str| {
         let (p, r) = (
             loaded.encode(prompt).unwrap(),
             loaded.encode(reply).unwrap(),
         );
         let target = [vec![0u8; p.len()], vec![1u8; r.len()]].concat();
         Example {
-            view,
+            kind,
             ids: [p, r].concat(),
             target,
             kd: None,
@@ -199,12 +83,12 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     let batch = make_batch(
         &[
             example(
-                View::Label,
+                ExampleKind::Label,
                 "[label] I lost my keys and missed the bus.",
                 " sadness",
             ),
             example(
-                View::Rationale,
+                ExampleKind::Rationale,
                 "[rationale] I lost my keys and missed the bus.",
                 " The writer had a bad morning and feels down.",
             ),
@@ -234,56 +118,6 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     assert!(after < before * 0.8, "loss {before} → {after}");
 }
 
-#[test]
-fn local_token_topk_gives_the_generated_ids_with_natural_log_alternatives() {
-    use kdpipe::teacher::{Job, Settings, Teacher, Token};
-    let path = smollm2();
-    let teacher = LocalTeacher::open(path.to_str().unwrap(), true).unwrap();
-    let settings = Settings {
-        max_tokens: 24,
-        temperature: 0.0,
-        token_topk: 4,
-        labels: vec![],
-    };
-    let job = Job {
-        id: "a".into(),
-        sample: 0,
-        messages: chat(),
-        seed: None,
-    };
-    let mut replies = vec![];
-    teacher
-        .answer_all(vec![job], &settings, &|_: &str| None, &mut |_, r| {
-            replies.push(r.unwrap());
-            Ok(())
-        })
-        .unwrap();
-    let reply = &replies[0];
-    assert!(!reply.tokens.is_empty());
-    let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
-    let mut ids = vec![];
-    for t in &reply.tokens {
-        let Token::Id(id) = t.token else {
-            panic!("local tokens are ids")
-        };
-        ids.push(id);
-        assert_eq!(t.top.len(), 4);
-        // Greedy: the chosen token is the most likely one; logprobs are natural logs of a
-        // distribution (each ≤ 0, and the four together at most probability 1).
-        assert_eq!(t.top[0].0, Token::Id(id));
-        assert!((t.top[0].1 - t.logprob).abs() < 1e-6);
-        assert!(t.top.windows(2).all(|w| w[0].1 >= w[1].1));
-        let mass: f32 = t.top.iter().map(|(_, l)| l.exp()).sum();
-        assert!(mass <= 1.0 + 1e-4 && mass > 0.0, "{mass}");
-    }
-    // The recorded ids spell the reply (all but the final, unrecorded step).
-    let spelled = loaded.decode(&ids).unwrap();
-    assert!(
-        reply.text.starts_with(&spelled),
-        "{spelled:?} vs {:?}",
-        reply.text
-    );
-}
 
 #[test]
 fn lora_trains_only_its_adapters_and_merges_exactly() {
@@ -339,10 +173,10 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
         let w = &loaded.weights[name];
         assert!(grads.get(w).is_none(), "{name} got a gradient");
     }
-    let mut opt = AdamW::new(model.vars.clone(), 1e-3, 0.0).unwrap();
+    let mut opt = AdamW::new(model.vars.clone(), 0.0).unwrap();
     let mut acc = opt.accumulator();
     opt.accumulate(&mut acc, &grads).unwrap();
-    opt.step(acc, None).unwrap();
+    opt.step(acc, 1e-3, None).unwrap();
     let grads = loss(&model).backward().unwrap();
     for (name, var) in &model.vars {
         let g = norm(grads.get(var.as_tensor()).unwrap());
@@ -364,7 +198,7 @@ fn lora_trains_only_its_adapters_and_merges_exactly() {
 
 /// Replies of the batched teacher for `chats`, in job order.
 fn batched_replies(
-    teacher: &kdpipe::teacher::batched::BatchedTeacher,
+    teacher: &kdpipe::teacher::engine::EngineTeacher,
     chats: &[Vec<ChatMessage>],
     settings: &kdpipe::teacher::Settings,
     locate: kdpipe::teacher::AnswerLocator,
@@ -391,8 +225,8 @@ fn batched_replies(
 }
 
 #[test]
-fn batched_teacher_replies_do_not_depend_on_the_batch_and_match_the_engine() {
-    use kdpipe::teacher::batched::BatchedTeacher;
+fn engine_replies_do_not_depend_on_the_batch() {
+    use kdpipe::teacher::engine::EngineTeacher;
     use kdpipe::teacher::Settings;
     let path = smollm2();
     let questions = [
@@ -412,8 +246,8 @@ fn batched_teacher_replies_do_not_depend_on_the_batch_and_match_the_engine() {
         token_topk: 0,
         labels: vec![],
     };
-    let one = BatchedTeacher::open(path.to_str().unwrap(), 1).unwrap();
-    let four = BatchedTeacher::open(path.to_str().unwrap(), 4).unwrap();
+    let one = EngineTeacher::open(path.to_str().unwrap(), 1).unwrap();
+    let four = EngineTeacher::open(path.to_str().unwrap(), 4).unwrap();
     let alone = batched_replies(&one, &chats, &settings, &|_| None);
     let together = batched_replies(&four, &chats, &settings, &|_| None);
     for (a, b) in alone.iter().zip(&together) {
@@ -421,24 +255,14 @@ fn batched_teacher_replies_do_not_depend_on_the_batch_and_match_the_engine() {
         assert_eq!(a.completion_tokens, b.completion_tokens);
         assert!(a.finish_reason == "stop" || a.finish_reason == "length");
     }
-    // The first chat is the one the mistralrs engine is compared with above.
-    let engine = LocalTeacher::open(path.to_str().unwrap(), false).unwrap();
-    let engine_text = engine.generate(&chats[0], 16, 0.0).unwrap().text;
-    let short = Settings {
-        max_tokens: 16,
-        ..settings
-    };
-    let ours = batched_replies(&four, &chats[..1], &short, &|_| None);
-    assert_eq!(ours[0].text.trim(), engine_text.trim());
 }
 
 #[test]
-fn batched_teacher_label_probs_equal_a_fresh_forward_pass() {
-    use kdpipe::student::KvCache;
-    use kdpipe::teacher::batched::BatchedTeacher;
+fn engine_label_probs_equal_a_fresh_forward_pass() {
+    use kdpipe::teacher::engine::EngineTeacher;
     use kdpipe::teacher::Settings;
     let path = smollm2();
-    let teacher = BatchedTeacher::open(path.to_str().unwrap(), 2).unwrap();
+    let teacher = EngineTeacher::open(path.to_str().unwrap(), 2).unwrap();
     let labels: Vec<String> = ["joy", "anger", "optimism", "sadness"]
         .iter()
         .map(|s| s.to_string())
@@ -476,15 +300,21 @@ fn batched_teacher_label_probs_equal_a_fresh_forward_pass() {
         } else {
             0
         };
-        let mut context = loaded
-            .encode(&loaded.chat.render(messages, true).unwrap())
-            .unwrap();
+        let mut context = loaded.chat_ids(messages).unwrap();
         context.extend(loaded.encode(&reply.text[..offset]).unwrap());
         for (label, p) in labels.iter().zip(probs) {
             let ids = loaded.encode(&format!(" {label}")).unwrap();
             let mut all = context.clone();
             all.extend(&ids);
-            let logits = model.forward_cached(&all, &mut KvCache::default()).unwrap();
+            let n = all.len();
+            let logits = model
+                .forward(
+                    &Tensor::from_vec(all.clone(), (1, n), &Device::Cpu).unwrap(),
+                    &Tensor::ones((1, n), DType::F32, &Device::Cpu).unwrap(),
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             let lp = candle_nn::ops::log_softmax(&logits, 1)
                 .unwrap()
                 .to_vec2::<f32>()
@@ -505,7 +335,7 @@ fn batched_teacher_label_probs_equal_a_fresh_forward_pass() {
 
 #[test]
 fn served_logits_are_bit_identical_alone_and_in_any_batch() {
-    use kdpipe::student::serve::{SeqCache, StepInput};
+    use kdpipe::llama::infer::{SeqCache, StepInput};
     let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
     let model = loaded
         .decoder(&Device::Cpu, |_| false)

@@ -45,3 +45,16 @@ fn nothing_the_suite_runs_reads_the_shared_folder() {
         );
     }
 }
+
+/// The suite checks kdpipe against the mistralrs engine (tests/mistralrs_engine.rs), which
+/// only a build with `--features mistralrs` has: scripts/test.sh passes it. Without it,
+/// that file is not built, and this records the skip.
+#[test]
+fn the_suite_is_built_with_the_mistralrs_engine() {
+    skip::can_run(
+        "standalone::the_suite_is_built_with_the_mistralrs_engine",
+        "mistralrs-feature",
+        cfg!(feature = "mistralrs"),
+        "built without --features mistralrs, so tests/mistralrs_engine.rs did not run",
+    );
+}

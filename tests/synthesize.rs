@@ -104,7 +104,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
         .iter()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            kdpipe::curate::text::normalize(v["question"].as_str().unwrap())
+            kdpipe::dedup::normalize(v["question"].as_str().unwrap())
         })
         .collect();
     for r in &rows {
@@ -115,7 +115,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
         );
         assert!((20..=1000).contains(&q.chars().count()), "{q}");
         assert!(
-            !seed_texts.contains(&kdpipe::curate::text::normalize(q)),
+            !seed_texts.contains(&kdpipe::dedup::normalize(q)),
             "{q}"
         );
         assert_eq!(r["synthesized"], true);

@@ -2,13 +2,11 @@
 //! report.md and funnel.svg. The rules (rules.rs) are one Polars plan, each rule on/off
 //! and tuned in `[curate]`, each one's removals counted.
 
-pub mod arith;
 mod ensemble;
 mod report;
 pub mod rules;
-pub mod text;
 
-use crate::config::{Config, DataConfig};
+use crate::config::{Config, DataConfig, Stage};
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
@@ -29,13 +27,13 @@ pub fn teacher_files(generate_dir: &Path) -> Result<Vec<PathBuf>> {
     let files = complete_teacher_files(generate_dir)?;
     for f in &files {
         let shard = Shard::from_teacher_file(f).expect("listed files are teacher shard files");
-        Manifest::read_as(generate_dir, &shard.manifest_name(), "generate")?;
+        Manifest::read_as(generate_dir, &shard.manifest_name(), Stage::Generate)?;
     }
     Ok(files)
 }
 
 pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
-    let mut files = teacher_files(&cfg.stage_dir("generate"))?;
+    let mut files = teacher_files(&cfg.stage_dir(Stage::Generate))?;
     files.extend(cfg.curate.decontaminate.iter().cloned());
     files.iter().map(|p| entry(p, None)).collect()
 }
@@ -76,7 +74,7 @@ fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
 
 /// All teacher rows of the run, columns checked (naming the file), at least one row.
 fn teacher_rows(cfg: &Config) -> Result<(Vec<PathBuf>, DataFrame)> {
-    let files = teacher_files(&cfg.stage_dir("generate"))?;
+    let files = teacher_files(&cfg.stage_dir(Stage::Generate))?;
     let mut frames = Vec::new();
     for f in &files {
         let df = read_frame(f)?;
@@ -109,7 +107,7 @@ pub fn explain(cfg: &Config) -> Result<String> {
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
     let started = std::time::Instant::now();
-    let out_dir = cfg.stage_dir("curate");
+    let out_dir = cfg.stage_dir(Stage::Curate);
     let task = Task::from_config(&cfg.task);
     let (files, all) = teacher_rows(cfg)?;
     let contamination = contamination(cfg)?;
@@ -149,7 +147,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         outputs.push(staged_entry(&staged, p, None)?);
     }
 
-    let mut m = Manifest::new("curate", config_hash(&cfg.stage_view("curate")), cfg.seed);
+    let mut m = Manifest::new(Stage::Curate, config_hash(&cfg.stage_view(Stage::Curate)), cfg.seed);
     m.inputs = files
         .iter()
         .chain(&cfg.curate.decontaminate)

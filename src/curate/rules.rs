@@ -8,8 +8,8 @@
 //! it can be (text.rs: normalization, near-duplicate clusters, contamination; arith.rs:
 //! rationale checks), and joined in as plain columns.
 
-use super::arith;
-use super::text::{normalize, Contamination, NearDup};
+use crate::task::arith;
+use crate::dedup::{normalize, Contamination, NearDup};
 use crate::config::{CurateConfig, GoldRule, KeepRationales, TaskKind};
 use crate::task::{ParseStatus, Task};
 use anyhow::Result;

@@ -9,14 +9,14 @@ mod report;
 mod student;
 mod teacher;
 
-use crate::config::{Config, EvalModel, StudentDecode, StudentView, TeacherKind, TeacherSource};
+use crate::config::{Config, EvalModel, Stage, StudentDecode, TeacherKind, TeacherSource};
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
-use crate::prompts::Prompt;
+use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
-use crate::student::{self as student_model, LoadedModel};
+use crate::llama;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -53,12 +53,8 @@ pub struct Answers {
 }
 
 fn split_path(cfg: &Config) -> PathBuf {
-    cfg.stage_dir("curate")
+    cfg.stage_dir(Stage::Curate)
         .join(format!("{}.parquet", cfg.eval.split))
-}
-
-fn student_dir(cfg: &Config) -> PathBuf {
-    cfg.stage_dir("student")
 }
 
 /// Digests of the files an eval run reads.
@@ -73,8 +69,8 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
             .collect::<Result<_>>()?
     };
     if cfg.eval.models.contains(&EvalModel::Student) {
-        Manifest::read(&cfg.stage_dir("finetune"), "finetune")?;
-        v.push(entry(&student_dir(cfg).join("model.safetensors"), None)?);
+        Manifest::read(&cfg.stage_dir(Stage::Finetune), Stage::Finetune)?;
+        v.push(entry(&cfg.student_dir().join("model.safetensors"), None)?);
     }
     Ok(v)
 }
@@ -171,10 +167,6 @@ fn size_on_disk(model: &str) -> Option<u64> {
     Some(total)
 }
 
-fn params_of(loaded: &LoadedModel) -> u64 {
-    loaded.weights.values().map(|t| t.elem_count() as u64).sum()
-}
-
 /// What one scored model contributes: its table row and its prediction columns.
 struct Scored {
     scores: ModelScores,
@@ -235,15 +227,17 @@ fn score_student(
     task: &Task,
     rows: &[EvalRow],
 ) -> Result<Scored> {
-    let loaded = student_model::load(model, &Device::Cpu)?;
+    let loaded = llama::load(model, &Device::Cpu)?;
     let inputs: Vec<&str> = rows.iter().map(|r| r.input.as_str()).collect();
     let decode = cfg.eval.student_decode;
-    let view = cfg.student_view();
+    let view = View::for_eval(cfg);
+    let reasons = view == View::Rationale;
     let how = student::Decoding {
         decode,
         view,
-        max_new: cfg.eval.new_tokens(view),
-        calculator: cfg.eval.calculator && view == StudentView::Rationale,
+        max_new: cfg.eval.new_tokens(reasons),
+        calculator: cfg.eval.calculator && reasons,
+        parallel: cfg.eval.parallel,
     };
     let answers = student::answer(key, &loaded, prompt, task, &inputs, how)?;
     let name = if key == "base" {
@@ -253,18 +247,18 @@ fn score_student(
     };
     let decode = match (decode, view) {
         (StudentDecode::LabelScores, _) => "label_scores",
-        (StudentDecode::Greedy, StudentView::Rationale) if how.calculator => {
+        (StudentDecode::Greedy, View::Rationale) if how.calculator => {
             "greedy, rationale view, calculator"
         }
-        (StudentDecode::Greedy, StudentView::Rationale) => "greedy, rationale view",
-        (StudentDecode::Greedy, _) => "greedy",
+        (StudentDecode::Greedy, View::Rationale) => "greedy, rationale view",
+        (StudentDecode::Greedy, View::Label) => "greedy",
     };
     let who = Who {
         key,
         name,
         model: model.to_string(),
         decode,
-        params: Some(params_of(&loaded)),
+        params: Some(loaded.params()),
     };
     Ok(scored(who, answers, rows, task))
 }
@@ -292,7 +286,9 @@ fn score_teacher(
     };
     let params = match cfg.teacher.kind {
         TeacherKind::Local if model.to_ascii_lowercase().ends_with(".gguf") => {
-            student_model::gguf::param_count(Path::new(&model)).ok()
+            llama::gguf::architecture_and_params(Path::new(&model))
+                .ok()
+                .map(|(_, params)| params)
         }
         _ => None,
     };
@@ -345,7 +341,7 @@ fn predictions_frame(rows: &[EvalRow], models: &[Scored]) -> Result<DataFrame> {
 }
 
 pub fn run(cfg: &Config) -> Result<Scores> {
-    let out_dir = cfg.stage_dir("eval");
+    let out_dir = cfg.stage_dir(Stage::Eval);
     let inputs = input_entries(cfg)?;
     let task = Task::from_config(&cfg.task);
     let prompt = Prompt::load(cfg)?;
@@ -372,7 +368,7 @@ pub fn run(cfg: &Config) -> Result<Scores> {
                 &rows,
             )?),
             EvalModel::Student => {
-                let dir = student_dir(cfg);
+                let dir = cfg.student_dir();
                 let dir = dir.to_str().context("student folder path is not UTF-8")?;
                 Some(score_student(cfg, "student", dir, &prompt, &task, &rows)?)
             }
@@ -396,7 +392,7 @@ pub fn run(cfg: &Config) -> Result<Scores> {
     let md_path = dir.join("report.md");
     write_bytes(&md_path, scores.markdown().as_bytes())?;
 
-    let mut m = Manifest::new("eval", config_hash(&cfg.stage_view("eval")), cfg.seed);
+    let mut m = Manifest::new(Stage::Eval, config_hash(&cfg.stage_view(Stage::Eval)), cfg.seed);
     m.inputs = inputs;
     m.outputs = vec![
         staged_entry(&staged, &pred_path, Some(rows.len()))?,

@@ -42,6 +42,20 @@ impl Scores {
         self.models.iter().find(|m| m.key == key)
     }
 
+    /// The quality gate (`[eval] min_accuracy`): why the trained student fails it, or None
+    /// when it passes (or was not scored, or there is no gate).
+    pub fn gate_failure(&self, min_accuracy: Option<f64>) -> Option<String> {
+        let min = min_accuracy?;
+        let student = self.model("student")?;
+        (student.metrics.accuracy < min).then(|| {
+            format!(
+                "quality gate failed: the trained student's accuracy {} is below [eval] min_accuracy {}",
+                pct(student.metrics.accuracy),
+                pct(min)
+            )
+        })
+    }
+
     /// One row per model: accuracy first, then what it cost.
     pub fn table(&self) -> String {
         let mut t = format!(

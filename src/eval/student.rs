@@ -1,28 +1,29 @@
 //! The student's answers: greedy decoding in the label view (the answer alone) or the
-//! rationale view (reasoning, then `Answer: X`), or (label tasks) the label whose tokens,
+//! rationale view (reasoning, then `Answer: X`), many rows at a time through the same
+//! batched inference path as the teacher engine; or (label tasks) the label whose tokens,
 //! followed by end-of-sequence, the student finds most likely after the label-view prompt.
 
 use super::{Answers, Prediction};
-use crate::config::{StudentDecode, StudentView};
-use crate::curate::arith;
-use crate::finetune::data::prompt_ids;
+use crate::config::StudentDecode;
+use crate::llama::generate::{Finish, Generator, Hooks, Request, Sampling, Sequence};
+use crate::llama::infer::{SeqCache, StepInput};
+use crate::llama::{Decoder, LoadedModel};
 use crate::progress::Progress;
-use crate::prompts::{Prompt, LABEL_VIEW, RATIONALE_VIEW};
-use crate::student::{Decoder, KvCache, LoadedModel};
-use crate::task::{format_number, Task};
-use anyhow::Result;
-use candle_core::{Device, D};
-use std::time::Instant;
+use crate::prompts::{Prompt, View};
+use crate::task::{arith, format_number, Task};
+use anyhow::{Context, Result};
+use candle_core::Device;
 
 /// How the student answers.
 #[derive(Debug, Clone, Copy)]
 pub struct Decoding {
     pub decode: StudentDecode,
-    /// Label or rationale ("auto" already resolved).
-    pub view: StudentView,
+    pub view: View,
     pub max_new: usize,
     /// Numeric rationales: write the value of each equation the student leaves open.
     pub calculator: bool,
+    /// Rows decoded together.
+    pub parallel: usize,
 }
 
 pub fn answer(
@@ -33,67 +34,100 @@ pub fn answer(
     inputs: &[&str],
     how: Decoding,
 ) -> Result<Answers> {
-    let Decoding {
-        decode,
-        view,
-        max_new,
-        calculator,
-    } = how;
-    let tag = if view == StudentView::Rationale {
-        RATIONALE_VIEW
-    } else {
-        LABEL_VIEW
-    };
-    let model = loaded.decoder(&Device::Cpu, |_| false)?;
-    // Each label as the training label view writes it: its tokens, then end-of-sequence.
-    let label_ids: Vec<Vec<u32>> = task
-        .labels
+    let model = loaded
+        .decoder(&Device::Cpu, |_| false)?
+        .into_inference()?;
+    let prompts: Vec<Vec<u32>> = inputs
         .iter()
-        .map(|l| {
-            let mut ids = loaded.encode(l)?;
-            ids.push(loaded.eos_token_id);
-            Ok(ids)
-        })
+        .map(|input| loaded.chat_ids(&prompt.student_chat(how.view, input)))
         .collect::<Result<_>>()?;
     let mut progress = Progress::new(name, inputs.len() as u64);
-    let mut predictions = Vec::with_capacity(inputs.len());
-    for input in inputs {
-        let started = Instant::now();
-        let ids = prompt_ids(loaded, prompt, tag, input)?;
-        let (text, answer) = match decode {
-            StudentDecode::Greedy => {
-                let gen = if calculator {
-                    greedy_with_calculator(&model, loaded, &ids, max_new)?
-                } else {
-                    model.greedy(&ids, max_new, &[loaded.eos_token_id])?
-                };
-                progress.inc(gen.len() as u64);
-                let text = loaded.decode(&gen)?;
-                let answer = if view == StudentView::Rationale {
-                    parse_reasoned(task, &text, gen.len() >= max_new)
-                } else {
-                    task.parse_answer_only(&text).answer
-                };
-                (text, answer)
-            }
-            StudentDecode::LabelScores => {
-                let best = best_label(&model, &ids, &label_ids)?;
-                progress.inc(1);
-                let label = task.labels[best].clone();
-                (label.clone(), Some(label))
-            }
-        };
-        predictions.push(Prediction {
-            text,
-            answer,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
+    let predictions = match how.decode {
+        StudentDecode::Greedy => generate(&model, loaded, task, &prompts, how, &mut progress)?,
+        StudentDecode::LabelScores => best_labels(&model, loaded, task, &prompts, &mut progress)?,
+    };
     let wall_seconds = progress.finish();
     Ok(Answers {
         predictions,
         wall_seconds,
     })
+}
+
+/// What eval does as the student writes: the calculator's insertions, and each finished
+/// row's text parsed into its answer.
+struct EvalHooks<'a> {
+    loaded: &'a LoadedModel,
+    task: &'a Task,
+    how: Decoding,
+    predictions: Vec<Option<Prediction>>,
+    progress: &'a mut Progress,
+}
+
+impl Hooks<usize> for EvalHooks<'_> {
+    fn after_token(&mut self, seq: &Sequence<usize>, _: &[f32]) -> Result<Vec<u32>> {
+        if !self.how.calculator {
+            return Ok(vec![]);
+        }
+        calculator(self.loaded, &seq.generated)
+    }
+
+    fn finished(&mut self, seq: Sequence<usize>, finish: Finish) -> Result<()> {
+        self.progress.inc(seq.generated.len() as u64);
+        let text = self.loaded.decode(&seq.generated)?;
+        let answer = match self.how.view {
+            View::Rationale => parse_reasoned(self.task, &text, finish == Finish::Length),
+            View::Label => self.task.parse_answer_only(&text).answer,
+        };
+        self.predictions[seq.tag] = Some(Prediction {
+            text,
+            answer,
+            seconds: seq.started.elapsed().as_secs_f64(),
+        });
+        Ok(())
+    }
+
+    fn rejected(&mut self, row: usize, message: String) -> Result<()> {
+        anyhow::bail!("eval row {row}: {message}")
+    }
+}
+
+/// Greedy replies to every prompt, `how.parallel` rows decoded together.
+fn generate(
+    model: &Decoder,
+    loaded: &LoadedModel,
+    task: &Task,
+    prompts: &[Vec<u32>],
+    how: Decoding,
+    progress: &mut Progress,
+) -> Result<Vec<Prediction>> {
+    let generator = Generator {
+        model,
+        parallel: how.parallel,
+        stop: vec![loaded.eos_token_id],
+        sampling: Sampling::Greedy,
+    };
+    let mut hooks = EvalHooks {
+        loaded,
+        task,
+        how,
+        predictions: vec![None; prompts.len()],
+        progress,
+    };
+    let requests = prompts.iter().enumerate().map(|(i, p)| {
+        Ok(Request {
+            tag: i,
+            prompt: p.clone(),
+            max_new: how.max_new,
+            seed: 0,
+        })
+    });
+    generator.run(requests, &mut hooks)?;
+    hooks
+        .predictions
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| p.with_context(|| format!("eval row {i} got no reply")))
+        .collect()
 }
 
 /// The answer of a rationale-view reply: what follows its last `Answer:`. A student that
@@ -108,50 +142,74 @@ fn parse_reasoned(task: &Task, text: &str, truncated: bool) -> Option<String> {
     parsed.answer
 }
 
-/// Greedy decoding in which kdpipe, not the model, writes the result of each equation
-/// the model leaves open (`3 * 4 =` → ` 12`), as the calculator of Cobbe et al. (2021,
-/// "Training Verifiers to Solve Math Word Problems") does: a small student picks the
-/// right operation far more often than it gets the digits right.
-fn greedy_with_calculator(
-    model: &Decoder,
-    loaded: &LoadedModel,
-    prompt: &[u32],
-    max_new: usize,
-) -> Result<Vec<u32>> {
-    model.greedy_with(prompt, max_new, &[loaded.eos_token_id], |out| {
-        // Decoding only the last tokens keeps this cheap; an equation is short.
-        let tail = loaded.decode(&out[out.len().saturating_sub(24)..])?;
-        match arith::open_equation_value(&tail) {
-            Some(value) if tail.trim_end().ends_with('=') => {
-                loaded.encode(&format!(" {}", format_number(value)))
-            }
-            _ => Ok(vec![]),
+/// After each token, the calculator of Cobbe et al. (2021, "Training Verifiers to Solve
+/// Math Word Problems"): when the text so far ends in an equation left open (`3 * 4 =`),
+/// kdpipe, not the model, writes its result (` 12`); a small student picks the right
+/// operation far more often than it gets the digits right.
+fn calculator(loaded: &LoadedModel, generated: &[u32]) -> Result<Vec<u32>> {
+    // Decoding only the last tokens keeps this cheap; an equation is short.
+    let tail = loaded.decode(&generated[generated.len().saturating_sub(24)..])?;
+    match arith::open_equation_value(&tail) {
+        Some(value) if tail.trim_end().ends_with('=') => {
+            loaded.encode(&format!(" {}", format_number(value)))
         }
-    })
+        _ => Ok(vec![]),
+    }
 }
 
-/// Index of the continuation with the highest log-probability after `prompt`. The prompt
-/// is run once; each continuation reuses its keys and values.
-fn best_label(model: &Decoder, prompt: &[u32], continuations: &[Vec<u32>]) -> Result<usize> {
-    let mut cache = KvCache::default();
-    let logits = model.forward_cached(prompt, &mut cache)?;
-    let first =
-        candle_nn::ops::log_softmax(&logits.get(prompt.len() - 1)?, D::Minus1)?.to_vec1::<f32>()?;
-    let mut best = (0, f64::NEG_INFINITY);
-    for (i, seq) in continuations.iter().enumerate() {
-        let mut logprob = first[seq[0] as usize] as f64;
-        if seq.len() > 1 {
-            let rest = model.forward_cached(&seq[..seq.len() - 1], &mut cache.clone())?;
-            let rest = candle_nn::ops::log_softmax(&rest, D::Minus1)?.to_vec2::<f32>()?;
-            for (row, next) in rest.iter().zip(&seq[1..]) {
-                logprob += row[*next as usize] as f64;
-            }
-        }
-        if logprob > best.1 {
-            best = (i, logprob);
-        }
+/// For each prompt, the label (its tokens, then end-of-sequence, as the training label
+/// view writes it) with the highest log-probability after the prompt. Each prompt is run
+/// once (sharing the prefix of the one before); its labels are scored together.
+fn best_labels(
+    model: &Decoder,
+    loaded: &LoadedModel,
+    task: &Task,
+    prompts: &[Vec<u32>],
+    progress: &mut Progress,
+) -> Result<Vec<Prediction>> {
+    let label_ids: Vec<Vec<u32>> = task
+        .labels
+        .iter()
+        .map(|l| {
+            let mut ids = loaded.encode(l)?;
+            ids.push(loaded.eos_token_id);
+            Ok(ids)
+        })
+        .collect::<Result<_>>()?;
+    let mut previous: Option<(&[u32], SeqCache)> = None;
+    let mut out = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let started = std::time::Instant::now();
+        anyhow::ensure!(!p.is_empty(), "a student prompt rendered to no tokens");
+        let shared = previous.as_ref().map_or(0, |(ids, _)| {
+            ids.iter().zip(p).take_while(|(a, b)| a == b).count()
+        });
+        let reused = shared.min(p.len() - 1);
+        let mut cache = match &previous {
+            Some((_, c)) => c.prefix(reused, p.len() - reused),
+            None => SeqCache::new(model, p.len()),
+        };
+        let next = model
+            .forward_step(&mut [StepInput {
+                cache: &mut cache,
+                tokens: &p[reused..],
+                all_logits: false,
+            }])?
+            .pop()
+            .context("no logits for the prompt")?;
+        let scores = model.continuation_logprobs(&cache, &next, &label_ids)?;
+        // The first label with the highest log-probability.
+        let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+        let label = task.labels[best].clone();
+        progress.inc(1);
+        out.push(Prediction {
+            text: label.clone(),
+            answer: Some(label),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        previous = Some((p.as_slice(), cache));
     }
-    Ok(best.0)
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! configured backend), or taken from the rows generate wrote.
 
 use super::{Answers, EvalRow, Prediction};
-use crate::config::{Config, TeacherKind};
+use crate::config::{Config, Stage, TeacherKind};
 use crate::io::manifest::Manifest;
 use crate::prompts::Prompt;
 use crate::task::Task;
@@ -90,7 +90,7 @@ pub fn run(
 /// The answers generate wrote for these rows (a curated split carries them). The cost is
 /// generate's own: seconds per row written by its last run, from its manifest.
 pub fn generated(cfg: &Config, rows: &[EvalRow]) -> Result<Answers> {
-    let per_row = Manifest::read(&cfg.stage_dir("generate"), "generate")
+    let per_row = Manifest::read(&cfg.stage_dir(Stage::Generate), Stage::Generate)
         .ok()
         .and_then(|m| {
             let secs = m.summary.get("seconds")?.as_f64()?;

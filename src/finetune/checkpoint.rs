@@ -7,7 +7,7 @@
 
 use super::optim::AdamW;
 use crate::io::atomic::write_json;
-use crate::student::Decoder;
+use crate::llama::Decoder;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};

@@ -2,17 +2,20 @@
 //! view, rendered through the student's chat template; loss only on the reply tokens.
 
 use crate::config::Objective;
-use crate::prompts::{Prompt, LABEL_VIEW, RATIONALE_VIEW};
+use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
-use crate::student::LoadedModel;
+use crate::llama::LoadedModel;
 use crate::task::ANSWER_MARKER;
 use anyhow::Result;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+/// What an example trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum View {
+pub enum ExampleKind {
+    /// The label view: the answer alone.
     Label,
+    /// The rationale view: the reasoning, then the answer line.
     Rationale,
     /// One answer of the row's soft label, in the label view: scored for the KD term.
     Kd,
@@ -23,7 +26,7 @@ pub enum View {
 
 #[derive(Debug, Clone)]
 pub struct Example {
-    pub view: View,
+    pub kind: ExampleKind,
     pub ids: Vec<u32>,
     /// 1 where the token is a target (part of the reply), 0 for the prompt.
     pub target: Vec<u8>,
@@ -42,31 +45,19 @@ pub struct KdSlot {
     pub teacher_prob: f64,
 }
 
-/// Prompt token ids for one view of an input, ending where the reply starts.
-pub fn prompt_ids(
-    model: &LoadedModel,
-    prompt: &Prompt,
-    view: &str,
-    input: &str,
-) -> Result<Vec<u32>> {
-    let text = model.chat.render(&prompt.student_chat(view, input), true)?;
-    model.encode(&text)
-}
-
 fn example(
     model: &LoadedModel,
     prompt: &Prompt,
-    view: View,
+    kind: ExampleKind,
     input: &str,
     reply: &str,
     max_len: usize,
 ) -> Result<Example> {
-    let tag = if view == View::Label {
-        LABEL_VIEW
-    } else {
-        RATIONALE_VIEW
+    let view = match kind {
+        ExampleKind::Rationale | ExampleKind::TokenKd => View::Rationale,
+        ExampleKind::Label | ExampleKind::Kd => View::Label,
     };
-    let mut ids = prompt_ids(model, prompt, tag, input)?;
+    let mut ids = model.chat_ids(&prompt.student_chat(view, input))?;
     let mut reply_ids = model.encode(reply)?;
     reply_ids.push(model.eos_token_id);
     let truncated = ids.len() + reply_ids.len() > max_len;
@@ -80,7 +71,7 @@ fn example(
     target.extend(std::iter::repeat_n(1u8, reply_ids.len()));
     ids.extend(reply_ids);
     Ok(Example {
-        view,
+        kind,
         ids,
         target,
         kd: None,
@@ -102,7 +93,7 @@ pub fn token_kd_example(
     if t.ids.is_empty() || t.top_ids.len() != t.ids.len() || t.top_logprobs.len() != t.ids.len() {
         return Ok(None);
     }
-    let mut ids = prompt_ids(model, prompt, RATIONALE_VIEW, &row.input)?;
+    let mut ids = model.chat_ids(&prompt.student_chat(View::Rationale, &row.input))?;
     let keep = t.ids.len().min(max_len.saturating_sub(8).max(1));
     let truncated = ids.len() + t.ids.len() > max_len;
     let room = max_len.saturating_sub(keep);
@@ -118,7 +109,7 @@ pub fn token_kd_example(
         .zip(t.top_logprobs[..keep].iter().cloned())
         .collect();
     Ok(Some(Example {
-        view: View::TokenKd,
+        kind: ExampleKind::TokenKd,
         ids,
         target,
         kd: None,
@@ -174,7 +165,7 @@ pub fn row_examples(
     let mut out = vec![example(
         model,
         prompt,
-        View::Label,
+        ExampleKind::Label,
         &row.input,
         &label,
         max_len,
@@ -186,7 +177,7 @@ pub fn row_examples(
         out.push(example(
             model,
             prompt,
-            View::Rationale,
+            ExampleKind::Rationale,
             &row.input,
             &reply,
             max_len,
@@ -195,8 +186,7 @@ pub fn row_examples(
     let soft = row.soft_labels.len() >= 2 && row.soft_labels.len() == row.soft_probs.len();
     if let (Some(index), true, false) = (kd, soft, objective == Objective::LabelOnly) {
         for (answer, p) in row.soft_labels.iter().zip(&row.soft_probs) {
-            let mut e = example(model, prompt, View::Label, &row.input, answer, max_len)?;
-            e.view = View::Kd;
+            let mut e = example(model, prompt, ExampleKind::Kd, &row.input, answer, max_len)?;
             e.kd = Some(KdSlot {
                 row: index,
                 teacher_prob: *p,
@@ -232,9 +222,9 @@ pub fn batches(mut rows: Vec<Vec<Example>>, batch_size: usize, seed: u64) -> Vec
 mod tests {
     use super::*;
 
-    fn ex(view: View, len: usize) -> Example {
+    fn ex(kind: ExampleKind, len: usize) -> Example {
         Example {
-            view,
+            kind,
             ids: vec![1; len],
             target: vec![1; len],
             kd: None,
@@ -246,12 +236,12 @@ mod tests {
     #[test]
     fn batches_keep_a_rows_views_together() {
         let rows: Vec<Vec<Example>> = (0..5)
-            .map(|i| vec![ex(View::Label, 3 + i), ex(View::Rationale, 10 + i)])
+            .map(|i| vec![ex(ExampleKind::Label, 3 + i), ex(ExampleKind::Rationale, 10 + i)])
             .collect();
         let out = batches(rows, 4, 1);
         assert_eq!(out.len(), 3);
         for b in &out {
-            let labels = b.iter().filter(|e| e.view == View::Label).count();
+            let labels = b.iter().filter(|e| e.kind == ExampleKind::Label).count();
             assert_eq!(labels * 2, b.len(), "a batch split a row's views");
         }
         assert_eq!(out.iter().map(Vec::len).sum::<usize>(), 10);

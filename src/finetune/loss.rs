@@ -6,7 +6,7 @@
 //! (the reply and its end-of-turn token; the prompt is masked out). A view absent from
 //! the batch contributes nothing, and the other view then carries the whole weight.
 
-use super::data::{Example, View};
+use super::data::{Example, ExampleKind};
 pub use crate::config::Divergence;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -64,11 +64,11 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
             // Position j-1 predicts token j.
             if j > 0 && e.target[j] == 1 {
                 let at = i * (t - 1) + j - 1;
-                match e.view {
-                    View::Label => lab[at] = 1.0,
-                    View::Rationale => rat[at] = 1.0,
-                    View::Kd => kd[at] = 1.0,
-                    View::TokenKd => {
+                match e.kind {
+                    ExampleKind::Label => lab[at] = 1.0,
+                    ExampleKind::Rationale => rat[at] = 1.0,
+                    ExampleKind::Kd => kd[at] = 1.0,
+                    ExampleKind::TokenKd => {
                         if let Some((top_ids, top_logp)) = e.token_topk.get(reply_pos) {
                             tk_mask[at] = 1.0;
                             for (slot, (&tid, &lp)) in top_ids.iter().zip(top_logp).enumerate() {
@@ -135,7 +135,7 @@ pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         ],
         1,
     )?;
-    let nll = crate::student::ops::cross_entropy_rows(
+    let nll = crate::kernels::cross_entropy_rows(
         &logits.reshape((b * t, v))?,
         &next.flatten_all()?,
     )?;
@@ -363,7 +363,7 @@ mod tests {
         let dev = Device::Cpu;
         let ex = vec![
             Example {
-                view: View::Label,
+                kind: ExampleKind::Label,
                 ids: vec![0, 1, 2],
                 target: vec![0, 1, 1],
                 kd: None,
@@ -371,7 +371,7 @@ mod tests {
                 token_topk: vec![],
             },
             Example {
-                view: View::Rationale,
+                kind: ExampleKind::Rationale,
                 ids: vec![0, 3],
                 target: vec![0, 1],
                 kd: None,
@@ -495,7 +495,7 @@ mod total_tests {
         // total = CE(label) + λ·KL = ln 4 + 0.5 · 0.130812 (α = 1: no rationale).
         let dev = Device::Cpu;
         let kd = |id: u32, p: f64| Example {
-            view: View::Kd,
+            kind: ExampleKind::Kd,
             ids: vec![0, id],
             target: vec![0, 1],
             kd: Some(KdSlot {
@@ -507,7 +507,7 @@ mod total_tests {
         };
         let ex = vec![
             Example {
-                view: View::Label,
+                kind: ExampleKind::Label,
                 ids: vec![0, 1],
                 target: vec![0, 1],
                 kd: None,

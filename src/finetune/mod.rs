@@ -11,14 +11,14 @@ pub mod loss;
 pub mod optim;
 mod svg;
 
-use crate::config::{Config, Objective};
+use crate::config::{Config, Objective, Stage};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
 use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::CuratedRow;
-use crate::student::{self, Decoder, LoadedModel};
+use crate::llama::{self, Decoder, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
@@ -28,8 +28,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
-    let dir = cfg.stage_dir("curate");
-    Manifest::read(&dir, "curate")?;
+    let dir = cfg.stage_dir(Stage::Curate);
+    Manifest::read(&dir, Stage::Curate)?;
     ["train", "val"]
         .iter()
         .map(|s| entry(&dir.join(format!("{s}.parquet")), None))
@@ -37,7 +37,7 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
 }
 
 fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
-    let path = cfg.stage_dir("curate").join(format!("{split}.parquet"));
+    let path = cfg.stage_dir(Stage::Curate).join(format!("{split}.parquet"));
     CuratedRow::from_frame(&read_frame(&path)?, &path)
 }
 
@@ -63,6 +63,27 @@ fn build_examples(
         .collect()
 }
 
+/// The loss of one batch of examples: the CE views, the label-set KD term and the
+/// token-level KD term, each part kept for the metrics; and the batch's target tokens.
+/// `dropout_key` draws this pass's LoRA dropout masks (None: no dropout).
+fn batch_loss(
+    model: &Decoder,
+    examples: &[Example],
+    pad: u32,
+    weights: &LossWeights,
+    dropout_key: Option<u64>,
+) -> Result<(loss::LossParts, usize)> {
+    let batch = make_batch(examples, pad, model.device())?;
+    model.set_dropout_key(dropout_key);
+    let logits = model.forward(&batch.ids, &batch.attention);
+    model.set_dropout_key(None);
+    let logits = logits?;
+    let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, weights)?;
+    let (w, temperature) = (weights.kd_token_weight, weights.temperature);
+    add_token_kd(&mut parts, &logits, &batch, w, temperature)?;
+    Ok((parts, batch.tokens))
+}
+
 /// Mean loss over rows' examples without gradients (val loss), in fixed batches.
 fn mean_loss(
     model: &Decoder,
@@ -73,16 +94,7 @@ fn mean_loss(
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
     for chunk in batches(rows.to_vec(), batch, 0) {
-        let b = make_batch(&chunk, pad, model.device())?;
-        let logits = model.forward(&b.ids, &b.attention)?;
-        let mut parts = total_loss(&token_nll(&logits, &b.ids)?, &b, weights)?;
-        add_token_kd(
-            &mut parts,
-            &logits,
-            &b,
-            weights.kd_token_weight,
-            weights.temperature,
-        )?;
+        let (parts, _) = batch_loss(model, &chunk, pad, weights, None)?;
         sum += parts.total.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -91,17 +103,21 @@ fn mean_loss(
 
 /// The LoRA dropout masks of one micro-batch follow from the seed and its place in the run.
 fn dropout_key(seed: u64, step: usize, micro: usize) -> u64 {
-    let h = crate::io::atomic::text_sha256(&format!("dropout:{seed}:{step}:{micro}"));
-    u64::from_str_radix(&h[..15], 16).unwrap_or(0)
+    crate::io::atomic::seed_from_text(&format!("dropout:{seed}:{step}:{micro}"))
 }
 
-fn learning_rate(base: f64, step: usize, total: usize) -> f64 {
-    let warmup = (total / 10).max(1);
+/// The learning rate of `step` (0-based) of `total`: linear warmup over the first
+/// `warmup_ratio` of the steps (at least one), then cosine decay from `learning_rate` to
+/// `min_lr_ratio` of it at the last step.
+fn learning_rate(ft: &crate::config::FinetuneConfig, step: usize, total: usize) -> f64 {
+    let base = ft.learning_rate;
+    let warmup = ((total as f64 * ft.warmup_ratio) as usize).max(1);
     if step < warmup {
         base * (step + 1) as f64 / warmup as f64
     } else {
         let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-        base * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+        let floor = ft.min_lr_ratio;
+        base * (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
     }
 }
 
@@ -122,8 +138,8 @@ fn schedule(train: &[Vec<Example>], cfg: &Config) -> Vec<Vec<Example>> {
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
     let ft = &cfg.finetune;
-    let out_dir = cfg.stage_dir("finetune");
-    let student_dir = cfg.stage_dir("student");
+    let out_dir = cfg.stage_dir(Stage::Finetune);
+    let student_dir = cfg.student_dir();
     let inputs = input_entries(cfg)?;
     let train_rows = read_split(cfg, "train")?;
     let val_rows = read_split(cfg, "val")?;
@@ -132,7 +148,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     }
     let device = open_device(&ft.device)?;
     let prompt = Prompt::load(cfg)?;
-    let mut loaded = student::load(&cfg.student.model, &device)?;
+    let mut loaded = llama::load(&cfg.student.model, &device)?;
     if ft.kd_token_weight > 0.0 {
         check_shared_vocabulary(&loaded, &train_rows)?;
     }
@@ -201,9 +217,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     eprintln!("finetune: {} train rows → {n_train_examples} examples, {} val rows, {total_steps} steps of {accum} × about {} sequences, {arithmetic}", train_rows.len(), val.len(), ft.batch_size);
 
     std::fs::create_dir_all(&out_dir)?;
-    let hash = config_hash(&cfg.stage_view("finetune"));
+    let hash = config_hash(&cfg.stage_view(Stage::Finetune));
     let inputs_hash = text_sha256(&serde_json::to_string(&inputs)?);
-    let mut opt = AdamW::new(model.vars.clone(), ft.learning_rate, ft.weight_decay)?;
+    let mut opt = AdamW::new(model.vars.clone(), ft.weight_decay)?;
     let mut state = match checkpoint::latest(&out_dir, &hash, &inputs_hash)? {
         Some((path, state)) => {
             checkpoint::restore(&path, &state, &model, &mut opt)?;
@@ -241,22 +257,15 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     );
     while state.step < total_steps {
         let step = state.step;
-        let lr = learning_rate(ft.learning_rate, step, total_steps);
-        opt.lr = lr;
+        let lr = learning_rate(ft, step, total_steps);
         let t0 = std::time::Instant::now();
         let mut acc = opt.accumulator();
         let (mut loss, mut tokens) = (0.0, 0);
         let mut terms: [Vec<f64>; 4] = Default::default();
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
-            let batch = make_batch(examples, pad, &device)?;
-            model.set_dropout_key(Some(dropout_key(cfg.seed, step, k)));
-            let logits = model.forward(&batch.ids, &batch.attention);
-            model.set_dropout_key(None);
-            let logits = logits?;
-            let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, &weights)?;
-            let (w, temp) = (weights.kd_token_weight, weights.temperature);
-            add_token_kd(&mut parts, &logits, &batch, w, temp)?;
+            let key = Some(dropout_key(cfg.seed, step, k));
+            let (parts, batch_tokens) = batch_loss(&model, examples, pad, &weights, key)?;
             let value = parts.total.to_scalar::<f32>()? as f64;
             if !value.is_finite() {
                 bail!(
@@ -269,7 +278,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             }
             opt.accumulate(&mut acc, &parts.total.backward()?)?;
             loss += value / chunk.len() as f64;
-            tokens += batch.tokens;
+            tokens += batch_tokens;
             for (slot, v) in
                 terms
                     .iter_mut()
@@ -278,7 +287,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 slot.extend(v);
             }
         }
-        let grad_norm = opt.step(acc, clip)?;
+        let grad_norm = opt.step(acc, lr, clip)?;
         let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let secs = t0.elapsed().as_secs_f64();
         state.losses.push(loss);
@@ -341,7 +350,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         .tokenizer
         .id_to_token(loaded.eos_token_id)
         .unwrap_or_default();
-    student::export::export(
+    llama::export::export(
         &student_dir,
         &model,
         &loaded.tokenizer_json,
@@ -357,7 +366,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "objective": ft.objective, "student": cfg.student.model,
         "evals": state.evals, "exported_step": exported_step,
     });
-    let mut m = Manifest::new("finetune", hash, cfg.seed);
+    let mut m = Manifest::new(Stage::Finetune, hash, cfg.seed);
     m.inputs = inputs;
     m.outputs = vec![entry(&metrics_path, Some(step))?, entry(&svg_path, None)?];
     for f in [
@@ -380,21 +389,8 @@ pub fn is_student_dir(dir: &Path) -> bool {
     dir.join("config.json").is_file() && dir.join("model.safetensors").is_file()
 }
 
-/// Which device a `[finetune] device` value names: `None` for the CPU, `Some(n)` for CUDA
-/// GPU n.
-pub fn parse_device(name: &str) -> Result<Option<usize>> {
-    match name {
-        "cpu" => Ok(None),
-        "cuda" => Ok(Some(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Some(n)),
-            _ => bail!("[finetune] device must be \"cpu\", \"cuda\" or \"cuda:N\", got {other:?}"),
-        },
-    }
-}
-
 fn open_device(name: &str) -> Result<Device> {
-    match parse_device(name)? {
+    match crate::config::parse_device(name)? {
         None => Ok(Device::Cpu),
         Some(n) => Device::new_cuda(n).map_err(|e| {
             anyhow::anyhow!(

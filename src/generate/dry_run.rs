@@ -5,7 +5,8 @@
 //! token, 4 tokens a message), and the report says so.
 
 use crate::config::{Config, TeacherKind};
-use crate::teacher::{self, openai::estimate_tokens, ChatMessage, Job, Settings};
+use crate::chat::ChatMessage;
+use crate::teacher::{self, openai::estimate_tokens, Job, Settings};
 use anyhow::Result;
 use std::collections::HashMap;
 

@@ -10,7 +10,7 @@ mod dry_run;
 mod parts;
 mod rows;
 
-use crate::config::{Config, TaskKind, TeacherConfig};
+use crate::config::{Config, Stage, TaskKind, TeacherConfig};
 use crate::io::atomic::text_sha256;
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
@@ -20,7 +20,7 @@ use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::{InputRow, TeacherRow};
 use crate::task::{ParseStatus, Task};
-use crate::teacher::{self, batch, Job, JobResult, RetryCounts, Settings};
+use crate::teacher::{self, batch_api, Job, JobResult, RetryCounts, Settings};
 use anyhow::{bail, Context, Result};
 use parts::PartStore;
 use rows::{add_vote_shares, RowContext};
@@ -35,12 +35,12 @@ pub struct Options {
     pub dry_run: bool,
     /// Discard rows of an earlier, unfinished run instead of resuming it.
     pub fresh: bool,
-    pub batch: Option<BatchMode>,
+    pub batch_files: Option<BatchFiles>,
 }
 
 /// OpenAI Batch API files instead of live requests.
 #[derive(Debug, Clone)]
-pub enum BatchMode {
+pub enum BatchFiles {
     /// Write request files for the missing rows into this folder.
     Write(PathBuf),
     /// Read Batch output and error files into rows; re-emit requests for what failed.
@@ -100,8 +100,7 @@ fn row_context<'a>(
 /// A sample's seed, from the run seed and the row key: the same row always gets the same
 /// seed, whichever shard or resumed run sends it.
 fn sample_seed(seed: u64, id: &str, sample: u32) -> u64 {
-    let h = text_sha256(&format!("{seed}:{id}:{sample}"));
-    u64::from_str_radix(&h[..15], 16).expect("sha256 hex digits")
+    crate::io::atomic::seed_from_text(&format!("{seed}:{id}:{sample}"))
 }
 
 fn jobs(cfg: &Config, prompt: &Prompt, inputs: &[InputRow]) -> Result<Vec<Job>> {
@@ -129,7 +128,7 @@ fn jobs(cfg: &Config, prompt: &Prompt, inputs: &[InputRow]) -> Result<Vec<Job>> 
 type Key = (String, u32);
 
 pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
-    let out_dir = cfg.stage_dir("generate");
+    let out_dir = cfg.stage_dir(Stage::Generate);
     let shard = opts.shard;
     let task = Task::from_config(&cfg.task);
     let prompt = Prompt::load(cfg)?;
@@ -142,15 +141,15 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         dry_run::report(cfg, &jobs, &settings(cfg, &cfg.teacher))?;
         return Ok(out_dir);
     }
-    if opts.batch.is_some() && !cfg.ensemble.is_empty() {
+    if opts.batch_files.is_some() && !cfg.ensemble.is_empty() {
         bail!("Batch API files are written for one teacher, and this config names an [[ensemble]]\nhint: run the Batch job with one [teacher] per run name");
     }
 
     let inputs_manifest = input_entries(cfg)?;
-    let stage_hash = config_hash(&cfg.stage_view("generate"));
+    let stage_hash = config_hash(&cfg.stage_view(Stage::Generate));
     let out_path = shard.teacher_file(&out_dir);
-    let finished = Manifest::read_as(&out_dir, &shard.manifest_name(), "generate").ok();
-    if opts.batch.is_none() && !opts.fresh {
+    let finished = Manifest::read_as(&out_dir, &shard.manifest_name(), Stage::Generate).ok();
+    if opts.batch_files.is_none() && !opts.fresh {
         if let Some(m) = &finished {
             if m.is_current(&stage_hash, &inputs_manifest) {
                 eprintln!("generate: {} is up to date", out_path.display());
@@ -197,9 +196,9 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         cfg.teacher.model
     );
 
-    if let Some(BatchMode::Write(dir)) = &opts.batch {
+    if let Some(BatchFiles::Write(dir)) = &opts.batch_files {
         let files =
-            batch::write_requests(dir, &cfg.teacher.model, &todo, &settings(cfg, &cfg.teacher))?;
+            batch_api::write_requests(dir, &cfg.teacher.model, &todo, &settings(cfg, &cfg.teacher))?;
         eprintln!(
             "generate: wrote {} requests in {} file(s) under {}",
             todo.len(),
@@ -229,12 +228,12 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         new_rows.push(row);
         Ok(())
     };
-    let outcome = match &opts.batch {
-        Some(BatchMode::Ingest(files)) => {
+    let outcome = match &opts.batch_files {
+        Some(BatchFiles::Ingest(files)) => {
             let settings = settings(cfg, &cfg.teacher);
             let ctx = row_context(cfg, &task, &settings, &prompt, "batch", &cfg.teacher.model);
             teacher_ids.push(("batch".into(), cfg.teacher.model.clone()));
-            batch::ingest(files, &todo, &settings, &locate, &mut |job, result| {
+            batch_api::ingest(files, &todo, &settings, &locate, &mut |job, result| {
                 record(&ctx, job, result)
             })
             .map(|o| {
@@ -308,7 +307,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
                 .with_context(|| format!("cannot clear {}", dir.display()))?;
         }
         let settings = settings(cfg, &cfg.teacher);
-        let files = batch::write_requests(&dir, &cfg.teacher.model, &unanswered, &settings)?;
+        let files = batch_api::write_requests(&dir, &cfg.teacher.model, &unanswered, &settings)?;
         bail!(
             "{} rows have no answer in the batch files ({} written for them under {})\nhint: submit those request files, then ingest their output together with the earlier files",
             unanswered.len(),
@@ -332,7 +331,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     let summary = summary(
         cfg, &rows, &retries, secs, reused, new_tokens, &row_hash, shard,
     );
-    let mut m = Manifest::new("generate", stage_hash, cfg.seed);
+    let mut m = Manifest::new(Stage::Generate, stage_hash, cfg.seed);
     m.inputs = inputs_manifest;
     m.outputs = vec![entry(&out_path, Some(rows.len()))?];
     m.summary = summary;
@@ -410,6 +409,6 @@ fn summary(
         "row_hash": row_hash,
         "shard": format!("{}/{}", shard.index, shard.count),
         // The resolved generate config; it holds no secrets (keys are named, never stored).
-        "config": cfg.stage_view("generate"),
+        "config": cfg.stage_view(Stage::Generate),
     })
 }

@@ -208,6 +208,12 @@ pub fn text_sha256(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// A 60-bit seed derived from a text (its sha256's first 15 hex digits): the same text
+/// gives the same seed on every machine and run (sampling seeds, dropout keys).
+pub fn seed_from_text(text: &str) -> u64 {
+    u64::from_str_radix(&text_sha256(text)[..15], 16).expect("15 hex digits fit a u64")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! same config hash and input digests.
 
 use super::atomic::{file_sha256, text_sha256, write_json, StagedDir};
+use crate::config::Stage;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -55,9 +56,9 @@ pub fn manifest_path(stage_dir: &Path) -> PathBuf {
 }
 
 impl Manifest {
-    pub fn new(kind: &str, config_hash: String, seed: u64) -> Self {
+    pub fn new(stage: Stage, config_hash: String, seed: u64) -> Self {
         Manifest {
-            kind: kind.to_string(),
+            kind: stage.as_str().to_string(),
             schema_version: SCHEMA_VERSION,
             kdpipe_version: env!("CARGO_PKG_VERSION").to_string(),
             config_hash,
@@ -79,12 +80,12 @@ impl Manifest {
 
     /// Read a stage's manifest, failing when the stage did not finish or is from another
     /// schema version.
-    pub fn read(stage_dir: &Path, stage: &str) -> Result<Manifest> {
+    pub fn read(stage_dir: &Path, stage: Stage) -> Result<Manifest> {
         Self::read_as(stage_dir, "manifest.json", stage)
     }
 
     /// Read a manifest with another name (a generate shard's).
-    pub fn read_as(stage_dir: &Path, name: &str, stage: &str) -> Result<Manifest> {
+    pub fn read_as(stage_dir: &Path, name: &str, stage: Stage) -> Result<Manifest> {
         let path = stage_dir.join(name);
         if !path.exists() {
             bail!(

@@ -29,26 +29,6 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
     })
 }
 
-/// A column that must exist with the given type, or an error naming file and column.
-pub fn require<'a>(
-    df: &'a DataFrame,
-    path: &Path,
-    name: &str,
-    dtype: &DataType,
-) -> Result<&'a Column> {
-    let col = anyhow::Context::with_context(df.column(name), || {
-        format!("{}: missing column {name:?}\nhint: was this file written by this kdpipe version? re-run the stage that wrote it", path.display())
-    })?;
-    if col.dtype() != dtype {
-        bail!(
-            "{}: column {name:?} has type {}, expected {dtype}",
-            path.display(),
-            col.dtype()
-        );
-    }
-    Ok(col)
-}
-
 /// Rows as JSON objects, for `kdpipe show`.
 pub fn rows_as_json(df: &DataFrame, limit: usize) -> Result<Vec<serde_json::Value>> {
     let n = df.height().min(limit);

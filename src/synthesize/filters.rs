@@ -3,7 +3,7 @@
 //! 13-word sequence with an evaluation file. Each rejection is counted by reason.
 
 use crate::config::{SynthesizeConfig, TaskKind};
-use crate::curate::text::{normalize, shingle_set, Contamination};
+use crate::dedup::{normalize, shingle_set, Contamination};
 use crate::task::ANSWER_MARKER;
 use std::collections::{BTreeMap, HashSet};
 

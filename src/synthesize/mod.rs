@@ -10,8 +10,8 @@
 mod filters;
 mod prompt;
 
-use crate::config::{Config, DataConfig, TeacherKind};
-use crate::curate::text::Contamination;
+use crate::config::{Config, DataConfig, Stage, TeacherKind};
+use crate::dedup::Contamination;
 use crate::io::atomic::{write_bytes, write_json};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
@@ -70,7 +70,7 @@ fn section(cfg: &Config) -> Result<&crate::config::SynthesizeConfig> {
 }
 
 fn content_hash(cfg: &Config) -> String {
-    let mut view = cfg.stage_view("synthesize");
+    let mut view = cfg.stage_view(Stage::Synthesize);
     if let Some(s) = view.get_mut("synthesize") {
         s["target"] = serde_json::Value::Null;
         s["max_requests"] = serde_json::Value::Null;
@@ -121,12 +121,12 @@ fn write_inputs(path: &Path, cfg: &Config, rows: &[Synthesized]) -> Result<()> {
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
     let s = section(cfg)?;
-    let out_dir = cfg.stage_dir("synthesize");
+    let out_dir = cfg.stage_dir(Stage::Synthesize);
     let out_path = cfg.synthesized_inputs();
     let state_path = out_dir.join("state.json");
-    let stage_hash = config_hash(&cfg.stage_view("synthesize"));
+    let stage_hash = config_hash(&cfg.stage_view(Stage::Synthesize));
     let inputs = input_entries(cfg)?;
-    if let Ok(m) = Manifest::read(&out_dir, "synthesize") {
+    if let Ok(m) = Manifest::read(&out_dir, Stage::Synthesize) {
         if m.is_current(&stage_hash, &inputs) {
             eprintln!("synthesize: {} is up to date", out_path.display());
             return Ok(out_path);
@@ -250,7 +250,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "surplus": state.surplus,
         "rounds": state.rounds, "seconds_this_run": secs, "seeds": seeds.len(),
     });
-    let mut m = Manifest::new("synthesize", stage_hash, cfg.seed);
+    let mut m = Manifest::new(Stage::Synthesize, stage_hash, cfg.seed);
     m.inputs = inputs;
     m.outputs = vec![
         entry(&out_path, Some(state.accepted.len()))?,

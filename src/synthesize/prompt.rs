@@ -1,6 +1,6 @@
 //! The request that asks the teacher for one new input, and the cleaning of its reply.
 
-use crate::teacher::ChatMessage;
+use crate::chat::ChatMessage;
 
 /// A chat showing `examples` (seeds and accepted inputs, numbered) and asking for one more.
 pub fn request(description: &str, labels: &[String], examples: &[&str]) -> Vec<ChatMessage> {

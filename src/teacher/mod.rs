@@ -1,36 +1,23 @@
 //! The teacher: a large model that writes a rationale and an answer for each input, with
 //! whatever soft labels its backend can give. `generate` hands a teacher all its jobs and
-//! receives one result per job; each backend lives in its own file:
-//! local.rs (mistralrs, the only file that imports it), openai.rs (HTTP, the only file that
-//! imports reqwest), wire.rs (the OpenAI chat JSON, shared with batch files).
+//! receives one result per job; each backend lives in its own file: engine.rs (kdpipe's
+//! own engine over `llama`), mistralrs.rs (the only file that imports mistralrs),
+//! openai.rs (HTTP, the only file that imports reqwest), batch_api.rs (OpenAI Batch API
+//! files), wire.rs (the OpenAI chat JSON, shared by both). A new backend is a file here
+//! implementing `Teacher`, and a branch in `open`.
 
-pub mod batch;
-pub mod batched;
+pub mod batch_api;
+pub mod engine;
 pub mod labels;
-#[cfg(feature = "local")]
-pub mod local;
+#[cfg(feature = "mistralrs")]
+pub mod mistralrs;
 pub mod openai;
 pub mod wire;
 
+use crate::chat::ChatMessage;
 use crate::config::{LocalEngine, TeacherConfig, TeacherKind};
 use anyhow::Result;
 use std::collections::BTreeMap;
-
-/// One chat message sent to a teacher.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: &str, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.to_string(),
-            content: content.into(),
-        }
-    }
-}
 
 /// One request: a row key and its chat.
 #[derive(Debug, Clone)]
@@ -141,43 +128,37 @@ pub fn open(
     will_score_labels: bool,
     token_topk: usize,
 ) -> Result<Box<dyn Teacher>> {
-    let batched = match cfg.engine {
-        LocalEngine::Batched => true,
+    let ours = match cfg.engine {
+        LocalEngine::Kdpipe => true,
         LocalEngine::Mistralrs => false,
-        LocalEngine::Auto => batched::fits_in_memory(&cfg.model),
+        LocalEngine::Auto => engine::fits_in_memory(&cfg.model),
     };
     match cfg.kind {
-        TeacherKind::Local if batched => {
+        TeacherKind::Local if ours => {
             tracing::info!(
-                "local teacher: kdpipe's batched decoder, batch {}",
-                cfg.batch
+                "local teacher: kdpipe's engine, {} sequences in parallel",
+                cfg.parallel
             );
-            Ok(Box::new(batched::BatchedTeacher::open(
-                &cfg.model, cfg.batch,
+            Ok(Box::new(engine::EngineTeacher::open(
+                &cfg.model,
+                cfg.parallel,
             )?))
         }
-        #[cfg(feature = "local")]
-        TeacherKind::Local => Ok(Box::new(local::LocalTeacher::open(
+        #[cfg(feature = "mistralrs")]
+        TeacherKind::Local => Ok(Box::new(mistralrs::MistralrsTeacher::open(
             &cfg.model,
             will_score_labels || token_topk > 0,
         )?)),
-        #[cfg(not(feature = "local"))]
+        #[cfg(not(feature = "mistralrs"))]
         TeacherKind::Local => {
             let _ = (will_score_labels, token_topk);
             anyhow::bail!(
-            "this kdpipe was built without mistralrs, and {} is not a llama or qwen2 model that fits in memory for kdpipe's own decoder\nhint: build with --features local, or set [teacher] engine = \"batched\"", cfg.model
+                "{} is not a llama or qwen2 model that fits in memory for kdpipe's own engine, and this kdpipe was built without mistralrs\nhint: build with `cargo build --release --features mistralrs` for other architectures, or set [teacher] engine = \"kdpipe\"",
+                cfg.model
             )
         }
         TeacherKind::Openai => Ok(Box::new(openai::ApiTeacher::open(cfg)?)),
     }
-}
-
-/// Natural-log softmax of logits (in f64 for the normalizer over a large vocabulary).
-pub(crate) fn log_softmax(v: &[f32]) -> Vec<f32> {
-    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = v.iter().map(|x| ((x - max) as f64).exp()).sum();
-    let log_z = max as f64 + sum.ln();
-    v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
 }
 
 /// The k largest entries of a distribution, largest first.

@@ -1,7 +1,8 @@
 //! The OpenAI chat-completions JSON: the request body kdpipe sends (over HTTP or in batch
 //! files) and the parts of a response it reads. No I/O here.
 
-use super::{ChatMessage, Reply, Settings, Token, TokenChoice};
+use super::{Reply, Settings, Token, TokenChoice};
+use crate::chat::ChatMessage;
 use serde_json::{json, Value};
 
 /// Alternatives asked for at every token: the API's maximum when labels are scored at the

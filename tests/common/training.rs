@@ -18,7 +18,7 @@ pub fn curated(dir: &Path, n: usize) {
         .collect();
     let cur = dir.join("runs/t/curate");
     std::fs::create_dir_all(&cur).unwrap();
-    let mut m = kdpipe::io::manifest::Manifest::new("curate", "x".into(), 0);
+    let mut m = kdpipe::io::manifest::Manifest::new(kdpipe::config::Stage::Curate, "x".into(), 0);
     for (split, part) in [("train", &rows[..n]), ("val", &rows[n..])] {
         let s = |k: &str| {
             part.iter()

@@ -1,5 +1,9 @@
 //! What an answer is: a number (compared with a tolerance) or one of a fixed label set.
-//! Parsing teacher and student text into an answer, normalizing it and comparing it.
+//! Parsing teacher and student text into an answer, normalizing it and comparing it;
+//! arith.rs checks the arithmetic a rationale writes (curate) and evaluates an equation
+//! left open (eval's calculator).
+
+pub mod arith;
 
 use crate::config::{TaskConfig, TaskKind};
 

@@ -2,15 +2,17 @@
 //! Face model directory. The only file that imports mistralrs.
 //!
 //! Requests go one at a time (mistralrs mixes up concurrent prompts on CPU, see
-//! STACK-NOTES) through token-id completion requests, so kdpipe knows the exact prompt
+//! docs/STACK.md) through token-id completion requests, so kdpipe knows the exact prompt
 //! tokens; the engine's prefix cache then reuses the few-shot prefix between rows.
 //! Label scoring reads the full next-token distribution through a logits processor at
 //! each distinct label prefix, one token generated per request.
 
 use super::{
-    log_softmax, top_k, AnswerLocator, ChatMessage, Job, JobResult, Reply, RetryCounts, Settings,
-    Teacher, TeacherError, Token, TokenChoice,
+    top_k, AnswerLocator, Job, JobResult, Reply, RetryCounts, Settings, Teacher, TeacherError,
+    Token, TokenChoice,
 };
+use crate::chat::ChatMessage;
+use crate::llama::infer::log_softmax;
 use anyhow::{bail, Context, Result};
 use mistralrs::{
     Constraint, CustomLogitsProcessor, GgufModelBuilder, Model, NormalRequest, Request,
@@ -22,7 +24,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-pub struct LocalTeacher {
+pub struct MistralrsTeacher {
     id: String,
     model: Arc<Model>,
     runtime: tokio::runtime::Runtime,
@@ -35,7 +37,7 @@ fn fatal(e: impl std::fmt::Display) -> TeacherError {
     TeacherError::Fatal(e.to_string())
 }
 
-impl LocalTeacher {
+impl MistralrsTeacher {
     /// Load a GGUF file, or a Hugging Face directory (config.json + safetensors +
     /// tokenizer.json), or a hub id (needs a network).
     /// `capture_steps`: keep each reply's per-step distributions, so scoring labels
@@ -79,7 +81,7 @@ impl LocalTeacher {
         let model_obj = built
             .map_err(|e| anyhow::anyhow!("{e:#}"))
             .with_context(|| format!("cannot load teacher model {model}"))?;
-        Ok(LocalTeacher {
+        Ok(MistralrsTeacher {
             id: model.to_string(),
             model: Arc::new(model_obj),
             runtime,
@@ -260,7 +262,7 @@ impl LastReply {
     }
 }
 
-impl LocalTeacher {
+impl MistralrsTeacher {
     /// Write a reply to the chat (one request).
     pub fn generate(
         &self,
@@ -419,7 +421,7 @@ impl LocalTeacher {
     }
 }
 
-impl Teacher for LocalTeacher {
+impl Teacher for MistralrsTeacher {
     fn id(&self) -> &str {
         &self.id
     }
@@ -428,7 +430,7 @@ impl Teacher for LocalTeacher {
         "local"
     }
 
-    /// One job at a time: mistralrs mixes up concurrent prompts on CPU (STACK-NOTES).
+    /// One job at a time: mistralrs mixes up concurrent prompts on CPU (docs/STACK.md).
     fn answer_all(
         &self,
         jobs: Vec<Job>,

@@ -1,7 +1,7 @@
 //! A `tokenizers::Tokenizer` built from GGUF metadata (`tokenizer.ggml.*`), matching what
 //! llama.cpp and mistralrs do: byte-level BPE from the vocab and merges, the
 //! pre-tokenizer regex named by `tokenizer.ggml.pre`, every non-normal token special.
-//! (candle's own GGUF tokenizer adds a prefix space for SmolLM2; see STACK-NOTES.)
+//! (candle's own GGUF tokenizer adds a prefix space for SmolLM2; docs/STACK.md.)
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};

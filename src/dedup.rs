@@ -1,6 +1,7 @@
-//! Text matching for dedup and decontamination, on normalized inputs (lower case, words
-//! of letters and digits): near-duplicate clusters by MinHash over word shingles with
-//! locality-sensitive hashing, and n-gram overlap with evaluation texts.
+//! Text matching for dedup and decontamination (curate and synthesize), on normalized
+//! inputs (lower case, words of letters and digits): near-duplicate clusters by MinHash
+//! over word shingles with locality-sensitive hashing, and n-gram overlap with evaluation
+//! texts.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};

@@ -11,7 +11,8 @@
 //! autocast runs attention's batched products in bf16 too).
 
 use super::bf16_gemm::{self, View};
-use super::ops::{cpu_f32, f32_product, f32_slice, fused};
+use super::gemm::f32_product;
+use super::{cpu_f32, f32_slice, fused};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
@@ -349,7 +350,7 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::student::{max_diff, weighted_grads};
+    use crate::kernels::{max_diff, weighted_grads};
     use candle_core::{Device, Var, D};
 
     /// The same attention composed from candle ops: keys and values repeated per query

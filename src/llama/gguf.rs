@@ -146,18 +146,21 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     })
 }
 
-/// Parameters of a GGUF model, from its tensor table (no weights read).
-pub fn param_count(path: &Path) -> Result<u64> {
+/// The architecture (`general.architecture`) and parameter count of a GGUF file, from its
+/// header alone.
+pub fn architecture_and_params(path: &Path) -> Result<(String, u64)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-    Ok(content
+    let arch = meta_str(&content, "general.architecture")?.to_string();
+    let params = content
         .tensor_infos
         .values()
         .map(|t| t.shape.elem_count() as u64)
-        .sum())
+        .sum();
+    Ok((arch, params))
 }
 
 #[cfg(test)]

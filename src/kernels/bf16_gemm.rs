@@ -11,9 +11,6 @@
 //! `MR` rows, and an `MR × NR` microkernel keeps its 24 accumulators in registers while it
 //! walks k. Work is split between threads by rows or columns of c, whichever is larger.
 
-#[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::*;
-
 /// Rows of a microkernel tile.
 const MR: usize = 8;
 /// Vectors of 16 f32 lanes across a tile, and its columns.
@@ -86,8 +83,12 @@ impl<'a> View<'a> {
                 < self.data.len()
     }
 
-    /// Element (i, j) as bf16 bits. Safety: i < rows, j < cols and `fits()`.
+    /// Element (i, j) as bf16 bits.
+    ///
+    /// # Safety
+    /// `i < rows`, `j < cols`, and the view `fits()` its data.
     #[inline(always)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     unsafe fn bf16_at(&self, i: usize, j: usize) -> u32 {
         let x = *self
             .data
@@ -149,7 +150,7 @@ pub fn gemm(c: &mut [f32], a: View, b: View, accumulate: bool) {
     let c_ptr = SendPtr(c.as_mut_ptr());
     if threads == 1 || m * n * k < PARALLEL_MIN {
         // SAFETY: c holds m × n floats, the shapes were checked above.
-        unsafe { gemm_serial(c_ptr.0, n, a, b, accumulate) };
+        unsafe { avx512::gemm_serial(c_ptr.0, n, a, b, accumulate) };
         return;
     }
     // Split c into one stripe per thread, along its longer side, in whole tiles.
@@ -164,7 +165,7 @@ pub fn gemm(c: &mut [f32], a: View, b: View, accumulate: bool) {
                 // holds m × n floats with row stride n.
                 unsafe {
                     if m >= n {
-                        gemm_serial(
+                        avx512::gemm_serial(
                             c_ptr.0.add(start * n),
                             n,
                             a.rows_range(start, span),
@@ -172,7 +173,7 @@ pub fn gemm(c: &mut [f32], a: View, b: View, accumulate: bool) {
                             accumulate,
                         );
                     } else {
-                        gemm_serial(
+                        avx512::gemm_serial(
                             c_ptr.0.add(start),
                             n,
                             a,
@@ -205,7 +206,7 @@ pub fn gemm_on_this_thread(c: &mut [f32], ldc: usize, a: View, b: View, accumula
         return;
     }
     // SAFETY: c spans m rows of stride ldc ≥ n (checked above), the views fit their data.
-    unsafe { gemm_serial(c.as_mut_ptr(), ldc, a, b, accumulate) };
+    unsafe { avx512::gemm_serial(c.as_mut_ptr(), ldc, a, b, accumulate) };
 }
 
 /// Panics unless `a · b` is defined, `c` holds its `a.rows × b.cols` result with row
@@ -225,68 +226,81 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One thread's product into `c` (row stride `ldc`). Safety: c spans a.rows × b.cols with
-/// row stride ldc; the views fit their data; the CPU has AVX512-BF16.
-unsafe fn gemm_serial(c: *mut f32, ldc: usize, a: View, b: View, accumulate: bool) {
-    PACKS.with_borrow_mut(|(a_pack, b_pack)| {
-        a_pack.resize(MC * KC / 2, 0);
-        b_pack.resize(NC * KC / 2, 0);
-        gemm_blocks(c, ldc, a, b, accumulate, a_pack, b_pack)
-    })
-}
+/// The AVX-512 BF16 kernels (x86-64 only; `available()` gates every call).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{View, KC, MC, MR, NC, NR, NV};
+    use std::arch::x86_64::*;
 
-thread_local! {
-    /// Each thread's packing buffers, kept between products: a training step makes
-    /// hundreds, and fresh buffers cost an allocation and zeroed pages each time.
-    static PACKS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
-    };
-}
+    /// One thread's product into `c` (row stride `ldc`).
+    ///
+    /// # Safety
+    /// `c` spans `a.rows` rows of stride `ldc ≥ b.cols`; both views fit their data; the CPU
+    /// has AVX512-F and AVX512-BF16 (`available()`).
+    pub(super) unsafe fn gemm_serial(c: *mut f32, ldc: usize, a: View, b: View, accumulate: bool) {
+        PACKS.with_borrow_mut(|(a_pack, b_pack)| {
+            a_pack.resize(MC * KC / 2, 0);
+            b_pack.resize(NC * KC / 2, 0);
+            gemm_blocks(c, ldc, a, b, accumulate, a_pack, b_pack)
+        })
+    }
 
-/// `gemm_serial` with its packing buffers.
-unsafe fn gemm_blocks(
-    c: *mut f32,
-    ldc: usize,
-    a: View,
-    b: View,
-    accumulate: bool,
-    a_pack: &mut [u32],
-    b_pack: &mut [u32],
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    let mut edge = [0f32; MR * NR];
-    for jc in (0..n).step_by(NC) {
-        let nc = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kc = KC.min(k - pc);
-            let pairs = kc.div_ceil(2);
-            pack_b(b_pack, b, pc, kc, jc, nc);
-            // The first k block writes c unless accumulating; the others add to it.
-            let load_c = accumulate || pc > 0;
-            for ic in (0..m).step_by(MC) {
-                let mc = MC.min(m - ic);
-                pack_a(a_pack, a, ic, mc, pc, kc);
-                for jr in (0..nc).step_by(NR) {
-                    let nr = NR.min(nc - jr);
-                    let bp = b_pack.as_ptr().add(jr * pairs);
-                    for ir in (0..mc).step_by(MR) {
-                        let mr = MR.min(mc - ir);
-                        let ap = a_pack.as_ptr().add(ir * pairs);
-                        let dst = c.add((ic + ir) * ldc + jc + jr);
-                        if mr == MR && nr == NR {
-                            kernel(pairs, ap, bp, dst, ldc, load_c);
-                        } else {
-                            // A partial tile: through a full-size scratch tile.
-                            for i in 0..mr {
-                                for j in 0..nr {
-                                    edge[i * NR + j] =
-                                        if load_c { *dst.add(i * ldc + j) } else { 0.0 };
+    thread_local! {
+        /// Each thread's packing buffers, kept between products: a training step makes
+        /// hundreds, and fresh buffers cost an allocation and zeroed pages each time.
+        static PACKS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const {
+            std::cell::RefCell::new((Vec::new(), Vec::new()))
+        };
+    }
+
+    /// `gemm_serial` with its packing buffers.
+    ///
+    /// # Safety
+    /// As `gemm_serial`; the buffers hold `MC · KC / 2` and `NC · KC / 2` words.
+    unsafe fn gemm_blocks(
+        c: *mut f32,
+        ldc: usize,
+        a: View,
+        b: View,
+        accumulate: bool,
+        a_pack: &mut [u32],
+        b_pack: &mut [u32],
+    ) {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        let mut edge = [0f32; MR * NR];
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let pairs = kc.div_ceil(2);
+                pack_b(b_pack, b, pc, kc, jc, nc);
+                // The first k block writes c unless accumulating; the others add to it.
+                let load_c = accumulate || pc > 0;
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    pack_a(a_pack, a, ic, mc, pc, kc);
+                    for jr in (0..nc).step_by(NR) {
+                        let nr = NR.min(nc - jr);
+                        let bp = b_pack.as_ptr().add(jr * pairs);
+                        for ir in (0..mc).step_by(MR) {
+                            let mr = MR.min(mc - ir);
+                            let ap = a_pack.as_ptr().add(ir * pairs);
+                            let dst = c.add((ic + ir) * ldc + jc + jr);
+                            if mr == MR && nr == NR {
+                                kernel(pairs, ap, bp, dst, ldc, load_c);
+                            } else {
+                                // A partial tile: through a full-size scratch tile.
+                                for i in 0..mr {
+                                    for j in 0..nr {
+                                        edge[i * NR + j] =
+                                            if load_c { *dst.add(i * ldc + j) } else { 0.0 };
+                                    }
                                 }
-                            }
-                            kernel(pairs, ap, bp, edge.as_mut_ptr(), NR, true);
-                            for i in 0..mr {
-                                for j in 0..nr {
-                                    *dst.add(i * ldc + j) = edge[i * NR + j];
+                                kernel(pairs, ap, bp, edge.as_mut_ptr(), NR, true);
+                                for i in 0..mr {
+                                    for j in 0..nr {
+                                        *dst.add(i * ldc + j) = edge[i * NR + j];
+                                    }
                                 }
                             }
                         }
@@ -295,172 +309,208 @@ unsafe fn gemm_blocks(
             }
         }
     }
-}
 
-/// Rows `ic .. ic + mc`, k `pc .. pc + kc` of a into tiles of MR rows: for each k-pair,
-/// MR words holding (a[i, 2p], a[i, 2p + 1]) as bf16 (low half first). Padding is zero.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_a(out: &mut [u32], a: View, ic: usize, mc: usize, pc: usize, kc: usize) {
-    let pairs = kc.div_ceil(2);
-    let src = a.data.as_ptr();
-    for (tile, ir) in (0..mc).step_by(MR).enumerate() {
-        let dst = out.as_mut_ptr().add(tile * MR * pairs);
-        let rows = MR.min(mc - ir);
-        if rows == MR && kc.is_multiple_of(2) && a.col_stride == 1 {
-            for i in 0..MR {
-                let row = src.add((ic + ir + i) * a.row_stride + pc);
-                adjacent_pairs(row, pairs, dst.add(i), MR);
-            }
-        } else if rows == MR && kc.is_multiple_of(2) && a.row_stride == 1 {
-            for p in 0..pairs {
-                let lo = src.add(a.col_stride * (pc + 2 * p) + ic + ir);
-                two_rows(lo, lo.add(a.col_stride), MR, dst.add(p * MR));
-            }
-        } else {
-            for i in 0..MR {
+    /// Rows `ic .. ic + mc`, k `pc .. pc + kc` of a into tiles of MR rows: for each k-pair,
+    /// MR words holding (a[i, 2p], a[i, 2p + 1]) as bf16 (low half first). Padding is zero.
+    ///
+    /// # Safety
+    /// The rows and k range lie inside `a`, which fits its data; `out` holds
+    /// `mc.div_ceil(MR) · MR · kc.div_ceil(2)` words; the CPU has AVX512-F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_a(out: &mut [u32], a: View, ic: usize, mc: usize, pc: usize, kc: usize) {
+        let pairs = kc.div_ceil(2);
+        let src = a.data.as_ptr();
+        for (tile, ir) in (0..mc).step_by(MR).enumerate() {
+            let dst = out.as_mut_ptr().add(tile * MR * pairs);
+            let rows = MR.min(mc - ir);
+            if rows == MR && kc.is_multiple_of(2) && a.col_stride == 1 {
+                for i in 0..MR {
+                    let row = src.add((ic + ir + i) * a.row_stride + pc);
+                    adjacent_pairs(row, pairs, dst.add(i), MR);
+                }
+            } else if rows == MR && kc.is_multiple_of(2) && a.row_stride == 1 {
                 for p in 0..pairs {
-                    let word = pair_word(a, ic + ir + i, pc + 2 * p, i < rows, pc + kc);
-                    *dst.add(p * MR + i) = word;
+                    let lo = src.add(a.col_stride * (pc + 2 * p) + ic + ir);
+                    two_rows(lo, lo.add(a.col_stride), MR, dst.add(p * MR));
                 }
-            }
-        }
-    }
-}
-
-/// k `pc .. pc + kc`, columns `jc .. jc + nc` of b into panels of NR columns: for each
-/// k-pair, NR words holding (b[2p, j], b[2p + 1, j]) as bf16. Padding is zero.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn pack_b(out: &mut [u32], b: View, pc: usize, kc: usize, jc: usize, nc: usize) {
-    let pairs = kc.div_ceil(2);
-    let src = b.data.as_ptr();
-    for (panel, jr) in (0..nc).step_by(NR).enumerate() {
-        let dst = out.as_mut_ptr().add(panel * NR * pairs);
-        let cols = NR.min(nc - jr);
-        if cols == NR && kc.is_multiple_of(2) && b.row_stride == 1 {
-            for j in 0..NR {
-                let col = src.add((jc + jr + j) * b.col_stride + pc);
-                adjacent_pairs(col, pairs, dst.add(j), NR);
-            }
-        } else if cols == NR && kc.is_multiple_of(2) && b.col_stride == 1 {
-            for p in 0..pairs {
-                let lo = src.add(b.row_stride * (pc + 2 * p) + jc + jr);
-                for v in 0..NV {
-                    two_rows(
-                        lo.add(16 * v),
-                        lo.add(b.row_stride + 16 * v),
-                        16,
-                        dst.add(p * NR + 16 * v),
-                    );
-                }
-            }
-        } else {
-            for j in 0..NR {
-                for p in 0..pairs {
-                    let word = pair_word(b.t(), jc + jr + j, pc + 2 * p, j < cols, pc + kc);
-                    *dst.add(p * NR + j) = word;
-                }
-            }
-        }
-    }
-}
-
-/// The word for (row, k), (row, k + 1) of `v`, zero outside the tile (`inside` false) or
-/// past `k_end`. The scalar path of partial tiles and odd k.
-#[inline(always)]
-unsafe fn pair_word(v: View, row: usize, k: usize, inside: bool, k_end: usize) -> u32 {
-    if !inside {
-        return 0;
-    }
-    let lo = v.bf16_at(row, k);
-    let hi = if k + 1 < k_end {
-        v.bf16_at(row, k + 1)
-    } else {
-        0
-    };
-    lo | hi << 16
-}
-
-/// `pairs` words from `2 · pairs` contiguous floats (each word two neighbours), stored
-/// `stride` words apart.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn adjacent_pairs(src: *const f32, pairs: usize, dst: *mut u32, stride: usize) {
-    let mut words = [0u32; 16];
-    for chunk in 0..pairs / 16 {
-        let s = src.add(32 * chunk);
-        let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s.add(16)), _mm512_loadu_ps(s));
-        _mm512_storeu_si512(
-            words.as_mut_ptr() as *mut _,
-            std::mem::transmute::<__m512bh, __m512i>(v),
-        );
-        for (q, w) in words.iter().enumerate() {
-            *dst.add((16 * chunk + q) * stride) = *w;
-        }
-    }
-    for p in pairs / 16 * 16..pairs {
-        let lo = half::bf16::from_f32(*src.add(2 * p)).to_bits() as u32;
-        let hi = half::bf16::from_f32(*src.add(2 * p + 1)).to_bits() as u32;
-        *dst.add(p * stride) = lo | hi << 16;
-    }
-}
-
-/// `lanes` (at most 16) contiguous words, word j holding (lo[j], hi[j]).
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn two_rows(lo: *const f32, hi: *const f32, lanes: usize, dst: *mut u32) {
-    let mask: __mmask16 = if lanes >= 16 {
-        0xffff
-    } else {
-        (1u16 << lanes) - 1
-    };
-    let to_words = |x: __m512| {
-        _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
-            _mm512_cvtneps_pbh(x),
-        ))
-    };
-    let l = to_words(_mm512_maskz_loadu_ps(mask, lo));
-    let h = to_words(_mm512_maskz_loadu_ps(mask, hi));
-    _mm512_mask_storeu_epi32(
-        dst as *mut _,
-        mask,
-        _mm512_or_si512(l, _mm512_slli_epi32::<16>(h)),
-    );
-}
-
-/// One MR × NR tile: `c (+)= Σ_p a_pairs[p] · b_pairs[p]` over `pairs` k-pairs.
-#[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn kernel(
-    pairs: usize,
-    ap: *const u32,
-    bp: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    load_c: bool,
-) {
-    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-    for p in 0..pairs {
-        let bv: [__m512bh; NV] = std::array::from_fn(|v| {
-            std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                bp.add(p * NR + v * 16) as *const _
-            ))
-        });
-        for (i, row) in acc.iter_mut().enumerate() {
-            let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                *ap.add(p * MR + i) as i32,
-            ));
-            for (v, lane) in row.iter_mut().enumerate() {
-                *lane = _mm512_dpbf16_ps(*lane, av, bv[v]);
-            }
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        for (v, lane) in row.iter().enumerate() {
-            let dst = c.add(i * ldc + v * 16);
-            let out = if load_c {
-                _mm512_add_ps(_mm512_loadu_ps(dst), *lane)
             } else {
-                *lane
-            };
-            _mm512_storeu_ps(dst, out);
+                for i in 0..MR {
+                    for p in 0..pairs {
+                        let word = pair_word(a, ic + ir + i, pc + 2 * p, i < rows, pc + kc);
+                        *dst.add(p * MR + i) = word;
+                    }
+                }
+            }
         }
+    }
+
+    /// k `pc .. pc + kc`, columns `jc .. jc + nc` of b into panels of NR columns: for each
+    /// k-pair, NR words holding (b[2p, j], b[2p + 1, j]) as bf16. Padding is zero.
+    ///
+    /// # Safety
+    /// The k range and columns lie inside `b`, which fits its data; `out` holds
+    /// `nc.div_ceil(NR) · NR · kc.div_ceil(2)` words; the CPU has AVX512-F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn pack_b(out: &mut [u32], b: View, pc: usize, kc: usize, jc: usize, nc: usize) {
+        let pairs = kc.div_ceil(2);
+        let src = b.data.as_ptr();
+        for (panel, jr) in (0..nc).step_by(NR).enumerate() {
+            let dst = out.as_mut_ptr().add(panel * NR * pairs);
+            let cols = NR.min(nc - jr);
+            if cols == NR && kc.is_multiple_of(2) && b.row_stride == 1 {
+                for j in 0..NR {
+                    let col = src.add((jc + jr + j) * b.col_stride + pc);
+                    adjacent_pairs(col, pairs, dst.add(j), NR);
+                }
+            } else if cols == NR && kc.is_multiple_of(2) && b.col_stride == 1 {
+                for p in 0..pairs {
+                    let lo = src.add(b.row_stride * (pc + 2 * p) + jc + jr);
+                    for v in 0..NV {
+                        two_rows(
+                            lo.add(16 * v),
+                            lo.add(b.row_stride + 16 * v),
+                            16,
+                            dst.add(p * NR + 16 * v),
+                        );
+                    }
+                }
+            } else {
+                for j in 0..NR {
+                    for p in 0..pairs {
+                        let word = pair_word(b.t(), jc + jr + j, pc + 2 * p, j < cols, pc + kc);
+                        *dst.add(p * NR + j) = word;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The word for (row, k), (row, k + 1) of `v`, zero outside the tile (`inside` false) or
+    /// past `k_end`. The scalar path of partial tiles and odd k.
+    ///
+    /// # Safety
+    /// When `inside`, `row` and `k` (and `k + 1` when below `k_end`) lie inside `v`.
+    #[inline(always)]
+    unsafe fn pair_word(v: View, row: usize, k: usize, inside: bool, k_end: usize) -> u32 {
+        if !inside {
+            return 0;
+        }
+        let lo = v.bf16_at(row, k);
+        let hi = if k + 1 < k_end {
+            v.bf16_at(row, k + 1)
+        } else {
+            0
+        };
+        lo | hi << 16
+    }
+
+    /// `pairs` words from `2 · pairs` contiguous floats (each word two neighbours), stored
+    /// `stride` words apart.
+    ///
+    /// # Safety
+    /// `src` points at `2 · pairs` readable floats; `dst` has room for `pairs` words `stride`
+    /// apart; the CPU has AVX512-F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn adjacent_pairs(src: *const f32, pairs: usize, dst: *mut u32, stride: usize) {
+        let mut words = [0u32; 16];
+        for chunk in 0..pairs / 16 {
+            let s = src.add(32 * chunk);
+            let v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(s.add(16)), _mm512_loadu_ps(s));
+            _mm512_storeu_si512(
+                words.as_mut_ptr() as *mut _,
+                std::mem::transmute::<__m512bh, __m512i>(v),
+            );
+            for (q, w) in words.iter().enumerate() {
+                *dst.add((16 * chunk + q) * stride) = *w;
+            }
+        }
+        for p in pairs / 16 * 16..pairs {
+            let lo = half::bf16::from_f32(*src.add(2 * p)).to_bits() as u32;
+            let hi = half::bf16::from_f32(*src.add(2 * p + 1)).to_bits() as u32;
+            *dst.add(p * stride) = lo | hi << 16;
+        }
+    }
+
+    /// `lanes` (at most 16) contiguous words, word j holding (lo[j], hi[j]).
+    ///
+    /// # Safety
+    /// `lo` and `hi` point at `lanes` readable floats each, `dst` at room for `lanes` words;
+    /// the CPU has AVX512-F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn two_rows(lo: *const f32, hi: *const f32, lanes: usize, dst: *mut u32) {
+        let mask: __mmask16 = if lanes >= 16 {
+            0xffff
+        } else {
+            (1u16 << lanes) - 1
+        };
+        let to_words = |x: __m512| {
+            _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(
+                _mm512_cvtneps_pbh(x),
+            ))
+        };
+        let l = to_words(_mm512_maskz_loadu_ps(mask, lo));
+        let h = to_words(_mm512_maskz_loadu_ps(mask, hi));
+        _mm512_mask_storeu_epi32(
+            dst as *mut _,
+            mask,
+            _mm512_or_si512(l, _mm512_slli_epi32::<16>(h)),
+        );
+    }
+
+    /// One MR × NR tile: `c (+)= Σ_p a_pairs[p] · b_pairs[p]` over `pairs` k-pairs.
+    ///
+    /// # Safety
+    /// `ap` and `bp` point at `pairs · MR` and `pairs · NR` packed words; `c` at an MR × NR
+    /// tile of row stride `ldc`; the CPU has AVX512-F and AVX512-BF16.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel(
+        pairs: usize,
+        ap: *const u32,
+        bp: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load_c: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+        for p in 0..pairs {
+            let bv: [__m512bh; NV] = std::array::from_fn(|v| {
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    bp.add(p * NR + v * 16) as *const _
+                ))
+            });
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                    *ap.add(p * MR + i) as i32,
+                ));
+                for (v, lane) in row.iter_mut().enumerate() {
+                    *lane = _mm512_dpbf16_ps(*lane, av, bv[v]);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            for (v, lane) in row.iter().enumerate() {
+                let dst = c.add(i * ldc + v * 16);
+                let out = if load_c {
+                    _mm512_add_ps(_mm512_loadu_ps(dst), *lane)
+                } else {
+                    *lane
+                };
+                _mm512_storeu_ps(dst, out);
+            }
+        }
+    }
+}
+
+/// Elsewhere the kernels do not exist and `available()` is false, so the public entry
+/// points panic (as documented) before reaching this.
+#[cfg(not(target_arch = "x86_64"))]
+mod avx512 {
+    use super::View;
+
+    /// # Safety
+    /// Never called: `available()` is false on this architecture.
+    pub(super) unsafe fn gemm_serial(_: *mut f32, _: usize, _: View, _: View, _: bool) {
+        unreachable!("bf16 gemm: no AVX512-BF16 kernel on this architecture")
     }
 }
 

@@ -1,0 +1,239 @@
+//! `[finetune]`: the objective, the loss weights, the optimizer and its schedule, LoRA,
+//! the device and the arithmetic of the training step.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// α·CE(label view) + (1−α)·CE(rationale view), on teacher labels and rationales.
+    StepByStep,
+    /// CE on the teacher's label only.
+    Distill,
+    /// CE on gold labels only: the baseline every report compares against.
+    LabelOnly,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    #[serde(default = "d_objective")]
+    pub objective: Objective,
+    /// Weight of the label view; the paper's default 0.5 weighs both views equally.
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    /// AdamW learning rate: 5e-5 moves a 135M model in a few dozen steps without wrecking it.
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default = "d_weight_decay")]
+    pub weight_decay: f64,
+    /// Share of the steps over which the learning rate rises linearly from near 0 to
+    /// `learning_rate` (at least one step): 0.1, a common choice for short fine-tunes.
+    #[serde(default = "d_warmup_ratio")]
+    pub warmup_ratio: f64,
+    /// After warmup the rate follows a cosine down to this share of `learning_rate` at the
+    /// last step: 0.1 keeps the last steps learning a little.
+    #[serde(default = "d_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    /// Passes over the training rows.
+    #[serde(default = "d_epochs")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps even if epochs remain.
+    #[serde(default)]
+    pub max_steps: Option<usize>,
+    /// Measure the val loss every N steps (0: only before and after training); the
+    /// weights with the lowest val loss are the ones exported.
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Stop when this many evaluations in a row did not lower the val loss (none: never).
+    #[serde(default)]
+    pub early_stopping_patience: Option<usize>,
+    /// Sequences a step (both views count): 4 fits a laptop's memory for a 135M model.
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    /// Longer examples are truncated from the left of the prompt.
+    #[serde(default = "d_seq")]
+    pub max_seq_len: usize,
+    /// Freeze token embeddings (and a tied lm_head): a quarter of SmolLM2's weights, the
+    /// part a few hundred rows cannot improve; halves optimizer time.
+    #[serde(default = "super::d_true")]
+    pub freeze_embeddings: bool,
+    /// Micro-batches whose gradients are averaged into one optimizer step: a larger
+    /// effective batch without the memory.
+    #[serde(default = "super::d_one")]
+    pub grad_accum: usize,
+    /// Clip the gradients' global L2 norm to this (0: no clipping): one odd batch cannot
+    /// wreck the model.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// Write a checkpoint every N optimizer steps (0: none); a killed run resumes from the
+    /// latest one with the same loss curve.
+    #[serde(default = "d_checkpoint")]
+    pub checkpoint_every: usize,
+    /// Weight λ of the knowledge-distillation term (0: off): the divergence between the
+    /// teacher's soft label and the student's probabilities of the same answers (each
+    /// answer's sequence log-probability, renormalized), on rows with ≥ 2 soft answers.
+    #[serde(default)]
+    pub kd_weight: f64,
+    /// Weight of token-level KD (0: off): on rows whose teacher kept its tokens' top-k
+    /// (`[generate] token_topk`), the forward KL from the teacher's top-k distribution at
+    /// each generated token (renormalized over its k tokens: the mass outside them is
+    /// dropped) to the student's, on the teacher's own text in the rationale view. Needs
+    /// the teacher's tokenizer (checked at start): self-distillation, or one model family.
+    #[serde(default)]
+    pub kd_token_weight: f64,
+    /// Temperature T of the KD term (both sides softened; the term is scaled by T²).
+    #[serde(default = "super::d_one_f")]
+    pub kd_temperature: f64,
+    #[serde(default = "d_divergence")]
+    pub kd_divergence: Divergence,
+    /// β of the generalized Jensen–Shannon divergence (`kd_divergence = "jsd"`).
+    #[serde(default = "super::d_half")]
+    pub jsd_beta: f64,
+    /// Train LoRA adapters instead of the full model (`lora = { rank = 16, alpha = 32 }`);
+    /// they are merged into the weights on export.
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// Where the student trains: "cpu", or "cuda" / "cuda:N" (GPU N) in a build with
+    /// `--features cuda`.
+    #[serde(default = "d_device")]
+    pub device: String,
+    /// The arithmetic of the training step's matrix products: "f32", or "bf16" (mixed
+    /// precision: bf16 operands, f32 sums, f32 master weights and everything else).
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic of a training step's matrix products.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// The products of every linear layer, of attention (on the CPU) and of the vocabulary
+    /// head, forward and backward, take operands rounded to bfloat16 and sum in f32 (as
+    /// PyTorch's CPU autocast). Weights, optimizer moments, activations, the softmax, norms
+    /// and losses stay f32. On a CPU it needs AVX512-BF16, where the products run about
+    /// 1.5× faster.
+    Bf16,
+}
+
+/// Where LoRA goes and how big it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r of the adapters.
+    pub rank: usize,
+    /// Scale numerator: the adapter's output is multiplied by alpha / r.
+    pub alpha: f64,
+    /// Linear layers that get adapters, by their last name part.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Dropout on the adapters' input during training (as PEFT's lora_dropout). Masks are
+    /// drawn from the run seed and the step, so a resumed run draws the same ones.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+/// Every linear layer of a llama-family block.
+pub fn default_targets() -> Vec<String> {
+    [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// Which divergence the KD term measures between the teacher's distribution p and the
+/// student's q.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// KL(p ‖ q): the student covers every answer the teacher gives weight to.
+    ForwardKl,
+    /// KL(q ‖ p): the student concentrates on the teacher's main answers.
+    ReverseKl,
+    /// β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q (generalized JSD, as in GKD).
+    Jsd,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        toml::from_str("").expect("every finetune field has a default")
+    }
+}
+
+
+fn d_clip() -> f64 {
+    1.0
+}
+
+fn d_checkpoint() -> usize {
+    20
+}
+
+fn d_divergence() -> Divergence {
+    Divergence::ForwardKl
+}
+
+fn d_device() -> String {
+    "cpu".into()
+}
+
+fn d_objective() -> Objective {
+    Objective::StepByStep
+}
+
+fn d_alpha() -> f64 {
+    0.5
+}
+
+fn d_lr() -> f64 {
+    5e-5
+}
+
+fn d_weight_decay() -> f64 {
+    0.0
+}
+
+fn d_epochs() -> usize {
+    2
+}
+
+fn d_batch() -> usize {
+    4
+}
+
+fn d_seq() -> usize {
+    256
+}
+
+fn d_warmup_ratio() -> f64 {
+    0.1
+}
+fn d_min_lr_ratio() -> f64 {
+    0.1
+}
+
+/// Which device a `[finetune] device` value names: `None` for the CPU, `Some(n)` for CUDA
+/// GPU n.
+pub fn parse_device(name: &str) -> anyhow::Result<Option<usize>> {
+    match name {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => Ok(Some(n)),
+            _ => anyhow::bail!(
+                "[finetune] device must be \"cpu\", \"cuda\" or \"cuda:N\", got {other:?}"
+            ),
+        },
+    }
+}

@@ -1,0 +1,426 @@
+//! The TOML job config: sections [data] [task] [teacher] [generate] [curate] [student]
+//! [finetune] [eval] and optionally [synthesize] and [[ensemble]], one file each here,
+//! every field with its default beside it and a one-line why; unknown keys are errors.
+//! `resolve` applies CLI overrides once and validates, then every stage reads the result.
+//! stage.rs names the stages and decides what each one's hash covers.
+
+mod curate;
+mod data;
+mod eval;
+mod finetune;
+mod generate;
+mod stage;
+mod student;
+mod synthesize;
+mod task;
+mod teacher;
+
+pub use curate::{CurateConfig, GoldRule, KeepRationales};
+pub use data::DataConfig;
+pub use eval::{EvalConfig, EvalModel, StudentDecode, ViewChoice, TeacherSource};
+pub use finetune::{
+    default_targets, parse_device, Divergence, FinetuneConfig, LoraConfig, Objective, Precision,
+};
+pub use generate::GenerateConfig;
+pub use stage::Stage;
+pub use student::StudentConfig;
+pub use synthesize::SynthesizeConfig;
+pub use task::{TaskConfig, TaskKind};
+pub use teacher::{LocalEngine, Price, TeacherConfig, TeacherKind};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name of the run: outputs go to `<runs_dir>/<name>/<stage>/`.
+    #[serde(default = "d_name")]
+    pub name: String,
+    /// Where runs are written, relative to the working directory.
+    #[serde(default = "d_runs_dir")]
+    pub runs_dir: PathBuf,
+    /// One seed for splits, shuffling and sampling, so a run can be repeated exactly.
+    #[serde(default)]
+    pub seed: u64,
+    pub data: DataConfig,
+    pub task: TaskConfig,
+    pub teacher: TeacherConfig,
+    /// More teachers (`[[ensemble]]`, each a full teacher section, local and API mixed):
+    /// every input is answered by each; curate votes across them, weighted by `weight`.
+    #[serde(default)]
+    pub ensemble: Vec<TeacherConfig>,
+    #[serde(default)]
+    pub generate: GenerateConfig,
+    #[serde(default)]
+    pub curate: CurateConfig,
+    pub student: StudentConfig,
+    #[serde(default)]
+    pub finetune: FinetuneConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Optional: write the inputs with the teacher from a few seed examples first.
+    #[serde(default)]
+    pub synthesize: Option<SynthesizeConfig>,
+}
+
+fn d_name() -> String {
+    "default".into()
+}
+fn d_runs_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_half() -> f64 {
+    0.5
+}
+fn d_true() -> bool {
+    true
+}
+
+/// Overrides from the command line; each `None` keeps the file's value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub eval_files: Vec<PathBuf>,
+    pub eval_teacher: Option<TeacherSource>,
+    pub eval_models: Option<Vec<EvalModel>>,
+    pub name: Option<String>,
+    pub runs_dir: Option<PathBuf>,
+    pub limit: Option<usize>,
+    pub teacher_model: Option<String>,
+    pub student_model: Option<String>,
+    pub max_steps: Option<usize>,
+}
+
+impl Config {
+    /// Read a config file, apply overrides and validate, naming the file in every error.
+    pub fn resolve(path: &Path, overrides: &Overrides) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "invalid config {}: {}",
+                path.display(),
+                e.to_string().trim_end()
+            )
+        })?;
+        if let Some(v) = &overrides.name {
+            cfg.name = v.clone();
+        }
+        if let Some(v) = &overrides.runs_dir {
+            cfg.runs_dir = v.clone();
+        }
+        if let Some(v) = overrides.limit {
+            cfg.data.limit = Some(v);
+        }
+        if let Some(v) = &overrides.teacher_model {
+            cfg.teacher.model = v.clone();
+        }
+        if let Some(v) = &overrides.student_model {
+            cfg.student.model = v.clone();
+        }
+        if let Some(v) = overrides.max_steps {
+            cfg.finetune.max_steps = Some(v);
+        }
+        if !overrides.eval_files.is_empty() {
+            cfg.eval.files = overrides.eval_files.clone();
+        }
+        if let Some(v) = overrides.eval_teacher {
+            cfg.eval.teacher = v;
+        }
+        if let Some(v) = &overrides.eval_models {
+            cfg.eval.models = v.clone();
+        }
+        // With [synthesize] and no inputs of its own, generate reads the synthesized ones.
+        if cfg.synthesize.is_some() && cfg.data.inputs.is_empty() {
+            cfg.data.inputs = vec![cfg.synthesized_inputs()];
+        }
+        cfg.validate()
+            .with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.task.kind == TaskKind::Labels && self.task.labels.len() < 2 {
+            bail!("[task] kind = \"labels\" needs `labels` with at least two labels");
+        }
+        self.validate_teacher()?;
+        if self.data.inputs.is_empty() {
+            bail!("[data] inputs is empty: name at least one JSONL, Parquet or CSV file (or add [synthesize] to have the teacher write them)");
+        }
+        if let Some(s) = &self.synthesize {
+            if s.seeds.is_empty() || s.target == 0 || s.seed_examples == 0 {
+                bail!("[synthesize] needs seeds, and target and seed_examples of at least 1");
+            }
+            if !(0.0..=1.0).contains(&s.near_dup_threshold) || s.min_chars > s.max_chars {
+                bail!(
+                    "[synthesize] near_dup_threshold must be in [0, 1] and min_chars ≤ max_chars"
+                );
+            }
+        }
+        let c = &self.curate;
+        if !(0.0..=1.0).contains(&c.min_agreement) || !(0.0..=1.0).contains(&c.min_confidence) {
+            bail!("[curate] min_agreement and min_confidence are shares in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&c.near_dup_threshold) || c.shingle_words == 0 {
+            bail!("[curate] near_dup_threshold must be in [0, 1] and shingle_words at least 1");
+        }
+        if c.decontaminate_ngram == 0 {
+            bail!("[curate] decontaminate_ngram must be at least 1");
+        }
+        let s = self.curate.split;
+        if s.iter().any(|x| *x < 0.0) || (s.iter().sum::<f64>() - 1.0).abs() > 1e-6 {
+            bail!("[curate] split must be three non-negative shares summing to 1, got {s:?}");
+        }
+        if !(0.0..=1.0).contains(&self.finetune.alpha) {
+            bail!(
+                "[finetune] alpha must be in [0, 1], got {}",
+                self.finetune.alpha
+            );
+        }
+        let f = &self.finetune;
+        parse_device(&f.device)?;
+        if f.grad_accum == 0 || f.batch_size == 0 {
+            bail!("[finetune] batch_size and grad_accum must be at least 1");
+        }
+        if !(0.0..1.0).contains(&f.warmup_ratio) || !(0.0..=1.0).contains(&f.min_lr_ratio) {
+            bail!("[finetune] warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]");
+        }
+        if !(f.learning_rate > 0.0 && f.learning_rate.is_finite()) {
+            bail!(
+                "[finetune] learning_rate must be greater than 0, got {}",
+                f.learning_rate
+            );
+        }
+        if f.max_seq_len < 16 {
+            bail!(
+                "[finetune] max_seq_len must be at least 16 tokens (prompt and reply share it), got {}",
+                f.max_seq_len
+            );
+        }
+        if let Some(l) = &f.lora {
+            if l.rank == 0 || l.alpha <= 0.0 || !(0.0..1.0).contains(&l.dropout) {
+                bail!("[finetune.lora] rank must be at least 1, alpha greater than 0 and dropout in [0, 1)");
+            }
+        }
+        if f.kd_token_weight < 0.0 {
+            bail!("[finetune] kd_token_weight must be ≥ 0");
+        }
+        if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
+            bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");
+        }
+        if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
+            bail!(
+                "[eval] split must be train, val or test, got {:?}",
+                self.eval.split
+            );
+        }
+        self.validate_eval()
+    }
+
+    fn validate_eval(&self) -> Result<()> {
+        let e = &self.eval;
+        if e.models.is_empty() {
+            bail!(
+                "[eval] models is empty: name at least one of \"student\", \"base\", \"teacher\""
+            );
+        }
+        if e.student_decode == StudentDecode::LabelScores && self.task.kind != TaskKind::Labels {
+            bail!("[eval] student_decode = \"label_scores\" needs a label task ([task] kind = \"labels\")");
+        }
+        if e.student_decode == StudentDecode::LabelScores
+            && self.student_reasons_at_eval()
+        {
+            bail!("[eval] student_decode = \"label_scores\" scores the labels right after the prompt, so it needs student_view = \"label\" (or \"auto\"), not \"rationale\"");
+        }
+        if e.parallel == 0 {
+            bail!("[eval] parallel must be at least 1");
+        }
+        if e.min_accuracy.is_some_and(|a| !(0.0..=1.0).contains(&a)) {
+            bail!("[eval] min_accuracy is a share in [0, 1] (0.6 for 60 %)");
+        }
+        if !e.files.is_empty() && self.data.gold_field.is_none() {
+            bail!("[eval] files need gold answers: set [data] gold_field to the field that holds them");
+        }
+        Ok(())
+    }
+
+    /// Every teacher, `[teacher]` first: teacher i writes samples i·k … i·k + k − 1 of an
+    /// input (k = `[generate] samples`).
+    pub fn teachers(&self) -> Vec<&TeacherConfig> {
+        std::iter::once(&self.teacher)
+            .chain(&self.ensemble)
+            .collect()
+    }
+
+    fn validate_teacher(&self) -> Result<()> {
+        let g = &self.generate;
+        let mut models = std::collections::HashSet::new();
+        for t in self.teachers() {
+            if !models.insert(&t.model) {
+                bail!("[[ensemble]] names the teacher {:?} twice: rows are told apart by the teacher's model", t.model);
+            }
+            if !(t.weight > 0.0 && t.weight.is_finite()) {
+                bail!("teacher {:?}: weight must be greater than 0", t.model);
+            }
+            self.validate_one_teacher(t)?;
+        }
+        if g.samples == 0 {
+            bail!("[generate] samples must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn validate_one_teacher(&self, t: &TeacherConfig) -> Result<()> {
+        let g = &self.generate;
+        if g.samples == 0 {
+            bail!("[generate] samples must be at least 1");
+        }
+        if g.samples > 1 && t.temperature <= 0.0 {
+            bail!(
+                "[generate] samples = {} needs [teacher] temperature > 0: greedy decoding writes the same rationale every time",
+                g.samples
+            );
+        }
+        if g.token_topk > 20 {
+            bail!(
+                "[generate] token_topk must be at most 20, got {}",
+                g.token_topk
+            );
+        }
+        if t.parallel == 0 {
+            bail!("[teacher] parallel must be at least 1");
+        }
+        if t.kind == TeacherKind::Openai {
+            if t.base_url.as_deref().unwrap_or("").is_empty() {
+                bail!(
+                    "[teacher] kind = \"openai\" needs base_url, e.g. \"http://127.0.0.1:8000/v1\""
+                );
+            }
+            if t.max_in_flight == 0 {
+                bail!("[teacher] max_in_flight must be at least 1");
+            }
+            if t.timeout_s.is_nan() || t.timeout_s <= 0.0 {
+                bail!("[teacher] timeout_s must be positive");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the student writes its rationale before the answer at eval ("auto"
+    /// resolved): a numeric task's step-by-step student reasons first (a small model cannot
+    /// do the arithmetic in the answer tokens alone); everything else answers alone.
+    pub fn student_reasons_at_eval(&self) -> bool {
+        match self.eval.student_view {
+            ViewChoice::Auto => {
+                self.task.kind == TaskKind::Numeric
+                    && self.finetune.objective == Objective::StepByStep
+            }
+            ViewChoice::Label => false,
+            ViewChoice::Rationale => true,
+        }
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.runs_dir.join(&self.name)
+    }
+
+    /// The folder a stage writes.
+    pub fn stage_dir(&self, stage: Stage) -> PathBuf {
+        self.run_dir().join(stage.as_str())
+    }
+
+    /// The folder the trained student is exported to (a Hugging Face model folder).
+    pub fn student_dir(&self) -> PathBuf {
+        self.run_dir().join("student")
+    }
+
+    /// Where synthesize writes the inputs it accepted.
+    pub fn synthesized_inputs(&self) -> PathBuf {
+        self.stage_dir(Stage::Synthesize).join("inputs.jsonl")
+    }
+
+    /// The prompt template for this task.
+    pub fn prompt_path(&self) -> PathBuf {
+        self.task.prompt.clone().unwrap_or_else(|| {
+            let kind = match self.task.kind {
+                TaskKind::Numeric => "numeric",
+                TaskKind::Labels => "labels",
+            };
+            PathBuf::from(format!("prompts/{kind}.md"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_knobs_do_not_change_the_generate_hash() {
+        let base: Config = toml::from_str(MINIMAL).unwrap();
+        let mut faster = base.clone();
+        faster.teacher.parallel = 64;
+        faster.teacher.max_in_flight = 99;
+        faster.teacher.timeout_s = 5.0;
+        assert_eq!(base.stage_view(Stage::Generate), faster.stage_view(Stage::Generate));
+        let mut other = base.clone();
+        other.teacher.max_tokens += 1;
+        assert_ne!(base.stage_view(Stage::Generate), other.stage_view(Stage::Generate));
+        other = base.clone();
+        other.teacher.engine = LocalEngine::Mistralrs;
+        assert_ne!(base.stage_view(Stage::Generate), other.stage_view(Stage::Generate));
+    }
+
+    const MINIMAL: &str = r#"
+[data]
+inputs = ["x.jsonl"]
+input_field = "q"
+[task]
+kind = "numeric"
+[teacher]
+model = "t.gguf"
+[student]
+model = "s.gguf"
+"#;
+
+    #[test]
+    fn a_numeric_step_by_step_student_reasons_at_eval_unless_told_otherwise() {
+        let mut cfg: Config = toml::from_str(MINIMAL).unwrap();
+        assert!(cfg.student_reasons_at_eval());
+        assert_eq!(cfg.eval.new_tokens(true), 160);
+        cfg.finetune.objective = Objective::Distill;
+        assert!(!cfg.student_reasons_at_eval(), "no rationale learned");
+        assert_eq!(cfg.eval.new_tokens(false), 12);
+        cfg.finetune.objective = Objective::StepByStep;
+        cfg.task.kind = TaskKind::Labels;
+        cfg.task.labels = vec!["a".into(), "b".into()];
+        assert!(!cfg.student_reasons_at_eval());
+        cfg.eval.student_view = ViewChoice::Rationale;
+        assert!(cfg.student_reasons_at_eval());
+        cfg.eval.student_decode = StudentDecode::LabelScores;
+        let err = cfg.validate_eval().unwrap_err().to_string();
+        assert!(err.contains("student_view"), "{err}");
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg: Config = toml::from_str(MINIMAL).unwrap();
+        assert_eq!(cfg.finetune.alpha, 0.5);
+        assert_eq!(cfg.curate.split, [0.8, 0.1, 0.1]);
+        assert_eq!(cfg.eval.split, "test");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = MINIMAL.replace("[student]", "[student]\nmodle = 1");
+        let err = toml::from_str::<Config>(&text).unwrap_err().to_string();
+        assert!(err.contains("modle"), "{err}");
+    }
+}

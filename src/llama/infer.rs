@@ -1,0 +1,274 @@
+//! Incremental inference, many sequences at a time: each sequence keeps its own key/value
+//! cache, and one step advances every sequence of a batch by its new tokens through the
+//! same blocks training uses. One sequence at a time, decoding reads every weight for one
+//! token and is bound by memory bandwidth; 16–64 sequences a step turn the same weight
+//! reads into one matrix product per layer, bound by arithmetic instead.
+//!
+//! This is the one inference path: the teacher engine, eval and greedy decoding all run
+//! through `forward_step` (see `super::generate` for the batching loop).
+
+use super::block::Attend;
+use super::linear::Pass;
+use super::Decoder;
+use crate::kernels::kv_attention::{attend_rows, KvView};
+use crate::kernels::rope::rope_rows;
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+
+/// Keys and values of one sequence: per layer, `[position][kv_head][head_dim]` row after
+/// row, RoPE applied to the keys.
+#[derive(Clone, Debug)]
+pub struct SeqCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+    /// Floats per position in one layer: kv heads × head_dim.
+    row: usize,
+}
+
+impl SeqCache {
+    /// An empty cache with room for `capacity` tokens before it reallocates.
+    pub fn new(model: &Decoder, capacity: usize) -> Self {
+        let s = &model.shape;
+        let row = s.num_key_value_heads * s.head_dim();
+        SeqCache {
+            keys: (0..s.num_hidden_layers)
+                .map(|_| Vec::with_capacity(capacity * row))
+                .collect(),
+            values: (0..s.num_hidden_layers)
+                .map(|_| Vec::with_capacity(capacity * row))
+                .collect(),
+            len: 0,
+            row,
+        }
+    }
+
+    /// Tokens held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget every token after the first `n` (a shared prefix, a rescoring point).
+    pub fn truncate(&mut self, n: usize) {
+        let n = n.min(self.len);
+        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            layer.truncate(n * self.row);
+        }
+        self.len = n;
+    }
+
+    /// A copy of the first `n` tokens, with room for `extra` more.
+    pub fn prefix(&self, n: usize, extra: usize) -> Self {
+        let n = n.min(self.len);
+        let copy = |layers: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
+            layers
+                .iter()
+                .map(|l| {
+                    let mut v = Vec::with_capacity((n + extra) * self.row);
+                    v.extend_from_slice(&l[..n * self.row]);
+                    v
+                })
+                .collect()
+        };
+        SeqCache {
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+            len: n,
+            row: self.row,
+        }
+    }
+}
+
+/// One sequence's part of a step: the tokens it appends, and whether the caller needs the
+/// logits after every one of them (scoring) or only after the last (generation).
+pub struct StepInput<'a> {
+    pub cache: &'a mut SeqCache,
+    pub tokens: &'a [u32],
+    pub all_logits: bool,
+}
+
+/// Attention in an inference step: row r of the step is a token of sequence `seq_of[r]`
+/// at position `pos_of[r]`; its key and value join that sequence's cache, and it sees the
+/// cache up to and including itself.
+struct StepAttention<'s, 'a> {
+    step: &'s mut [StepInput<'a>],
+    seq_of: Vec<usize>,
+    visible: Vec<usize>,
+    /// RoPE cos / sin of each row's position, `head_dim / 2` floats a row.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    heads: (usize, usize, usize),
+    device: candle_core::Device,
+}
+
+impl Attend for StepAttention<'_, '_> {
+    fn attend(&mut self, layer: usize, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (nh, nkv, hd) = self.heads;
+        let mut q = q.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = k.flatten_all()?.to_vec1::<f32>()?;
+        let v = v.flatten_all()?.to_vec1::<f32>()?;
+        rope_rows(&mut q, nh, hd, &self.cos, &self.sin);
+        rope_rows(&mut k, nkv, hd, &self.cos, &self.sin);
+        // Append this layer's keys and values; a sequence's rows are contiguous.
+        let row = nkv * hd;
+        let mut r = 0;
+        for input in self.step.iter_mut() {
+            let n = input.tokens.len();
+            input.cache.keys[layer].extend_from_slice(&k[r * row..(r + n) * row]);
+            input.cache.values[layer].extend_from_slice(&v[r * row..(r + n) * row]);
+            r += n;
+        }
+        let caches: Vec<KvView> = self
+            .step
+            .iter()
+            .map(|i| KvView {
+                keys: &i.cache.keys[layer],
+                values: &i.cache.values[layer],
+            })
+            .collect();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = attend_rows(&q, &caches, &self.seq_of, &self.visible, self.heads, scale);
+        let rows = self.seq_of.len();
+        Ok(Tensor::from_vec(out, (rows, nh * hd), &self.device)?)
+    }
+}
+
+impl Decoder {
+    /// Advance every sequence of `step` by its tokens; returns per sequence the logits
+    /// (`vocab` floats a row) after each token (`all_logits`) or after its last token.
+    pub fn forward_step(&self, step: &mut [StepInput]) -> Result<Vec<Vec<f32>>> {
+        let s = &self.shape;
+        let max_pos = self.context_len();
+        // Row r of the step belongs to sequence seq_of[r] at position pos_of[r].
+        let (mut seq_of, mut pos_of, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, input) in step.iter().enumerate() {
+            ensure!(
+                !input.tokens.is_empty(),
+                "a step needs a token per sequence"
+            );
+            let end = input.cache.len + input.tokens.len();
+            ensure!(
+                end <= max_pos,
+                "sequence of {end} tokens is longer than the model's {max_pos} positions"
+            );
+            for (j, &t) in input.tokens.iter().enumerate() {
+                seq_of.push(i);
+                pos_of.push((input.cache.len + j) as u32);
+                ids.push(t);
+            }
+        }
+        let rows = ids.len();
+        let dev = self.device();
+        let positions = Tensor::from_vec(pos_of.clone(), rows, dev)?;
+        let cos = self.cos.index_select(&positions, 0)?.flatten_all()?;
+        let sin = self.sin.index_select(&positions, 0)?.flatten_all()?;
+        let mut x = self
+            .embed
+            .index_select(&Tensor::from_vec(ids, rows, dev)?, 0)?;
+        let mut attn = StepAttention {
+            step: &mut *step,
+            seq_of,
+            visible: pos_of.iter().map(|p| *p as usize + 1).collect(),
+            cos: cos.to_vec1::<f32>()?,
+            sin: sin.to_vec1::<f32>()?,
+            heads: (s.num_attention_heads, s.num_key_value_heads, s.head_dim()),
+            device: dev.clone(),
+        };
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, l, &mut attn, &Pass::INFERENCE)?;
+        }
+        for input in step.iter_mut() {
+            input.cache.len += input.tokens.len();
+        }
+        // Only the rows whose logits are wanted go through the (large) vocabulary head.
+        let mut wanted = Vec::new();
+        let mut r = 0u32;
+        for input in step.iter() {
+            let n = input.tokens.len() as u32;
+            if input.all_logits {
+                wanted.extend(r..r + n);
+            } else {
+                wanted.push(r + n - 1);
+            }
+            r += n;
+        }
+        let x = x.index_select(&Tensor::from_vec(wanted.clone(), wanted.len(), dev)?, 0)?;
+        let logits = self
+            .logits(&x, &Pass::INFERENCE)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let vocab = s.vocab_size;
+        let mut per_seq = Vec::with_capacity(step.len());
+        let mut at = 0;
+        for input in step.iter() {
+            let n = if input.all_logits {
+                input.tokens.len()
+            } else {
+                1
+            };
+            per_seq.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(per_seq)
+    }
+
+    /// Log-probability of each continuation right after the sequence held in `cache`,
+    /// whose next-token logits are `next`: each continuation's tokens but the last run
+    /// together in one step, on copies of the cache. The cache is left as it was.
+    pub fn continuation_logprobs(
+        &self,
+        cache: &SeqCache,
+        next: &[f32],
+        continuations: &[Vec<u32>],
+    ) -> Result<Vec<f64>> {
+        let first = log_softmax(next);
+        let longer: Vec<&Vec<u32>> = continuations.iter().filter(|c| c.len() > 1).collect();
+        let mut caches: Vec<SeqCache> = longer
+            .iter()
+            .map(|c| cache.prefix(cache.len(), c.len()))
+            .collect();
+        let mut inputs: Vec<StepInput> = caches
+            .iter_mut()
+            .zip(&longer)
+            .map(|(cache, c)| StepInput {
+                cache,
+                tokens: &c[..c.len() - 1],
+                all_logits: true,
+            })
+            .collect();
+        let mut rest = if inputs.is_empty() {
+            Vec::new()
+        } else {
+            self.forward_step(&mut inputs)?
+        }
+        .into_iter();
+        let vocab = self.shape.vocab_size;
+        continuations
+            .iter()
+            .map(|c| {
+                anyhow::ensure!(!c.is_empty(), "a continuation tokenized to nothing");
+                let mut logprob = first[c[0] as usize] as f64;
+                if c.len() > 1 {
+                    let rows = rest.next().ok_or_else(|| anyhow::anyhow!("missing continuation logits"))?;
+                    for (j, &id) in c[1..].iter().enumerate() {
+                        let row = log_softmax(&rows[j * vocab..(j + 1) * vocab]);
+                        logprob += row[id as usize] as f64;
+                    }
+                }
+                Ok(logprob)
+            })
+            .collect()
+    }
+}
+
+/// Natural-log softmax of logits (in f64 for the normalizer over a large vocabulary).
+pub fn log_softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = v.iter().map(|x| ((x - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    v.iter().map(|x| (*x as f64 - log_z) as f32).collect()
+}

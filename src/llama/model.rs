@@ -1,0 +1,278 @@
+//! The llama-family decoder (SmolLM2, Llama, Qwen2 shapes): token embeddings, the blocks,
+//! a final RMSNorm and the vocabulary head, as per-layer structs built once from the
+//! weights. `forward` gives full-sequence logits for training; the inference path
+//! (`super::infer`) runs the same blocks over key/value caches. Every op has a backward
+//! pass: candle's fused softmax / rms_norm / rope drop gradients silently (docs/STACK.md),
+//! so training uses kdpipe's own kernels or candle's composed ops.
+
+use super::block::Block;
+use super::causal::CausalAttention;
+use super::linear::{Layout, Linear, Pass};
+use super::ModelShape;
+use crate::config::{LoraConfig, Precision};
+use crate::kernels::{bf16_gemm, rms_norm};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+
+pub struct Decoder {
+    pub shape: ModelShape,
+    pub(super) embed: Tensor,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: Tensor,
+    /// The vocabulary head `[vocab, hidden]`: the embeddings themselves when they are tied
+    /// (training), a transposed copy for inference.
+    pub(super) head: Linear,
+    /// The trainable weights, by Hugging Face name (PEFT's names for adapters).
+    pub vars: Vec<(String, Var)>,
+    /// The arithmetic of the training products (`[finetune] precision`).
+    precision: Precision,
+    /// The key of this training pass's LoRA dropout masks (None: no dropout).
+    dropout_key: std::cell::Cell<Option<u64>>,
+    /// RoPE tables `[positions, head_dim / 2]`.
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    device: Device,
+}
+
+impl Decoder {
+    /// Build from weights by Hugging Face name; names for which `trainable` is true become
+    /// variables.
+    pub fn new(
+        shape: ModelShape,
+        weights: BTreeMap<String, Tensor>,
+        device: &Device,
+        trainable: impl Fn(&str) -> bool,
+    ) -> Result<Self> {
+        check_weights(&shape, &weights)?;
+        let mut map = BTreeMap::new();
+        let mut vars = Vec::new();
+        for (name, w) in weights {
+            let w = w.to_dtype(DType::F32)?.to_device(device)?;
+            if trainable(&name) {
+                let var = Var::from_tensor(&w)?;
+                map.insert(name.clone(), var.as_tensor().clone());
+                vars.push((name, var));
+            } else {
+                map.insert(name, w.detach());
+            }
+        }
+        let mut take = |name: &str| -> Result<Tensor> {
+            map.remove(name)
+                .with_context(|| format!("student weights lack {name} (missing tensor)"))
+        };
+        let embed = take("model.embed_tokens.weight")?;
+        let norm = take("model.norm.weight")?;
+        let head_weight = if shape.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight")?
+        };
+        let blocks = (0..shape.num_hidden_layers)
+            .map(|l| Block::load(&shape, l, &mut map))
+            .collect::<Result<_>>()?;
+        let (cos, sin) = rope_tables(&shape, device)?;
+        Ok(Decoder {
+            head: Linear::new("lm_head".into(), head_weight, None),
+            shape,
+            embed,
+            blocks,
+            norm,
+            vars,
+            precision: Precision::F32,
+            dropout_key: std::cell::Cell::new(None),
+            cos,
+            sin,
+            device: device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The same model for inference only: every linear weight and the vocabulary head
+    /// stored `[in, out]` (see `Layout::InOut`). No LoRA, no training afterwards.
+    pub fn into_inference(mut self) -> Result<Self> {
+        anyhow::ensure!(
+            self.vars.is_empty(),
+            "into_inference needs a frozen model without adapters"
+        );
+        for block in &mut self.blocks {
+            for linear in block.linears_mut() {
+                linear.make_inference()?;
+            }
+        }
+        self.head.make_inference()?;
+        Ok(self)
+    }
+
+    /// Whether every weight is in the inference layout.
+    pub fn is_inference(&self) -> bool {
+        self.head.layout == Layout::InOut
+    }
+
+    /// Positions the model can attend over (its RoPE table, capped at 32,768).
+    pub fn context_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Add LoRA adapters to every target linear layer; they become the trainable
+    /// variables (named as PEFT names them, `<layer>.lora_A.weight` / `lora_B`). A is
+    /// drawn uniformly from ±1/√in with a seeded generator, in the order of the layers'
+    /// names; B is zero. Build the decoder with nothing trainable first: the base weights
+    /// stay frozen.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        use rand::SeedableRng;
+        anyhow::ensure!(cfg.rank > 0, "[finetune] lora rank must be at least 1");
+        let mut targets: Vec<&mut Linear> = self
+            .blocks
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .filter(|l| cfg.targets.iter().any(|t| l.name.ends_with(&format!(".{t}"))))
+            .collect();
+        anyhow::ensure!(
+            !targets.is_empty(),
+            "[finetune] lora targets {:?} match no linear layer of the student",
+            cfg.targets
+        );
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        for linear in targets {
+            let vars = linear.add_lora(cfg, &mut rng, &self.device)?;
+            self.vars.extend(vars);
+        }
+        Ok(())
+    }
+
+    /// The arithmetic of the training products from now on (`[finetune] precision`);
+    /// fails where the device cannot run it, saying what to change.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == Precision::Bf16 && self.device.is_cpu() && !bf16_gemm::available() {
+            anyhow::bail!(
+                "[finetune] precision = \"bf16\" needs a CPU with AVX512-BF16 (Intel Cooper Lake or \
+                 Sapphire Rapids, AMD Zen 4 or later) or a CUDA device, and this CPU lacks it\n\
+                 hint: set precision = \"f32\" (the default)"
+            );
+        }
+        self.precision = precision;
+        Ok(())
+    }
+
+    /// Training passes set a key (from seed, step and micro-batch) so LoRA dropout draws
+    /// reproducible masks; evaluation passes set None: no dropout.
+    pub fn set_dropout_key(&self, key: Option<u64>) {
+        self.dropout_key.set(key);
+    }
+
+    fn pass(&self) -> Pass {
+        Pass {
+            precision: self.precision,
+            dropout_key: self.dropout_key.get(),
+        }
+    }
+
+    /// Every weight, by Hugging Face name (current values, trained ones included), with
+    /// LoRA adapters merged into their layers: `W + (alpha / r)·B·A`. A tied vocabulary
+    /// head is left out: it is the embeddings.
+    pub fn weights(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        out.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        out.insert("model.norm.weight".into(), self.norm.clone());
+        if !self.shape.tie_word_embeddings {
+            out.insert("lm_head.weight".into(), self.head.merged_weight()?);
+        }
+        for (l, block) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            out.insert(format!("{p}.input_layernorm.weight"), block.input_norm.clone());
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                block.post_norm.clone(),
+            );
+            for linear in block.linears() {
+                out.insert(format!("{}.weight", linear.name), linear.merged_weight()?);
+                if let Some(b) = &linear.bias {
+                    out.insert(format!("{}.bias", linear.name), b.clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Logits for final hidden states `[..., hidden]` (after the final norm).
+    pub(super) fn logits(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.shape.rms_norm_eps)?;
+        self.head.forward(&x, pass)
+    }
+
+    /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `mask` `[batch, seq]` is 1
+    /// for real tokens and 0 for padding (right-padded).
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let pass = self.pass();
+        let mut x = self
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.shape.hidden_size))?;
+        let mut attn = CausalAttention::new(&self.shape, (&self.cos, &self.sin), mask, pass.precision)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&x, l, &mut attn, &pass)?;
+        }
+        self.logits(&x, &pass)
+    }
+}
+
+/// Every weight the decoder reads is there with the shape the config implies.
+pub fn check_weights(s: &ModelShape, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    let (h, kv) = (s.hidden_size, s.num_key_value_heads * s.head_dim());
+    let check_shape = |name: &str, dims: &[usize]| -> Result<()> {
+        let got = weights
+            .get(name)
+            .with_context(|| format!("student weights lack {name} (missing tensor)"))?
+            .dims()
+            .to_vec();
+        anyhow::ensure!(
+            got == dims,
+            "student weight {name} has shape {got:?}, the config says {dims:?}"
+        );
+        Ok(())
+    };
+    check_shape("model.embed_tokens.weight", &[s.vocab_size, h])?;
+    check_shape("model.norm.weight", &[h])?;
+    let f = s.intermediate_size;
+    for l in 0..s.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, dims) in [
+            ("self_attn.q_proj", [h, h]),
+            ("self_attn.k_proj", [kv, h]),
+            ("self_attn.v_proj", [kv, h]),
+            ("self_attn.o_proj", [h, h]),
+            ("mlp.gate_proj", [f, h]),
+            ("mlp.up_proj", [f, h]),
+            ("mlp.down_proj", [h, f]),
+        ] {
+            check_shape(&format!("{p}.{name}.weight"), &dims)?;
+        }
+        check_shape(&format!("{p}.input_layernorm.weight"), &[h])?;
+        check_shape(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+    }
+    if !s.tie_word_embeddings {
+        check_shape("lm_head.weight", &[s.vocab_size, h])?;
+    }
+    Ok(())
+}
+
+/// cos / sin tables `[max_pos, head_dim / 2]` for rotate-half RoPE.
+fn rope_tables(s: &ModelShape, device: &Device) -> Result<(Tensor, Tensor)> {
+    let hd = s.head_dim();
+    let n = s.max_position_embeddings.clamp(1, 32768);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / (s.rope_theta as f32).powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let mut angles = Vec::with_capacity(n * hd / 2);
+    for pos in 0..n {
+        angles.extend(inv.iter().map(|f| pos as f32 * f));
+    }
+    let a = Tensor::from_vec(angles, (n, hd / 2), device)?;
+    Ok((a.cos()?, a.sin()?))
+}
