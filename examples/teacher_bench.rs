@@ -14,12 +14,12 @@
 //! Each run prints one JSON line on stdout.
 //!
 //! `cargo run --release --example teacher_bench -- MODE ARGS…`
+use kdpipe::chat::ChatMessage;
 use kdpipe::config::{Config, Overrides};
 use kdpipe::io::inputs::read_inputs;
-use kdpipe::prompts::Prompt;
 use kdpipe::llama::infer::{SeqCache, StepInput};
+use kdpipe::prompts::Prompt;
 use kdpipe::teacher::engine::EngineTeacher;
-use kdpipe::chat::ChatMessage;
 use kdpipe::teacher::{Job, Settings, Teacher};
 use std::io::Write;
 use std::time::Instant;

@@ -3,8 +3,8 @@
 //! reply read from the captured decode steps, next to the anchor in the same run: the
 //! same context scored by a fresh one-step request (the engine recomputes the prompt).
 //! `cargo run --release --example teacher_timing -- MODEL`
-use kdpipe::teacher::mistralrs::MistralrsTeacher;
 use kdpipe::chat::ChatMessage;
+use kdpipe::teacher::mistralrs::MistralrsTeacher;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

@@ -175,7 +175,10 @@ impl Prompt {
             head.push_str(&format!(" Answer with one of: {}.", self.labels.join(", ")));
         }
         let prefix = view.prefix();
-        vec![ChatMessage::new("user", format!("{head}\n{prefix} {input}"))]
+        vec![ChatMessage::new(
+            "user",
+            format!("{head}\n{prefix} {input}"),
+        )]
     }
 }
 

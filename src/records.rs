@@ -2,7 +2,7 @@
 //! Polars frame; readers check columns and types and name the file when one is wrong.
 //! `SCHEMA_VERSION` (in io::manifest) changes whenever a column here changes.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use polars::prelude::*;
 use std::path::Path;
 

@@ -76,7 +76,11 @@ fn modules_import_only_lower_layers_and_stages_never_each_other() {
     let src = root().join("src");
     let mut wrong = Vec::new();
     for file in all_files(&src) {
-        let rel = file.strip_prefix(&src).unwrap().to_string_lossy().to_string();
+        let rel = file
+            .strip_prefix(&src)
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         if !rel.ends_with(".rs") || rel == "main.rs" {
             continue; // the binary sits above everything
         }

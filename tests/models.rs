@@ -7,8 +7,8 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use kdpipe::llama as student;
 use kdpipe::chat::ChatMessage;
+use kdpipe::llama as student;
 
 fn chat() -> Vec<ChatMessage> {
     vec![
@@ -19,9 +19,6 @@ fn chat() -> Vec<ChatMessage> {
         ),
     ]
 }
-
-
-
 
 #[test]
 fn every_weight_of_the_real_student_gets_a_gradient() {
@@ -54,7 +51,6 @@ fn every_weight_of_the_real_student_gets_a_gradient() {
         );
     }
 }
-
 
 #[test]
 fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
@@ -117,7 +113,6 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
     eprintln!("loss on the batch: {before:.3} → {after:.3}");
     assert!(after < before * 0.8, "loss {before} → {after}");
 }
-
 
 #[test]
 fn lora_trains_only_its_adapters_and_merges_exactly() {

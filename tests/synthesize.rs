@@ -114,10 +114,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
             "{q}"
         );
         assert!((20..=1000).contains(&q.chars().count()), "{q}");
-        assert!(
-            !seed_texts.contains(&kdpipe::dedup::normalize(q)),
-            "{q}"
-        );
+        assert!(!seed_texts.contains(&kdpipe::dedup::normalize(q)), "{q}");
         assert_eq!(r["synthesized"], true);
         let shown = r["seed_ids"].as_array().unwrap();
         assert_eq!(shown.len(), 3);

@@ -1,8 +1,8 @@
 //! `[curate]`: the rules that turn teacher rows into training data, each one on/off or
 //! tuned, and the split shares.
 
-use serde::{Deserialize, Serialize};
 use super::TaskKind;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -117,7 +117,6 @@ impl Default for CurateConfig {
         toml::from_str("").expect("every curate field has a default")
     }
 }
-
 
 fn d_keep_rationales() -> KeepRationales {
     KeepRationales::All

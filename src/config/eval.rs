@@ -111,7 +111,6 @@ impl Default for EvalConfig {
     }
 }
 
-
 fn d_eval_split() -> String {
     "test".into()
 }

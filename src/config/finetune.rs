@@ -171,7 +171,6 @@ impl Default for FinetuneConfig {
     }
 }
 
-
 fn d_clip() -> f64 {
     1.0
 }

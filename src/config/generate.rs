@@ -23,7 +23,6 @@ impl Default for GenerateConfig {
     }
 }
 
-
 fn d_samples() -> usize {
     1
 }

@@ -17,7 +17,7 @@ mod teacher;
 
 pub use curate::{CurateConfig, GoldRule, KeepRationales};
 pub use data::DataConfig;
-pub use eval::{EvalConfig, EvalModel, StudentDecode, ViewChoice, TeacherSource};
+pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
 pub use finetune::{
     default_targets, parse_device, Divergence, FinetuneConfig, LoraConfig, Objective, Precision,
 };
@@ -234,9 +234,7 @@ impl Config {
         if e.student_decode == StudentDecode::LabelScores && self.task.kind != TaskKind::Labels {
             bail!("[eval] student_decode = \"label_scores\" needs a label task ([task] kind = \"labels\")");
         }
-        if e.student_decode == StudentDecode::LabelScores
-            && self.student_reasons_at_eval()
-        {
+        if e.student_decode == StudentDecode::LabelScores && self.student_reasons_at_eval() {
             bail!("[eval] student_decode = \"label_scores\" scores the labels right after the prompt, so it needs student_view = \"label\" (or \"auto\"), not \"rationale\"");
         }
         if e.parallel == 0 {
@@ -369,13 +367,22 @@ mod tests {
         faster.teacher.parallel = 64;
         faster.teacher.max_in_flight = 99;
         faster.teacher.timeout_s = 5.0;
-        assert_eq!(base.stage_view(Stage::Generate), faster.stage_view(Stage::Generate));
+        assert_eq!(
+            base.stage_view(Stage::Generate),
+            faster.stage_view(Stage::Generate)
+        );
         let mut other = base.clone();
         other.teacher.max_tokens += 1;
-        assert_ne!(base.stage_view(Stage::Generate), other.stage_view(Stage::Generate));
+        assert_ne!(
+            base.stage_view(Stage::Generate),
+            other.stage_view(Stage::Generate)
+        );
         other = base.clone();
         other.teacher.engine = LocalEngine::Mistralrs;
-        assert_ne!(base.stage_view(Stage::Generate), other.stage_view(Stage::Generate));
+        assert_ne!(
+            base.stage_view(Stage::Generate),
+            other.stage_view(Stage::Generate)
+        );
     }
 
     const MINIMAL: &str = r#"

@@ -113,4 +113,3 @@ fn what_answers(t: &TeacherConfig) -> serde_json::Value {
     }
     v
 }
-

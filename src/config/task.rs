@@ -29,7 +29,6 @@ pub struct TaskConfig {
     pub prompt: Option<PathBuf>,
 }
 
-
 fn d_tolerance() -> f64 {
     1e-6
 }

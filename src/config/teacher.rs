@@ -93,7 +93,6 @@ pub struct Price {
     pub output: f64,
 }
 
-
 fn d_teacher_kind() -> TeacherKind {
     TeacherKind::Local
 }

@@ -7,6 +7,7 @@ mod report;
 pub mod rules;
 
 use crate::config::{Config, DataConfig, Stage};
+use crate::dedup::Contamination;
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
@@ -17,7 +18,6 @@ use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::{Path, PathBuf};
-use text::Contamination;
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
 
@@ -147,7 +147,11 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         outputs.push(staged_entry(&staged, p, None)?);
     }
 
-    let mut m = Manifest::new(Stage::Curate, config_hash(&cfg.stage_view(Stage::Curate)), cfg.seed);
+    let mut m = Manifest::new(
+        Stage::Curate,
+        config_hash(&cfg.stage_view(Stage::Curate)),
+        cfg.seed,
+    );
     m.inputs = files
         .iter()
         .chain(&cfg.curate.decontaminate)

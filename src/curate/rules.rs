@@ -8,9 +8,9 @@
 //! it can be (text.rs: normalization, near-duplicate clusters, contamination; arith.rs:
 //! rationale checks), and joined in as plain columns.
 
-use crate::task::arith;
-use crate::dedup::{normalize, Contamination, NearDup};
 use crate::config::{CurateConfig, GoldRule, KeepRationales, TaskKind};
+use crate::dedup::{normalize, Contamination, NearDup};
+use crate::task::arith;
 use crate::task::{ParseStatus, Task};
 use anyhow::Result;
 use polars::prelude::*;

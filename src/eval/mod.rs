@@ -14,9 +14,9 @@ use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
+use crate::llama;
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
-use crate::llama;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -392,7 +392,11 @@ pub fn run(cfg: &Config) -> Result<Scores> {
     let md_path = dir.join("report.md");
     write_bytes(&md_path, scores.markdown().as_bytes())?;
 
-    let mut m = Manifest::new(Stage::Eval, config_hash(&cfg.stage_view(Stage::Eval)), cfg.seed);
+    let mut m = Manifest::new(
+        Stage::Eval,
+        config_hash(&cfg.stage_view(Stage::Eval)),
+        cfg.seed,
+    );
     m.inputs = inputs;
     m.outputs = vec![
         staged_entry(&staged, &pred_path, Some(rows.len()))?,

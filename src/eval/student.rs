@@ -34,9 +34,7 @@ pub fn answer(
     inputs: &[&str],
     how: Decoding,
 ) -> Result<Answers> {
-    let model = loaded
-        .decoder(&Device::Cpu, |_| false)?
-        .into_inference()?;
+    let model = loaded.decoder(&Device::Cpu, |_| false)?.into_inference()?;
     let prompts: Vec<Vec<u32>> = inputs
         .iter()
         .map(|input| loaded.chat_ids(&prompt.student_chat(how.view, input)))

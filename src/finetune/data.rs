@@ -2,9 +2,9 @@
 //! view, rendered through the student's chat template; loss only on the reply tokens.
 
 use crate::config::Objective;
+use crate::llama::LoadedModel;
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
-use crate::llama::LoadedModel;
 use crate::task::ANSWER_MARKER;
 use anyhow::Result;
 use rand::seq::SliceRandom;
@@ -236,7 +236,12 @@ mod tests {
     #[test]
     fn batches_keep_a_rows_views_together() {
         let rows: Vec<Vec<Example>> = (0..5)
-            .map(|i| vec![ex(ExampleKind::Label, 3 + i), ex(ExampleKind::Rationale, 10 + i)])
+            .map(|i| {
+                vec![
+                    ex(ExampleKind::Label, 3 + i),
+                    ex(ExampleKind::Rationale, 10 + i),
+                ]
+            })
             .collect();
         let out = batches(rows, 4, 1);
         assert_eq!(out.len(), 3);

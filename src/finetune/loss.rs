@@ -135,10 +135,8 @@ pub fn token_nll(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
         ],
         1,
     )?;
-    let nll = crate::kernels::cross_entropy_rows(
-        &logits.reshape((b * t, v))?,
-        &next.flatten_all()?,
-    )?;
+    let nll =
+        crate::kernels::cross_entropy_rows(&logits.reshape((b * t, v))?, &next.flatten_all()?)?;
     Ok(nll.reshape((b, t))?.narrow(1, 0, t - 1)?)
 }
 

@@ -15,10 +15,10 @@ use crate::config::{Config, Objective, Stage};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
+use crate::llama::{self, Decoder, LoadedModel};
 use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::CuratedRow;
-use crate::llama::{self, Decoder, LoadedModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
@@ -37,7 +37,9 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
 }
 
 fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
-    let path = cfg.stage_dir(Stage::Curate).join(format!("{split}.parquet"));
+    let path = cfg
+        .stage_dir(Stage::Curate)
+        .join(format!("{split}.parquet"));
     CuratedRow::from_frame(&read_frame(&path)?, &path)
 }
 

@@ -9,10 +9,10 @@
 //!
 //! plus clipping of the gradients' global L2 norm and accumulation over micro-batches.
 
+use crate::kernels::adamw::{self, sum_of_squares};
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use crate::kernels::adamw::{self, sum_of_squares};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -288,7 +288,8 @@ mod tests {
         #[test]
         fn bf16_training_lowers_the_loss_like_f32() {
             let s = tiny_shape();
-            let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]], &Device::Cpu).unwrap();
+            let ids =
+                Tensor::new(&[[1u32, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1]], &Device::Cpu).unwrap();
             let mask = Tensor::ones((2, 6), DType::F32, &Device::Cpu).unwrap();
             let mut curves = Vec::new();
             let weights = seeded_weights(&s, 7);
@@ -300,7 +301,8 @@ mod tests {
                 {
                     return;
                 }
-                let mut d = Decoder::new(s.clone(), weights.clone(), &Device::Cpu, |_| true).unwrap();
+                let mut d =
+                    Decoder::new(s.clone(), weights.clone(), &Device::Cpu, |_| true).unwrap();
                 d.set_precision(precision).unwrap();
                 let mut opt = AdamW::new(d.vars.clone(), 0.0).unwrap();
                 let mut losses = Vec::new();

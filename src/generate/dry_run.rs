@@ -4,8 +4,8 @@
 //! its own tokenizer and chat template; for an API they are estimated (4 characters a
 //! token, 4 tokens a message), and the report says so.
 
-use crate::config::{Config, TeacherKind};
 use crate::chat::ChatMessage;
+use crate::config::{Config, TeacherKind};
 use crate::teacher::{self, openai::estimate_tokens, Job, Settings};
 use anyhow::Result;
 use std::collections::HashMap;

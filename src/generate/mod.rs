@@ -197,8 +197,12 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     );
 
     if let Some(BatchFiles::Write(dir)) = &opts.batch_files {
-        let files =
-            batch_api::write_requests(dir, &cfg.teacher.model, &todo, &settings(cfg, &cfg.teacher))?;
+        let files = batch_api::write_requests(
+            dir,
+            &cfg.teacher.model,
+            &todo,
+            &settings(cfg, &cfg.teacher),
+        )?;
         eprintln!(
             "generate: wrote {} requests in {} file(s) under {}",
             todo.len(),

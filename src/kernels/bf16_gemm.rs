@@ -475,7 +475,7 @@ mod avx512 {
         for p in 0..pairs {
             let bv: [__m512bh; NV] = std::array::from_fn(|v| {
                 std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                    bp.add(p * NR + v * 16) as *const _
+                    bp.add(p * NR + v * 16) as *const _,
                 ))
             });
             for (i, row) in acc.iter_mut().enumerate() {

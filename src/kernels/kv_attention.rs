@@ -55,7 +55,12 @@ fn attend(
 ) {
     let hd = q.len();
     let mut scores: Vec<f32> = (0..visible)
-        .map(|t| dot(q, &cache.keys[t * stride + offset..t * stride + offset + hd]) * scale)
+        .map(|t| {
+            dot(
+                q,
+                &cache.keys[t * stride + offset..t * stride + offset + hd],
+            ) * scale
+        })
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;

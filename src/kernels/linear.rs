@@ -5,7 +5,7 @@
 
 use super::bf16_gemm::View;
 use super::gemm::{f32_product, product};
-use super::{cpu_f32, fused};
+use super::{cpu_f32, f32_slice, fused};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -413,9 +413,7 @@ mod tests {
         let x = Var::from_tensor(&random((37, 70), 1)).unwrap();
         let w = Var::from_tensor(&random((45, 70), 2)).unwrap();
         let up = random((37, 45), 3); // a fixed upstream gradient through the sum below
-        let y16 = linear(x.as_tensor(), w.as_tensor(), true)
-            .unwrap()
-            .unwrap();
+        let y16 = linear(x.as_tensor(), w.as_tensor(), true).unwrap().unwrap();
         let y32 = x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap();
         // Operands rounded to 8 mantissa bits: errors near 2⁻⁸ of each product, which
         // partly cancel over 70 terms.

@@ -43,7 +43,11 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [u32]> {
+pub(crate) fn u32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [u32]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: targets must be contiguous")))?;

@@ -84,13 +84,7 @@ impl Block {
 
     pub fn linears(&self) -> [&Linear; 7] {
         [
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.o,
-            &self.gate,
-            &self.up,
-            &self.down,
+            &self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down,
         ]
     }
 

@@ -64,10 +64,7 @@ impl Attend for CausalAttention<'_> {
         if let Some(out) = causal_attention(&q, &k, v, self.keys.clone(), bf16)? {
             return Ok(out);
         }
-        let v = v
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         // Grouped-query attention without copying keys and values for every query head:
         // the `rep` query heads that share a key/value head (heads kv·rep … kv·rep + rep − 1,
         // as transformers' repeat_kv pairs them) are stacked along the sequence axis, a

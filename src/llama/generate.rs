@@ -179,7 +179,12 @@ impl Generator<'_> {
         let room = prompt.len() + max_new;
         let (mut cache, reused) = match prefix.as_ref() {
             Some(p) => {
-                let shared = p.ids.iter().zip(&prompt).take_while(|(a, b)| a == b).count();
+                let shared = p
+                    .ids
+                    .iter()
+                    .zip(&prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
                 // At least one token must run, for the next-token logits.
                 let reused = shared.min(prompt.len() - 1);
                 (p.cache.prefix(reused, room - reused), reused)
@@ -216,7 +221,11 @@ impl Generator<'_> {
     }
 
     /// Choose `seq`'s next token and let the hooks see it; `Some` when the sequence ends.
-    fn advance<T>(&self, seq: &mut Sequence<T>, hooks: &mut impl Hooks<T>) -> Result<Option<Finish>> {
+    fn advance<T>(
+        &self,
+        seq: &mut Sequence<T>,
+        hooks: &mut impl Hooks<T>,
+    ) -> Result<Option<Finish>> {
         let token = match self.sampling {
             Sampling::Temperature(t) if t > 0.0 => sample(&seq.logits, t, &mut seq.rng),
             _ => argmax(&seq.logits),

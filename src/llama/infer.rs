@@ -253,7 +253,9 @@ impl Decoder {
                 anyhow::ensure!(!c.is_empty(), "a continuation tokenized to nothing");
                 let mut logprob = first[c[0] as usize] as f64;
                 if c.len() > 1 {
-                    let rows = rest.next().ok_or_else(|| anyhow::anyhow!("missing continuation logits"))?;
+                    let rows = rest
+                        .next()
+                        .ok_or_else(|| anyhow::anyhow!("missing continuation logits"))?;
                     for (j, &id) in c[1..].iter().enumerate() {
                         let row = log_softmax(&rows[j * vocab..(j + 1) * vocab]);
                         logprob += row[id as usize] as f64;

@@ -98,7 +98,10 @@ impl Linear {
         rng: &mut impl rand::Rng,
         device: &Device,
     ) -> Result<Vec<(String, Var)>> {
-        anyhow::ensure!(self.layout == Layout::OutIn, "adapters train [out, in] weights");
+        anyhow::ensure!(
+            self.layout == Layout::OutIn,
+            "adapters train [out, in] weights"
+        );
         let (out, inp) = self.weight.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * inp)
@@ -136,7 +139,12 @@ impl Linear {
     fn dropout(&self, pass: &Pass) -> Option<(f64, u64)> {
         let l = self.lora.as_ref()?;
         let key = pass.dropout_key?;
-        (l.dropout > 0.0).then(|| (l.dropout, key ^ crate::io::atomic::seed_from_text(&self.name)))
+        (l.dropout > 0.0).then(|| {
+            (
+                l.dropout,
+                key ^ crate::io::atomic::seed_from_text(&self.name),
+            )
+        })
     }
 
     /// `x · Wᵀ (+ bias) (+ adapter)` for `x` `[..., in]`.
@@ -166,7 +174,8 @@ impl Linear {
                         // Scaled at rank width, not at the output's: one fewer output-sized
                         // tensor.
                         let low = (product_t(&xa, l.a.as_tensor(), false)? * l.scale)?;
-                        (product_t(x, &self.weight, bf16)? + product_t(&low, l.b.as_tensor(), false)?)?
+                        (product_t(x, &self.weight, bf16)?
+                            + product_t(&low, l.b.as_tensor(), false)?)?
                     }
                 }
             }

@@ -129,7 +129,11 @@ impl Decoder {
             .blocks
             .iter_mut()
             .flat_map(|b| b.linears_mut())
-            .filter(|l| cfg.targets.iter().any(|t| l.name.ends_with(&format!(".{t}"))))
+            .filter(|l| {
+                cfg.targets
+                    .iter()
+                    .any(|t| l.name.ends_with(&format!(".{t}")))
+            })
             .collect();
         anyhow::ensure!(
             !targets.is_empty(),
@@ -184,7 +188,10 @@ impl Decoder {
         }
         for (l, block) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            out.insert(format!("{p}.input_layernorm.weight"), block.input_norm.clone());
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                block.input_norm.clone(),
+            );
             out.insert(
                 format!("{p}.post_attention_layernorm.weight"),
                 block.post_norm.clone(),
@@ -210,11 +217,13 @@ impl Decoder {
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let pass = self.pass();
-        let mut x = self
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, self.shape.hidden_size))?;
-        let mut attn = CausalAttention::new(&self.shape, (&self.cos, &self.sin), mask, pass.precision)?;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.shape.hidden_size,
+        ))?;
+        let mut attn =
+            CausalAttention::new(&self.shape, (&self.cos, &self.sin), mask, pass.precision)?;
         for (l, block) in self.blocks.iter().enumerate() {
             x = block.forward(&x, l, &mut attn, &pass)?;
         }

@@ -10,8 +10,7 @@
 //! that fits (see `fits_in_memory`).
 
 use super::{
-    top_k, AnswerLocator, Job, JobResult, Reply, RetryCounts, Settings, Teacher, Token,
-    TokenChoice,
+    top_k, AnswerLocator, Job, JobResult, Reply, RetryCounts, Settings, Teacher, Token, TokenChoice,
 };
 use crate::chat::ChatMessage;
 use crate::llama::generate::{Finish, Generator, Hooks, Request, Sampling, Sequence};
@@ -219,9 +218,9 @@ impl Teacher for EngineTeacher {
                 .chat_ids(&job.messages)
                 .with_context(|| format!("local teacher failed on input {row}"))?;
             // Jobs without a seed get one from their key, so reruns sample the same reply.
-            let seed = job
-                .seed
-                .unwrap_or_else(|| crate::io::atomic::seed_from_text(&format!("{}#{}", job.id, job.sample)));
+            let seed = job.seed.unwrap_or_else(|| {
+                crate::io::atomic::seed_from_text(&format!("{}#{}", job.id, job.sample))
+            });
             Ok(Request {
                 tag: job,
                 prompt,
