@@ -8,7 +8,8 @@
 # about 90 minutes on 2 cores. Run it on a quiet machine (it refuses to write otherwise).
 #
 #   scripts/bench/teacher.sh [--models A.gguf,B.gguf] [--n 48] [--max-tokens 128]
-#                            [--batch 32] [--reps 3] [--no-one-stream] [--allow-load]
+#                            [--batch 32] [--reps 3] [--no-one-stream]
+#                            [--no-one-stream-for 1.5B] [--allow-load]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./scripts/fetch-models.sh --large

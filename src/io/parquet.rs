@@ -60,3 +60,29 @@ fn any_to_json(v: AnyValue) -> serde_json::Value {
         other => J::String(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{tests_support::row, TeacherRow, TokenTopk};
+
+    #[test]
+    fn teacher_rows_round_trip_through_parquet() {
+        let mut with_tokens = row("c", &[]);
+        with_tokens.tokens = TokenTopk {
+            ids: vec![5, 9],
+            logprobs: vec![-0.1, -0.2],
+            top_ids: vec![vec![5, 6], vec![9, 1]],
+            top_logprobs: vec![vec![-0.1, -2.0], vec![-0.2, -3.0]],
+            ..TokenTopk::default()
+        };
+        with_tokens.seed = Some(42);
+        let rows = vec![row("a", &["joy", "anger"]), row("b", &[]), with_tokens];
+        let mut df = TeacherRow::to_frame(&rows).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        write_frame(&path, &mut df).unwrap();
+        let back = TeacherRow::from_frame(&read_frame(&path).unwrap(), &path).unwrap();
+        assert_eq!(back, rows);
+    }
+}
