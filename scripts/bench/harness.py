@@ -91,6 +91,9 @@ class Bench:
         return metrics
 
     def record(self, side, metrics):
+        took = metrics.get("wall_s", metrics.get("job_s"))
+        if took is not None:
+            print(f"[{self.title}]   {side}: done in {took:.1f} s", file=sys.stderr, flush=True)
         if side not in self.results:
             self.results[side] = []
             self.order.append(side)

@@ -149,8 +149,27 @@ def batched_bench_cmd(model, flash):
     ]
 
 
+def write_table(sections, still_to_run):
+    """The table so far: written after every model, so a long run that stops keeps the
+    models it finished."""
+    head = [
+        "# Teacher speed: kdpipe's local engines vs llama.cpp\n",
+        f"{threads} threads on {threads} cores ({os.uname().machine}), llama.cpp from llama-cpp-python {a.llama_version}'s "
+        "vendored source (native flags, OpenMP), kdpipe's batched engine on f32 weights dequantized from the GGUF. "
+        f"{a.reps} runs a side, interleaved.\n",
+        "Command: `scripts/bench/teacher.sh" + harness.command_args() + "`\n",
+        harness.median_range_header() + "\n",
+        "kdpipe's engine computes the few-shot prefix that consecutive prompts share once and copies it; "
+        "llama-server reuses a slot's own previous prompt (`cache_prompt`), so its evaluated prompt tokens are shown.\n",
+    ]
+    if still_to_run:
+        head.append(f"**Partial: still to run: {', '.join(still_to_run)}.**\n")
+    bench.write(a.out, "\n".join(head + sections + ["", bench.load_note(), ""]))
+
+
+models = a.models.split(",")
 sections = []
-for model in a.models.split(","):
+for done, model in enumerate(models, 1):
     name = os.path.basename(model).removesuffix(".gguf")
     chats_path = os.path.join(a.work, f"{name}.chats.jsonl")
     subprocess.run([a.bin, "chats", a.config, model, str(a.n), chats_path], check=True, stdout=subprocess.DEVNULL)
@@ -249,15 +268,5 @@ for model in a.models.split(","):
     else:
         s.append("**One stream**: left out for this model (`--no-one-stream`/`--no-one-stream-for`).\n")
     sections.append("\n".join(s))
+    write_table(sections, [os.path.basename(m) for m in models[done:]])
 
-head = [
-    "# Teacher speed: kdpipe's local engines vs llama.cpp\n",
-    f"{threads} threads on {threads} cores ({os.uname().machine}), llama.cpp from llama-cpp-python {a.llama_version}'s "
-    "vendored source (native flags, OpenMP), kdpipe's batched engine on f32 weights dequantized from the GGUF. "
-    f"{a.reps} runs a side, interleaved.\n",
-    "Command: `scripts/bench/teacher.sh" + harness.command_args() + "`\n",
-    harness.median_range_header() + "\n",
-    "kdpipe's engine computes the few-shot prefix that consecutive prompts share once and copies it; "
-    "llama-server reuses a slot's own previous prompt (`cache_prompt`), so its evaluated prompt tokens are shown.\n",
-]
-bench.write(a.out, "\n".join(head + sections + ["", bench.load_note(), ""]))

@@ -5,7 +5,10 @@
 # the same GGUFs and the same rendered few-shot chats, every side 3 times interleaved
 # (scripts/bench/teacher.py, scripts/bench/harness.py). Writes bench-results/teacher.md.
 # Default models: SmolLM2-135M, Qwen2.5-Coder-0.5B and -1.5B (fetched with --large);
-# about 90 minutes on 2 cores. Run it on a quiet machine (it refuses to write otherwise).
+# one repetition of SmolLM2-135M with every row took 11 minutes on 2 cores, so all three
+# models take hours: split the run with --models (the table is rewritten after every
+# model) and leave the slow one-stream rows out of big models with --no-one-stream-for.
+# Run it on a quiet machine (it refuses to write otherwise).
 #
 #   scripts/bench/teacher.sh [--models A.gguf,B.gguf] [--n 48] [--max-tokens 128]
 #                            [--batch 32] [--reps 3] [--no-one-stream]

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 /// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]` on the CPU (f32 tensors), in f32 or,
-/// with `bf16`, in bf16 operands with f32 sums (`super::mixed`). The backward pass computes
+/// with `bf16`, in bf16 operands with f32 sums (`super::bf16_gemm`). The backward pass computes
 /// the weight's gradient only when `w` is a variable: candle's matmul backward also
 /// computes it for a frozen weight (and adds it into a zero tensor), a third of the
 /// backward matrix work in LoRA mode and for a frozen tied lm_head. Leading dimensions are
@@ -75,7 +75,7 @@ pub fn lora_linear(
 
 struct LoraLinear {
     w: Tensor,
-    /// The frozen weight's products in bf16 with f32 sums (`super::mixed`).
+    /// The frozen weight's products in bf16 with f32 sums (`super::bf16_gemm`).
     bf16: bool,
     mask: Option<Tensor>,
     scale: f32,
@@ -210,7 +210,7 @@ impl CustomOp3 for LoraLinear {
 }
 
 /// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]`, the product in f32 or, with `bf16`,
-/// in bf16 operands with f32 sums (`super::mixed`). The backward pass computes the weight's
+/// in bf16 operands with f32 sums (`super::bf16_gemm`). The backward pass computes the weight's
 /// gradient only with `weight_grad`.
 pub(super) struct LinearOp {
     pub bf16: bool,

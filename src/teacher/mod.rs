@@ -152,9 +152,16 @@ pub fn open(
         #[cfg(not(feature = "mistralrs"))]
         TeacherKind::Local => {
             let _ = (will_score_labels, token_topk);
+            let why = if matches!(cfg.engine, LocalEngine::Mistralrs) {
+                "[teacher] engine = \"mistralrs\" asks for mistralrs".to_string()
+            } else {
+                format!(
+                    "{} is not a llama or qwen2 model that fits in memory for kdpipe's own engine",
+                    cfg.model
+                )
+            };
             anyhow::bail!(
-                "{} is not a llama or qwen2 model that fits in memory for kdpipe's own engine, and this kdpipe was built without mistralrs\nhint: build with `cargo build --release --features mistralrs` for other architectures, or set [teacher] engine = \"kdpipe\"",
-                cfg.model
+                "{why}, and this kdpipe was built without mistralrs\nhint: build with `cargo build --release --features mistralrs` for other architectures, or set [teacher] engine = \"kdpipe\""
             )
         }
         TeacherKind::Openai => Ok(Box::new(openai::ApiTeacher::open(cfg)?)),
