@@ -117,10 +117,15 @@ impl QMatrix {
                 x.len()
             );
         }
-        Ok(self.matmul_with(x, dot_kernel()))
+        Ok(self.matmul_with(x, dot_kernel(), dot4_kernel()))
     }
 
-    fn matmul_with(&self, x: &[f32], dot: fn(&Unpacked, Q8Row) -> f32) -> Vec<f32> {
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        dot: fn(&Unpacked, Q8Row) -> f32,
+        dot4: Option<Dot4>,
+    ) -> Vec<f32> {
         if x.is_empty() || self.rows == 0 {
             return Vec::new();
         }
@@ -139,7 +144,25 @@ impl QMatrix {
                         u
                     })
                     .collect();
-                for i in 0..m {
+                // Four activation rows at a time where a four-row kernel runs; it gives
+                // each row the bits the one-row kernel gives, so a row's result does not
+                // depend on how many rows share the step.
+                let mut i = 0;
+                if let Some(dot4) = dot4 {
+                    while i + 4 <= m {
+                        let a = [
+                            acts.row(i),
+                            acts.row(i + 1),
+                            acts.row(i + 2),
+                            acts.row(i + 3),
+                        ];
+                        for (j, w) in unpacked.iter().enumerate() {
+                            out[j * m + i..j * m + i + 4].copy_from_slice(&dot4(w, a));
+                        }
+                        i += 4;
+                    }
+                }
+                for i in i..m {
                     let a = acts.row(i);
                     for (j, w) in unpacked.iter().enumerate() {
                         out[j * m + i] = dot(w, a);
@@ -227,48 +250,81 @@ fn group_dot(codes: &[u8], qs: &[i8]) -> i32 {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn dot_vnni(w: &Unpacked, a: Q8Row) -> f32 {
+    dot_vnni_rows::<1>(w, [a])[0]
+}
+
+/// `dot_vnni` of one weight row with R activation rows at once: the weight's codes and
+/// scales are loaded once for all R, and the R accumulators are independent chains. Each
+/// row's result takes exactly the operations `dot_vnni` takes, so it has the same bits.
+///
+/// # Safety
+/// As `dot_vnni`, for every row of `a`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot_vnni_rows<const R: usize>(w: &Unpacked, a: [Q8Row; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let n = w.codes.len();
-    debug_assert!(a.qs.len() == n && a.lane_scale.len() == n / 4 && w.lane_scale.len() == n / 4);
+    debug_assert!(a
+        .iter()
+        .all(|a| a.qs.len() == n && a.lane_scale.len() == n / 4));
+    debug_assert!(w.lane_scale.len() == n / 4);
     let full = n / 64 * 64;
-    let (codes, qs) = (w.codes.as_ptr(), a.qs.as_ptr());
-    let (wls, als) = (w.lane_scale.as_ptr(), a.lane_scale.as_ptr());
-    let mut acc = _mm512_setzero_ps();
+    let (codes, wls) = (w.codes.as_ptr(), w.lane_scale.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); R];
     let mut k = 0;
     while k < full {
         let c = _mm512_loadu_si512(codes.add(k) as *const _);
-        let q = _mm512_loadu_si512(qs.add(k) as *const _);
-        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q);
-        let scale = _mm512_mul_ps(
-            _mm512_loadu_ps(wls.add(k / 4)),
-            _mm512_loadu_ps(als.add(k / 4)),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc);
+        let ws = _mm512_loadu_ps(wls.add(k / 4));
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            let q = _mm512_loadu_si512(a.qs.as_ptr().add(k) as *const _);
+            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q);
+            let scale = _mm512_mul_ps(ws, _mm512_loadu_ps(a.lane_scale.as_ptr().add(k / 4)));
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, *acc);
+        }
         k += 64;
     }
-    let mut products = _mm512_reduce_add_ps(acc);
-    // A last run of 32 (rows of an odd number of 32-blocks).
-    for g in k / GROUP..n / GROUP {
-        let range = g * GROUP..(g + 1) * GROUP;
-        products +=
-            w.scale[g] * a.scale[g] * group_dot(&w.codes[range.clone()], &a.qs[range]) as f32;
-    }
     let groups = n / GROUP;
-    let mut off = _mm512_setzero_ps();
-    let mut g = 0;
-    while g + 16 <= groups {
-        off = _mm512_fmadd_ps(
-            _mm512_loadu_ps(w.offset.as_ptr().add(g)),
-            _mm512_loadu_ps(a.sum.as_ptr().add(g)),
-            off,
-        );
-        g += 16;
+    let mut out = [0f32; R];
+    for ((out, acc), a) in out.iter_mut().zip(acc).zip(&a) {
+        let mut products = _mm512_reduce_add_ps(acc);
+        // A last run of 32 (rows of an odd number of 32-blocks).
+        for g in k / GROUP..groups {
+            let range = g * GROUP..(g + 1) * GROUP;
+            products +=
+                w.scale[g] * a.scale[g] * group_dot(&w.codes[range.clone()], &a.qs[range]) as f32;
+        }
+        // Σ offset·sum over the groups, 16 at a time; the last, partial 16 by a masked load
+        // (zeros beyond the end).
+        let mut off = _mm512_setzero_ps();
+        let mut g = 0;
+        while g < groups {
+            let mask: __mmask16 = if groups - g >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << (groups - g)) - 1
+            };
+            off = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(mask, w.offset.as_ptr().add(g)),
+                _mm512_maskz_loadu_ps(mask, a.sum.as_ptr().add(g)),
+                off,
+            );
+            g += 16;
+        }
+        *out = products - _mm512_reduce_add_ps(off);
     }
-    let mut offsets = _mm512_reduce_add_ps(off);
-    for g in g..groups {
-        offsets += w.offset[g] * a.sum[g];
+    out
+}
+
+/// Four activation rows against one weight row at a time, where the CPU has VNNI.
+type Dot4 = fn(&Unpacked, [Q8Row; 4]) -> [f32; 4];
+
+fn dot4_kernel() -> Option<Dot4> {
+    #[cfg(target_arch = "x86_64")]
+    if vnni_available() {
+        // SAFETY: the CPU has the features `dot_vnni_rows` is compiled for.
+        return Some(|w, a| unsafe { dot_vnni_rows::<4>(w, a) });
     }
-    products - offsets
+    None
 }
 
 #[cfg(test)]
@@ -293,9 +349,9 @@ mod tests {
             .map(|i| if i % 34 == 1 { 0x20 } else { rng.random() })
             .collect();
         let w = QMatrix::new(Format::Q8_0, rows, cols, data).unwrap();
-        let x: Vec<f32> = (0..3 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let x: Vec<f32> = (0..6 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let fast = w.matmul(&x).unwrap();
-        let portable = w.matmul_with(&x, dot_portable);
+        let portable = w.matmul_with(&x, dot_portable, None);
         for (a, b) in fast.iter().zip(&portable) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }
