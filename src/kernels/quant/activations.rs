@@ -35,7 +35,7 @@ pub struct Q8Row<'a> {
 impl Q8Rows {
     /// Quantize `x` (`rows × cols`, `cols` a multiple of 32), rows in parallel.
     pub fn quantize(x: &[f32], cols: usize) -> Q8Rows {
-        debug_assert!(cols % BLOCK == 0 && x.len() % cols == 0);
+        debug_assert!(cols.is_multiple_of(BLOCK) && x.len().is_multiple_of(cols));
         let groups = cols / GROUP;
         let rows = x.len() / cols;
         let mut qs = vec![0i8; x.len()];

@@ -39,7 +39,7 @@ impl QMatrix {
         cols: usize,
         data: Vec<u8>,
     ) -> candle_core::Result<QMatrix> {
-        if cols % format.block_len() != 0 {
+        if !cols.is_multiple_of(format.block_len()) {
             candle_core::bail!(
                 "a {format:?} matrix needs rows of a multiple of {} weights, got {cols}",
                 format.block_len()
@@ -108,7 +108,7 @@ impl QMatrix {
 
     /// `x · Wᵀ` for `x` `[m, cols]` (row-major): `[m, rows]`.
     pub fn matmul(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
-        if x.len() % self.cols != 0 {
+        if !x.len().is_multiple_of(self.cols) {
             candle_core::bail!(
                 "a product with a {}×{} quantized matrix needs rows of {} values, got {} values",
                 self.rows,
