@@ -9,7 +9,9 @@
 //! - `mistralrs MODEL CHATS MAX_TOKENS`: the mistralrs engine, one request at a time;
 //! - `raw MODEL NPP NTG NPL`: the batched engine's raw speed, the way llama.cpp's
 //!   `llama-batched-bench` measures it: NPL distinct prompts of NPP tokens prefilled (no
-//!   shared prefix), then NTG decode steps of all NPL sequences together.
+//!   shared prefix), then NTG decode steps of all NPL sequences together;
+//! - `raw-quantized MODEL NPP NTG NPL`: the same with the weights kept in their GGUF
+//!   block formats (`kernels::quant`).
 //!
 //! Each run prints one JSON line on stdout.
 //!
@@ -34,7 +36,7 @@ fn main() -> anyhow::Result<()> {
         args.get(i).map(String::as_str).ok_or_else(|| {
             anyhow::anyhow!(
                 "usage: teacher_bench chats CONFIG MODEL N OUT | batched MODEL CHATS MAX_TOKENS BATCH \
-                 | mistralrs MODEL CHATS MAX_TOKENS | raw MODEL NPP NTG NPL"
+                 | mistralrs MODEL CHATS MAX_TOKENS | raw[-quantized] MODEL NPP NTG NPL"
             )
         })
     };
@@ -42,11 +44,12 @@ fn main() -> anyhow::Result<()> {
         "chats" => chats(arg(2)?, arg(3)?, arg(4)?.parse()?, arg(5)?),
         "batched" => batched(arg(2)?, arg(3)?, arg(4)?.parse()?, arg(5)?.parse()?),
         "mistralrs" => mistralrs(arg(2)?, arg(3)?, arg(4)?.parse()?),
-        "raw" => raw(
+        mode @ ("raw" | "raw-quantized") => raw(
             arg(2)?,
             arg(3)?.parse()?,
             arg(4)?.parse()?,
             arg(5)?.parse()?,
+            mode == "raw-quantized",
         ),
         other => anyhow::bail!("unknown mode {other:?}"),
     }
@@ -186,12 +189,14 @@ fn mistralrs(_: &str, _: &str, _: usize) -> anyhow::Result<()> {
     anyhow::bail!("built without the local (mistralrs) feature")
 }
 
-fn raw(model: &str, npp: usize, ntg: usize, npl: usize) -> anyhow::Result<()> {
+fn raw(model: &str, npp: usize, ntg: usize, npl: usize, quantized: bool) -> anyhow::Result<()> {
     let start = Instant::now();
-    let loaded = kdpipe::llama::load(model, &candle_core::Device::Cpu)?;
-    let decoder = loaded
-        .decoder(&candle_core::Device::Cpu, |_| false)?
-        .into_inference()?;
+    let mut loaded = if quantized {
+        kdpipe::llama::load_for_inference(model)?
+    } else {
+        kdpipe::llama::load(model, &candle_core::Device::Cpu)?
+    };
+    let decoder = loaded.take_inference_decoder()?;
     let load_s = start.elapsed().as_secs_f64();
     let vocab = decoder.shape.vocab_size as u32;
     // Distinct prompts: sequence s's token i is a fixed function of (s, i) below the vocab.

@@ -1,7 +1,8 @@
 //! The decoder and kdpipe's engine on the real GGUFs from scripts/fetch-models.sh: every
 //! weight trains, AdamW and LoRA lower the loss and merge exactly, the engine's replies do
-//! not depend on their batch, its label probabilities equal a fresh forward pass, and its
-//! logits are bit-identical alone and in any batch. (mistralrs_engine.rs checks the
+//! not depend on their batch, its label probabilities equal a fresh forward pass of its
+//! own (quantized) decoder and stay within 0.02 of the f32 model's, and its logits are
+//! bit-identical alone and in any batch. (mistralrs_engine.rs checks the
 //! tokenizer and the decoder against the mistralrs engine.)
 
 mod common;
@@ -284,6 +285,12 @@ fn engine_label_probs_equal_a_fresh_forward_pass() {
     replies.extend(batched_replies(&teacher, &chats, &settings, &at_start));
     let loaded = student::load(path.to_str().unwrap(), &Device::Cpu).unwrap();
     let model = loaded.decoder(&Device::Cpu, |_| false).unwrap();
+    // The engine's own decoder (weights in their GGUF block formats), run fresh.
+    let served = student::load_for_inference(path.to_str().unwrap())
+        .unwrap()
+        .take_inference_decoder()
+        .unwrap();
+    let vocab = served.shape.vocab_size;
     let halfway = chats.len();
     for (i, (messages, reply)) in chats.iter().cycle().zip(&replies).enumerate() {
         let probs = reply.label_probs.as_ref().expect("label probs");
@@ -314,15 +321,39 @@ fn engine_label_probs_equal_a_fresh_forward_pass() {
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
-            let want: f64 = ids
+            let f32_forward: f64 = ids
                 .iter()
                 .enumerate()
                 .map(|(j, &id)| lp[context.len() - 1 + j][id as usize] as f64)
                 .sum::<f64>()
                 .exp();
+            let mut cache = kdpipe::llama::infer::SeqCache::new(&served, n);
+            let rows = served
+                .forward_step(&mut [kdpipe::llama::infer::StepInput {
+                    cache: &mut cache,
+                    tokens: &all,
+                    all_logits: true,
+                }])
+                .unwrap()
+                .swap_remove(0);
+            let want: f64 = ids
+                .iter()
+                .enumerate()
+                .map(|(j, &id)| {
+                    let at = context.len() - 1 + j;
+                    kdpipe::llama::infer::log_softmax(&rows[at * vocab..(at + 1) * vocab])
+                        [id as usize] as f64
+                })
+                .sum::<f64>()
+                .exp();
             assert!(
                 (p - want).abs() <= 1e-3 * want.max(1e-6) + 1e-7,
                 "{label}: batched {p} vs fresh {want}"
+            );
+            // The quantized activations move a probability by little (issue: ≤ 0.02).
+            assert!(
+                (p - f32_forward).abs() <= 0.02,
+                "{label}: quantized engine {p} vs f32 forward {f32_forward}"
             );
         }
     }

@@ -19,7 +19,6 @@ use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use metrics::Outcome;
 use polars::prelude::*;
 use std::collections::HashSet;
@@ -227,7 +226,10 @@ fn score_student(
     task: &Task,
     rows: &[EvalRow],
 ) -> Result<Scored> {
-    let loaded = llama::load(model, &Device::Cpu)?;
+    // A GGUF student runs on its block formats, as the teacher engine does.
+    let mut loaded = llama::load_for_inference(model)?;
+    let params = loaded.params();
+    let decoder = loaded.take_inference_decoder()?;
     let inputs: Vec<&str> = rows.iter().map(|r| r.input.as_str()).collect();
     let decode = cfg.eval.student_decode;
     let view = View::for_eval(cfg);
@@ -239,7 +241,7 @@ fn score_student(
         calculator: cfg.eval.calculator && reasons,
         parallel: cfg.eval.parallel,
     };
-    let answers = student::answer(key, &loaded, prompt, task, &inputs, how)?;
+    let answers = student::answer(key, (&decoder, &loaded), prompt, task, &inputs, how)?;
     let name = if key == "base" {
         "student before"
     } else {
@@ -258,7 +260,7 @@ fn score_student(
         name,
         model: model.to_string(),
         decode,
-        params: Some(loaded.params()),
+        params: Some(params),
     };
     Ok(scored(who, answers, rows, task))
 }

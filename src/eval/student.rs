@@ -12,7 +12,6 @@ use crate::progress::Progress;
 use crate::prompts::{Prompt, View};
 use crate::task::{arith, format_number, Task};
 use anyhow::{Context, Result};
-use candle_core::Device;
 
 /// How the student answers.
 #[derive(Debug, Clone, Copy)]
@@ -26,23 +25,24 @@ pub struct Decoding {
     pub parallel: usize,
 }
 
+/// The student's answers to `inputs`: `model` is the inference decoder over `loaded`'s
+/// weights (`LoadedModel::take_inference_decoder`), `loaded` its tokenizer and template.
 pub fn answer(
     name: &str,
-    loaded: &LoadedModel,
+    (model, loaded): (&Decoder, &LoadedModel),
     prompt: &Prompt,
     task: &Task,
     inputs: &[&str],
     how: Decoding,
 ) -> Result<Answers> {
-    let model = loaded.decoder(&Device::Cpu, |_| false)?.into_inference()?;
     let prompts: Vec<Vec<u32>> = inputs
         .iter()
         .map(|input| loaded.chat_ids(&prompt.student_chat(how.view, input)))
         .collect::<Result<_>>()?;
     let mut progress = Progress::new(name, inputs.len() as u64);
     let predictions = match how.decode {
-        StudentDecode::Greedy => generate(&model, loaded, task, &prompts, how, &mut progress)?,
-        StudentDecode::LabelScores => best_labels(&model, loaded, task, &prompts, &mut progress)?,
+        StudentDecode::Greedy => generate(model, loaded, task, &prompts, how, &mut progress)?,
+        StudentDecode::LabelScores => best_labels(model, loaded, task, &prompts, &mut progress)?,
     };
     let wall_seconds = progress.finish();
     Ok(Answers {

@@ -18,6 +18,7 @@ pub mod gemm;
 pub mod kv_attention;
 pub mod linear;
 pub mod norm;
+pub mod quant;
 pub mod rope;
 pub mod swiglu;
 

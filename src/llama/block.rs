@@ -5,7 +5,7 @@
 //! `super::causal`) and an inference step (new rows against each sequence's key/value
 //! cache, `super::infer`): the caller hands the block the one it needs.
 
-use super::linear::{Linear, Pass};
+use super::linear::{Linear, Pass, Weight};
 use super::ModelShape;
 use crate::kernels::{rms_norm, silu_mul};
 use anyhow::{Context, Result};
@@ -45,28 +45,44 @@ pub const LINEAR_NAMES: [&str; 7] = [
     "mlp.down_proj",
 ];
 
+/// Where a block's tensors come from, by Hugging Face name: dense tensors (norms,
+/// biases) and the linear layers' weights, each taken once.
+pub trait BlockWeights {
+    /// A dense tensor; None when there is none of that name.
+    fn take(&mut self, name: &str) -> Option<Tensor>;
+    /// A linear layer's weight (`<layer>.weight`).
+    fn take_weight(&mut self, name: &str) -> Result<Weight>;
+}
+
+/// Dense weights by name, `[out, in]` as training reads them.
+impl BlockWeights for BTreeMap<String, Tensor> {
+    fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.remove(name)
+    }
+
+    fn take_weight(&mut self, name: &str) -> Result<Weight> {
+        self.remove(name)
+            .map(Weight::OutIn)
+            .with_context(|| format!("student weights lack {name} (missing tensor)"))
+    }
+}
+
 impl Block {
     /// Take layer `l`'s tensors out of `weights` (Hugging Face names).
-    pub fn load(
-        shape: &ModelShape,
-        l: usize,
-        weights: &mut BTreeMap<String, Tensor>,
-    ) -> Result<Self> {
+    pub fn load(shape: &ModelShape, l: usize, weights: &mut impl BlockWeights) -> Result<Self> {
         let p = format!("model.layers.{l}");
-        let mut take = |name: &str| -> Result<Tensor> {
+        let mut norm = |name: String| -> Result<Tensor> {
             weights
-                .remove(name)
+                .take(&name)
                 .with_context(|| format!("student weights lack {name} (missing tensor)"))
         };
-        let input_norm = take(&format!("{p}.input_layernorm.weight"))?;
-        let post_norm = take(&format!("{p}.post_attention_layernorm.weight"))?;
+        let input_norm = norm(format!("{p}.input_layernorm.weight"))?;
+        let post_norm = norm(format!("{p}.post_attention_layernorm.weight"))?;
         let mut linear = |suffix: &str| -> Result<Linear> {
             let name = format!("{p}.{suffix}");
-            let weight = weights
-                .remove(&format!("{name}.weight"))
-                .with_context(|| format!("student weights lack {name}.weight (missing tensor)"))?;
-            let bias = weights.remove(&format!("{name}.bias"));
-            Ok(Linear::new(name, weight, bias))
+            let weight = weights.take_weight(&format!("{name}.weight"))?;
+            let bias = weights.take(&format!("{name}.bias"));
+            Ok(Linear::with_weight(name, weight, bias))
         };
         Ok(Block {
             q: linear("self_attn.q_proj")?,

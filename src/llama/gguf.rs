@@ -6,12 +6,15 @@
 use super::tokenizer::{meta_str, meta_u64, tokenizer_json_from_gguf};
 use super::{LoadedModel, ModelShape};
 use crate::chat::ChatTemplate;
+use crate::kernels::quant::{Format, QMatrix};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 fn meta_f64(c: &Content, key: &str) -> Option<f64> {
     match c.metadata.get(key)? {
@@ -84,6 +87,27 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// `unpermute` on a block-quantized matrix: whole rows move, their bytes unchanged.
+fn unpermute_rows(m: &QMatrix, n_head: usize) -> QMatrix {
+    let row_bytes = m.data.len() / m.rows;
+    let hd = m.rows / n_head;
+    let mut data = Vec::with_capacity(m.data.len());
+    for h in 0..n_head {
+        for half in 0..2 {
+            for pair in 0..hd / 2 {
+                let src = h * hd + pair * 2 + half;
+                data.extend_from_slice(&m.data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    QMatrix {
+        format: m.format,
+        rows: m.rows,
+        cols: m.cols,
+        data,
+    }
+}
+
 /// Undo llama.cpp's q/k permutation: GGUF rows are ordered (head, pair, 2) where Hugging
 /// Face orders them (head, 2, pair).
 fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
@@ -97,13 +121,27 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
         .reshape(dims)?)
 }
 
+/// Load a GGUF with every tensor dequantized to f32 (what training reads).
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+    read(path, device, false)
+}
+
+/// Load a GGUF for inference on the CPU: 2-D weights in a block format the kernels compute
+/// on (`kernels::quant::Format`) stay in it, in `LoadedModel::quantized`; the rest is
+/// dequantized to f32, with a log line per format that is.
+pub fn load_quantized(path: &Path) -> Result<LoadedModel> {
+    read(path, &Device::Cpu, true)
+}
+
+fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedModel> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = Content::read(&mut file).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} is not a valid GGUF file (truncated download?)\nhint: re-run scripts/fetch-models.sh", path.display()))?;
     let shape = shape_from_gguf(&content)
         .with_context(|| format!("cannot read model shape from {}", path.display()))?;
     let mut weights = BTreeMap::new();
+    let mut quantized = BTreeMap::new();
+    let mut dequantized_formats = std::collections::BTreeSet::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
@@ -111,15 +149,43 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         let q = content
             .tensor(&mut file, name, device)
             .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
-        let mut t = q.dequantize(device)?;
-        if shape.model_type == "llama" && name.ends_with(".weight") {
+        let heads = if shape.model_type == "llama" && name.ends_with(".weight") {
             if name.contains("attn_q") {
-                t = unpermute(&t, shape.num_attention_heads)?;
+                Some(shape.num_attention_heads)
             } else if name.contains("attn_k") {
-                t = unpermute(&t, shape.num_key_value_heads)?;
+                Some(shape.num_key_value_heads)
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let dims = q.shape().dims().to_vec();
+        if keep_quantized && dims.len() == 2 {
+            if let Some(format) = Format::from_ggml(q.dtype()) {
+                let mut m = QMatrix::new(format, dims[0], dims[1], q.data()?.into_owned())
+                    .with_context(|| format!("{}: tensor {name}", path.display()))?;
+                if let Some(n_head) = heads {
+                    m = unpermute_rows(&m, n_head);
+                }
+                quantized.insert(hf, Arc::new(m));
+                continue;
+            }
+            if !matches!(q.dtype(), GgmlDType::F32) {
+                dequantized_formats.insert(format!("{:?}", q.dtype()));
             }
         }
+        let mut t = q.dequantize(device)?;
+        if let Some(n_head) = heads {
+            t = unpermute(&t, n_head)?;
+        }
         weights.insert(hf, t);
+    }
+    for f in dequantized_formats {
+        tracing::info!(
+            "{}: {f} weights are dequantized to f32 on load (the quantized kernels do not compute on {f})",
+            path.display()
+        );
     }
     let tokenizer_json = tokenizer_json_from_gguf(&content)?;
     let tokenizer = tokenizers::Tokenizer::from_str(&tokenizer_json)
@@ -139,6 +205,7 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel {
         shape,
         weights,
+        quantized,
         tokenizer,
         tokenizer_json,
         chat,
@@ -161,6 +228,32 @@ pub fn architecture_and_params(path: &Path) -> Result<(String, u64)> {
         .map(|t| t.shape.elem_count() as u64)
         .sum();
     Ok((arch, params))
+}
+
+/// The architecture of a GGUF file and the bytes its weights take once loaded by
+/// `load_quantized` (2-D tensors in a format the kernels compute on at their size, every
+/// other tensor as f32), from its header alone.
+pub fn architecture_and_inference_bytes(path: &Path) -> Result<(String, u64)> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = Content::read(&mut file)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    let arch = meta_str(&content, "general.architecture")?.to_string();
+    let bytes = content
+        .tensor_infos
+        .values()
+        .map(|t| {
+            let elems = t.shape.elem_count() as u64;
+            match Format::from_ggml(t.ggml_dtype) {
+                Some(f) if t.shape.dims().len() == 2 => {
+                    elems / f.block_len() as u64 * f.block_bytes() as u64
+                }
+                _ => elems * 4,
+            }
+        })
+        .sum();
+    Ok((arch, bytes))
 }
 
 #[cfg(test)]
@@ -200,5 +293,26 @@ mod tests {
             .unwrap();
         let back = unpermute(&gguf, n_head).unwrap();
         assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn quantized_rows_unpermute_like_the_dequantized_tensor() {
+        use candle_core::quantized::QTensor;
+        let (n_head, hd, cols) = (3, 8, 64);
+        let w = Tensor::randn(0f32, 1.0, (n_head * hd, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let m = QMatrix::new(
+            Format::Q8_0,
+            n_head * hd,
+            cols,
+            q.data().unwrap().into_owned(),
+        )
+        .unwrap();
+        let dense = Tensor::from_vec(m.dequantize(), (n_head * hd, cols), &Device::Cpu).unwrap();
+        let want = unpermute(&dense, n_head).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            unpermute_rows(&m, n_head).dequantize(),
+            want.to_vec1::<f32>().unwrap()
+        );
     }
 }

@@ -73,6 +73,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel {
         shape,
         weights,
+        quantized: Default::default(),
         tokenizer,
         tokenizer_json,
         chat,

@@ -166,9 +166,7 @@ impl Decoder {
         let positions = Tensor::from_vec(pos_of.clone(), rows, dev)?;
         let cos = self.cos.index_select(&positions, 0)?.flatten_all()?;
         let sin = self.sin.index_select(&positions, 0)?.flatten_all()?;
-        let mut x = self
-            .embed
-            .index_select(&Tensor::from_vec(ids, rows, dev)?, 0)?;
+        let mut x = self.embed.lookup(&Tensor::from_vec(ids, rows, dev)?)?;
         let mut attn = StepAttention {
             step: &mut *step,
             seq_of,

@@ -5,18 +5,30 @@
 
 use crate::config::{LoraConfig, Precision};
 use crate::kernels;
+use crate::kernels::quant::QMatrix;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use std::sync::Arc;
 
 /// How a weight is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+#[derive(Clone)]
+pub enum Weight {
     /// `[out, in]`, as Hugging Face stores it: what training reads and updates.
-    OutIn,
+    OutIn(Tensor),
     /// `[in, out]`: the matrix kernel reads it in place; `[out, in]` it would copy (pack)
     /// the whole weight at every call, which for the few rows of a batched decoding step
     /// cost more than the product itself (perf: 42 % of decoding time). Inference only.
-    InOut,
+    InOut(Tensor),
+    /// `[out, in]` in its GGUF block format (`kernels::quant`): the file's bytes a
+    /// parameter instead of 4. Inference only, on the CPU.
+    Quantized(Arc<QMatrix>),
+}
+
+impl Weight {
+    /// Whether this is a weight stored for inference only.
+    pub fn is_inference(&self) -> bool {
+        !matches!(self, Weight::OutIn(_))
+    }
 }
 
 /// A low-rank adapter on a frozen linear layer: `W x + s·B(A x)` with A `[r, in]`, B
@@ -35,8 +47,7 @@ pub struct Linear {
     /// The Hugging Face name of the layer (`model.layers.0.self_attn.q_proj`): the export
     /// names its tensors from it, and LoRA dropout salts its masks with it.
     pub name: String,
-    pub weight: Tensor,
-    pub layout: Layout,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
 }
@@ -58,34 +69,49 @@ impl Pass {
 }
 
 impl Linear {
+    /// A layer with an `[out, in]` weight, as training reads it.
     pub fn new(name: String, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::with_weight(name, Weight::OutIn(weight), bias)
+    }
+
+    pub fn with_weight(name: String, weight: Weight, bias: Option<Tensor>) -> Self {
         Linear {
             name,
             weight,
-            layout: Layout::OutIn,
             bias,
             lora: None,
         }
     }
 
-    /// Rows of the output (`out`), whatever the layout.
+    /// Rows of the output (`out`), whatever the storage.
     pub fn out_features(&self) -> Result<usize> {
-        Ok(match self.layout {
-            Layout::OutIn => self.weight.dim(0)?,
-            Layout::InOut => self.weight.dim(1)?,
+        Ok(match &self.weight {
+            Weight::OutIn(w) => w.dim(0)?,
+            Weight::InOut(w) => w.dim(1)?,
+            Weight::Quantized(q) => q.rows,
         })
     }
 
-    /// Store the weight for inference: `[in, out]`.
+    /// The `[out, in]` weight training reads; an error for inference-only storage.
+    fn out_in(&self) -> Result<&Tensor> {
+        match &self.weight {
+            Weight::OutIn(w) => Ok(w),
+            _ => anyhow::bail!(
+                "{}: an inference-only layer has no trainable or exportable weight",
+                self.name
+            ),
+        }
+    }
+
+    /// Store the weight for inference: `[in, out]` (a quantized weight stays as it is).
     pub fn make_inference(&mut self) -> Result<()> {
         anyhow::ensure!(
             self.lora.is_none(),
             "{}: a layer with an adapter cannot be served (merge it first)",
             self.name
         );
-        if self.layout == Layout::OutIn {
-            self.weight = self.weight.t()?.contiguous()?;
-            self.layout = Layout::InOut;
+        if let Weight::OutIn(w) = &self.weight {
+            self.weight = Weight::InOut(w.t()?.contiguous()?);
         }
         Ok(())
     }
@@ -98,11 +124,7 @@ impl Linear {
         rng: &mut impl rand::Rng,
         device: &Device,
     ) -> Result<Vec<(String, Var)>> {
-        anyhow::ensure!(
-            self.layout == Layout::OutIn,
-            "adapters train [out, in] weights"
-        );
-        let (out, inp) = self.weight.dims2()?;
+        let (out, inp) = self.out_in()?.dims2()?;
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..cfg.rank * inp)
             .map(|_| rng.random_range(-bound..bound) as f32)
@@ -124,13 +146,10 @@ impl Linear {
 
     /// The weight with the adapter merged in: `W + s·B·A` (`[out, in]`).
     pub fn merged_weight(&self) -> Result<Tensor> {
-        anyhow::ensure!(
-            self.layout == Layout::OutIn,
-            "an inference-only model has no exportable weights"
-        );
+        let w = self.out_in()?;
         Ok(match &self.lora {
-            Some(l) => (&self.weight + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?,
-            None => self.weight.clone(),
+            Some(l) => (w + (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scale)?)?,
+            None => w.clone(),
         })
     }
 
@@ -151,14 +170,14 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let bf16 = pass.precision == Precision::Bf16;
         let dropout = self.dropout(pass);
-        let y = match (&self.lora, self.layout) {
-            (Some(l), Layout::OutIn) => {
+        let y = match (&self.lora, &self.weight) {
+            (Some(l), Weight::OutIn(w)) => {
                 let mask = dropout
                     .map(|(p, key)| dropout_mask(x, p, key))
                     .transpose()?;
                 let fused = kernels::lora_linear(
                     x,
-                    (&self.weight, bf16),
+                    (w, bf16),
                     l.a.as_tensor(),
                     l.b.as_tensor(),
                     l.scale,
@@ -174,13 +193,13 @@ impl Linear {
                         // Scaled at rank width, not at the output's: one fewer output-sized
                         // tensor.
                         let low = (product_t(&xa, l.a.as_tensor(), false)? * l.scale)?;
-                        (product_t(x, &self.weight, bf16)?
-                            + product_t(&low, l.b.as_tensor(), false)?)?
+                        (product_t(x, w, bf16)? + product_t(&low, l.b.as_tensor(), false)?)?
                     }
                 }
             }
-            (None, Layout::OutIn) => product_t(x, &self.weight, bf16)?,
-            (_, Layout::InOut) => product_rows(x, &self.weight)?,
+            (None, Weight::OutIn(w)) => product_t(x, w, bf16)?,
+            (_, Weight::InOut(w)) => product_rows(x, w)?,
+            (_, Weight::Quantized(q)) => quantized_product(x, q)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -240,4 +259,15 @@ pub fn product_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let last = out.len() - 1;
     out[last] = w.dim(1)?;
     y.reshape(out)
+}
+
+/// `x · wᵀ` for `x` `[..., in]` (f32, CPU) and a block-quantized `w` `[out, in]`.
+fn quantized_product(x: &Tensor, w: &QMatrix) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = w.matmul(&data)?;
+    if let Some(last) = dims.last_mut() {
+        *last = w.rows;
+    }
+    Tensor::from_vec(y, dims, x.device())
 }

@@ -24,10 +24,12 @@ pub(crate) mod tests;
 pub mod tokenizer;
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::kernels::quant::QMatrix;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use tokenizers::Tokenizer;
 
 pub use model::Decoder;
@@ -37,7 +39,10 @@ pub use shape::ModelShape;
 /// template.
 pub struct LoadedModel {
     pub shape: ModelShape,
+    /// Dense weights by Hugging Face name.
     pub weights: BTreeMap<String, Tensor>,
+    /// Weights kept in a GGUF block format (`load_for_inference` only; empty otherwise).
+    pub quantized: BTreeMap<String, Arc<QMatrix>>,
     pub tokenizer: Tokenizer,
     /// The tokenizer as tokenizer.json text, written as is on export.
     pub tokenizer_json: String,
@@ -50,19 +55,41 @@ const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|
 
 /// Load a student from a GGUF file (dequantized to f32) or a Hugging Face folder.
 pub fn load(model: &str, device: &Device) -> Result<LoadedModel> {
+    load_with(model, |path| gguf::load(path, device), device)
+}
+
+/// Load a model to run on the CPU for inference only: a GGUF file's weights stay in their
+/// block formats where the kernels compute on them (`kernels::quant`), so the model takes
+/// about its file's size in memory; a Hugging Face folder loads as `load` does.
+pub fn load_for_inference(model: &str) -> Result<LoadedModel> {
+    load_with(model, gguf::load_quantized, &Device::Cpu)
+}
+
+fn load_with(
+    model: &str,
+    read_gguf: impl FnOnce(&Path) -> Result<LoadedModel>,
+    device: &Device,
+) -> Result<LoadedModel> {
     let path = Path::new(model);
     if model.to_ascii_lowercase().ends_with(".gguf") {
         if !path.is_file() {
             bail!("student model file {model} does not exist\nhint: run scripts/fetch-models.sh, or set [student] model to a GGUF file or a Hugging Face model folder");
         }
-        gguf::load(path, device)
+        read_gguf(path)
     } else if path.is_dir() {
         hf::load(path, device)
     } else {
         bail!("student model {model} is neither a .gguf file nor a folder with config.json\nhint: run scripts/fetch-models.sh, or point [student] model at a local model")
     }
     .and_then(|loaded| {
-        model::check_weights(&loaded.shape, &loaded.weights).with_context(|| {
+        model::check_dims(&loaded.shape, |name| {
+            loaded
+                .quantized
+                .get(name)
+                .map(|q| vec![q.rows, q.cols])
+                .or_else(|| loaded.weights.get(name).map(|t| t.dims().to_vec()))
+        })
+        .with_context(|| {
             format!("student model {model}: the weights do not match the model's config\nhint: the download may be incomplete, or config.json belongs to another model")
         })?;
         Ok(loaded)
@@ -102,15 +129,47 @@ impl LoadedModel {
         stop
     }
 
+    /// The inference-only decoder over these weights, which move into it (the tokenizer
+    /// and template stay): layers the load kept quantized (`load_for_inference`) stay so,
+    /// dense ones are stored `[in, out]`, each `[out, in]` original freed as soon as its
+    /// transposed copy exists (peak: the weights plus one layer's copy).
+    pub fn take_inference_decoder(&mut self) -> Result<Decoder> {
+        let weights = std::mem::take(&mut self.weights);
+        let quantized = std::mem::take(&mut self.quantized);
+        if quantized.is_empty() {
+            Decoder::new(self.shape.clone(), weights, &Device::Cpu, |_| false)?.into_inference()
+        } else {
+            Decoder::quantized(self.shape.clone(), weights, quantized)
+        }
+    }
+
     /// Parameters of the model.
     pub fn params(&self) -> u64 {
-        self.weights.values().map(|t| t.elem_count() as u64).sum()
+        let dense: u64 = self.weights.values().map(|t| t.elem_count() as u64).sum();
+        let quantized: u64 = self
+            .quantized
+            .values()
+            .map(|q| (q.rows * q.cols) as u64)
+            .sum();
+        dense + quantized
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+    }
+}
+
+/// Bytes of memory the weights of a model this decoder can run take once loaded for
+/// inference (`load_for_inference`): a GGUF's block formats at their size and its other
+/// tensors as f32; a Hugging Face folder's parameters as f32. None for other models.
+pub fn inference_bytes(model: &str) -> Option<u64> {
+    if model.to_ascii_lowercase().ends_with(".gguf") {
+        let (arch, bytes) = gguf::architecture_and_inference_bytes(Path::new(model)).ok()?;
+        (arch == "llama" || arch == "qwen2").then_some(bytes)
+    } else {
+        supported_params(model).map(|p| p.saturating_mul(4))
     }
 }
 

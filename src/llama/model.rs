@@ -5,19 +5,84 @@
 //! pass: candle's fused softmax / rms_norm / rope drop gradients silently (docs/STACK.md),
 //! so training uses kdpipe's own kernels or candle's composed ops.
 
-use super::block::Block;
+use super::block::{Block, BlockWeights};
 use super::causal::CausalAttention;
-use super::linear::{Layout, Linear, Pass};
+use super::linear::{Linear, Pass, Weight};
 use super::ModelShape;
 use crate::config::{LoraConfig, Precision};
+use crate::kernels::quant::QMatrix;
 use crate::kernels::{bf16_gemm, rms_norm};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// The token embeddings `[vocab, hidden]`: dense, or in a GGUF block format (inference).
+#[derive(Clone)]
+pub(super) enum Embeddings {
+    Dense(Tensor),
+    Quantized(Arc<QMatrix>),
+}
+
+impl Embeddings {
+    /// The rows of `ids` (`[n]`, u32) as `[n, hidden]`.
+    pub(super) fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embeddings::Dense(e) => Ok(e.index_select(ids, 0)?),
+            Embeddings::Quantized(q) => {
+                let ids_v = ids.to_vec1::<u32>()?;
+                let mut out = vec![0f32; ids_v.len() * q.cols];
+                for (row, &id) in out.chunks_exact_mut(q.cols).zip(&ids_v) {
+                    anyhow::ensure!(
+                        (id as usize) < q.rows,
+                        "token id {id} is outside the vocabulary ({} tokens)",
+                        q.rows
+                    );
+                    q.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids_v.len(), q.cols), ids.device())?)
+            }
+        }
+    }
+
+    fn dense(&self) -> Result<&Tensor> {
+        match self {
+            Embeddings::Dense(e) => Ok(e),
+            Embeddings::Quantized(_) => {
+                anyhow::bail!("an inference-only model has no exportable embeddings")
+            }
+        }
+    }
+}
+
+/// The weights of an inference-only decoder: linear layers and embeddings kept in GGUF
+/// block formats where the kernels compute on them, the rest dense.
+struct InferenceWeights {
+    dense: BTreeMap<String, Tensor>,
+    quantized: BTreeMap<String, Arc<QMatrix>>,
+}
+
+impl BlockWeights for InferenceWeights {
+    fn take(&mut self, name: &str) -> Option<Tensor> {
+        self.dense.remove(name)
+    }
+
+    /// Quantized as stored, or dense `[in, out]` (`Weight::InOut`).
+    fn take_weight(&mut self, name: &str) -> Result<Weight> {
+        if let Some(q) = self.quantized.remove(name) {
+            return Ok(Weight::Quantized(q));
+        }
+        let w = self
+            .dense
+            .remove(name)
+            .with_context(|| format!("model weights lack {name} (missing tensor)"))?;
+        Ok(Weight::InOut(w.to_dtype(DType::F32)?.t()?.contiguous()?))
+    }
+}
 
 pub struct Decoder {
     pub shape: ModelShape,
-    pub(super) embed: Tensor,
+    pub(super) embed: Embeddings,
     pub(super) blocks: Vec<Block>,
     pub(super) norm: Tensor,
     /// The vocabulary head `[vocab, hidden]`: the embeddings themselves when they are tied
@@ -75,7 +140,7 @@ impl Decoder {
         Ok(Decoder {
             head: Linear::new("lm_head".into(), head_weight, None),
             shape,
-            embed,
+            embed: Embeddings::Dense(embed),
             blocks,
             norm,
             vars,
@@ -84,6 +149,63 @@ impl Decoder {
             cos,
             sin,
             device: device.clone(),
+        })
+    }
+
+    /// An inference-only decoder on the CPU whose linear layers, embeddings and vocabulary
+    /// head stay in their GGUF block formats (`quantized`, by Hugging Face name); norms,
+    /// biases and weights in other formats come from `dense`.
+    pub fn quantized(
+        shape: ModelShape,
+        dense: BTreeMap<String, Tensor>,
+        quantized: BTreeMap<String, Arc<QMatrix>>,
+    ) -> Result<Self> {
+        check_dims(&shape, |name| {
+            quantized
+                .get(name)
+                .map(|q| vec![q.rows, q.cols])
+                .or_else(|| dense.get(name).map(|t| t.dims().to_vec()))
+        })?;
+        let device = Device::Cpu;
+        let mut weights = InferenceWeights { dense, quantized };
+        let embed_name = "model.embed_tokens.weight";
+        let embed = match weights.quantized.get(embed_name) {
+            Some(q) => Embeddings::Quantized(q.clone()),
+            None => Embeddings::Dense(
+                weights
+                    .take(embed_name)
+                    .with_context(|| format!("model weights lack {embed_name}"))?
+                    .to_dtype(DType::F32)?,
+            ),
+        };
+        let head = if shape.tie_word_embeddings {
+            match &embed {
+                Embeddings::Quantized(q) => Weight::Quantized(q.clone()),
+                Embeddings::Dense(e) => Weight::InOut(e.t()?.contiguous()?),
+            }
+        } else {
+            weights.take_weight("lm_head.weight")?
+        };
+        let norm = weights
+            .take("model.norm.weight")
+            .context("model weights lack model.norm.weight")?
+            .to_dtype(DType::F32)?;
+        let blocks = (0..shape.num_hidden_layers)
+            .map(|l| Block::load(&shape, l, &mut weights))
+            .collect::<Result<Vec<_>>>()?;
+        let (cos, sin) = rope_tables(&shape, &device)?;
+        Ok(Decoder {
+            head: Linear::with_weight("lm_head".into(), head, None),
+            shape,
+            embed,
+            blocks,
+            norm,
+            vars: Vec::new(),
+            precision: Precision::F32,
+            dropout_key: std::cell::Cell::new(None),
+            cos,
+            sin,
+            device,
         })
     }
 
@@ -107,9 +229,9 @@ impl Decoder {
         Ok(self)
     }
 
-    /// Whether every weight is in the inference layout.
+    /// Whether every weight is stored for inference.
     pub fn is_inference(&self) -> bool {
-        self.head.layout == Layout::InOut
+        self.head.weight.is_inference()
     }
 
     /// Positions the model can attend over (its RoPE table, capped at 32,768).
@@ -181,7 +303,10 @@ impl Decoder {
     /// head is left out: it is the embeddings.
     pub fn weights(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".into(), self.embed.clone());
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            self.embed.dense()?.clone(),
+        );
         out.insert("model.norm.weight".into(), self.norm.clone());
         if !self.shape.tie_word_embeddings {
             out.insert("lm_head.weight".into(), self.head.merged_weight()?);
@@ -217,11 +342,10 @@ impl Decoder {
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let pass = self.pass();
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
-            b,
-            t,
-            self.shape.hidden_size,
-        ))?;
+        let mut x =
+            self.embed
+                .lookup(&ids.flatten_all()?)?
+                .reshape((b, t, self.shape.hidden_size))?;
         let mut attn =
             CausalAttention::new(&self.shape, (&self.cos, &self.sin), mask, pass.precision)?;
         for (l, block) in self.blocks.iter().enumerate() {
@@ -233,16 +357,19 @@ impl Decoder {
 
 /// Every weight the decoder reads is there with the shape the config implies.
 pub fn check_weights(s: &ModelShape, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    check_dims(s, |name| weights.get(name).map(|t| t.dims().to_vec()))
+}
+
+/// `check_weights` for weights stored any way: `dims` gives a name's shape, None when
+/// the weight is missing.
+pub fn check_dims(s: &ModelShape, dims: impl Fn(&str) -> Option<Vec<usize>>) -> Result<()> {
     let (h, kv) = (s.hidden_size, s.num_key_value_heads * s.head_dim());
-    let check_shape = |name: &str, dims: &[usize]| -> Result<()> {
-        let got = weights
-            .get(name)
-            .with_context(|| format!("student weights lack {name} (missing tensor)"))?
-            .dims()
-            .to_vec();
+    let check_shape = |name: &str, want: &[usize]| -> Result<()> {
+        let got =
+            dims(name).with_context(|| format!("student weights lack {name} (missing tensor)"))?;
         anyhow::ensure!(
-            got == dims,
-            "student weight {name} has shape {got:?}, the config says {dims:?}"
+            got == want,
+            "student weight {name} has shape {got:?}, the config says {want:?}"
         );
         Ok(())
     };
@@ -251,7 +378,7 @@ pub fn check_weights(s: &ModelShape, weights: &BTreeMap<String, Tensor>) -> Resu
     let f = s.intermediate_size;
     for l in 0..s.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, dims) in [
+        for (name, want) in [
             ("self_attn.q_proj", [h, h]),
             ("self_attn.k_proj", [kv, h]),
             ("self_attn.v_proj", [kv, h]),
@@ -260,7 +387,7 @@ pub fn check_weights(s: &ModelShape, weights: &BTreeMap<String, Tensor>) -> Resu
             ("mlp.up_proj", [f, h]),
             ("mlp.down_proj", [h, f]),
         ] {
-            check_shape(&format!("{p}.{name}.weight"), &dims)?;
+            check_shape(&format!("{p}.{name}.weight"), &want)?;
         }
         check_shape(&format!("{p}.input_layernorm.weight"), &[h])?;
         check_shape(&format!("{p}.post_attention_layernorm.weight"), &[h])?;

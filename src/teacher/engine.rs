@@ -1,13 +1,14 @@
-//! The local teacher on kdpipe's own engine: the llama-family decoder (the student's, in
-//! f32) serving a llama or qwen2 GGUF or Hugging Face model, `parallel` sequences decoded
+//! The local teacher on kdpipe's own engine: the llama-family decoder (the student's)
+//! serving a llama or qwen2 GGUF or Hugging Face model, `parallel` sequences decoded
 //! together through `llama::generate` (continuous batching; the few-shot prefix shared by
 //! consecutive prompts is computed once).
 //!
 //! mistralrs decodes one request at a time on CPU (it mixes up concurrent prompts,
 //! docs/STACK.md), so every token reads all weights once and speed is bound by memory;
-//! here the same reads become matrix products. Weights are dequantized to f32, so this
-//! engine needs about 4 bytes a parameter of memory; `engine = "auto"` picks it only when
-//! that fits (see `fits_in_memory`).
+//! here the same reads become matrix products. A GGUF's weights stay in their block
+//! formats (`kernels::quant`), so the engine holds about the file's size; a Hugging Face
+//! folder's are held in f32 (4 bytes a parameter). `engine = "auto"` picks this engine
+//! only when that fits (see `fits_in_memory`).
 
 use super::{
     top_k, AnswerLocator, Job, JobResult, Reply, RetryCounts, Settings, Teacher, Token, TokenChoice,
@@ -28,13 +29,14 @@ pub struct EngineTeacher {
 }
 
 /// Whether `model` is one this engine can serve (llama or qwen2, GGUF or Hugging Face
-/// folder) and its f32 weights take at most half the memory now available.
+/// folder) and its weights, as the engine holds them, take at most half the memory now
+/// available.
 pub fn fits_in_memory(model: &str) -> bool {
-    let Some(params) = crate::llama::supported_params(model) else {
+    let Some(bytes) = crate::llama::inference_bytes(model) else {
         return false;
     };
     match available_memory_bytes() {
-        Some(available) => params.saturating_mul(4) <= available / 2,
+        Some(available) => bytes <= available / 2,
         None => false,
     }
 }
@@ -48,13 +50,9 @@ fn available_memory_bytes() -> Option<u64> {
 
 impl EngineTeacher {
     pub fn open(model: &str, parallel: usize) -> Result<Self> {
-        let mut loaded = crate::llama::load(model, &candle_core::Device::Cpu)
+        let mut loaded = crate::llama::load_for_inference(model)
             .with_context(|| format!("cannot load teacher model {model}"))?;
-        let decoder = loaded.decoder(&candle_core::Device::Cpu, |_| false)?;
-        // Keep only the tokenizer and template here, so each weight is freed as soon as
-        // its transposed copy exists (peak: the weights plus one layer's copy).
-        loaded.weights.clear();
-        let decoder = decoder.into_inference()?;
+        let decoder = loaded.take_inference_decoder()?;
         let stop = loaded.stop_tokens();
         Ok(EngineTeacher {
             id: model.to_string(),

@@ -1,0 +1,236 @@
+//! The quantized inference path on the real GGUFs: every block format in them reads as
+//! candle dequantizes it, products stay within the activations' 8-bit rounding of the f32
+//! product, the quantized decoder predicts the f32 decoder's next tokens, and its logits
+//! are bit-identical alone and in any batch.
+
+mod common;
+use candle_core::quantized::gguf_file::Content;
+use candle_core::Device;
+use common::*;
+use kdpipe::kernels::quant::{Format, QMatrix};
+use kdpipe::llama as student;
+use kdpipe::llama::infer::{SeqCache, StepInput};
+use std::collections::BTreeMap;
+
+/// One tensor per block format the kernels compute on, from both real GGUFs: name,
+/// matrix and candle's dequantization of it.
+fn real_blocks() -> Vec<(String, QMatrix, Vec<f32>)> {
+    let mut seen = BTreeMap::new();
+    for path in [smollm2(), qwen()] {
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = Content::read(&mut file).unwrap();
+        let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+        names.sort();
+        for name in names {
+            let info = &content.tensor_infos[name];
+            let Some(format) = Format::from_ggml(info.ggml_dtype) else {
+                continue;
+            };
+            if seen.contains_key(&format) || info.shape.dims().len() != 2 {
+                continue;
+            }
+            let q = content.tensor(&mut file, name, &Device::Cpu).unwrap();
+            let dims = q.shape().dims().to_vec();
+            // At most 64 rows: enough blocks, and a vocabulary matrix stays small.
+            let rows = dims[0].min(64);
+            let row_bytes = format.row_bytes(dims[1]);
+            let data = q.data().unwrap()[..rows * row_bytes].to_vec();
+            let reference = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .narrow(0, 0, rows)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let m = QMatrix::new(format, rows, dims[1], data).unwrap();
+            seen.insert(format, (format!("{}:{name}", path.display()), m, reference));
+        }
+    }
+    seen.into_values().collect()
+}
+
+#[test]
+fn real_blocks_read_as_candle_dequantizes_them() {
+    let blocks = real_blocks();
+    let formats: Vec<Format> = blocks.iter().map(|(_, m, _)| m.format).collect();
+    // The two models hold these formats; a new download in other formats should say so.
+    for f in [
+        Format::Q4_1,
+        Format::Q5_0,
+        Format::Q8_0,
+        Format::Q4K,
+        Format::Q6K,
+    ] {
+        assert!(
+            formats.contains(&f),
+            "no {f:?} tensor found in the real GGUFs"
+        );
+    }
+    for (name, m, reference) in &blocks {
+        let ours = m.dequantize();
+        let scale = reference.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = ours
+            .iter()
+            .zip(reference)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        eprintln!(
+            "{:?} ({name}): worst |ours − candle| = {worst:.2e} (max |w| {scale:.3})",
+            m.format
+        );
+        assert!(worst <= 1e-6 * scale, "{name}: {worst}");
+    }
+}
+
+#[test]
+fn real_block_products_stay_within_activation_rounding() {
+    use rand::{Rng, SeedableRng};
+    for (name, m, w) in real_blocks() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let rows = 4;
+        let x: Vec<f32> = (0..rows * m.cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let y = m.matmul(&x).unwrap();
+        let mut worst = 0f64;
+        for i in 0..rows {
+            let xi = &x[i * m.cols..(i + 1) * m.cols];
+            let xn = xi.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+            for r in 0..m.rows {
+                let wr = &w[r * m.cols..(r + 1) * m.cols];
+                let exact: f64 = wr
+                    .iter()
+                    .zip(xi)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                let wn = wr.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+                worst = worst.max((f64::from(y[i * m.rows + r]) - exact).abs() / (wn * xn));
+            }
+        }
+        eprintln!(
+            "{:?} ({name}): worst |y − f32 product| / (‖w‖·‖x‖) = {worst:.2e}",
+            m.format
+        );
+        assert!(worst < 2e-3, "{name}: {worst}");
+    }
+}
+
+/// Next-token logits after every position of `ids`, from one step over a fresh cache.
+fn logits_per_position(model: &student::Decoder, ids: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = SeqCache::new(model, ids.len());
+    let mut step = [StepInput {
+        cache: &mut cache,
+        tokens: ids,
+        all_logits: true,
+    }];
+    let flat = model.forward_step(&mut step).unwrap().swap_remove(0);
+    flat.chunks(model.shape.vocab_size)
+        .map(|c| c.to_vec())
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv {
+                (i, x)
+            } else {
+                (bi, bv)
+            }
+        })
+        .0
+}
+
+#[test]
+fn the_quantized_decoder_predicts_the_f32_decoders_next_tokens() {
+    // Real text: the SVAMP problems of the fixture, one after another.
+    let text: String =
+        std::fs::read_to_string(root().join("tests/fixtures/svamp-dev-excerpt.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let row: serde_json::Value = serde_json::from_str(l).unwrap();
+                format!("{}\n", row["question"].as_str().unwrap())
+            })
+            .collect();
+    for path in [smollm2(), qwen()] {
+        let path = path.to_str().unwrap();
+        let dense = student::load(path, &Device::Cpu)
+            .unwrap()
+            .take_inference_decoder()
+            .unwrap();
+        let mut loaded = student::load_for_inference(path).unwrap();
+        assert!(
+            !loaded.quantized.is_empty(),
+            "{path}: nothing stayed quantized"
+        );
+        let quantized = loaded.take_inference_decoder().unwrap();
+        let ids: Vec<u32> = loaded
+            .encode(&text)
+            .unwrap()
+            .into_iter()
+            .take(300)
+            .collect();
+        let a = logits_per_position(&dense, &ids);
+        let b = logits_per_position(&quantized, &ids);
+        let same = a
+            .iter()
+            .zip(&b)
+            .filter(|(x, y)| argmax(x) == argmax(y))
+            .count();
+        let share = same as f64 / a.len() as f64;
+        eprintln!(
+            "{path}: next-token argmax agrees at {same} of {} positions ({:.1} %)",
+            a.len(),
+            100.0 * share
+        );
+        // The weights are the same numbers; only the activations' 8-bit rounding differs.
+        assert!(share >= 0.95, "{path}: argmax agreement {share}");
+    }
+}
+
+#[test]
+fn quantized_logits_are_bit_identical_alone_and_in_any_batch() {
+    let model = student::load_for_inference(qwen().to_str().unwrap())
+        .unwrap()
+        .take_inference_decoder()
+        .unwrap();
+    let prompt: Vec<u32> = (0..40u32).map(|i| 100 + i * 7).collect();
+    let other: Vec<u32> = (0..25u32).map(|i| 300 + i * 11).collect();
+    let run = |others: usize| -> Vec<Vec<f32>> {
+        let mut mine = SeqCache::new(&model, 64);
+        let mut rest: Vec<SeqCache> = (0..others).map(|_| SeqCache::new(&model, 64)).collect();
+        let mut out = vec![];
+        for (tokens, extra) in [(&prompt[..], &other[..]), (&[5u32][..], &[9u32][..])] {
+            let mut inputs = vec![StepInput {
+                cache: &mut mine,
+                tokens,
+                all_logits: false,
+            }];
+            inputs.extend(rest.iter_mut().map(|c| StepInput {
+                cache: c,
+                tokens: extra,
+                all_logits: false,
+            }));
+            out.push(model.forward_step(&mut inputs).unwrap().swap_remove(0));
+        }
+        out
+    };
+    let alone = run(0);
+    for others in [1, 5] {
+        let got = run(others);
+        for (step, (a, b)) in alone.iter().zip(&got).enumerate() {
+            let differ = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "step {step}: {differ} logits changed with {others} others"
+            );
+        }
+    }
+}
