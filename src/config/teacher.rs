@@ -15,11 +15,13 @@ pub enum TeacherKind {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum LocalEngine {
-    /// `kdpipe` when the model is llama or qwen2 and its f32 weights take at most half
-    /// the memory available; `mistralrs` otherwise.
+    /// `kdpipe` when the model is llama or qwen2 and its weights, as the engine holds them
+    /// (a GGUF's block formats at their size, a Hugging Face folder in f32), take at most
+    /// half the memory available; `mistralrs` otherwise.
     #[default]
     Auto,
-    /// kdpipe's own engine: its decoder in f32, `parallel` sequences decoded together.
+    /// kdpipe's own engine: its decoder on the GGUF's block formats (`kernels::quant`) or
+    /// in f32, `parallel` sequences decoded together.
     /// (Formerly `batched`, still read.)
     #[serde(alias = "batched")]
     Kdpipe,
