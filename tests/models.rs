@@ -361,47 +361,11 @@ fn engine_label_probs_equal_a_fresh_forward_pass() {
 
 #[test]
 fn served_logits_are_bit_identical_alone_and_in_any_batch() {
-    use kdpipe::llama::infer::{SeqCache, StepInput};
     let loaded = student::load(smollm2().to_str().unwrap(), &Device::Cpu).unwrap();
     let model = loaded
         .decoder(&Device::Cpu, |_| false)
         .unwrap()
         .into_inference()
         .unwrap();
-    let prompt: Vec<u32> = (0..40u32).map(|i| 100 + i * 7).collect();
-    let other: Vec<u32> = (0..25u32).map(|i| 300 + i * 11).collect();
-    let run = |others: usize| -> Vec<Vec<f32>> {
-        let mut mine = SeqCache::new(&model, 64);
-        let mut rest: Vec<SeqCache> = (0..others).map(|_| SeqCache::new(&model, 64)).collect();
-        let mut out = vec![];
-        for (tokens, extra) in [(&prompt[..], &other[..]), (&[5u32][..], &[9u32][..])] {
-            let mut inputs = vec![StepInput {
-                cache: &mut mine,
-                tokens,
-                all_logits: false,
-            }];
-            inputs.extend(rest.iter_mut().map(|c| StepInput {
-                cache: c,
-                tokens: extra,
-                all_logits: false,
-            }));
-            out.push(model.forward_step(&mut inputs).unwrap().swap_remove(0));
-        }
-        out
-    };
-    let alone = run(0);
-    for others in [1, 3, 20] {
-        let got = run(others);
-        for (step, (a, b)) in alone.iter().zip(&got).enumerate() {
-            let differ = a
-                .iter()
-                .zip(b)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
-            assert_eq!(
-                differ, 0,
-                "step {step}: {differ} logits changed with {others} others"
-            );
-        }
-    }
+    assert_logits_independent_of_the_batch(&model, &[1, 3, 20]);
 }

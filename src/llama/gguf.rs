@@ -133,10 +133,16 @@ pub fn load_quantized(path: &Path) -> Result<LoadedModel> {
     read(path, &Device::Cpu, true)
 }
 
-fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedModel> {
+/// The open file and its header (metadata and tensor table; no tensor data read).
+fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = Content::read(&mut file).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} is not a valid GGUF file (truncated download?)\nhint: re-run scripts/fetch-models.sh", path.display()))?;
+    Ok((file, content))
+}
+
+fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedModel> {
+    let (mut file, content) = read_header(path)?;
     let shape = shape_from_gguf(&content)
         .with_context(|| format!("cannot read model shape from {}", path.display()))?;
     let mut weights = BTreeMap::new();
@@ -216,11 +222,7 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
 /// The architecture (`general.architecture`) and parameter count of a GGUF file, from its
 /// header alone.
 pub fn architecture_and_params(path: &Path) -> Result<(String, u64)> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    let (_, content) = read_header(path)?;
     let arch = meta_str(&content, "general.architecture")?.to_string();
     let params = content
         .tensor_infos
@@ -234,11 +236,7 @@ pub fn architecture_and_params(path: &Path) -> Result<(String, u64)> {
 /// `load_quantized` (2-D tensors in a format the kernels compute on at their size, every
 /// other tensor as f32), from its header alone.
 pub fn architecture_and_inference_bytes(path: &Path) -> Result<(String, u64)> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let content = Content::read(&mut file)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+    let (_, content) = read_header(path)?;
     let arch = meta_str(&content, "general.architecture")?.to_string();
     let bytes = content
         .tensor_infos
