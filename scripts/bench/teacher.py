@@ -181,8 +181,9 @@ for done, model in enumerate(models, 1):
         for flash in ("on", "off"):
             bench.before_run(f"{k}llama-server fa {flash}", rep)
             bench.record(f"{k}llama-server fa {flash}", llama_server(model, chats, a.batch, flash, sequential=False))
-        bench.run(f"{k}kdpipe raw {a.batch}", rep, [a.bin, "raw", model, str(a.npp), str(a.ntg), str(a.batch)])
-        bench.run(f"{k}kdpipe raw 1", rep, [a.bin, "raw", model, str(a.npp), str(a.ntg), "1"])
+        # The raw rows run the weights as the engine serves them: in their GGUF block formats.
+        bench.run(f"{k}kdpipe raw {a.batch}", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), str(a.batch)])
+        bench.run(f"{k}kdpipe raw 1", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), "1"])
         for flash in ("on", "off"):
             bench.run(f"{k}llama-batched-bench fa {flash}", rep, batched_bench_cmd(model, flash), parse=batched_bench_parse)
         if one_stream:

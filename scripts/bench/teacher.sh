@@ -18,7 +18,10 @@ cd "$(dirname "$0")/../.."
 ./scripts/fetch-models.sh --large
 llama_bin="$(./scripts/setup-llama-cpp.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
-cargo build --release --locked --features mistralrs --example teacher_bench >&2
+# The one-stream rows need the mistralrs engine; without them the build is ~10 minutes shorter.
+features=(--features mistralrs)
+for arg in "$@"; do [ "$arg" = --no-one-stream ] && features=(); done
+cargo build --release --locked "${features[@]}" --example teacher_bench >&2
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 models="models/SmolLM2-135M-Instruct.Q4_1.gguf,models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf,models/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
