@@ -13,7 +13,14 @@ set -euo pipefail
 version="${KDPIPE_LLAMA_CPP_VERSION:-0.3.36}"
 dir="${KDPIPE_LLAMA_CPP_DIR:-$HOME/.cache/kdpipe/llama.cpp-$version}"
 bin="$dir/build/bin"
-if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-batched-bench" ]; then
+# Native flags without AMX: on the Xeon VMs CI runs on, the CPU reports AMX and the kernel
+# grants its tile state, yet ggml's AMX product dies in `ldtilecfg` (SIGSEGV/SIGILL in
+# llama-server and llama-batched-bench, every model; seen 2026-12-02 with 0.3.36). GCC
+# keeps an explicit -mno-* over -march=native whatever the order.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+stamp="$dir/build/kdpipe-build-flags"
+if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-batched-bench" ] &&
+  [ "$(cat "$stamp" 2>/dev/null)" = "$no_amx" ]; then
   echo "$bin"
   exit 0
 fi
@@ -44,6 +51,8 @@ export PATH="$tools/bin:$PATH"
 echo "setup-llama-cpp: building llama-server and llama-batched-bench (about 10 min, once)" >&2
 cmake -S "$src" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF >&2
+  -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+  -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" >&2
 cmake --build "$dir/build" -j "$(nproc)" --target llama-server llama-batched-bench >&2
+echo "$no_amx" > "$stamp"
 echo "$bin"
