@@ -9,12 +9,17 @@
 #   KDPIPE_LLAMA_VENV   (default ~/.cache/kdpipe/llama-venv)
 set -euo pipefail
 version=0.3.16
-cache="${KDPIPE_WHEEL_CACHE:-$HOME/.cache/kdpipe/wheels}"
+# Native flags without AMX: ggml's AMX product dies in `ldtilecfg` on the Xeon VMs CI runs
+# on (see setup-llama-cpp.sh). The wheel and the venv are kept per build flags, so a wheel
+# built before this line is not reused.
+no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+cache="${KDPIPE_WHEEL_CACHE:-$HOME/.cache/kdpipe/wheels}/no-amx"
 venv="${KDPIPE_LLAMA_VENV:-$HOME/.cache/kdpipe/llama-venv}"
 mkdir -p "$cache"
 
 py="$venv/bin/python"
-if [ -x "$py" ] && "$py" -c "import llama_cpp, llama_cpp.server, uvicorn; assert llama_cpp.__version__ == '$version'" 2>/dev/null; then
+if [ -x "$py" ] && [ "$(cat "$venv/kdpipe-build-flags" 2>/dev/null)" = "$no_amx" ] &&
+  "$py" -c "import llama_cpp, llama_cpp.server, uvicorn; assert llama_cpp.__version__ == '$version'" 2>/dev/null; then
   echo "$py"
   exit 0
 fi
@@ -22,7 +27,8 @@ fi
 if ! ls "$cache"/llama_cpp_python-"$version"-*.whl >/dev/null 2>&1; then
   echo "setup-llama-server: building llama-cpp-python $version from source (about 10 min, once)" >&2
   # cmake and ninja come from PyPI as build dependencies; no system packages are needed.
-  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel --quiet --no-deps \
+  CMAKE_ARGS="-DCMAKE_C_FLAGS='$no_amx' -DCMAKE_CXX_FLAGS='$no_amx'" \
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip wheel --quiet --no-deps --no-cache-dir \
     --wheel-dir "$cache" "llama-cpp-python==$version" >&2
 fi
 
@@ -30,4 +36,5 @@ rm -rf "$venv"
 python3 -m venv "$venv"
 "$py" -m pip install --quiet --find-links "$cache" \
   "llama-cpp-python[server]==$version" >&2
+echo "$no_amx" > "$venv/kdpipe-build-flags"
 echo "$py"
