@@ -13,11 +13,9 @@ set -euo pipefail
 version="${KDPIPE_LLAMA_CPP_VERSION:-0.3.36}"
 dir="${KDPIPE_LLAMA_CPP_DIR:-$HOME/.cache/kdpipe/llama.cpp-$version}"
 bin="$dir/build/bin"
-# Native flags without AMX: on the Xeon VMs CI runs on, the CPU reports AMX and the kernel
-# grants its tile state, yet ggml's AMX product dies in `ldtilecfg` (SIGSEGV/SIGILL in
-# llama-server and llama-batched-bench, every model; seen 2026-12-02 with 0.3.36). GCC
-# keeps an explicit -mno-* over -march=native whatever the order.
-no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# Native flags plus llama-cpp-flags.sh's (no AMX: it crashes on the Xeon VMs CI runs on).
+. "$(dirname "$0")/llama-cpp-flags.sh"
+no_amx="$llama_cpp_extra_flags"
 stamp="$dir/build/kdpipe-build-flags"
 if [ -x "$bin/llama-server" ] && [ -x "$bin/llama-batched-bench" ] &&
   [ "$(cat "$stamp" 2>/dev/null)" = "$no_amx" ]; then

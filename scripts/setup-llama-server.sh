@@ -9,10 +9,11 @@
 #   KDPIPE_LLAMA_VENV   (default ~/.cache/kdpipe/llama-venv)
 set -euo pipefail
 version=0.3.16
-# Native flags without AMX: ggml's AMX product dies in `ldtilecfg` on the Xeon VMs CI runs
-# on (see setup-llama-cpp.sh). The wheel and the venv are kept per build flags, so a wheel
-# built before this line is not reused.
-no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# Native flags plus llama-cpp-flags.sh's (no AMX: it crashes on the Xeon VMs CI runs on).
+# The wheel and the venv are kept per build flags, so a wheel built without them is not
+# reused.
+. "$(dirname "$0")/llama-cpp-flags.sh"
+no_amx="$llama_cpp_extra_flags"
 cache="${KDPIPE_WHEEL_CACHE:-$HOME/.cache/kdpipe/wheels}/no-amx"
 venv="${KDPIPE_LLAMA_VENV:-$HOME/.cache/kdpipe/llama-venv}"
 mkdir -p "$cache"
