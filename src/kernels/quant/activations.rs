@@ -19,8 +19,6 @@ pub struct Q8Rows {
     pub scale: Vec<f32>,
     /// Per group of 16: scale × Σ of its bytes.
     pub sum: Vec<f32>,
-    /// The scale once per 4 values (the AVX-512 kernel's lanes).
-    pub lane_scale: Vec<f32>,
 }
 
 /// One quantized row, borrowed.
@@ -29,7 +27,6 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     pub scale: &'a [f32],
     pub sum: &'a [f32],
-    pub lane_scale: &'a [f32],
 }
 
 impl Q8Rows {
@@ -41,24 +38,16 @@ impl Q8Rows {
         let mut qs = vec![0i8; x.len()];
         let mut scale = vec![0f32; rows * groups];
         let mut sum = vec![0f32; rows * groups];
-        let mut lane_scale = vec![0f32; rows * cols / 4];
         qs.par_chunks_mut(cols)
             .zip(scale.par_chunks_mut(groups))
             .zip(sum.par_chunks_mut(groups))
-            .zip(lane_scale.par_chunks_mut(cols / 4))
             .zip(x.par_chunks(cols))
-            .for_each(|((((q, s), t), l), x)| {
-                quantize_row(x, q, s, t);
-                for (lanes, &s) in l.chunks_exact_mut(GROUP / 4).zip(s.iter()) {
-                    lanes.fill(s);
-                }
-            });
+            .for_each(|(((q, s), t), x)| quantize_row(x, q, s, t));
         Q8Rows {
             cols,
             qs,
             scale,
             sum,
-            lane_scale,
         }
     }
 
@@ -72,7 +61,6 @@ impl Q8Rows {
             qs: &self.qs[i * self.cols..(i + 1) * self.cols],
             scale: &self.scale[i * groups..(i + 1) * groups],
             sum: &self.sum[i * groups..(i + 1) * groups],
-            lane_scale: &self.lane_scale[i * self.cols / 4..(i + 1) * self.cols / 4],
         }
     }
 }

@@ -1,7 +1,11 @@
 //! `x · Wᵀ` with `W` kept in a block-quantized format: the activations are quantized per
-//! 32 values (`activations`), each weight row is unpacked once per task into byte codes
-//! with a scale and offset per 16 weights (`formats`), and every output is one integer
-//! dot product per group of 16, scaled and summed in f32.
+//! 32 values (`activations`), and a task unpacks 16 weight rows at a time (`formats`) into
+//! one interleaved tile: for every 4 columns, the 4 byte codes of each of the 16 rows in
+//! turn, so one 512-bit register holds 4 columns of all 16 rows. The AVX-512 kernel
+//! broadcasts 4 activation bytes against such a register (`vpdpbusd`: 16 rows' 4-term
+//! integer dot products at once), sums a group of 16 columns in integers, and scales each
+//! group once, in f32: the 16 rows' scales are one register. The result for 16 rows is
+//! one register, stored as is.
 //!
 //! Each output depends only on its weight row and its activation row, summed in a fixed
 //! order: a row's result is bit-identical alone and in any batch.
@@ -9,6 +13,7 @@
 use super::activations::{Q8Row, Q8Rows};
 use super::formats::{Format, GROUP};
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 /// A weight matrix `[rows (out), cols (in)]` in a block-quantized format, rows stored one
 /// after another as in the GGUF file.
@@ -20,17 +25,154 @@ pub struct QMatrix {
     pub data: Vec<u8>,
 }
 
-/// A weight row unpacked: codes, and per group of 16 a scale and an offset; the scales
-/// also once per 4 codes (`lane_scale`), the layout of the AVX-512 kernel's lanes.
-struct Unpacked {
+/// Weight rows unpacked together: the 16 f32 lanes of one AVX-512 register.
+const TILE: usize = 16;
+
+/// `TILE` weight rows unpacked and interleaved (see the module comment); rows past the
+/// matrix's last are zeros.
+#[derive(Default)]
+struct Tile {
+    /// `cols / 4` runs of 64 bytes: run q holds columns 4q … 4q + 3 of row 0, then of
+    /// row 1, … row 15.
     codes: Vec<u8>,
+    /// Per group of 16 columns, the 16 rows' scales, then (in `offset`) their offsets.
     scale: Vec<f32>,
     offset: Vec<f32>,
-    lane_scale: Vec<f32>,
+    /// The 16 rows as `formats` unpacks them, one after another, before interleaving.
+    row_codes: Vec<u8>,
+    row_scale: Vec<f32>,
+    row_offset: Vec<f32>,
 }
 
-/// Weight rows a task unpacks and keeps while every activation row passes by.
-const ROWS_PER_TASK: usize = 16;
+thread_local! {
+    /// Each thread's tile, kept between products (a fresh one per task was a tenth of a
+    /// decoding step in allocation and zeroed pages).
+    static TILE_BUFFER: RefCell<Tile> = RefCell::new(Tile::default());
+}
+
+impl Tile {
+    fn fill(&mut self, m: &QMatrix, first: usize) {
+        let (cols, groups) = (m.cols, m.cols / GROUP);
+        for v in [&mut self.codes, &mut self.row_codes] {
+            v.resize(cols * TILE, 0);
+        }
+        for v in [
+            &mut self.scale,
+            &mut self.offset,
+            &mut self.row_scale,
+            &mut self.row_offset,
+        ] {
+            v.resize(groups * TILE, 0.0);
+        }
+        let n = (m.rows - first).min(TILE);
+        let bytes = m.row_bytes();
+        for (j, ((codes, scale), offset)) in self
+            .row_codes
+            .chunks_exact_mut(cols)
+            .zip(self.row_scale.chunks_exact_mut(groups))
+            .zip(self.row_offset.chunks_exact_mut(groups))
+            .enumerate()
+        {
+            if j < n {
+                let row = &m.data[(first + j) * bytes..(first + j + 1) * bytes];
+                m.format.unpack_row(row, codes, scale, offset);
+            } else {
+                codes.fill(0);
+                scale.fill(0.0);
+                offset.fill(0.0);
+            }
+        }
+        // Codes as 4-byte runs, scales and offsets as they are: 16 rows of 4-byte units
+        // transposed into runs of 16.
+        let units = cols / 4;
+        let codes = self.codes.as_mut_ptr() as *mut u32;
+        // SAFETY: the buffers hold 16 rows of `units` (codes) or `groups` (scales) 4-byte
+        // values, as resized above; u32 reads of bytes are unaligned.
+        unsafe {
+            transpose_rows(self.row_codes.as_ptr() as *const u32, units, codes);
+            for (from, to) in [
+                (&self.row_scale, &mut self.scale),
+                (&self.row_offset, &mut self.offset),
+            ] {
+                transpose_rows(
+                    from.as_ptr() as *const u32,
+                    groups,
+                    to.as_mut_ptr() as *mut u32,
+                );
+            }
+        }
+    }
+}
+
+/// `dst[q·16 + j] = src[j·n + q]` for the 16 rows j of `n` 4-byte values each: with
+/// AVX-512 a 16 × 16 block at a time in registers, the rest one value at a time.
+///
+/// # Safety
+/// `src` and `dst` hold `16 × n` values (any alignment).
+unsafe fn transpose_rows(src: *const u32, n: usize, dst: *mut u32) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        done = n / TILE * TILE;
+        for q in (0..done).step_by(TILE) {
+            transpose_block_avx512(src.add(q), n, dst.add(q * TILE));
+        }
+    }
+    for q in done..n {
+        for j in 0..TILE {
+            dst.add(q * TILE + j)
+                .write_unaligned(src.add(j * n + q).read_unaligned());
+        }
+    }
+}
+
+/// One 16 × 16 block of `transpose_rows`: row j's 16 values from `src + j·stride`, column
+/// q's into `dst + 16q`. Three rounds of shuffles: 32-bit pairs, 64-bit pairs, then
+/// 128-bit lanes across four registers.
+///
+/// # Safety
+/// The CPU has AVX-512 F; the reads and writes stay in the callers' buffers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_block_avx512(src: *const u32, stride: usize, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    let r: [__m512i; TILE] =
+        std::array::from_fn(|j| _mm512_loadu_si512(src.add(j * stride) as *const _));
+    // t: rows 2i and 2i + 1 interleaved by 32 bits.
+    let mut t = [_mm512_setzero_si512(); TILE];
+    for i in 0..TILE / 2 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // u[4i + k]: in 128-bit lane L, value 4L + k of rows 4i … 4i + 3.
+    let mut u = [_mm512_setzero_si512(); TILE];
+    for i in 0..TILE / 4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        u[4 * i] = _mm512_unpacklo_epi64(a, c);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
+    }
+    // Column 4L + k: lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
+    for k in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0x88>(u[k], u[4 + k]);
+        let v1 = _mm512_shuffle_i32x4::<0xDD>(u[k], u[4 + k]);
+        let v2 = _mm512_shuffle_i32x4::<0x88>(u[8 + k], u[12 + k]);
+        let v3 = _mm512_shuffle_i32x4::<0xDD>(u[8 + k], u[12 + k]);
+        let out = [
+            _mm512_shuffle_i32x4::<0x88>(v0, v2),
+            _mm512_shuffle_i32x4::<0x88>(v1, v3),
+            _mm512_shuffle_i32x4::<0xDD>(v0, v2),
+            _mm512_shuffle_i32x4::<0xDD>(v1, v3),
+        ];
+        for (l, o) in out.into_iter().enumerate() {
+            _mm512_storeu_si512(dst.add((4 * l + k) * TILE) as *mut _, o);
+        }
+    }
+}
+
+/// A tile's products with activation rows: for each row, the 16 outputs of the tile.
+type TileKernel = fn(&Tile, &[Q8Row]) -> Vec<[f32; TILE]>;
 
 impl QMatrix {
     pub fn new(
@@ -64,35 +206,21 @@ impl QMatrix {
         self.format.row_bytes(self.cols)
     }
 
-    fn unpacked(&self) -> Unpacked {
-        Unpacked {
-            codes: vec![0; self.cols],
-            scale: vec![0.0; self.cols / GROUP],
-            offset: vec![0.0; self.cols / GROUP],
-            lane_scale: vec![0.0; self.cols / 4],
-        }
-    }
-
-    fn unpack_row(&self, r: usize, out: &mut Unpacked) {
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
-        self.format
-            .unpack_row(row, &mut out.codes, &mut out.scale, &mut out.offset);
-        for (lanes, &s) in out.lane_scale.chunks_exact_mut(GROUP / 4).zip(&out.scale) {
-            lanes.fill(s);
-        }
-    }
-
     /// Row `r` as f32 (`out` holds `cols` values): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let mut u = self.unpacked();
-        self.unpack_row(r, &mut u);
+        let groups = self.cols / GROUP;
+        let (mut codes, mut scale, mut offset) =
+            (vec![0u8; self.cols], vec![0f32; groups], vec![0f32; groups]);
+        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
+        self.format
+            .unpack_row(row, &mut codes, &mut scale, &mut offset);
         for (g, (w, c)) in out
             .chunks_exact_mut(GROUP)
-            .zip(u.codes.chunks_exact(GROUP))
+            .zip(codes.chunks_exact(GROUP))
             .enumerate()
         {
             for (w, &c) in w.iter_mut().zip(c) {
-                *w = u.scale[g] * f32::from(c) - u.offset[g];
+                *w = scale[g] * f32::from(c) - offset[g];
             }
         }
     }
@@ -117,83 +245,45 @@ impl QMatrix {
                 x.len()
             );
         }
-        Ok(self.matmul_with(x, dot_kernel(), dot4_kernel()))
+        Ok(self.matmul_with(x, tile_kernel()))
     }
 
-    fn matmul_with(
-        &self,
-        x: &[f32],
-        dot: fn(&Unpacked, Q8Row) -> f32,
-        dot4: Option<Dot4>,
-    ) -> Vec<f32> {
+    fn matmul_with(&self, x: &[f32], kernel: TileKernel) -> Vec<f32> {
         if x.is_empty() || self.rows == 0 {
             return Vec::new();
         }
         let acts = Q8Rows::quantize(x, self.cols);
         let m = acts.rows();
-        // Computed as [rows, m] so that a task owns a contiguous slice, then transposed.
-        let mut yt = vec![0f32; self.rows * m];
-        yt.par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * ROWS_PER_TASK;
-                let unpacked: Vec<Unpacked> = (first..first + out.len() / m)
-                    .map(|r| {
-                        let mut u = self.unpacked();
-                        self.unpack_row(r, &mut u);
-                        u
-                    })
-                    .collect();
-                // Four activation rows at a time where a four-row kernel runs; it gives
-                // each row the bits the one-row kernel gives, so a row's result does not
-                // depend on how many rows share the step.
-                let mut i = 0;
-                if let Some(dot4) = dot4 {
-                    while i + 4 <= m {
-                        let a = [
-                            acts.row(i),
-                            acts.row(i + 1),
-                            acts.row(i + 2),
-                            acts.row(i + 3),
-                        ];
-                        for (j, w) in unpacked.iter().enumerate() {
-                            out[j * m + i..j * m + i + 4].copy_from_slice(&dot4(w, a));
-                        }
-                        i += 4;
-                    }
-                }
-                for i in i..m {
-                    let a = acts.row(i);
-                    for (j, w) in unpacked.iter().enumerate() {
-                        out[j * m + i] = dot(w, a);
-                    }
-                }
-            });
-        // Transposed a task's block at a time: each output row gets 16 adjacent values
-        // (one cache line) per block, read from 16 × m values that stay in L1.
+        let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
+        // Computed as [tile, m, 16] so that a task owns a contiguous slice, then copied
+        // into place 16 outputs at a time.
+        let tiles = self.rows.div_ceil(TILE);
+        let mut by_tile = vec![[0f32; TILE]; tiles * m];
+        by_tile.par_chunks_mut(m).enumerate().for_each(|(t, out)| {
+            TILE_BUFFER.with_borrow_mut(|tile| {
+                tile.fill(self, t * TILE);
+                out.copy_from_slice(&kernel(tile, &rows));
+            })
+        });
         let mut y = vec![0f32; m * self.rows];
-        for (task, block) in yt.chunks(ROWS_PER_TASK * m).enumerate() {
-            let first = task * ROWS_PER_TASK;
-            let n = block.len() / m;
-            for i in 0..m {
-                let dst = &mut y[i * self.rows + first..i * self.rows + first + n];
-                for (j, d) in dst.iter_mut().enumerate() {
-                    *d = block[j * m + i];
-                }
+        for (t, block) in by_tile.chunks_exact(m).enumerate() {
+            let first = t * TILE;
+            let n = (self.rows - first).min(TILE);
+            for (i, outputs) in block.iter().enumerate() {
+                y[i * self.rows + first..i * self.rows + first + n].copy_from_slice(&outputs[..n]);
             }
         }
         y
     }
 }
 
-/// The fastest dot product this CPU runs: AVX-512 VNNI where present, else portable.
-fn dot_kernel() -> fn(&Unpacked, Q8Row) -> f32 {
+/// The fastest tile kernel this CPU runs: AVX-512 VNNI where present, else portable.
+fn tile_kernel() -> TileKernel {
     #[cfg(target_arch = "x86_64")]
     if vnni_available() {
-        // SAFETY: the CPU has the features `dot_vnni` is compiled for.
-        return |w, a| unsafe { dot_vnni(w, a) };
+        return tile_vnni;
     }
-    dot_portable
+    tile_portable
 }
 
 /// Whether this CPU has AVX-512 F, BW and VNNI (the integer dot-product kernel).
@@ -210,126 +300,129 @@ pub fn vnni_available() -> bool {
     }
 }
 
-/// Σ w·x over one row: per group of 16, the integer dot product of codes and bytes times
-/// both scales, minus the weight offset times the activations' scaled sum.
-fn dot_portable(w: &Unpacked, a: Q8Row) -> f32 {
-    let mut products = 0f32;
-    let mut offsets = 0f32;
-    for ((((c, q), ws), (wo, asc)), asum) in w
-        .codes
-        .chunks_exact(GROUP)
-        .zip(a.qs.chunks_exact(GROUP))
-        .zip(&w.scale)
-        .zip(w.offset.iter().zip(a.scale))
-        .zip(a.sum)
-    {
-        products += ws * asc * group_dot(c, q) as f32;
-        offsets += wo * asum;
-    }
-    products - offsets
+/// Σ w·x for each of the tile's rows: per group of 16 columns, the integer dot product of
+/// codes and bytes times both scales, minus the weight offset times the activations'
+/// scaled sum.
+fn tile_portable(tile: &Tile, acts: &[Q8Row]) -> Vec<[f32; TILE]> {
+    acts.iter()
+        .map(|a| {
+            let mut out = [0f32; TILE];
+            for (j, out) in out.iter_mut().enumerate() {
+                let (mut products, mut offsets) = (0f32, 0f32);
+                for (g, (q, (&asc, &asum))) in
+                    a.qs.chunks_exact(GROUP)
+                        .zip(a.scale.iter().zip(a.sum))
+                        .enumerate()
+                {
+                    let runs = &tile.codes[g * GROUP * TILE..(g + 1) * GROUP * TILE];
+                    let dot: i32 = runs
+                        .chunks_exact(4 * TILE)
+                        .zip(q.chunks_exact(4))
+                        .map(|(run, q)| {
+                            run[4 * j..4 * j + 4]
+                                .iter()
+                                .zip(q)
+                                .map(|(&c, &q)| i32::from(c) * i32::from(q))
+                                .sum::<i32>()
+                        })
+                        .sum();
+                    products += tile.scale[g * TILE + j] * asc * dot as f32;
+                    offsets += tile.offset[g * TILE + j] * asum;
+                }
+                *out = products - offsets;
+            }
+            out
+        })
+        .collect()
 }
 
-/// Σ code·byte over a group of 16 (fits i32: 16 × 255 × 128).
-#[inline(always)]
-fn group_dot(codes: &[u8], qs: &[i8]) -> i32 {
-    codes
-        .iter()
-        .zip(qs)
-        .map(|(&c, &q)| i32::from(c) * i32::from(q))
-        .sum()
-}
-
-/// `dot_portable` with AVX-512: `vpdpbusd` multiplies 64 unsigned codes by 64 signed
-/// bytes and sums each 4 adjacent products into one of 16 i32 lanes, so lanes 4g … 4g + 3
-/// hold group g's partial sums; each lane is scaled by its group's weight and activation
-/// scales and accumulated in f32, and the 16 lanes are summed once at the end.
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VNNI (`vnni_available`); `w` and `a` describe rows of
-/// the same length, a multiple of 32.
+/// `tile_portable` with AVX-512, activation rows four at a time (the tile's registers
+/// loaded once for the four), then one at a time; both take the same operations for a
+/// row, so its result does not depend on how many rows share the step.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_vnni(w: &Unpacked, a: Q8Row) -> f32 {
-    dot_vnni_rows::<1>(w, [a])[0]
-}
-
-/// `dot_vnni` of one weight row with R activation rows at once: the weight's codes and
-/// scales are loaded once for all R, and the R accumulators are independent chains. Each
-/// row's result takes exactly the operations `dot_vnni` takes, so it has the same bits.
-///
-/// # Safety
-/// As `dot_vnni`, for every row of `a`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot_vnni_rows<const R: usize>(w: &Unpacked, a: [Q8Row; R]) -> [f32; R] {
-    use std::arch::x86_64::*;
-    let n = w.codes.len();
-    debug_assert!(a
-        .iter()
-        .all(|a| a.qs.len() == n && a.lane_scale.len() == n / 4));
-    debug_assert!(w.lane_scale.len() == n / 4);
-    let full = n / 64 * 64;
-    let (codes, wls) = (w.codes.as_ptr(), w.lane_scale.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut k = 0;
-    while k < full {
-        let c = _mm512_loadu_si512(codes.add(k) as *const _);
-        let ws = _mm512_loadu_ps(wls.add(k / 4));
-        for (acc, a) in acc.iter_mut().zip(&a) {
-            let q = _mm512_loadu_si512(a.qs.as_ptr().add(k) as *const _);
-            let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c, q);
-            let scale = _mm512_mul_ps(ws, _mm512_loadu_ps(a.lane_scale.as_ptr().add(k / 4)));
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, *acc);
-        }
-        k += 64;
+fn tile_vnni(tile: &Tile, acts: &[Q8Row]) -> Vec<[f32; TILE]> {
+    let mut out = Vec::with_capacity(acts.len());
+    let mut quads = acts.chunks_exact(4);
+    for quad in &mut quads {
+        // SAFETY: `tile_kernel` picks this kernel only where the CPU has the features
+        // `tile_vnni_rows` is compiled for; the rows and the tile have the same columns.
+        out.extend(unsafe { tile_vnni_rows::<4>(tile, [quad[0], quad[1], quad[2], quad[3]]) });
     }
-    let groups = n / GROUP;
-    let mut out = [0f32; R];
-    for ((out, acc), a) in out.iter_mut().zip(acc).zip(&a) {
-        let mut products = _mm512_reduce_add_ps(acc);
-        // A last run of 32 (rows of an odd number of 32-blocks).
-        for g in k / GROUP..groups {
-            let range = g * GROUP..(g + 1) * GROUP;
-            products +=
-                w.scale[g] * a.scale[g] * group_dot(&w.codes[range.clone()], &a.qs[range]) as f32;
-        }
-        // Σ offset·sum over the groups, 16 at a time; the last, partial 16 by a masked load
-        // (zeros beyond the end).
-        let mut off = _mm512_setzero_ps();
-        let mut g = 0;
-        while g < groups {
-            let mask: __mmask16 = if groups - g >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << (groups - g)) - 1
-            };
-            off = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(mask, w.offset.as_ptr().add(g)),
-                _mm512_maskz_loadu_ps(mask, a.sum.as_ptr().add(g)),
-                off,
-            );
-            g += 16;
-        }
-        *out = products - _mm512_reduce_add_ps(off);
+    for &a in quads.remainder() {
+        // SAFETY: as above.
+        out.extend(unsafe { tile_vnni_rows::<1>(tile, [a]) });
     }
     out
 }
 
-/// Four activation rows against one weight row at a time, where the CPU has VNNI.
-type Dot4 = fn(&Unpacked, [Q8Row; 4]) -> [f32; 4];
-
-fn dot4_kernel() -> Option<Dot4> {
-    #[cfg(target_arch = "x86_64")]
-    if vnni_available() {
-        // SAFETY: the CPU has the features `dot_vnni_rows` is compiled for.
-        return Some(|w, a| unsafe { dot_vnni_rows::<4>(w, a) });
+/// The tile's 16 rows against R activation rows. Per group of 16 columns: four
+/// `vpdpbusd` (4 columns of 16 rows against 4 broadcast activation bytes each), summed in
+/// two integer chains, converted once and scaled by the 16 rows' scales times the
+/// activation scale; the offsets times the activations' group sums in a second f32
+/// accumulator.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI (`vnni_available`); every row of `a` has the
+/// tile's columns, a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_vnni_rows<const R: usize>(tile: &Tile, a: [Q8Row; R]) -> [[f32; TILE]; R] {
+    use std::arch::x86_64::*;
+    let groups = tile.scale.len() / TILE;
+    debug_assert!(a
+        .iter()
+        .all(|a| a.qs.len() == groups * GROUP && a.scale.len() == groups));
+    let codes = tile.codes.as_ptr();
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut off = [_mm512_setzero_ps(); R];
+    for g in 0..groups {
+        let run = codes.add(g * GROUP * TILE);
+        let c0 = _mm512_loadu_si512(run as *const _);
+        let c1 = _mm512_loadu_si512(run.add(64) as *const _);
+        let c2 = _mm512_loadu_si512(run.add(128) as *const _);
+        let c3 = _mm512_loadu_si512(run.add(192) as *const _);
+        let ws = _mm512_loadu_ps(tile.scale.as_ptr().add(g * TILE));
+        let wo = _mm512_loadu_ps(tile.offset.as_ptr().add(g * TILE));
+        for r in 0..R {
+            let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
+            let b = |k: usize| _mm512_set1_epi32(q.add(k).read_unaligned());
+            let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, b(0));
+            let low = _mm512_dpbusd_epi32(low, c1, b(1));
+            let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, b(2));
+            let high = _mm512_dpbusd_epi32(high, c3, b(3));
+            let sums = _mm512_cvtepi32_ps(_mm512_add_epi32(low, high));
+            let scale = _mm512_mul_ps(ws, _mm512_set1_ps(*a[r].scale.get_unchecked(g)));
+            acc[r] = _mm512_fmadd_ps(sums, scale, acc[r]);
+            off[r] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*a[r].sum.get_unchecked(g)), off[r]);
+        }
     }
-    None
+    let mut out = [[0f32; TILE]; R];
+    for r in 0..R {
+        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_sub_ps(acc[r], off[r]));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_transpose_into_runs_of_sixteen() {
+        // 37 values a row: two 16 × 16 blocks in registers (where AVX-512 runs) and 5 alone.
+        let n = 37;
+        let src: Vec<u32> = (0..(TILE * n) as u32)
+            .map(|v| v.wrapping_mul(2_654_435_761))
+            .collect();
+        let mut dst = vec![0u32; TILE * n];
+        // SAFETY: both hold 16 × n values.
+        unsafe { transpose_rows(src.as_ptr(), n, dst.as_mut_ptr()) };
+        for q in 0..n {
+            for j in 0..TILE {
+                assert_eq!(dst[q * TILE + j], src[j * n + q], "value {q} of row {j}");
+            }
+        }
+    }
 
     #[test]
     fn the_avx512_kernel_sums_as_the_portable_one() {
@@ -343,15 +436,16 @@ mod tests {
         }
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        // 800 columns: 12 runs of 64 and a last run of 32.
+        // 20 rows: a full tile and a partial one; 800 columns: 25 blocks of 32.
         let (rows, cols) = (20, 800);
         let data: Vec<u8> = (0..rows * Format::Q8_0.row_bytes(cols))
             .map(|i| if i % 34 == 1 { 0x20 } else { rng.random() })
             .collect();
         let w = QMatrix::new(Format::Q8_0, rows, cols, data).unwrap();
+        // 6 rows: a run of four and two alone.
         let x: Vec<f32> = (0..6 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
         let fast = w.matmul(&x).unwrap();
-        let portable = w.matmul_with(&x, dot_portable, None);
+        let portable = w.matmul_with(&x, tile_portable);
         for (a, b) in fast.iter().zip(&portable) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }
