@@ -41,7 +41,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn python() -> String {
+pub fn python() -> String {
     if let Ok(p) = std::env::var("KDPIPE_LLAMA_PYTHON") {
         return p;
     }
