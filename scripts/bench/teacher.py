@@ -40,6 +40,10 @@ p.add_argument("--npp", type=int, default=256, help="prompt tokens a sequence in
 p.add_argument("--ntg", type=int, default=128, help="decode steps in the raw comparison")
 p.add_argument("--no-one-stream", action="store_true", help="leave out the one-request-at-a-time rows")
 p.add_argument(
+    "--raw-only", action="store_true",
+    help="only the raw-speed rows (no job, no one stream): a quicker check of the kernels; give another --out",
+)
+p.add_argument(
     "--no-one-stream-for", default="",
     help="comma-separated parts of model file names whose one-stream rows are left out (on a big model they take longest)",
 )
@@ -153,7 +157,8 @@ def write_table(sections, still_to_run):
     """The table so far: written after every model, so a long run that stops keeps the
     models it finished."""
     head = [
-        "# Teacher speed: kdpipe's local engines vs llama.cpp\n",
+        "# Teacher speed: kdpipe's local engines vs llama.cpp"
+        + (" (raw speed only: `--raw-only`)\n" if a.raw_only else "\n"),
         f"{threads} threads on {threads} cores ({os.uname().machine}), llama.cpp from llama-cpp-python {a.llama_version}'s "
         "vendored source (native flags, OpenMP), kdpipe's batched engine on the GGUF's block formats (`kernels::quant`; before 2026-12-02: f32 weights dequantized from the GGUF). "
         f"{a.reps} runs a side, interleaved.\n",
@@ -167,46 +172,18 @@ def write_table(sections, still_to_run):
     bench.write(a.out, "\n".join(head + sections + ["", bench.load_note(), ""]))
 
 
-models = a.models.split(",")
-sections = []
-for done, model in enumerate(models, 1):
-    name = os.path.basename(model).removesuffix(".gguf")
-    chats_path = os.path.join(a.work, f"{name}.chats.jsonl")
-    subprocess.run([a.bin, "chats", a.config, model, str(a.n), chats_path], check=True, stdout=subprocess.DEVNULL)
-    chats = [json.loads(l) for l in open(chats_path)]
-    k = f"{name}:"
-    one_stream = not a.no_one_stream and not any(part and part in name for part in a.no_one_stream_for.split(","))
-    for rep in range(a.reps):
-        bench.run(f"{k}kdpipe batched", rep, [a.bin, "batched", model, chats_path, str(a.max_tokens), str(a.batch)])
-        for flash in ("on", "off"):
-            bench.before_run(f"{k}llama-server fa {flash}", rep)
-            bench.record(f"{k}llama-server fa {flash}", llama_server(model, chats, a.batch, flash, sequential=False))
-        # The raw rows run the weights as the engine serves them: in their GGUF block formats.
-        bench.run(f"{k}kdpipe raw {a.batch}", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), str(a.batch)])
-        bench.run(f"{k}kdpipe raw 1", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), "1"])
-        for flash in ("on", "off"):
-            bench.run(f"{k}llama-batched-bench fa {flash}", rep, batched_bench_cmd(model, flash), parse=batched_bench_parse)
-        if one_stream:
-            bench.run(f"{k}kdpipe mistralrs", rep, [a.bin, "mistralrs", model, chats_path, str(a.max_tokens)])
-            bench.before_run(f"{k}llama-server np 1", rep)
-            bench.record(f"{k}llama-server np 1", llama_server(model, chats, 1, "auto", sequential=True))
+def best(sides, metric):
+    """The side with the highest median of metric: llama.cpp's faster flash-attention setting."""
+    return max(sides, key=lambda s: statistics.median(bench.values(s, metric)))
 
-    # kdpipe against llama.cpp's faster flash-attention setting for each comparison.
-    def best(sides, metric):
-        return max(sides, key=lambda s: statistics.median(bench.values(s, metric)))
 
+def job_section(k, chats, prompt_tokens):
+    """The job table and the ratio against llama-server's faster flash-attention setting."""
     server_best = best([f"{k}llama-server fa on", f"{k}llama-server fa off"], "generated_tok_s")
-    bb_sides = [f"{k}llama-batched-bench fa on", f"{k}llama-batched-bench fa off"]
-    bb_best = best(bb_sides, "speed_tg")
-    bb_best_pp = best(bb_sides, "speed_pp")
-    bb_best_1 = best(bb_sides, "speed_tg_1")
-    prompt_tokens = sum(c["prompt_tokens"] for c in chats)
-    size_mb = os.path.getsize(model) / 2**20
-    s = [f"## {name} ({size_mb:.0f} MB GGUF)\n"]
-    s.append(
+    s = [
         f"**The job**: {len(chats)} chats of `{a.config}` ({prompt_tokens} prompt tokens as kdpipe counts them), "
         f"greedy, at most {a.max_tokens} tokens, all queued at once; batch {a.batch} on both sides.\n"
-    )
+    ]
     s.append("| engine | load s | job s | generated tok/s of the job | mean latency s | prompt tokens evaluated | peak RSS MB |")
     s.append("|---|---:|---:|---:|---:|---:|---:|")
     for side, label in [
@@ -227,6 +204,46 @@ for done, model in enumerate(models, 1):
         f"llama.cpp's latency over kdpipe's), peak RSS {bench.ratio(ks, server_best, 'peak_rss_mb', higher_is_better=False)} "
         f"(llama.cpp's over kdpipe's; below 1 means kdpipe uses more).\n"
     )
+    return s
+
+
+models = a.models.split(",")
+sections = []
+for done, model in enumerate(models, 1):
+    name = os.path.basename(model).removesuffix(".gguf")
+    chats_path = os.path.join(a.work, f"{name}.chats.jsonl")
+    subprocess.run([a.bin, "chats", a.config, model, str(a.n), chats_path], check=True, stdout=subprocess.DEVNULL)
+    chats = [json.loads(l) for l in open(chats_path)]
+    k = f"{name}:"
+    one_stream = not a.raw_only and not a.no_one_stream and not any(
+        part and part in name for part in a.no_one_stream_for.split(",")
+    )
+    for rep in range(a.reps):
+        if not a.raw_only:
+            bench.run(f"{k}kdpipe batched", rep, [a.bin, "batched", model, chats_path, str(a.max_tokens), str(a.batch)])
+            for flash in ("on", "off"):
+                bench.before_run(f"{k}llama-server fa {flash}", rep)
+                bench.record(f"{k}llama-server fa {flash}", llama_server(model, chats, a.batch, flash, sequential=False))
+        # The raw rows run the weights as the engine serves them: in their GGUF block formats.
+        bench.run(f"{k}kdpipe raw {a.batch}", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), str(a.batch)])
+        bench.run(f"{k}kdpipe raw 1", rep, [a.bin, "raw-quantized", model, str(a.npp), str(a.ntg), "1"])
+        for flash in ("on", "off"):
+            bench.run(f"{k}llama-batched-bench fa {flash}", rep, batched_bench_cmd(model, flash), parse=batched_bench_parse)
+        if one_stream:
+            bench.run(f"{k}kdpipe mistralrs", rep, [a.bin, "mistralrs", model, chats_path, str(a.max_tokens)])
+            bench.before_run(f"{k}llama-server np 1", rep)
+            bench.record(f"{k}llama-server np 1", llama_server(model, chats, 1, "auto", sequential=True))
+
+    # kdpipe against llama.cpp's faster flash-attention setting for each comparison.
+    bb_sides = [f"{k}llama-batched-bench fa on", f"{k}llama-batched-bench fa off"]
+    bb_best = best(bb_sides, "speed_tg")
+    bb_best_pp = best(bb_sides, "speed_pp")
+    bb_best_1 = best(bb_sides, "speed_tg_1")
+    prompt_tokens = sum(c["prompt_tokens"] for c in chats)
+    size_mb = os.path.getsize(model) / 2**20
+    s = [f"## {name} ({size_mb:.0f} MB GGUF)\n"]
+    if not a.raw_only:
+        s += job_section(k, chats, prompt_tokens)
     s.append(
         f"**Raw speed**, llama-batched-bench's method: {a.batch} distinct prompts of {a.npp} tokens, then {a.ntg} "
         "decode steps of all of them together, and of one sequence alone.\n"

@@ -13,6 +13,7 @@
 #   scripts/bench/teacher.sh [--models A.gguf,B.gguf] [--n 48] [--max-tokens 128]
 #                            [--batch 32] [--reps 3] [--no-one-stream]
 #                            [--no-one-stream-for 1.5B] [--allow-load]
+#                            [--raw-only --out bench-results/teacher-raw.md]  (raw rows only)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ./scripts/fetch-models.sh --large
@@ -20,7 +21,7 @@ llama_bin="$(./scripts/setup-llama-cpp.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
 # The one-stream rows need the mistralrs engine; without them the build is ~10 minutes shorter.
 features=(--features mistralrs)
-for arg in "$@"; do [ "$arg" = --no-one-stream ] && features=(); done
+for arg in "$@"; do case "$arg" in --no-one-stream | --raw-only) features=() ;; esac; done
 cargo build --release --locked "${features[@]}" --example teacher_bench >&2
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
