@@ -218,31 +218,39 @@ fn llama_cpp_replies(path: &std::path::Path, prompts: &[Vec<u32>], stop: &[u32])
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Teacher forcing: at how many positions of the replies the model's argmax after the
-/// prompt and the reply so far is the reply's next token; and how many positions.
+/// Teacher forcing on `replies`: how many positions there are, at how many the model's
+/// argmax after the prompt and the reply so far is the reply's next token, and, where it
+/// is not, the largest gap between the model's top logit and its logit for that token.
 fn agreement(
     model: &student::Decoder,
     prompts: &[Vec<u32>],
     replies: &[Vec<u32>],
-) -> (usize, usize) {
-    let (mut same, mut total) = (0, 0);
+) -> (usize, usize, f32) {
+    let (mut same, mut total, mut worst_gap) = (0, 0, 0f32);
     for (prompt, reply) in prompts.iter().zip(replies) {
         let ids: Vec<u32> = prompt.iter().chain(reply).copied().collect();
         let logits = logits_per_position(model, &ids);
         for (i, &next) in reply.iter().enumerate() {
-            same += usize::from(argmax(&logits[prompt.len() - 1 + i]) == next as usize);
+            let l = &logits[prompt.len() - 1 + i];
+            let ours = argmax(l);
+            same += usize::from(ours == next as usize);
+            worst_gap = worst_gap.max(l[ours] - l[next as usize]);
             total += 1;
         }
     }
-    (same, total)
+    (same, total, worst_gap)
 }
 
 /// The quantized decoder against llama.cpp on the same GGUF: teacher-forced on llama.cpp's
 /// own greedy replies to 12 real chats (so one early divergence does not cascade), its
-/// next-token argmax is llama.cpp's at 99 % of the positions or more on the Qwen teacher.
-/// SmolLM2-135M has more near-ties: there the exact f32 product of the same weights agrees
-/// with llama.cpp at about 97.5 % of positions (llama.cpp rounds activations to 8 bits),
-/// and the quantized decoder must agree at least as often, less one point.
+/// next-token argmax is llama.cpp's at 762 of 768 positions (99.2 %) on the Qwen teacher
+/// on the machine this was written on. Where they differ it is a near-tie: llama.cpp's
+/// token is within 0.1 logit of the top of kdpipe's logits there. The test asks for
+/// 98.5 % and gaps under 1 logit (a llama.cpp built for another CPU runs other kernels,
+/// and one near-tie more must not fail it; a wrong kernel moves logits by whole units).
+/// SmolLM2-135M has more near-ties: the exact f32 product of the same weights agrees with
+/// llama.cpp at about 97.5 % of positions (llama.cpp rounds activations to 8 bits), and
+/// the quantized decoder must agree at least as often, less one point.
 #[test]
 fn the_quantized_decoder_follows_llama_cpps_greedy_replies() {
     let questions: Vec<String> =
@@ -255,7 +263,7 @@ fn the_quantized_decoder_follows_llama_cpps_greedy_replies() {
                 row["question"].as_str().unwrap().to_string()
             })
             .collect();
-    for (path, required) in [(qwen(), 0.99), (smollm2(), 0.96)] {
+    for (path, required) in [(qwen(), 0.985), (smollm2(), 0.96)] {
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         let mut loaded = student::load_for_inference(path.to_str().unwrap()).unwrap();
         let prompts: Vec<Vec<u32>> = questions
@@ -270,10 +278,10 @@ fn the_quantized_decoder_follows_llama_cpps_greedy_replies() {
             .collect();
         let replies = llama_cpp_replies(&path, &prompts, &loaded.stop_tokens());
         let model = loaded.take_inference_decoder().unwrap();
-        let (same, total) = agreement(&model, &prompts, &replies);
+        let (same, total, worst_gap) = agreement(&model, &prompts, &replies);
         let share = same as f64 / total as f64;
         eprintln!(
-            "{name}: the quantized decoder's argmax is llama.cpp's next token at {same} of {total} positions ({:.2} %)",
+            "{name}: the quantized decoder's argmax is llama.cpp's next token at {same} of {total} positions ({:.2} %); largest logit gap where not: {worst_gap:.3}",
             100.0 * share
         );
         assert!(total >= 300, "{name}: too few positions compared: {total}");
@@ -281,12 +289,16 @@ fn the_quantized_decoder_follows_llama_cpps_greedy_replies() {
             share >= required,
             "{name}: agreement {share}, want {required}"
         );
-        if required < 0.99 {
+        assert!(
+            worst_gap < 1.0,
+            "{name}: llama.cpp's token {worst_gap} logits below our top one"
+        );
+        if required < 0.98 {
             let dense = student::load(path.to_str().unwrap(), &Device::Cpu)
                 .unwrap()
                 .take_inference_decoder()
                 .unwrap();
-            let (dense_same, _) = agreement(&dense, &prompts, &replies);
+            let (dense_same, _, _) = agreement(&dense, &prompts, &replies);
             eprintln!("{name}: the f32 decoder's at {dense_same} of {total}");
             assert!(
                 same + total / 100 >= dense_same,
