@@ -65,7 +65,6 @@ impl Tile {
             v.resize(groups * TILE, 0.0);
         }
         let n = (m.rows - first).min(TILE);
-        let bytes = m.row_bytes();
         for (j, ((codes, scale), offset)) in self
             .row_codes
             .chunks_exact_mut(cols)
@@ -74,8 +73,7 @@ impl Tile {
             .enumerate()
         {
             if j < n {
-                let row = &m.data[(first + j) * bytes..(first + j + 1) * bytes];
-                m.format.unpack_row(row, codes, scale, offset);
+                m.format.unpack_row(m.row(first + j), codes, scale, offset);
             } else {
                 codes.fill(0);
                 scale.fill(0.0);
@@ -202,8 +200,10 @@ impl QMatrix {
         })
     }
 
-    fn row_bytes(&self) -> usize {
-        self.format.row_bytes(self.cols)
+    /// Row `r`'s blocks.
+    fn row(&self, r: usize) -> &[u8] {
+        let bytes = self.format.row_bytes(self.cols);
+        &self.data[r * bytes..(r + 1) * bytes]
     }
 
     /// Row `r` as f32 (`out` holds `cols` values): an embedding lookup.
@@ -211,9 +211,8 @@ impl QMatrix {
         let groups = self.cols / GROUP;
         let (mut codes, mut scale, mut offset) =
             (vec![0u8; self.cols], vec![0f32; groups], vec![0f32; groups]);
-        let row = &self.data[r * self.row_bytes()..(r + 1) * self.row_bytes()];
         self.format
-            .unpack_row(row, &mut codes, &mut scale, &mut offset);
+            .unpack_row(self.row(r), &mut codes, &mut scale, &mut offset);
         for (g, (w, c)) in out
             .chunks_exact_mut(GROUP)
             .zip(codes.chunks_exact(GROUP))
