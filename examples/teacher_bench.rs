@@ -31,6 +31,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     kdpipe::alloc::tune();
+    // The engine's load and cache lines on stderr (RUST_LOG=info).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize| -> anyhow::Result<&str> {
         args.get(i).map(String::as_str).ok_or_else(|| {

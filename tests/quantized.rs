@@ -45,7 +45,7 @@ fn real_blocks() -> Vec<(String, QMatrix, Vec<f32>)> {
                 .unwrap()
                 .to_vec1::<f32>()
                 .unwrap();
-            let m = QMatrix::new(format, rows, dims[1], data).unwrap();
+            let m = QMatrix::new(format, rows, dims[1], &data).unwrap();
             seen.insert(format, (format!("{}:{name}", path.display()), m, reference));
         }
     }
@@ -205,7 +205,7 @@ fn quantized_logits_are_bit_identical_alone_and_in_any_batch() {
     assert_logits_independent_of_the_batch(&model, &[1, 5]);
 }
 
-/// llama.cpp's greedy replies (llama-cpp-python, f32 KV cache like kdpipe's) to `prompts`
+/// llama.cpp's greedy replies (llama-cpp-python, f32 KV cache: see the script) to `prompts`
 /// on the GGUF at `path`, at most 64 tokens each.
 fn llama_cpp_replies(path: &std::path::Path, prompts: &[Vec<u32>], stop: &[u32]) -> Vec<Vec<u32>> {
     let request = serde_json::json!({"prompts": prompts, "max_new": 64, "stop": stop});

@@ -12,6 +12,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -87,25 +88,20 @@ fn hf_name(gguf: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
-/// `unpermute` on a block-quantized matrix: whole rows move, their bytes unchanged.
-fn unpermute_rows(m: &QMatrix, n_head: usize) -> QMatrix {
-    let row_bytes = m.data.len() / m.rows;
-    let hd = m.rows / n_head;
-    let mut data = Vec::with_capacity(m.data.len());
+/// `unpermute` on the rows of a block-quantized matrix as the file stores them
+/// (`row_bytes` each): whole rows move, their bytes unchanged.
+fn unpermute_rows(data: &[u8], row_bytes: usize, n_head: usize) -> Vec<u8> {
+    let hd = data.len() / row_bytes / n_head;
+    let mut out = Vec::with_capacity(data.len());
     for h in 0..n_head {
         for half in 0..2 {
             for pair in 0..hd / 2 {
                 let src = h * hd + pair * 2 + half;
-                data.extend_from_slice(&m.data[src * row_bytes..(src + 1) * row_bytes]);
+                out.extend_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
             }
         }
     }
-    QMatrix {
-        format: m.format,
-        rows: m.rows,
-        cols: m.cols,
-        data,
-    }
+    out
 }
 
 /// Undo llama.cpp's q/k permutation: GGUF rows are ordered (head, pair, 2) where Hugging
@@ -152,9 +148,6 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
     names.sort();
     for name in names {
         let Some(hf) = hf_name(name) else { continue };
-        let q = content
-            .tensor(&mut file, name, device)
-            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
         let heads = if shape.model_type == "llama" && name.ends_with(".weight") {
             if name.contains("attn_q") {
                 Some(shape.num_attention_heads)
@@ -166,26 +159,58 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
         } else {
             None
         };
-        let dims = q.shape().dims().to_vec();
+        let info = &content.tensor_infos[name];
+        let dims = info.shape.dims().to_vec();
         if keep_quantized && dims.len() == 2 {
-            if let Some(format) = Format::from_ggml(q.dtype()) {
-                let mut m = QMatrix::new(format, dims[0], dims[1], q.data()?.into_owned())
-                    .with_context(|| format!("{}: tensor {name}", path.display()))?;
-                if let Some(n_head) = heads {
-                    m = unpermute_rows(&m, n_head);
+            if let Some(format) = Format::from_ggml(info.ggml_dtype) {
+                // Packed as it is read from the file: loading holds the packed matrix and
+                // a few hundred KB of the file, not a second copy of the tensor (the
+                // largest, the vocabulary, is a sixth of a small model's file). llama's
+                // q and k rows, reordered first, are read whole.
+                file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+                    .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
+                let (rows, cols) = (dims[0], dims[1]);
+                let m = match heads {
+                    None => QMatrix::read(format, rows, cols, &mut file),
+                    Some(n_head) => {
+                        let mut data = vec![0u8; rows * format.row_bytes(cols)];
+                        file.read_exact(&mut data)?;
+                        let data = unpermute_rows(&data, format.row_bytes(cols), n_head);
+                        QMatrix::new(format, rows, cols, &data)
+                    }
                 }
+                .with_context(|| {
+                    format!(
+                        "{}: cannot read tensor {name} (truncated file?)",
+                        path.display()
+                    )
+                })?;
                 quantized.insert(hf, Arc::new(m));
                 continue;
             }
-            if !matches!(q.dtype(), GgmlDType::F32) {
-                dequantized_formats.insert(format!("{:?}", q.dtype()));
+            if !matches!(info.ggml_dtype, GgmlDType::F32) {
+                dequantized_formats.insert(format!("{:?}", info.ggml_dtype));
             }
         }
+        let q = content
+            .tensor(&mut file, name, device)
+            .with_context(|| format!("{}: cannot read tensor {name}", path.display()))?;
         let mut t = q.dequantize(device)?;
         if let Some(n_head) = heads {
             t = unpermute(&t, n_head)?;
         }
         weights.insert(hf, t);
+    }
+    if keep_quantized {
+        let packed: usize = quantized.values().map(|m: &Arc<QMatrix>| m.bytes()).sum();
+        let dense: usize = weights.values().map(|t: &Tensor| t.elem_count() * 4).sum();
+        tracing::info!(
+            "{}: weights held in {:.0} MB ({:.0} MB block-quantized, {:.0} MB f32)",
+            path.display(),
+            (packed + dense) as f64 / 1e6,
+            packed as f64 / 1e6,
+            dense as f64 / 1e6
+        );
     }
     for f in dequantized_formats {
         tracing::info!(
@@ -299,17 +324,15 @@ mod tests {
         let (n_head, hd, cols) = (3, 8, 64);
         let w = Tensor::randn(0f32, 1.0, (n_head * hd, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
-        let m = QMatrix::new(
-            Format::Q8_0,
-            n_head * hd,
-            cols,
-            q.data().unwrap().into_owned(),
-        )
-        .unwrap();
+        let data = q.data().unwrap().into_owned();
+        let m = QMatrix::new(Format::Q8_0, n_head * hd, cols, &data).unwrap();
         let dense = Tensor::from_vec(m.dequantize(), (n_head * hd, cols), &Device::Cpu).unwrap();
         let want = unpermute(&dense, n_head).unwrap().flatten_all().unwrap();
+        let moved = unpermute_rows(&data, Format::Q8_0.row_bytes(cols), n_head);
         assert_eq!(
-            unpermute_rows(&m, n_head).dequantize(),
+            QMatrix::new(Format::Q8_0, n_head * hd, cols, &moved)
+                .unwrap()
+                .dequantize(),
             want.to_vec1::<f32>().unwrap()
         );
     }

@@ -113,6 +113,98 @@ impl Format {
     }
 }
 
+/// How a packed tile (`packed`) stores a format's codes: nibbles (two codes a byte),
+/// nibbles plus a plane of 2-bit high parts, or a byte each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodeBits {
+    Four,
+    Six,
+    Eight,
+}
+
+/// What one block of one row keeps besides its codes once packed: the f16 bits of its
+/// scale `d` and (for formats with a minimum) of `m`, and per sub-block a small integer
+/// scale and minimum (K formats). `Format::group_scale` turns them into the group's
+/// scale and offset exactly as `unpack_row` computes them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlockHeader {
+    pub d: u16,
+    pub m: u16,
+    pub sub_scale: [u8; 16],
+    pub sub_min: [u8; 16],
+}
+
+impl Format {
+    pub fn code_bits(self) -> CodeBits {
+        match self {
+            Format::Q4_0 | Format::Q4_1 | Format::Q4K => CodeBits::Four,
+            Format::Q6K => CodeBits::Six,
+            Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => CodeBits::Eight,
+        }
+    }
+
+    /// Whether a block has a second f16 (`m` of Q4_1 and Q5_1, `dmin` of Q4_K).
+    pub fn has_min(self) -> bool {
+        matches!(self, Format::Q4_1 | Format::Q5_1 | Format::Q4K)
+    }
+
+    /// Sub-blocks with their own integer scale: Q4_K's 8 of 32 weights, Q6_K's 16 of 16.
+    pub fn sub_blocks(self) -> usize {
+        match self {
+            Format::Q4K => 8,
+            Format::Q6K => 16,
+            _ => 0,
+        }
+    }
+
+    /// Whether each sub-block also has an integer minimum (Q4_K).
+    pub fn has_sub_min(self) -> bool {
+        self == Format::Q4K
+    }
+
+    /// The header of one block (`block_bytes` bytes).
+    pub fn header(self, block: &[u8]) -> BlockHeader {
+        let bits = |i: usize| u16::from_le_bytes([block[i], block[i + 1]]);
+        let mut h = BlockHeader::default();
+        match self {
+            Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => h.d = bits(0),
+            Format::Q4_1 | Format::Q5_1 => (h.d, h.m) = (bits(0), bits(2)),
+            Format::Q4K => {
+                (h.d, h.m) = (bits(0), bits(2));
+                for j in 0..8 {
+                    (h.sub_scale[j], h.sub_min[j]) = q4k_scale_min(j, &block[4..16]);
+                }
+            }
+            Format::Q6K => {
+                h.d = bits(208);
+                h.sub_scale.copy_from_slice(&block[192..208]);
+            }
+        }
+        h
+    }
+
+    /// Scale and offset of group `g` (of 16 weights) of a block with header `h`, as
+    /// `unpack_row` computes them.
+    pub fn group_scale(self, h: &BlockHeader, g: usize) -> (f32, f32) {
+        let d = f16::from_bits(h.d).to_f32();
+        let m = f16::from_bits(h.m).to_f32();
+        match self {
+            Format::Q4_0 => (d, 8.0 * d),
+            Format::Q5_0 => (d, 16.0 * d),
+            Format::Q8_0 => (d, 128.0 * d),
+            Format::Q4_1 | Format::Q5_1 => (d, -m),
+            Format::Q4K => (
+                d * f32::from(h.sub_scale[g / 2]),
+                m * f32::from(h.sub_min[g / 2]),
+            ),
+            Format::Q6K => {
+                let s = d * f32::from(h.sub_scale[g] as i8);
+                (s, 32.0 * s)
+            }
+        }
+    }
+}
+
 /// `unpack` on every block of `row`, with each block's slices of the outputs.
 #[inline(always)]
 fn each_block(

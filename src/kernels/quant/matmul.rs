@@ -1,225 +1,140 @@
-//! `x · Wᵀ` with `W` kept in a block-quantized format: the activations are quantized per
-//! 32 values (`activations`), and a task unpacks 16 weight rows at a time (`formats`) into
-//! one interleaved tile: for every 4 columns, the 4 byte codes of each of the 16 rows in
-//! turn, so one 512-bit register holds 4 columns of all 16 rows. The AVX-512 kernel
-//! broadcasts 4 activation bytes against such a register (`vpdpbusd`: 16 rows' 4-term
-//! integer dot products at once), sums a group of 16 columns in integers, and scales each
-//! group once, in f32: the 16 rows' scales are one register. The result for 16 rows is
-//! one register, stored as is.
+//! `x · Wᵀ` with `W` kept in a block-quantized format, repacked on load into tiles of 16
+//! rows (`packed`): the activations are quantized per 32 values (`activations`); the
+//! AVX-512 kernel decodes a group of 16 columns of a tile into 4 registers, each holding
+//! 4 columns of the 16 rows, broadcasts 4 activation bytes against each (`vpdpbusd`: 16
+//! rows' 4-term integer dot products at once), sums the group in integers and scales it
+//! once, in f32: the 16 rows' scales are one register. The result for 16 rows is one
+//! register, stored as is.
+//!
+//! A task takes a few tiles and runs every activation row over them, 4 rows at a time,
+//! so that 4 rows' quantized activations are read once for several tiles (with a long
+//! prompt the activations, not the weights, are what streams from memory).
 //!
 //! Each output depends only on its weight row and its activation row, summed in a fixed
 //! order: a row's result is bit-identical alone and in any batch.
 
 use super::activations::{Q8Row, Q8Rows};
-use super::formats::{Format, GROUP};
+use super::formats::{CodeBits, Format, GROUP};
+use super::packed::{self, Layout, TILE};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// A weight matrix `[rows (out), cols (in)]` in a block-quantized format, rows stored one
-/// after another as in the GGUF file.
+/// A weight matrix `[rows (out), cols (in)]` in a block-quantized format, packed into
+/// tiles of 16 rows (`packed`).
 #[derive(Clone)]
 pub struct QMatrix {
     pub format: Format,
     pub rows: usize,
     pub cols: usize,
-    pub data: Vec<u8>,
+    layout: Layout,
+    packed: Vec<u8>,
 }
 
-/// Weight rows unpacked together: the 16 f32 lanes of one AVX-512 register.
-const TILE: usize = 16;
-
-/// `TILE` weight rows unpacked and interleaved (see the module comment); rows past the
-/// matrix's last are zeros.
+/// The portable kernel's view of a tile: codes a byte each in runs (run q: columns 4q …
+/// 4q + 3 of row 0, then of row 1, … row 15) and, per group, the 16 rows' scales and
+/// offsets in f32.
 #[derive(Default)]
 struct Tile {
-    /// `cols / 4` runs of 64 bytes: run q holds columns 4q … 4q + 3 of row 0, then of
-    /// row 1, … row 15.
     codes: Vec<u8>,
-    /// Per group of 16 columns, the 16 rows' scales, then (in `offset`) their offsets.
     scale: Vec<f32>,
     offset: Vec<f32>,
-    /// The 16 rows as `formats` unpacks them, one after another, before interleaving.
-    row_codes: Vec<u8>,
-    row_scale: Vec<f32>,
-    row_offset: Vec<f32>,
 }
 
 thread_local! {
-    /// Each thread's tile, kept between products (a fresh one per task was a tenth of a
-    /// decoding step in allocation and zeroed pages).
+    /// Each thread's expanded tile for the portable kernel, kept between products.
     static TILE_BUFFER: RefCell<Tile> = RefCell::new(Tile::default());
 }
 
 impl Tile {
-    fn fill(&mut self, m: &QMatrix, first: usize) {
-        let (cols, groups) = (m.cols, m.cols / GROUP);
-        for v in [&mut self.codes, &mut self.row_codes] {
-            v.resize(cols * TILE, 0);
-        }
-        for v in [
-            &mut self.scale,
-            &mut self.offset,
-            &mut self.row_scale,
-            &mut self.row_offset,
-        ] {
-            v.resize(groups * TILE, 0.0);
-        }
-        let n = (m.rows - first).min(TILE);
-        for (j, ((codes, scale), offset)) in self
-            .row_codes
-            .chunks_exact_mut(cols)
-            .zip(self.row_scale.chunks_exact_mut(groups))
-            .zip(self.row_offset.chunks_exact_mut(groups))
-            .enumerate()
-        {
-            if j < n {
-                m.format.unpack_row(m.row(first + j), codes, scale, offset);
-            } else {
-                codes.fill(0);
-                scale.fill(0.0);
-                offset.fill(0.0);
+    fn expand(&mut self, layout: &Layout, tile: &[u8]) {
+        let groups = layout.cols / GROUP;
+        self.codes.resize(layout.cols * TILE, 0);
+        self.scale.resize(groups * TILE, 0.0);
+        self.offset.resize(groups * TILE, 0.0);
+        for g in 0..groups {
+            let runs = &mut self.codes[g * GROUP * TILE..(g + 1) * GROUP * TILE];
+            for (i, code) in runs.iter_mut().enumerate() {
+                let (run, at) = (i / 64, i % 64);
+                let (j, c) = (at / 4, 4 * run + at % 4);
+                *code = layout.code(tile, j, g * GROUP + c);
             }
-        }
-        // Codes as 4-byte runs, scales and offsets as they are: 16 rows of 4-byte units
-        // transposed into runs of 16.
-        let units = cols / 4;
-        let codes = self.codes.as_mut_ptr() as *mut u32;
-        // SAFETY: the buffers hold 16 rows of `units` (codes) or `groups` (scales) 4-byte
-        // values, as resized above; u32 reads of bytes are unaligned.
-        unsafe {
-            transpose_rows(self.row_codes.as_ptr() as *const u32, units, codes);
-            for (from, to) in [
-                (&self.row_scale, &mut self.scale),
-                (&self.row_offset, &mut self.offset),
-            ] {
-                transpose_rows(
-                    from.as_ptr() as *const u32,
-                    groups,
-                    to.as_mut_ptr() as *mut u32,
-                );
+            for j in 0..TILE {
+                let (s, o) = layout.group_scale(tile, j, g);
+                self.scale[g * TILE + j] = s;
+                self.offset[g * TILE + j] = o;
             }
         }
     }
 }
 
-/// `dst[q·16 + j] = src[j·n + q]` for the 16 rows j of `n` 4-byte values each: with
-/// AVX-512 a 16 × 16 block at a time in registers, the rest one value at a time.
-///
-/// # Safety
-/// `src` and `dst` hold `16 × n` values (any alignment).
-unsafe fn transpose_rows(src: *const u32, n: usize, dst: *mut u32) {
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        done = n / TILE * TILE;
-        for q in (0..done).step_by(TILE) {
-            transpose_block_avx512(src.add(q), n, dst.add(q * TILE));
-        }
-    }
-    for q in done..n {
-        for j in 0..TILE {
-            dst.add(q * TILE + j)
-                .write_unaligned(src.add(j * n + q).read_unaligned());
-        }
-    }
-}
-
-/// One 16 × 16 block of `transpose_rows`: row j's 16 values from `src + j·stride`, column
-/// q's into `dst + 16q`. Three rounds of shuffles: 32-bit pairs, 64-bit pairs, then
-/// 128-bit lanes across four registers.
-///
-/// # Safety
-/// The CPU has AVX-512 F; the reads and writes stay in the callers' buffers.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_block_avx512(src: *const u32, stride: usize, dst: *mut u32) {
-    use std::arch::x86_64::*;
-    let r: [__m512i; TILE] =
-        std::array::from_fn(|j| _mm512_loadu_si512(src.add(j * stride) as *const _));
-    // t: rows 2i and 2i + 1 interleaved by 32 bits.
-    let mut t = [_mm512_setzero_si512(); TILE];
-    for i in 0..TILE / 2 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    // u[4i + k]: in 128-bit lane L, value 4L + k of rows 4i … 4i + 3.
-    let mut u = [_mm512_setzero_si512(); TILE];
-    for i in 0..TILE / 4 {
-        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
-        u[4 * i] = _mm512_unpacklo_epi64(a, c);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(a, c);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(b, d);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(b, d);
-    }
-    // Column 4L + k: lane L of u[k], u[4 + k], u[8 + k], u[12 + k].
-    for k in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0x88>(u[k], u[4 + k]);
-        let v1 = _mm512_shuffle_i32x4::<0xDD>(u[k], u[4 + k]);
-        let v2 = _mm512_shuffle_i32x4::<0x88>(u[8 + k], u[12 + k]);
-        let v3 = _mm512_shuffle_i32x4::<0xDD>(u[8 + k], u[12 + k]);
-        let out = [
-            _mm512_shuffle_i32x4::<0x88>(v0, v2),
-            _mm512_shuffle_i32x4::<0x88>(v1, v3),
-            _mm512_shuffle_i32x4::<0xDD>(v0, v2),
-            _mm512_shuffle_i32x4::<0xDD>(v1, v3),
-        ];
-        for (l, o) in out.into_iter().enumerate() {
-            _mm512_storeu_si512(dst.add((4 * l + k) * TILE) as *mut _, o);
-        }
-    }
-}
-
-/// A tile's products with activation rows: for each row, the 16 outputs of the tile.
-type TileKernel = fn(&Tile, &[Q8Row]) -> Vec<[f32; TILE]>;
+/// Products of the tiles `first…` with every activation row, into `out`
+/// (`[tile][activation row]`, 16 outputs each).
+type Kernel = fn(&QMatrix, usize, &[Q8Row], &mut [[f32; TILE]]);
 
 impl QMatrix {
+    /// The matrix from its rows of GGUF blocks as the file stores them, packed.
     pub fn new(
         format: Format,
         rows: usize,
         cols: usize,
-        data: Vec<u8>,
+        data: &[u8],
     ) -> candle_core::Result<QMatrix> {
-        if !cols.is_multiple_of(format.block_len()) {
-            candle_core::bail!(
-                "a {format:?} matrix needs rows of a multiple of {} weights, got {cols}",
-                format.block_len()
-            );
-        }
-        let want = rows * format.row_bytes(cols);
+        let want = Self::file_bytes(format, rows, cols)?;
         if data.len() != want {
             candle_core::bail!(
                 "a {rows}×{cols} {format:?} matrix takes {want} bytes, got {} (truncated file?)",
                 data.len()
             );
         }
+        Self::read(format, rows, cols, &mut &data[..])
+    }
+
+    /// The matrix read from `file` (its rows of blocks as the file stores them) and
+    /// packed as it is read.
+    pub fn read(
+        format: Format,
+        rows: usize,
+        cols: usize,
+        file: &mut impl std::io::Read,
+    ) -> candle_core::Result<QMatrix> {
+        Self::file_bytes(format, rows, cols)?;
+        let packed = packed::pack_from(format, rows, cols, file)?;
         Ok(QMatrix {
             format,
             rows,
             cols,
-            data,
+            layout: Layout::new(format, cols),
+            packed,
         })
     }
 
-    /// Row `r`'s blocks.
-    fn row(&self, r: usize) -> &[u8] {
-        let bytes = self.format.row_bytes(self.cols);
-        &self.data[r * bytes..(r + 1) * bytes]
+    /// Bytes of the matrix in the file; an error for rows that are not whole blocks.
+    fn file_bytes(format: Format, rows: usize, cols: usize) -> candle_core::Result<usize> {
+        if !cols.is_multiple_of(format.block_len()) {
+            candle_core::bail!(
+                "a {format:?} matrix needs rows of a multiple of {} weights, got {cols}",
+                format.block_len()
+            );
+        }
+        Ok(rows * format.row_bytes(cols))
+    }
+
+    /// Bytes the packed weights take.
+    pub fn bytes(&self) -> usize {
+        self.packed.len()
+    }
+
+    fn tile(&self, t: usize) -> &[u8] {
+        &self.packed[t * self.layout.tile_bytes..(t + 1) * self.layout.tile_bytes]
     }
 
     /// Row `r` as f32 (`out` holds `cols` values): an embedding lookup.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
-        let groups = self.cols / GROUP;
-        let (mut codes, mut scale, mut offset) =
-            (vec![0u8; self.cols], vec![0f32; groups], vec![0f32; groups]);
-        self.format
-            .unpack_row(self.row(r), &mut codes, &mut scale, &mut offset);
-        for (g, (w, c)) in out
-            .chunks_exact_mut(GROUP)
-            .zip(codes.chunks_exact(GROUP))
-            .enumerate()
-        {
-            for (w, &c) in w.iter_mut().zip(c) {
-                *w = scale[g] * f32::from(c) - offset[g];
+        let (tile, j) = (self.tile(r / TILE), r % TILE);
+        for (g, w) in out.chunks_exact_mut(GROUP).enumerate() {
+            let (scale, offset) = self.layout.group_scale(tile, j, g);
+            for (c, w) in w.iter_mut().enumerate() {
+                *w = scale * f32::from(self.layout.code(tile, j, g * GROUP + c)) - offset;
             }
         }
     }
@@ -244,10 +159,10 @@ impl QMatrix {
                 x.len()
             );
         }
-        Ok(self.matmul_with(x, tile_kernel()))
+        Ok(self.matmul_with(x, kernel()))
     }
 
-    fn matmul_with(&self, x: &[f32], kernel: TileKernel) -> Vec<f32> {
+    fn matmul_with(&self, x: &[f32], kernel: Kernel) -> Vec<f32> {
         if x.is_empty() || self.rows == 0 {
             return Vec::new();
         }
@@ -257,13 +172,12 @@ impl QMatrix {
         // Computed as [tile, m, 16] so that a task owns a contiguous slice, then copied
         // into place 16 outputs at a time.
         let tiles = self.rows.div_ceil(TILE);
+        let per_task = self.tiles_per_task(m, tiles);
         let mut by_tile = vec![[0f32; TILE]; tiles * m];
-        by_tile.par_chunks_mut(m).enumerate().for_each(|(t, out)| {
-            TILE_BUFFER.with_borrow_mut(|tile| {
-                tile.fill(self, t * TILE);
-                out.copy_from_slice(&kernel(tile, &rows));
-            })
-        });
+        by_tile
+            .par_chunks_mut(m * per_task)
+            .enumerate()
+            .for_each(|(task, out)| kernel(self, task * per_task, &rows, out));
         let mut y = vec![0f32; m * self.rows];
         for (t, block) in by_tile.chunks_exact(m).enumerate() {
             let first = t * TILE;
@@ -274,15 +188,27 @@ impl QMatrix {
         }
         y
     }
+
+    /// Tiles a task runs every activation row over: one when a few rows are all there is
+    /// (nothing to reuse, and every tile a task for the threads to share), else as many
+    /// as fit in half of a 2 MB L2 cache, keeping 4 tasks a thread.
+    fn tiles_per_task(&self, m: usize, tiles: usize) -> usize {
+        if m <= 4 {
+            return 1;
+        }
+        let fit = (1 << 20) / self.layout.tile_bytes;
+        let spread = tiles / (4 * rayon::current_num_threads());
+        fit.min(spread).clamp(1, 8)
+    }
 }
 
-/// The fastest tile kernel this CPU runs: AVX-512 VNNI where present, else portable.
-fn tile_kernel() -> TileKernel {
+/// The fastest kernel this CPU runs: AVX-512 VNNI where present, else portable.
+fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     if vnni_available() {
-        return tile_vnni;
+        return tiles_vnni;
     }
-    tile_portable
+    tiles_portable
 }
 
 /// Whether this CPU has AVX-512 F, BW and VNNI (the integer dot-product kernel).
@@ -297,6 +223,16 @@ pub fn vnni_available() -> bool {
     {
         false
     }
+}
+
+/// The portable kernel: each tile expanded to bytes and f32 scales, then `tile_portable`.
+fn tiles_portable(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]]) {
+    TILE_BUFFER.with_borrow_mut(|tile| {
+        for (t, out) in out.chunks_exact_mut(acts.len()).enumerate() {
+            tile.expand(&m.layout, m.tile(first + t));
+            out.copy_from_slice(&tile_portable(tile, acts));
+        }
+    })
 }
 
 /// Σ w·x for each of the tile's rows: per group of 16 columns, the integer dot product of
@@ -335,64 +271,182 @@ fn tile_portable(tile: &Tile, acts: &[Q8Row]) -> Vec<[f32; TILE]> {
         .collect()
 }
 
-/// `tile_portable` with AVX-512, activation rows four at a time (the tile's registers
-/// loaded once for the four), then one at a time; both take the same operations for a
-/// row, so its result does not depend on how many rows share the step.
+/// A tile's 16 rows against R activation rows (the AVX-512 kernel for one code width).
 #[cfg(target_arch = "x86_64")]
-fn tile_vnni(tile: &Tile, acts: &[Q8Row]) -> Vec<[f32; TILE]> {
-    let mut out = Vec::with_capacity(acts.len());
-    let mut quads = acts.chunks_exact(4);
-    for quad in &mut quads {
-        // SAFETY: `tile_kernel` picks this kernel only where the CPU has the features
-        // `tile_vnni_rows` is compiled for; the rows and the tile have the same columns.
-        out.extend(unsafe { tile_vnni_rows::<4>(tile, [quad[0], quad[1], quad[2], quad[3]]) });
+type RowsKernel<const R: usize> = unsafe fn(&Layout, *const u8, [Q8Row; R]) -> [[f32; TILE]; R];
+
+/// `tiles_portable` with AVX-512: activation rows four at a time over every tile of the
+/// task (the four rows' bytes stay in cache across the tiles), then one at a time; both
+/// take the same operations for a row, so its result does not depend on how many rows
+/// share the step.
+#[cfg(target_arch = "x86_64")]
+fn tiles_vnni(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]]) {
+    let (four, one): (RowsKernel<4>, RowsKernel<1>) = match m.format.code_bits() {
+        CodeBits::Four => (vnni_rows::<4, 4>, vnni_rows::<1, 4>),
+        CodeBits::Six => (vnni_rows::<4, 6>, vnni_rows::<1, 6>),
+        CodeBits::Eight => (vnni_rows::<4, 8>, vnni_rows::<1, 8>),
+    };
+    let n = acts.len();
+    let tiles = out.len() / n;
+    let quads = n / 4 * 4;
+    for i in (0..quads).step_by(4) {
+        for t in 0..tiles {
+            // SAFETY: `kernel` picks this kernel only where the CPU has the features
+            // `vnni_rows` is compiled for; the tile is whole and the rows have its columns.
+            let y = unsafe {
+                four(
+                    &m.layout,
+                    m.tile(first + t).as_ptr(),
+                    [acts[i], acts[i + 1], acts[i + 2], acts[i + 3]],
+                )
+            };
+            out[t * n + i..t * n + i + 4].copy_from_slice(&y);
+        }
     }
-    for &a in quads.remainder() {
-        // SAFETY: as above.
-        out.extend(unsafe { tile_vnni_rows::<1>(tile, [a]) });
+    for i in quads..n {
+        for t in 0..tiles {
+            // SAFETY: as above.
+            let y = unsafe { one(&m.layout, m.tile(first + t).as_ptr(), [acts[i]]) };
+            out[t * n + i] = y[0];
+        }
     }
-    out
 }
 
-/// The tile's 16 rows against R activation rows. Per group of 16 columns: four
+/// The 16 rows' scales and offsets of each group of the block at `block`, from its
+/// header, computed as `Format::group_scale` computes them.
+///
+/// # Safety
+/// As `vnni_rows`; `block` starts a whole block of a tile laid out by `l`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn block_scales(
+    l: &Layout,
+    block: *const u8,
+    scale: &mut [std::arch::x86_64::__m512; 16],
+    offset: &mut [std::arch::x86_64::__m512; 16],
+) {
+    use std::arch::x86_64::*;
+    let f16s = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at) as *const _));
+    let bytes = |at: usize| _mm_loadu_si128(block.add(at) as *const _);
+    let d = f16s(0);
+    let times = |k: f32| _mm512_mul_ps(_mm512_set1_ps(k), d);
+    match l.format {
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
+            let o = times(match l.format {
+                Format::Q4_0 => 8.0,
+                Format::Q5_0 => 16.0,
+                _ => 128.0,
+            });
+            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
+        }
+        Format::Q4_1 | Format::Q5_1 => {
+            let m = _mm512_castps_si512(f16s(l.min_at));
+            let o = _mm512_castsi512_ps(_mm512_xor_si512(m, _mm512_set1_epi32(i32::MIN)));
+            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
+        }
+        Format::Q4K => {
+            let dmin = f16s(l.min_at);
+            for j in 0..8 {
+                let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(l.sub_scale_at + 16 * j)));
+                let m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(l.sub_min_at + 16 * j)));
+                let (s, m) = (_mm512_mul_ps(d, s), _mm512_mul_ps(dmin, m));
+                (scale[2 * j], scale[2 * j + 1]) = (s, s);
+                (offset[2 * j], offset[2 * j + 1]) = (m, m);
+            }
+        }
+        Format::Q6K => {
+            for g in 0..16 {
+                let s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(l.sub_scale_at + 16 * g)));
+                scale[g] = _mm512_mul_ps(d, s);
+                offset[g] = _mm512_mul_ps(_mm512_set1_ps(32.0), scale[g]);
+            }
+        }
+    }
+}
+
+/// A group's codes as 4 registers, run k in register k (`packed`'s planes decoded).
+///
+/// # Safety
+/// As `vnni_rows`; `codes` starts a group's `BITS`-wide codes.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn group_codes<const BITS: u8>(codes: *const u8) -> [std::arch::x86_64::__m512i; 4] {
+    use std::arch::x86_64::*;
+    let load = |k: usize| _mm512_loadu_si512(codes.add(64 * k) as *const _);
+    if BITS == 8 {
+        return [load(0), load(1), load(2), load(3)];
+    }
+    let low = _mm512_set1_epi8(0x0F);
+    let (a, b) = (load(0), load(1));
+    let mut c = [
+        _mm512_and_si512(a, low),
+        _mm512_and_si512(b, low),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(a), low),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(b), low),
+    ];
+    if BITS == 6 {
+        // Bits 2k, 2k + 1 of each high-part byte to bits 4, 5 of run k's codes (16-bit
+        // shifts; the mask drops what crosses from the neighbouring byte).
+        let (h, top) = (load(2), _mm512_set1_epi8(0x30));
+        let high = [
+            _mm512_slli_epi16::<4>(h),
+            _mm512_slli_epi16::<2>(h),
+            h,
+            _mm512_srli_epi16::<2>(h),
+        ];
+        for k in 0..4 {
+            c[k] = _mm512_or_si512(c[k], _mm512_and_si512(high[k], top));
+        }
+    }
+    c
+}
+
+/// The tile at `tile`'s 16 rows against R activation rows. Per group of 16 columns: four
 /// `vpdpbusd` (4 columns of 16 rows against 4 broadcast activation bytes each), summed in
 /// two integer chains, converted once and scaled by the 16 rows' scales times the
 /// activation scale; the offsets times the activations' group sums in a second f32
 /// accumulator.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW and VNNI (`vnni_available`); every row of `a` has the
-/// tile's columns, a multiple of 32.
+/// The CPU has AVX-512 F, BW and VNNI (`vnni_available`); `tile` is a whole tile laid
+/// out by `l` with codes `BITS` wide; every row of `a` has `l.cols` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_vnni_rows<const R: usize>(tile: &Tile, a: [Q8Row; R]) -> [[f32; TILE]; R] {
+unsafe fn vnni_rows<const R: usize, const BITS: u8>(
+    l: &Layout,
+    tile: *const u8,
+    a: [Q8Row; R],
+) -> [[f32; TILE]; R] {
     use std::arch::x86_64::*;
-    let groups = tile.scale.len() / TILE;
     debug_assert!(a
         .iter()
-        .all(|a| a.qs.len() == groups * GROUP && a.scale.len() == groups));
-    let codes = tile.codes.as_ptr();
+        .all(|a| a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP));
     let mut acc = [_mm512_setzero_ps(); R];
     let mut off = [_mm512_setzero_ps(); R];
-    for g in 0..groups {
-        let run = codes.add(g * GROUP * TILE);
-        let c0 = _mm512_loadu_si512(run as *const _);
-        let c1 = _mm512_loadu_si512(run.add(64) as *const _);
-        let c2 = _mm512_loadu_si512(run.add(128) as *const _);
-        let c3 = _mm512_loadu_si512(run.add(192) as *const _);
-        let ws = _mm512_loadu_ps(tile.scale.as_ptr().add(g * TILE));
-        let wo = _mm512_loadu_ps(tile.offset.as_ptr().add(g * TILE));
-        for r in 0..R {
-            let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
-            let b = |k: usize| _mm512_set1_epi32(q.add(k).read_unaligned());
-            let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, b(0));
-            let low = _mm512_dpbusd_epi32(low, c1, b(1));
-            let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, b(2));
-            let high = _mm512_dpbusd_epi32(high, c3, b(3));
-            let sums = _mm512_cvtepi32_ps(_mm512_add_epi32(low, high));
-            let scale = _mm512_mul_ps(ws, _mm512_set1_ps(*a[r].scale.get_unchecked(g)));
-            acc[r] = _mm512_fmadd_ps(sums, scale, acc[r]);
-            off[r] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*a[r].sum.get_unchecked(g)), off[r]);
+    let mut scale = [_mm512_setzero_ps(); 16];
+    let mut offset = [_mm512_setzero_ps(); 16];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        block_scales(l, block, &mut scale, &mut offset);
+        let codes = block.add(l.header_bytes);
+        for gb in 0..l.groups_per_block {
+            let g = b * l.groups_per_block + gb;
+            let [c0, c1, c2, c3] = group_codes::<BITS>(codes.add(gb * l.group_bytes));
+            let (ws, wo) = (scale[gb], offset[gb]);
+            for r in 0..R {
+                let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
+                let b = |k: usize| _mm512_set1_epi32(q.add(k).read_unaligned());
+                let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, b(0));
+                let low = _mm512_dpbusd_epi32(low, c1, b(1));
+                let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, b(2));
+                let high = _mm512_dpbusd_epi32(high, c3, b(3));
+                let sums = _mm512_cvtepi32_ps(_mm512_add_epi32(low, high));
+                let s = _mm512_mul_ps(ws, _mm512_set1_ps(*a[r].scale.get_unchecked(g)));
+                acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
+                off[r] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*a[r].sum.get_unchecked(g)), off[r]);
+            }
         }
     }
     let mut out = [[0f32; TILE]; R];
@@ -407,23 +461,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_transpose_into_runs_of_sixteen() {
-        // 37 values a row: two 16 × 16 blocks in registers (where AVX-512 runs) and 5 alone.
-        let n = 37;
-        let src: Vec<u32> = (0..(TILE * n) as u32)
-            .map(|v| v.wrapping_mul(2_654_435_761))
-            .collect();
-        let mut dst = vec![0u32; TILE * n];
-        // SAFETY: both hold 16 × n values.
-        unsafe { transpose_rows(src.as_ptr(), n, dst.as_mut_ptr()) };
-        for q in 0..n {
-            for j in 0..TILE {
-                assert_eq!(dst[q * TILE + j], src[j * n + q], "value {q} of row {j}");
-            }
-        }
-    }
-
-    #[test]
     fn the_avx512_kernel_sums_as_the_portable_one() {
         if !crate::test_skip::can_run(
             "the_avx512_kernel_sums_as_the_portable_one",
@@ -433,20 +470,29 @@ mod tests {
         ) {
             return;
         }
+        use candle_core::quantized::QTensor;
+        use candle_core::{Device, Tensor};
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        // 20 rows: a full tile and a partial one; 800 columns: 25 blocks of 32.
-        let (rows, cols) = (20, 800);
-        let data: Vec<u8> = (0..rows * Format::Q8_0.row_bytes(cols))
-            .map(|i| if i % 34 == 1 { 0x20 } else { rng.random() })
+        // 300 rows: 18 full tiles and a partial one, several tiles a task; 768 columns:
+        // 3 blocks of 256, 24 of 32. 9 activation rows: two runs of four and one alone.
+        let (rows, cols) = (300, 768);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-0.1..0.1))
             .collect();
-        let w = QMatrix::new(Format::Q8_0, rows, cols, data).unwrap();
-        // 6 rows: a run of four and two alone.
-        let x: Vec<f32> = (0..6 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let fast = w.matmul(&x).unwrap();
-        let portable = w.matmul_with(&x, tile_portable);
-        for (a, b) in fast.iter().zip(&portable) {
-            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..9 * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        for format in Format::ALL {
+            let q = QTensor::quantize(&w, format.ggml()).unwrap();
+            let w = QMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
+            let fast = w.matmul(&x).unwrap();
+            let portable = w.matmul_with(&x, tiles_portable);
+            for (a, b) in fast.iter().zip(&portable) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                    "{format:?}: {a} vs {b}"
+                );
+            }
         }
     }
 }

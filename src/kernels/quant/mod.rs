@@ -3,15 +3,17 @@
 //! streams that much less memory.
 //!
 //! `formats` reads every supported format into one form (a byte code per weight, a scale
-//! and an offset per 16 weights); `activations` quantizes the input rows to 8 bits per 32
-//! values on the fly, as llama.cpp does; `matmul` multiplies the two with integer dot
-//! products. Tests compare each format with candle's dequantization (an independent
+//! and an offset per 16 weights); `packed` regroups a matrix's rows on load, 16 at a time,
+//! in the order the product reads them; `activations` quantizes the input rows to 8 bits
+//! per 32 values on the fly, as llama.cpp does; `matmul` multiplies the two with integer
+//! dot products. Tests compare each format with candle's dequantization (an independent
 //! reading of the same layouts) and the product with an f64 product of the dequantized
 //! weights.
 
 pub mod activations;
 pub mod formats;
 pub mod matmul;
+pub mod packed;
 
 pub use formats::Format;
 pub use matmul::QMatrix;
@@ -50,7 +52,7 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        let m = QMatrix::new(format, rows, cols, q.data().unwrap().into_owned()).unwrap();
+        let m = QMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
         (m, reference)
     }
 
@@ -153,13 +155,9 @@ mod tests {
 
     #[test]
     fn wrong_sizes_are_refused() {
-        let err = QMatrix::new(Format::Q4K, 2, 100, vec![0; 10])
-            .err()
-            .unwrap();
+        let err = QMatrix::new(Format::Q4K, 2, 100, &[0; 10]).err().unwrap();
         assert!(err.to_string().contains("multiple of 256"), "{err}");
-        let err = QMatrix::new(Format::Q8_0, 2, 64, vec![0; 100])
-            .err()
-            .unwrap();
+        let err = QMatrix::new(Format::Q8_0, 2, 64, &[0; 100]).err().unwrap();
         assert!(err.to_string().contains("takes 136 bytes"), "{err}");
     }
 }
