@@ -10,20 +10,101 @@
 use super::block::Attend;
 use super::linear::Pass;
 use super::Decoder;
-use crate::kernels::kv_attention::{attend_rows, KvView};
+use crate::kernels::kv_attention::{attend_rows, KvPrecision, KvView};
 use crate::kernels::rope::rope_rows;
 use anyhow::{ensure, Result};
 use candle_core::Tensor;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 /// Keys and values of one sequence: per layer, `[position][kv_head][head_dim]` row after
-/// row, RoPE applied to the keys.
+/// row, RoPE applied to the keys, in the decoder's `KvPrecision`.
 #[derive(Clone, Debug)]
 pub struct SeqCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    store: Store,
     len: usize,
-    /// Floats per position in one layer: kv heads × head_dim.
+    /// Numbers per position in one layer: kv heads × head_dim.
     row: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Store {
+    F32(Layers<f32>),
+    F16(Layers<f16>),
+}
+
+/// Every layer's cached keys and values.
+#[derive(Clone, Debug)]
+struct Layers<T> {
+    keys: Vec<Vec<T>>,
+    values: Vec<Vec<T>>,
+}
+
+impl<T: Copy> Layers<T> {
+    fn new(layers: usize, capacity: usize) -> Self {
+        let empty = || (0..layers).map(|_| Vec::with_capacity(capacity)).collect();
+        Layers {
+            keys: empty(),
+            values: empty(),
+        }
+    }
+
+    fn truncate(&mut self, len: usize) {
+        for v in self.keys.iter_mut().chain(self.values.iter_mut()) {
+            v.truncate(len);
+        }
+    }
+
+    /// A copy of each layer's first `len` numbers, with room for `extra` more.
+    fn prefix(&self, len: usize, extra: usize) -> Self {
+        let copy = |layers: &Vec<Vec<T>>| {
+            layers
+                .iter()
+                .map(|l| {
+                    let mut v = Vec::with_capacity(len + extra);
+                    v.extend_from_slice(&l[..len]);
+                    v
+                })
+                .collect()
+        };
+        Layers {
+            keys: copy(&self.keys),
+            values: copy(&self.values),
+        }
+    }
+}
+
+impl Store {
+    /// Append rows of keys and of values (f32) to `layer`, rounded to nearest where the
+    /// cache holds f16.
+    fn append(&mut self, layer: usize, keys: &[f32], values: &[f32]) {
+        match self {
+            Store::F32(l) => {
+                l.keys[layer].extend_from_slice(keys);
+                l.values[layer].extend_from_slice(values);
+            }
+            Store::F16(l) => {
+                for (cache, rows) in [(&mut l.keys[layer], keys), (&mut l.values[layer], values)] {
+                    let at = cache.len();
+                    cache.resize(at + rows.len(), f16::ZERO);
+                    cache[at..].convert_from_f32_slice(rows);
+                }
+            }
+        }
+    }
+
+    fn view(&self, layer: usize) -> KvView<'_> {
+        match self {
+            Store::F32(l) => KvView::F32 {
+                keys: &l.keys[layer],
+                values: &l.values[layer],
+            },
+            Store::F16(l) => KvView::F16 {
+                keys: &l.keys[layer],
+                values: &l.values[layer],
+            },
+        }
+    }
 }
 
 impl SeqCache {
@@ -31,13 +112,12 @@ impl SeqCache {
     pub fn new(model: &Decoder, capacity: usize) -> Self {
         let s = &model.shape;
         let row = s.num_key_value_heads * s.head_dim();
+        let (layers, numbers) = (s.num_hidden_layers, capacity * row);
         SeqCache {
-            keys: (0..s.num_hidden_layers)
-                .map(|_| Vec::with_capacity(capacity * row))
-                .collect(),
-            values: (0..s.num_hidden_layers)
-                .map(|_| Vec::with_capacity(capacity * row))
-                .collect(),
+            store: match model.kv_precision() {
+                KvPrecision::F32 => Store::F32(Layers::new(layers, numbers)),
+                KvPrecision::F16 => Store::F16(Layers::new(layers, numbers)),
+            },
             len: 0,
             row,
         }
@@ -55,8 +135,9 @@ impl SeqCache {
     /// Forget every token after the first `n` (a shared prefix, a rescoring point).
     pub fn truncate(&mut self, n: usize) {
         let n = n.min(self.len);
-        for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            layer.truncate(n * self.row);
+        match &mut self.store {
+            Store::F32(l) => l.truncate(n * self.row),
+            Store::F16(l) => l.truncate(n * self.row),
         }
         self.len = n;
     }
@@ -64,19 +145,12 @@ impl SeqCache {
     /// A copy of the first `n` tokens, with room for `extra` more.
     pub fn prefix(&self, n: usize, extra: usize) -> Self {
         let n = n.min(self.len);
-        let copy = |layers: &Vec<Vec<f32>>| -> Vec<Vec<f32>> {
-            layers
-                .iter()
-                .map(|l| {
-                    let mut v = Vec::with_capacity((n + extra) * self.row);
-                    v.extend_from_slice(&l[..n * self.row]);
-                    v
-                })
-                .collect()
-        };
+        let (len, extra_numbers) = (n * self.row, extra * self.row);
         SeqCache {
-            keys: copy(&self.keys),
-            values: copy(&self.values),
+            store: match &self.store {
+                Store::F32(l) => Store::F32(l.prefix(len, extra_numbers)),
+                Store::F16(l) => Store::F16(l.prefix(len, extra_numbers)),
+            },
             len: n,
             row: self.row,
         }
@@ -118,17 +192,14 @@ impl Attend for StepAttention<'_, '_> {
         let mut r = 0;
         for input in self.step.iter_mut() {
             let n = input.tokens.len();
-            input.cache.keys[layer].extend_from_slice(&k[r * row..(r + n) * row]);
-            input.cache.values[layer].extend_from_slice(&v[r * row..(r + n) * row]);
+            let rows = r * row..(r + n) * row;
+            input.cache.store.append(layer, &k[rows.clone()], &v[rows]);
             r += n;
         }
         let caches: Vec<KvView> = self
             .step
             .iter()
-            .map(|i| KvView {
-                keys: &i.cache.keys[layer],
-                values: &i.cache.values[layer],
-            })
+            .map(|i| i.cache.store.view(layer))
             .collect();
         let scale = 1.0 / (hd as f32).sqrt();
         let out = attend_rows(&q, &caches, &self.seq_of, &self.visible, self.heads, scale);

@@ -10,6 +10,7 @@ use super::causal::CausalAttention;
 use super::linear::{Linear, Pass, Weight};
 use super::ModelShape;
 use crate::config::{LoraConfig, Precision};
+use crate::kernels::kv_attention::KvPrecision;
 use crate::kernels::quant::QMatrix;
 use crate::kernels::{bf16_gemm, rms_norm};
 use anyhow::{Context, Result};
@@ -94,6 +95,8 @@ pub struct Decoder {
     precision: Precision,
     /// The key of this training pass's LoRA dropout masks (None: no dropout).
     dropout_key: std::cell::Cell<Option<u64>>,
+    /// How inference's key/value caches store their numbers (f16 unless set).
+    kv_precision: KvPrecision,
     /// RoPE tables `[positions, head_dim / 2]`.
     pub(super) cos: Tensor,
     pub(super) sin: Tensor,
@@ -138,6 +141,7 @@ impl Decoder {
             .collect::<Result<_>>()?;
         let (cos, sin) = rope_tables(&shape, device)?;
         Ok(Decoder {
+            kv_precision: KvPrecision::default(),
             head: Linear::new("lm_head".into(), head_weight, None),
             shape,
             embed: Embeddings::Dense(embed),
@@ -195,6 +199,7 @@ impl Decoder {
             .collect::<Result<Vec<_>>>()?;
         let (cos, sin) = rope_tables(&shape, &device)?;
         Ok(Decoder {
+            kv_precision: KvPrecision::default(),
             head: Linear::with_weight("lm_head".into(), head, None),
             shape,
             embed,
@@ -232,6 +237,23 @@ impl Decoder {
     /// Whether every weight is stored for inference.
     pub fn is_inference(&self) -> bool {
         self.head.weight.is_inference()
+    }
+
+    /// How inference's key/value caches store keys and values.
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv_precision
+    }
+
+    /// Store the key/value caches made from now on in `precision` (f32: inference
+    /// bit-for-bit as the training forward computes it, for tests).
+    pub fn set_kv_precision(&mut self, precision: KvPrecision) {
+        self.kv_precision = precision;
+    }
+
+    /// Bytes a cached token takes (keys and values, every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let s = &self.shape;
+        2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim() * self.kv_precision.bytes()
     }
 
     /// Positions the model can attend over (its RoPE table, capped at 32,768).

@@ -199,6 +199,13 @@ impl Teacher for EngineTeacher {
         locate_answer: AnswerLocator,
         sink: &mut dyn FnMut(Job, JobResult) -> Result<()>,
     ) -> Result<RetryCounts> {
+        tracing::info!(
+            "local engine: key/value cache in {:?}, {:.1} KB a token; {} sequences at a time, each its prompt plus up to {} new tokens",
+            self.model.kv_precision(),
+            self.model.kv_bytes_per_token() as f64 / 1024.0,
+            self.parallel,
+            settings.max_tokens
+        );
         let generator = Generator {
             model: &self.model,
             parallel: self.parallel,
