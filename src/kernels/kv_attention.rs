@@ -9,7 +9,6 @@
 
 use super::fastmath::dot;
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 /// How a key/value cache stores its numbers.
@@ -36,22 +35,83 @@ pub enum KvView<'a> {
     F16 { keys: &'a [f16], values: &'a [f16] },
 }
 
-/// A cached number, read as f32.
+/// A cached number: the two products attention takes with a cached row, in f32.
 trait Cached: Copy + Sync {
-    /// `out` ← the values of `row` as f32 (`out` as long as `row`).
-    fn read(row: &[Self], out: &mut [f32]);
+    /// q · row.
+    fn dot(q: &[f32], row: &[Self]) -> f32;
+    /// out += w · row.
+    fn add_scaled(out: &mut [f32], w: f32, row: &[Self]);
 }
 
 impl Cached for f32 {
-    fn read(row: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(row);
+    fn dot(q: &[f32], row: &[f32]) -> f32 {
+        dot(q, row)
+    }
+
+    fn add_scaled(out: &mut [f32], w: f32, row: &[f32]) {
+        out.iter_mut().zip(row).for_each(|(o, v)| *o += w * v);
     }
 }
 
 impl Cached for f16 {
-    fn read(row: &[f16], out: &mut [f32]) {
-        // `half` converts with F16C where the CPU has it.
-        row.convert_to_f32_slice(out);
+    fn dot(q: &[f32], row: &[f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { dot_f16_avx512(q, row) };
+        }
+        q.iter().zip(row).map(|(q, k)| q * k.to_f32()).sum()
+    }
+
+    fn add_scaled(out: &mut [f32], w: f32, row: &[f16]) {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { add_scaled_f16_avx512(out, w, row) };
+        }
+        out.iter_mut()
+            .zip(row)
+            .for_each(|(o, v)| *o += w * v.to_f32());
+    }
+}
+
+/// `Cached::dot` for f16 rows, 16 at a time (`vcvtph2ps`: exact).
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f16_avx512(q: &[f32], row: &[f16]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = q.len().min(row.len());
+    let whole = n / 16 * 16;
+    let mut acc = _mm512_setzero_ps();
+    for i in (0..whole).step_by(16) {
+        let k = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(i) as *const _));
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q.as_ptr().add(i)), k, acc);
+    }
+    let tail: f32 = (whole..n).map(|i| q[i] * row[i].to_f32()).sum();
+    _mm512_reduce_add_ps(acc) + tail
+}
+
+/// `Cached::add_scaled` for f16 rows, 16 at a time.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn add_scaled_f16_avx512(out: &mut [f32], w: f32, row: &[f16]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(row.len());
+    let whole = n / 16 * 16;
+    let wv = _mm512_set1_ps(w);
+    for i in (0..whole).step_by(16) {
+        let v = _mm512_cvtph_ps(_mm256_loadu_si256(row.as_ptr().add(i) as *const _));
+        let o = out.as_mut_ptr().add(i);
+        _mm512_storeu_ps(o, _mm512_fmadd_ps(wv, v, _mm512_loadu_ps(o)));
+    }
+    for i in whole..n {
+        out[i] += w * row[i].to_f32();
     }
 }
 
@@ -93,13 +153,9 @@ fn attend<T: Cached>(
     out: &mut [f32],
 ) {
     let hd = q.len();
-    let mut row = vec![0f32; hd];
     let at = |t: usize| t * stride + offset..t * stride + offset + hd;
     let mut scores: Vec<f32> = (0..visible)
-        .map(|t| {
-            T::read(&keys[at(t)], &mut row);
-            dot(q, &row) * scale
-        })
+        .map(|t| T::dot(q, &keys[at(t)]) * scale)
         .collect();
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
@@ -109,8 +165,6 @@ fn attend<T: Cached>(
     }
     out.iter_mut().for_each(|o| *o = 0.0);
     for (t, w) in scores.iter().enumerate() {
-        T::read(&values[at(t)], &mut row);
-        let w = w / sum;
-        out.iter_mut().zip(&row).for_each(|(o, v)| *o += w * v);
+        T::add_scaled(out, w / sum, &values[at(t)]);
     }
 }
