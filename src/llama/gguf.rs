@@ -173,10 +173,15 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
                 let m = match heads {
                     None => QMatrix::read(format, rows, cols, &mut file),
                     Some(n_head) => {
-                        let mut data = vec![0u8; rows * format.row_bytes(cols)];
-                        file.read_exact(&mut data)?;
-                        let data = unpermute_rows(&data, format.row_bytes(cols), n_head);
-                        QMatrix::new(format, rows, cols, &data)
+                        let row_bytes = format.row_bytes(cols);
+                        let mut data = vec![0u8; rows * row_bytes];
+                        match file.read_exact(&mut data) {
+                            Ok(()) => {
+                                let data = unpermute_rows(&data, row_bytes, n_head);
+                                QMatrix::new(format, rows, cols, &data)
+                            }
+                            Err(e) => Err(e.into()),
+                        }
                     }
                 }
                 .with_context(|| {
