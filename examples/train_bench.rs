@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         student::export::export(
             dir.as_ref(),
             &base,
-            &loaded.tokenizer_json,
+            &loaded.tokenizer_json()?,
             &loaded.chat,
             &eos,
         )?;

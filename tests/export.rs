@@ -55,7 +55,7 @@ fn exported_student_gives_the_same_logits_in_transformers() {
     student::export::export(
         dir.path(),
         &model,
-        &loaded.tokenizer_json,
+        &loaded.tokenizer_json().unwrap(),
         &loaded.chat,
         &eos,
     )

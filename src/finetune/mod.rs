@@ -355,7 +355,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     llama::export::export(
         &student_dir,
         &model,
-        &loaded.tokenizer_json,
+        &loaded.tokenizer_json()?,
         &loaded.chat,
         &eos_text,
     )?;

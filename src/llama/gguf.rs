@@ -3,10 +3,10 @@
 //! interleaves RoPE pairs there; qwen2 files keep the Hugging Face layout), tokenizer and
 //! chat template from the metadata.
 
-use super::tokenizer::{meta_str, meta_u64, tokenizer_json_from_gguf};
+use super::tokenizer::{meta_str, meta_u64, tokenizer_from_gguf};
 use super::{LoadedModel, ModelShape};
 use crate::chat::ChatTemplate;
-use crate::kernels::quant::{Format, QMatrix};
+use crate::kernels::quant::{Format, KernelChoice, QMatrix};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
@@ -14,7 +14,6 @@ use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 fn meta_f64(c: &Content, key: &str) -> Option<f64> {
@@ -209,12 +208,15 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
     if keep_quantized {
         let packed: usize = quantized.values().map(|m: &Arc<QMatrix>| m.bytes()).sum();
         let dense: usize = weights.values().map(|t: &Tensor| t.elem_count() * 4).sum();
+        // A bad kernel override is an error here, at load, not at the first product.
+        let kernel = KernelChoice::selected().map_err(anyhow::Error::msg)?;
         tracing::info!(
-            "{}: weights held in {:.0} MB ({:.0} MB block-quantized, {:.0} MB f32)",
+            "{}: weights held in {:.0} MB ({:.0} MB block-quantized, {:.0} MB f32); products on the {} kernel",
             path.display(),
             (packed + dense) as f64 / 1e6,
             packed as f64 / 1e6,
-            dense as f64 / 1e6
+            dense as f64 / 1e6,
+            kernel.name()
         );
     }
     for f in dequantized_formats {
@@ -223,9 +225,8 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
             path.display()
         );
     }
-    let tokenizer_json = tokenizer_json_from_gguf(&content)?;
-    let tokenizer = tokenizers::Tokenizer::from_str(&tokenizer_json)
-        .map_err(|e| anyhow::anyhow!("cannot build the tokenizer from {}: {e}", path.display()))?;
+    let tokenizer = tokenizer_from_gguf(&content)
+        .with_context(|| format!("cannot build the tokenizer from {}", path.display()))?;
     let token = |id: Option<u32>| {
         id.and_then(|i| tokenizer.id_to_token(i))
             .unwrap_or_default()
@@ -243,7 +244,7 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
         weights,
         quantized,
         tokenizer,
-        tokenizer_json,
+        tokenizer_file: None,
         chat,
         eos_token_id,
     })

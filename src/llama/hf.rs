@@ -75,7 +75,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
         weights,
         quantized: Default::default(),
         tokenizer,
-        tokenizer_json,
+        tokenizer_file: Some(tokenizer_json),
         chat,
         eos_token_id,
     })

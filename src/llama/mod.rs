@@ -44,10 +44,25 @@ pub struct LoadedModel {
     /// Weights kept in a GGUF block format (`load_for_inference` only; empty otherwise).
     pub quantized: BTreeMap<String, Arc<QMatrix>>,
     pub tokenizer: Tokenizer,
-    /// The tokenizer as tokenizer.json text, written as is on export.
-    pub tokenizer_json: String,
+    /// The model folder's tokenizer.json text, written as is on export; `None` for a GGUF
+    /// (its tokenizer is built from the metadata, and serialized on export).
+    pub tokenizer_file: Option<String>,
     pub chat: ChatTemplate,
     pub eos_token_id: u32,
+}
+
+impl LoadedModel {
+    /// The tokenizer as tokenizer.json text: the folder's own file, else `tokenizer`
+    /// serialized.
+    pub fn tokenizer_json(&self) -> Result<String> {
+        match &self.tokenizer_file {
+            Some(text) => Ok(text.clone()),
+            None => self
+                .tokenizer
+                .to_string(false)
+                .map_err(|e| anyhow::anyhow!("cannot write the tokenizer as JSON: {e}")),
+        }
+    }
 }
 
 /// End-of-turn tokens of the chat formats the decoder serves, stopped on when present.

@@ -5,7 +5,14 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
-use serde_json::json;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::unicode::NFC;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 /// GPT-2's pre-tokenizer regex (SmolLM2 and other `gpt2`/`smollm` vocabularies).
 const GPT2_REGEX: &str =
@@ -42,8 +49,10 @@ fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a Vec<Value>> {
         .to_vec()?)
 }
 
-/// tokenizer.json text for the GGUF's vocabulary.
-pub fn tokenizer_json_from_gguf(c: &Content) -> Result<String> {
+/// The GGUF's tokenizer, built from its vocabulary and merges directly (through
+/// tokenizer.json text, Qwen2's 150k merges took ~100 MB at load, which the allocator then
+/// keeps for the life of the process).
+pub fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
     let model = meta_str(c, "tokenizer.ggml.model")?;
     if model != "gpt2" {
         bail!("GGUF tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")\nhint: use a Hugging Face folder with tokenizer.json instead");
@@ -54,54 +63,67 @@ pub fn tokenizer_json_from_gguf(c: &Content) -> Result<String> {
         .and_then(|v| v.to_string().ok())
         .map(String::as_str)
         .unwrap_or("default");
-    let tokens: Vec<String> = meta_array(c, "tokenizer.ggml.tokens")?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
-    let merges: Vec<String> = meta_array(c, "tokenizer.ggml.merges")?
-        .iter()
-        .map(|v| v.to_string().cloned())
-        .collect::<candle_core::Result<_>>()?;
-    let types: Vec<i64> = match c.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v
-            .to_vec()?
-            .iter()
-            .map(|t| match t {
-                Value::I32(x) => *x as i64,
-                Value::U32(x) => *x as i64,
-                _ => 1,
-            })
-            .collect(),
-        None => vec![1; tokens.len()],
-    };
-    let vocab: serde_json::Map<String, serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    let added: Vec<serde_json::Value> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| types.get(*i).copied().unwrap_or(1) != 1)
-        .map(|(i, t)| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
-        .collect();
-    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false});
-    let (normalizer, pretokenizers) = match pre {
-        "qwen2" => (json!({"type": "NFC"}), vec![split(QWEN2_REGEX), byte_level]),
-        "smollm" | "gpt-2" | "gpt2" | "default" => (serde_json::Value::Null, vec![split(r"\p{N}"), split(GPT2_REGEX), byte_level]),
+    let (normalizer, regexes): (Option<NormalizerWrapper>, &[&str]) = match pre {
+        "qwen2" => (Some(NFC.into()), &[QWEN2_REGEX]),
+        "smollm" | "gpt-2" | "gpt2" | "default" => (None, &[r"\p{N}", GPT2_REGEX]),
         other => bail!("GGUF pre-tokenizer {other:?} is not supported yet (known: smollm, gpt-2, qwen2)\nhint: use a Hugging Face folder with tokenizer.json instead"),
     };
-    let doc = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added,
-        "normalizer": normalizer,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
-        "post_processor": null,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
-    });
-    Ok(serde_json::to_string(&doc)?)
+    let strings = |key: &str| -> Result<Vec<&str>> {
+        Ok(meta_array(c, key)?
+            .iter()
+            .map(|v| v.to_string().map(String::as_str))
+            .collect::<candle_core::Result<_>>()?)
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.to_string(), id as u32))
+        .collect();
+    let merges: Merges = strings("tokenizer.ggml.merges")?
+        .iter()
+        .enumerate()
+        .map(|(i, m)| match m.split_once(' ') {
+            Some((a, b)) => Ok((a.to_string(), b.to_string())),
+            None => bail!("GGUF merge {i} ({m:?}) is not two tokens separated by a space"),
+        })
+        .collect::<Result<_>>()?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the BPE model: {e}"))?;
+    let mut pretokenizers = Vec::new();
+    for re in regexes {
+        let split = Split::new(
+            SplitPattern::Regex(re.to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
+        pretokenizers.push(PreTokenizerWrapper::Split(split));
+    }
+    pretokenizers.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, true, false,
+    )));
+    let mut tokenizer = Tokenizer::new(bpe);
+    tokenizer
+        .with_normalizer(normalizer)
+        .with_pre_tokenizer(Some(Sequence::new(pretokenizers)))
+        .with_decoder(Some(ByteLevel::new(true, true, true)));
+    // Every token that is not a normal one (control, user-defined, unused) is special.
+    let special: Vec<AddedToken> = match c.metadata.get("tokenizer.ggml.token_type") {
+        Some(types) => tokens
+            .iter()
+            .zip(types.to_vec()?)
+            .filter(|(_, t)| match t {
+                Value::I32(x) => *x != 1,
+                Value::U32(x) => *x != 1,
+                _ => false,
+            })
+            .map(|(token, _)| AddedToken::from(token.to_string(), true))
+            .collect(),
+        None => Vec::new(),
+    };
+    tokenizer.add_special_tokens(&special);
+    Ok(tokenizer)
 }

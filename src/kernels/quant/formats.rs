@@ -114,10 +114,12 @@ impl Format {
 }
 
 /// How a packed tile (`packed`) stores a format's codes: nibbles (two codes a byte),
-/// nibbles plus a plane of 2-bit high parts, or a byte each.
+/// nibbles plus a bit mask of the fifth bits, nibbles plus a plane of 2-bit high parts,
+/// or a byte each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodeBits {
     Four,
+    Five,
     Six,
     Eight,
 }
@@ -138,8 +140,9 @@ impl Format {
     pub fn code_bits(self) -> CodeBits {
         match self {
             Format::Q4_0 | Format::Q4_1 | Format::Q4K => CodeBits::Four,
+            Format::Q5_0 | Format::Q5_1 => CodeBits::Five,
             Format::Q6K => CodeBits::Six,
-            Format::Q5_0 | Format::Q5_1 | Format::Q8_0 => CodeBits::Eight,
+            Format::Q8_0 => CodeBits::Eight,
         }
     }
 

@@ -1,10 +1,9 @@
 //! `x · Wᵀ` with `W` kept in a block-quantized format, repacked on load into tiles of 16
-//! rows (`packed`): the activations are quantized per 32 values (`activations`); the
-//! AVX-512 kernel decodes a group of 16 columns of a tile into 4 registers, each holding
-//! 4 columns of the 16 rows, broadcasts 4 activation bytes against each (`vpdpbusd`: 16
-//! rows' 4-term integer dot products at once), sums the group in integers and scales it
-//! once, in f32: the 16 rows' scales are one register. The result for 16 rows is one
-//! register, stored as is.
+//! rows (`packed`): the activations are quantized per 32 values (`activations`); a SIMD
+//! kernel (`avx512`, `avx2`, picked at run time, or the portable one here) takes a group
+//! of 16 columns of a tile at a time, 4 columns of the 16 rows against 4 broadcast
+//! activation bytes per instruction, sums the group in integers and scales it once, in
+//! f32.
 //!
 //! A task takes a few tiles and runs every activation row over them, 4 rows at a time,
 //! so that 4 rows' quantized activations are read once for several tiles (on the 2-core
@@ -14,10 +13,13 @@
 //! order: a row's result is bit-identical alone and in any batch.
 
 use super::activations::{Q8Row, Q8Rows};
-use super::formats::{CodeBits, Format, GROUP};
+use super::formats::{Format, GROUP};
 use super::packed::{self, Layout, TILE};
+#[cfg(target_arch = "x86_64")]
+use super::{avx2, avx512};
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// A weight matrix `[rows (out), cols (in)]` in a block-quantized format, packed into
 /// tiles of 16 rows (`packed`).
@@ -26,7 +28,7 @@ pub struct QMatrix {
     pub format: Format,
     pub rows: usize,
     pub cols: usize,
-    layout: Layout,
+    pub(super) layout: Layout,
     packed: Vec<u8>,
 }
 
@@ -124,7 +126,7 @@ impl QMatrix {
         self.packed.len()
     }
 
-    fn tile(&self, t: usize) -> &[u8] {
+    pub(super) fn tile(&self, t: usize) -> &[u8] {
         &self.packed[t * self.layout.tile_bytes..(t + 1) * self.layout.tile_bytes]
     }
 
@@ -159,7 +161,8 @@ impl QMatrix {
                 x.len()
             );
         }
-        Ok(self.matmul_with(x, kernel()))
+        let kernel = KernelChoice::selected().map_err(candle_core::Error::msg)?;
+        Ok(self.matmul_with(x, kernel.kernel()))
     }
 
     fn matmul_with(&self, x: &[f32], kernel: Kernel) -> Vec<f32> {
@@ -202,26 +205,138 @@ impl QMatrix {
     }
 }
 
-/// The fastest kernel this CPU runs: AVX-512 VNNI where present, else portable.
-fn kernel() -> Kernel {
-    #[cfg(target_arch = "x86_64")]
-    if vnni_available() {
-        return tiles_vnni;
-    }
-    tiles_portable
+/// The product kernels, fastest first. Each gives a row's result bit-identically alone
+/// and in any batch; between kernels results differ in the last bits (sums in another
+/// order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// 512-bit registers, `vpdpbusd` (Intel Ice Lake and later, AMD Zen 4 and later).
+    Avx512Vnni,
+    /// 256-bit registers, `vpmaddubsw` + `vpmaddwd` (x86-64 since Haswell / Zen 1).
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
 }
 
-/// Whether this CPU has AVX-512 F, BW and VNNI (the integer dot-product kernel).
-pub fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
+/// Names a kernel for the product, overriding the fastest this CPU has: for benchmarks
+/// and to run a slower machine's path on a faster one.
+pub const KERNEL_ENV: &str = "KDPIPE_QUANT_KERNEL";
+
+impl KernelChoice {
+    const ALL: [KernelChoice; 3] = [
+        KernelChoice::Avx512Vnni,
+        KernelChoice::Avx2,
+        KernelChoice::Portable,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelChoice::Avx512Vnni => "avx512-vnni",
+            KernelChoice::Avx2 => "avx2",
+            KernelChoice::Portable => "portable",
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Whether this CPU runs the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx512Vnni => avx512::available(),
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx2 => avx2::available(),
+            KernelChoice::Portable => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The kernel `KDPIPE_QUANT_KERNEL` names, else the fastest this CPU runs; an error
+    /// for a name that is not a kernel or a kernel this CPU lacks. Decided once.
+    pub fn selected() -> Result<KernelChoice, String> {
+        static SELECTED: OnceLock<Result<KernelChoice, String>> = OnceLock::new();
+        SELECTED
+            .get_or_init(|| Self::from_env(std::env::var(KERNEL_ENV).ok().as_deref()))
+            .clone()
+    }
+
+    fn from_env(name: Option<&str>) -> Result<KernelChoice, String> {
+        let names = || Self::ALL.map(Self::name).join(", ");
+        match name.filter(|n| !n.is_empty()) {
+            None => Ok(Self::ALL
+                .into_iter()
+                .find(|k| k.available())
+                .unwrap_or(KernelChoice::Portable)),
+            Some(name) => match Self::ALL.into_iter().find(|k| k.name() == name) {
+                None => Err(format!(
+                    "{KERNEL_ENV}={name} is not a kernel: use one of {}, or unset it",
+                    names()
+                )),
+                Some(k) if !k.available() => Err(format!(
+                    "{KERNEL_ENV}={name}: this CPU lacks the instructions it needs; unset it \
+                     to use the fastest kernel this CPU has"
+                )),
+                Some(k) => Ok(k),
+            },
+        }
+    }
+
+    fn kernel(self) -> Kernel {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx512Vnni => avx512::tiles,
+            #[cfg(target_arch = "x86_64")]
+            KernelChoice::Avx2 => avx2::tiles,
+            _ => tiles_portable,
+        }
+    }
+}
+
+/// A SIMD kernel's product of one tile's 16 rows with R activation rows (compiled for
+/// one code width).
+#[cfg(target_arch = "x86_64")]
+pub(super) type RowsKernel<const R: usize> =
+    unsafe fn(&Layout, *const u8, [Q8Row; R]) -> [[f32; TILE]; R];
+
+/// A SIMD kernel over a task's tiles: activation rows four at a time over every tile
+/// (the four rows' bytes stay in cache across the tiles), then one at a time; both take
+/// the same operations for a row, so its result does not depend on how many rows share
+/// the step.
+///
+/// # Safety
+/// The CPU has the features `four` and `one` are compiled for, and they are compiled for
+/// `m`'s code width.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn tiles_simd(
+    m: &QMatrix,
+    first: usize,
+    acts: &[Q8Row],
+    out: &mut [[f32; TILE]],
+    four: RowsKernel<4>,
+    one: RowsKernel<1>,
+) {
+    let n = acts.len();
+    let tiles = out.len() / n;
+    let quads = n / 4 * 4;
+    for i in (0..quads).step_by(4) {
+        for t in 0..tiles {
+            // SAFETY: the features are there (the caller's promise); the tile is whole
+            // and the rows have its columns.
+            let y = unsafe {
+                four(
+                    &m.layout,
+                    m.tile(first + t).as_ptr(),
+                    [acts[i], acts[i + 1], acts[i + 2], acts[i + 3]],
+                )
+            };
+            out[t * n + i..t * n + i + 4].copy_from_slice(&y);
+        }
+    }
+    for i in quads..n {
+        for t in 0..tiles {
+            // SAFETY: as above.
+            let y = unsafe { one(&m.layout, m.tile(first + t).as_ptr(), [acts[i]]) };
+            out[t * n + i] = y[0];
+        }
     }
 }
 
@@ -271,211 +386,18 @@ fn tile_portable(tile: &Tile, acts: &[Q8Row]) -> Vec<[f32; TILE]> {
         .collect()
 }
 
-/// A tile's 16 rows against R activation rows (the AVX-512 kernel for one code width).
-#[cfg(target_arch = "x86_64")]
-type RowsKernel<const R: usize> = unsafe fn(&Layout, *const u8, [Q8Row; R]) -> [[f32; TILE]; R];
-
-/// `tiles_portable` with AVX-512: activation rows four at a time over every tile of the
-/// task (the four rows' bytes stay in cache across the tiles), then one at a time; both
-/// take the same operations for a row, so its result does not depend on how many rows
-/// share the step.
-#[cfg(target_arch = "x86_64")]
-fn tiles_vnni(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]]) {
-    let (four, one): (RowsKernel<4>, RowsKernel<1>) = match m.format.code_bits() {
-        CodeBits::Four => (vnni_rows::<4, 4>, vnni_rows::<1, 4>),
-        CodeBits::Six => (vnni_rows::<4, 6>, vnni_rows::<1, 6>),
-        CodeBits::Eight => (vnni_rows::<4, 8>, vnni_rows::<1, 8>),
-    };
-    let n = acts.len();
-    let tiles = out.len() / n;
-    let quads = n / 4 * 4;
-    for i in (0..quads).step_by(4) {
-        for t in 0..tiles {
-            // SAFETY: `kernel` picks this kernel only where the CPU has the features
-            // `vnni_rows` is compiled for; the tile is whole and the rows have its columns.
-            let y = unsafe {
-                four(
-                    &m.layout,
-                    m.tile(first + t).as_ptr(),
-                    [acts[i], acts[i + 1], acts[i + 2], acts[i + 3]],
-                )
-            };
-            out[t * n + i..t * n + i + 4].copy_from_slice(&y);
-        }
-    }
-    for i in quads..n {
-        for t in 0..tiles {
-            // SAFETY: as above.
-            let y = unsafe { one(&m.layout, m.tile(first + t).as_ptr(), [acts[i]]) };
-            out[t * n + i] = y[0];
-        }
-    }
-}
-
-/// The 16 rows' scales and offsets of each group of the block at `block`, from its
-/// header, computed as `Format::group_scale` computes them.
-///
-/// # Safety
-/// As `vnni_rows`; `block` starts a whole block of a tile laid out by `l`.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn block_scales(
-    l: &Layout,
-    block: *const u8,
-    scale: &mut [std::arch::x86_64::__m512; 16],
-    offset: &mut [std::arch::x86_64::__m512; 16],
-) {
-    use std::arch::x86_64::*;
-    let f16s = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at) as *const _));
-    let bytes = |at: usize| _mm_loadu_si128(block.add(at) as *const _);
-    let d = f16s(0);
-    let times = |k: f32| _mm512_mul_ps(_mm512_set1_ps(k), d);
-    match l.format {
-        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
-            let o = times(match l.format {
-                Format::Q4_0 => 8.0,
-                Format::Q5_0 => 16.0,
-                _ => 128.0,
-            });
-            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
-        }
-        Format::Q4_1 | Format::Q5_1 => {
-            let m = _mm512_castps_si512(f16s(l.min_at));
-            let o = _mm512_castsi512_ps(_mm512_xor_si512(m, _mm512_set1_epi32(i32::MIN)));
-            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
-        }
-        Format::Q4K => {
-            let dmin = f16s(l.min_at);
-            for j in 0..8 {
-                let s = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(l.sub_scale_at + 16 * j)));
-                let m = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes(l.sub_min_at + 16 * j)));
-                let (s, m) = (_mm512_mul_ps(d, s), _mm512_mul_ps(dmin, m));
-                (scale[2 * j], scale[2 * j + 1]) = (s, s);
-                (offset[2 * j], offset[2 * j + 1]) = (m, m);
-            }
-        }
-        Format::Q6K => {
-            for g in 0..16 {
-                let s = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes(l.sub_scale_at + 16 * g)));
-                scale[g] = _mm512_mul_ps(d, s);
-                offset[g] = _mm512_mul_ps(_mm512_set1_ps(32.0), scale[g]);
-            }
-        }
-    }
-}
-
-/// A group's codes as 4 registers, run k in register k (`packed`'s planes decoded).
-///
-/// # Safety
-/// As `vnni_rows`; `codes` starts a group's `BITS`-wide codes.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn group_codes<const BITS: u8>(codes: *const u8) -> [std::arch::x86_64::__m512i; 4] {
-    use std::arch::x86_64::*;
-    let load = |k: usize| _mm512_loadu_si512(codes.add(64 * k) as *const _);
-    if BITS == 8 {
-        return [load(0), load(1), load(2), load(3)];
-    }
-    let low = _mm512_set1_epi8(0x0F);
-    let (a, b) = (load(0), load(1));
-    let mut c = [
-        _mm512_and_si512(a, low),
-        _mm512_and_si512(b, low),
-        _mm512_and_si512(_mm512_srli_epi16::<4>(a), low),
-        _mm512_and_si512(_mm512_srli_epi16::<4>(b), low),
-    ];
-    if BITS == 6 {
-        // Bits 2k, 2k + 1 of each high-part byte to bits 4, 5 of run k's codes (16-bit
-        // shifts; the mask drops what crosses from the neighbouring byte).
-        let (h, top) = (load(2), _mm512_set1_epi8(0x30));
-        let high = [
-            _mm512_slli_epi16::<4>(h),
-            _mm512_slli_epi16::<2>(h),
-            h,
-            _mm512_srli_epi16::<2>(h),
-        ];
-        for k in 0..4 {
-            c[k] = _mm512_or_si512(c[k], _mm512_and_si512(high[k], top));
-        }
-    }
-    c
-}
-
-/// The tile at `tile`'s 16 rows against R activation rows. Per group of 16 columns: four
-/// `vpdpbusd` (4 columns of 16 rows against 4 broadcast activation bytes each), summed in
-/// two integer chains, converted once and scaled by the 16 rows' scales times the
-/// activation scale; the offsets times the activations' group sums in a second f32
-/// accumulator.
-///
-/// # Safety
-/// The CPU has AVX-512 F, BW and VNNI (`vnni_available`); `tile` is a whole tile laid
-/// out by `l` with codes `BITS` wide; every row of `a` has `l.cols` columns.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn vnni_rows<const R: usize, const BITS: u8>(
-    l: &Layout,
-    tile: *const u8,
-    a: [Q8Row; R],
-) -> [[f32; TILE]; R] {
-    use std::arch::x86_64::*;
-    debug_assert!(a
-        .iter()
-        .all(|a| a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP));
-    let mut acc = [_mm512_setzero_ps(); R];
-    let mut off = [_mm512_setzero_ps(); R];
-    let mut scale = [_mm512_setzero_ps(); 16];
-    let mut offset = [_mm512_setzero_ps(); 16];
-    for b in 0..l.blocks {
-        let block = tile.add(b * l.block_bytes);
-        block_scales(l, block, &mut scale, &mut offset);
-        let codes = block.add(l.header_bytes);
-        for gb in 0..l.groups_per_block {
-            let g = b * l.groups_per_block + gb;
-            let [c0, c1, c2, c3] = group_codes::<BITS>(codes.add(gb * l.group_bytes));
-            let (ws, wo) = (scale[gb], offset[gb]);
-            for r in 0..R {
-                let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
-                let b = |k: usize| _mm512_set1_epi32(q.add(k).read_unaligned());
-                let low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c0, b(0));
-                let low = _mm512_dpbusd_epi32(low, c1, b(1));
-                let high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c2, b(2));
-                let high = _mm512_dpbusd_epi32(high, c3, b(3));
-                let sums = _mm512_cvtepi32_ps(_mm512_add_epi32(low, high));
-                let s = _mm512_mul_ps(ws, _mm512_set1_ps(*a[r].scale.get_unchecked(g)));
-                acc[r] = _mm512_fmadd_ps(sums, s, acc[r]);
-                off[r] = _mm512_fmadd_ps(wo, _mm512_set1_ps(*a[r].sum.get_unchecked(g)), off[r]);
-            }
-        }
-    }
-    let mut out = [[0f32; TILE]; R];
-    for r in 0..R {
-        _mm512_storeu_ps(out[r].as_mut_ptr(), _mm512_sub_ps(acc[r], off[r]));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_avx512_kernel_sums_as_the_portable_one() {
-        if !crate::test_skip::can_run(
-            "the_avx512_kernel_sums_as_the_portable_one",
-            "avx512-vnni",
-            vnni_available(),
-            "this CPU lacks AVX512-VNNI (Intel Ice Lake or later, AMD Zen 4 or later)",
-        ) {
-            return;
-        }
+    /// The kernel's products against the portable kernel's on 300 × 768 weights of every
+    /// format: 18 full tiles and a partial one, several tiles a task; 3 blocks of 256
+    /// columns, 24 of 32; 9 activation rows, two runs of four and one alone.
+    fn sums_as_the_portable_one(choice: KernelChoice) {
         use candle_core::quantized::QTensor;
         use candle_core::{Device, Tensor};
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        // 300 rows: 18 full tiles and a partial one, several tiles a task; 768 columns:
-        // 3 blocks of 256, 24 of 32. 9 activation rows: two runs of four and one alone.
         let (rows, cols) = (300, 768);
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| rng.random_range(-0.1..0.1))
@@ -485,14 +407,55 @@ mod tests {
         for format in Format::ALL {
             let q = QTensor::quantize(&w, format.ggml()).unwrap();
             let w = QMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
-            let fast = w.matmul(&x).unwrap();
+            let fast = w.matmul_with(&x, choice.kernel());
             let portable = w.matmul_with(&x, tiles_portable);
             for (a, b) in fast.iter().zip(&portable) {
                 assert!(
                     (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                    "{format:?}: {a} vs {b}"
+                    "{choice:?}, {format:?}: {a} vs {b}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_avx512_kernel_sums_as_the_portable_one() {
+        if crate::test_skip::can_run(
+            "the_avx512_kernel_sums_as_the_portable_one",
+            "avx512-vnni",
+            KernelChoice::Avx512Vnni.available(),
+            "this CPU lacks AVX512-VNNI (Intel Ice Lake or later, AMD Zen 4 or later)",
+        ) {
+            sums_as_the_portable_one(KernelChoice::Avx512Vnni);
+        }
+    }
+
+    #[test]
+    fn the_avx2_kernel_sums_as_the_portable_one() {
+        if crate::test_skip::can_run(
+            "the_avx2_kernel_sums_as_the_portable_one",
+            "avx2",
+            KernelChoice::Avx2.available(),
+            "this CPU lacks AVX2, FMA or F16C (x86-64 since Intel Haswell, AMD Zen)",
+        ) {
+            sums_as_the_portable_one(KernelChoice::Avx2);
+        }
+    }
+
+    #[test]
+    fn the_kernel_override_names_a_kernel_this_cpu_runs() {
+        assert_eq!(
+            KernelChoice::from_env(Some("portable")),
+            Ok(KernelChoice::Portable)
+        );
+        let fastest = KernelChoice::from_env(None).unwrap();
+        assert!(fastest.available());
+        assert_eq!(KernelChoice::from_env(Some("")), Ok(fastest));
+        let err = KernelChoice::from_env(Some("avx9")).unwrap_err();
+        assert!(err.contains("avx512-vnni, avx2, portable"), "{err}");
+        if !KernelChoice::Avx512Vnni.available() {
+            let err = KernelChoice::from_env(Some("avx512-vnni")).unwrap_err();
+            assert!(err.contains("lacks"), "{err}");
         }
     }
 }

@@ -11,12 +11,16 @@
 //! weights.
 
 pub mod activations;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod formats;
 pub mod matmul;
 pub mod packed;
 
 pub use formats::Format;
-pub use matmul::QMatrix;
+pub use matmul::{KernelChoice, QMatrix, KERNEL_ENV};
 
 #[cfg(test)]
 mod tests {

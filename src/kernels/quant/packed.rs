@@ -10,10 +10,12 @@
 //!   the file holds, only regrouped;
 //! - codes of a group (4 runs r0 … r3 of 64 codes): 4-bit formats as two planes of 64
 //!   bytes, r0 | r2 << 4 and r1 | r3 << 4; Q6_K adds a plane of the 2-bit high parts,
-//!   byte i = hi(r0) | hi(r1) << 2 | hi(r2) << 4 | hi(r3) << 6; 8-bit codes as the 4 runs.
+//!   byte i = hi(r0) | hi(r1) << 2 | hi(r2) << 4 | hi(r3) << 6; Q5_0 and Q5_1 add 4 bit
+//!   masks of 64 bits, bit i of mask k = bit 4 of r_k's code i (an AVX-512 mask register
+//!   each, which a masked add puts in place); 8-bit codes as the 4 runs.
 //!
-//! Q4_0, Q4_1, Q8_0 and Q6_K take exactly their file size, Q4_K 2.8 % more (a byte per
-//! sub-block scale where the file packs 6 bits), Q5_0 and Q5_1 a byte a code. Repacking
+//! Every format takes exactly its file size except Q4_K, 2.8 % more (a byte per sub-block
+//! scale where the file packs 6 bits). Repacking
 //! once replaces the unpacking and transposition every product used to do (a third of a
 //! decoding step).
 
@@ -46,6 +48,7 @@ impl Layout {
         let groups_per_block = format.block_len() / GROUP;
         let group_bytes = match format.code_bits() {
             CodeBits::Four => 2 * 64,
+            CodeBits::Five => 2 * 64 + 4 * 8,
             CodeBits::Six => 3 * 64,
             CodeBits::Eight => 4 * 64,
         };
@@ -116,12 +119,14 @@ impl Layout {
         let (run, at) = (in_block % GROUP / 4, 4 * j + col % 4);
         match self.format.code_bits() {
             CodeBits::Eight => group[run * 64 + at],
-            CodeBits::Four | CodeBits::Six => {
+            bits => {
                 let nibble = (group[(run % 2) * 64 + at] >> (4 * (run / 2))) & 0x0F;
-                if self.format.code_bits() == CodeBits::Six {
-                    nibble | ((group[128 + at] >> (2 * run)) & 3) << 4
-                } else {
-                    nibble
+                match bits {
+                    CodeBits::Five => {
+                        nibble | ((group[128 + 8 * run + at / 8] >> (at % 8)) & 1) << 4
+                    }
+                    CodeBits::Six => nibble | ((group[128 + at] >> (2 * run)) & 3) << 4,
+                    _ => nibble,
                 }
             }
         }
@@ -158,6 +163,14 @@ impl Layout {
                             if bits == CodeBits::Six {
                                 group[128 + i] =
                                     (0..4).fold(0, |h, k| h | (r[k][i] >> 4) << (2 * k));
+                            }
+                        }
+                        if bits == CodeBits::Five {
+                            for (k, run) in r.iter().enumerate() {
+                                let mask =
+                                    (0..64).fold(0u64, |m, i| m | u64::from(run[i] >> 4 & 1) << i);
+                                group[128 + 8 * k..128 + 8 * (k + 1)]
+                                    .copy_from_slice(&mask.to_le_bytes());
                             }
                         }
                     }
@@ -379,6 +392,8 @@ mod tests {
         for (format, per_row_of_blocks) in [
             (Format::Q4_0, 1.0),
             (Format::Q4_1, 1.0),
+            (Format::Q5_0, 1.0),
+            (Format::Q5_1, 1.0),
             (Format::Q8_0, 1.0),
             (Format::Q6K, 1.0),
             (Format::Q4K, 2368.0 / 2304.0),

@@ -1,0 +1,243 @@
+//! The AVX2 product kernel, for x86-64 CPUs without AVX-512 VNNI (Intel Haswell to the
+//! client cores without AVX-512, AMD Zen 1 to 3): the AVX-512 kernel's order with each
+//! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile), and
+//! each `vpdpbusd` replaced by `vpmaddubsw` (pairs of u8 code × i8 byte summed into i16,
+//! saturating) then `vpmaddwd` against ones (pairs of i16 into i32).
+//!
+//! No i16 sum can saturate: with bytes in −127…127 a pair is at most 2·15·127 = 3,810 for
+//! 4-bit codes, 2·31·127 = 7,874 for 5-bit and 2·63·127 = 16,002 for 6-bit ones, so the
+//! four runs of a group are added in i16 before widening (two and two for 6-bit codes).
+//! 8-bit codes (Q8_0) would saturate (2·255·127), so they are made signed, code − 128
+//! (which drops Q8_0's offset of 128·d), and multiplied as |w| × (x with w's sign),
+//! at most 2·128·127 = 32,512 a pair.
+//!
+//! The integer sums equal the AVX-512 kernel's; the f32 steps after them are the same.
+
+use super::activations::Q8Row;
+use super::formats::{CodeBits, Format, GROUP};
+use super::matmul::{tiles_simd, QMatrix};
+use super::packed::{Layout, TILE};
+use std::arch::x86_64::*;
+
+/// Whether this CPU has AVX2, FMA and F16C.
+pub fn available() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+/// The products of tiles `first…` with every activation row (`matmul::Kernel`); only
+/// where `available`.
+pub fn tiles(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]]) {
+    debug_assert!(available());
+    // SAFETY: `KernelChoice` picks this kernel only where `available`; each pair is
+    // compiled for the matrix's code width.
+    unsafe {
+        match m.format.code_bits() {
+            CodeBits::Four => tiles_simd(m, first, acts, out, rows::<4, 4>, rows::<1, 4>),
+            CodeBits::Five => tiles_simd(m, first, acts, out, rows::<4, 5>, rows::<1, 5>),
+            CodeBits::Six => tiles_simd(m, first, acts, out, rows::<4, 6>, rows::<1, 6>),
+            CodeBits::Eight => tiles_simd(m, first, acts, out, rows::<4, 8>, rows::<1, 8>),
+        }
+    }
+}
+
+/// A 16-lane value as two registers: rows 0–7, rows 8–15.
+type Halves = [__m256; 2];
+
+/// The 16 rows' scales and offsets of each group of the block at `block`, from its
+/// header, computed as `Format::group_scale` computes them, except Q8_0's offset: 0, as
+/// its codes are made signed.
+///
+/// # Safety
+/// As `rows`; `block` starts a whole block of a tile laid out by `l`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn block_scales(
+    l: &Layout,
+    block: *const u8,
+    scale: &mut [Halves; 16],
+    offset: &mut [Halves; 16],
+) {
+    let f16s = |at: usize| -> Halves {
+        let half = |h: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
+        [half(0), half(1)]
+    };
+    // Half h's 8 bytes of the run of 16 at `at`.
+    let bytes = |at: usize, h: usize| _mm_loadl_epi64(block.add(at + 8 * h) as *const _);
+    let d = f16s(0);
+    match l.format {
+        Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
+            let k = match l.format {
+                Format::Q4_0 => 8.0,
+                Format::Q5_0 => 16.0,
+                _ => 0.0,
+            };
+            let o = d.map(|d| _mm256_mul_ps(_mm256_set1_ps(k), d));
+            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
+        }
+        Format::Q4_1 | Format::Q5_1 => {
+            let o = f16s(l.min_at).map(|m| _mm256_xor_ps(m, _mm256_set1_ps(-0.0)));
+            (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
+        }
+        Format::Q4K => {
+            let dmin = f16s(l.min_at);
+            for j in 0..8 {
+                for h in 0..2 {
+                    let s =
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_scale_at + 16 * j, h)));
+                    let m =
+                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_min_at + 16 * j, h)));
+                    let (s, m) = (_mm256_mul_ps(d[h], s), _mm256_mul_ps(dmin[h], m));
+                    (scale[2 * j][h], scale[2 * j + 1][h]) = (s, s);
+                    (offset[2 * j][h], offset[2 * j + 1][h]) = (m, m);
+                }
+            }
+        }
+        Format::Q6K => {
+            for g in 0..16 {
+                for h in 0..2 {
+                    let s =
+                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes(l.sub_scale_at + 16 * g, h)));
+                    scale[g][h] = _mm256_mul_ps(d[h], s);
+                    offset[g][h] = _mm256_mul_ps(_mm256_set1_ps(32.0), scale[g][h]);
+                }
+            }
+        }
+    }
+}
+
+/// Half `h` of a group's 4 runs (rows 8h … 8h + 7), one register each; 8-bit codes made
+/// signed.
+///
+/// # Safety
+/// As `rows`; `codes` starts a group's `BITS`-wide codes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_codes<const BITS: u8>(codes: *const u8, h: usize) -> [__m256i; 4] {
+    let load = |k: usize| _mm256_loadu_si256(codes.add(64 * k + 32 * h) as *const _);
+    if BITS == 8 {
+        let sign = _mm256_set1_epi8(i8::MIN);
+        return [0, 1, 2, 3].map(|k| _mm256_xor_si256(load(k), sign));
+    }
+    let low = _mm256_set1_epi8(0x0F);
+    let (a, b) = (load(0), load(1));
+    let mut c = [
+        _mm256_and_si256(a, low),
+        _mm256_and_si256(b, low),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(a), low),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(b), low),
+    ];
+    if BITS == 5 {
+        // This half's 32 bits of run k's mask spread to its 32 bytes: byte i takes the
+        // mask byte holding bit i (a shuffle within each 128-bit lane of the broadcast
+        // mask), keeps bit i % 8 and becomes 16 where it is set.
+        #[rustfmt::skip]
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let sixteen = _mm256_set1_epi8(16);
+        for (k, c) in c.iter_mut().enumerate() {
+            let mask = (codes.add(128 + 8 * k + 4 * h) as *const i32).read_unaligned();
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(mask), spread);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+            *c = _mm256_or_si256(*c, _mm256_and_si256(set, sixteen));
+        }
+    }
+    if BITS == 6 {
+        // As the AVX-512 kernel: bits 2k, 2k + 1 of each high-part byte to bits 4, 5.
+        let (hi, top) = (load(2), _mm256_set1_epi8(0x30));
+        let high = [
+            _mm256_slli_epi16::<4>(hi),
+            _mm256_slli_epi16::<2>(hi),
+            hi,
+            _mm256_srli_epi16::<2>(hi),
+        ];
+        for k in 0..4 {
+            c[k] = _mm256_or_si256(c[k], _mm256_and_si256(high[k], top));
+        }
+    }
+    c
+}
+
+/// The group's 8 rows' integer dot products: codes `c` (run k) against the 4 activation
+/// bytes broadcast in `x` (run k), as the module comment bounds them.
+///
+/// # Safety
+/// As `rows`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_dot<const BITS: u8>(c: &[__m256i; 4], x: [__m256i; 4]) -> __m256i {
+    let ones = _mm256_set1_epi16(1);
+    let widen = |p: __m256i| _mm256_madd_epi16(p, ones);
+    if BITS == 8 {
+        let p =
+            |k: usize| _mm256_maddubs_epi16(_mm256_abs_epi8(c[k]), _mm256_sign_epi8(x[k], c[k]));
+        return _mm256_add_epi32(
+            _mm256_add_epi32(widen(p(0)), widen(p(1))),
+            _mm256_add_epi32(widen(p(2)), widen(p(3))),
+        );
+    }
+    let p = |k: usize| _mm256_maddubs_epi16(c[k], x[k]);
+    let (low, high) = (_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+    if BITS == 6 {
+        _mm256_add_epi32(widen(low), widen(high))
+    } else {
+        widen(_mm256_add_epi16(low, high))
+    }
+}
+
+/// The tile at `tile`'s 16 rows against R activation rows, half a tile at a time: per
+/// group, the 8 rows' integer sums converted once and scaled by their scales times the
+/// activation scale; the offsets times the activations' group sums in a second f32
+/// accumulator.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C (`available`); `tile` is a whole tile laid out by `l`
+/// with codes `BITS` wide; every row of `a` has `l.cols` columns.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows<const R: usize, const BITS: u8>(
+    l: &Layout,
+    tile: *const u8,
+    a: [Q8Row; R],
+) -> [[f32; TILE]; R] {
+    debug_assert!(a
+        .iter()
+        .all(|a| a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP));
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut off = [[_mm256_setzero_ps(); 2]; R];
+    let mut scale = [[_mm256_setzero_ps(); 2]; 16];
+    let mut offset = [[_mm256_setzero_ps(); 2]; 16];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        block_scales(l, block, &mut scale, &mut offset);
+        let codes = block.add(l.header_bytes);
+        for gb in 0..l.groups_per_block {
+            let g = b * l.groups_per_block + gb;
+            let group = codes.add(gb * l.group_bytes);
+            for h in 0..2 {
+                let c = group_codes::<BITS>(group, h);
+                let (ws, wo) = (scale[gb][h], offset[gb][h]);
+                for r in 0..R {
+                    let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
+                    let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x));
+                    let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[r].scale.get_unchecked(g)));
+                    acc[r][h] = _mm256_fmadd_ps(sums, s, acc[r][h]);
+                    let sum = _mm256_set1_ps(*a[r].sum.get_unchecked(g));
+                    off[r][h] = _mm256_fmadd_ps(wo, sum, off[r][h]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; TILE]; R];
+    for r in 0..R {
+        for h in 0..2 {
+            let y = _mm256_sub_ps(acc[r][h], off[r][h]);
+            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), y);
+        }
+    }
+    out
+}
