@@ -76,18 +76,24 @@ pub struct FinetuneConfig {
     #[serde(default)]
     pub kd_weight: f64,
     /// Weight of token-level KD (0: off): on rows whose teacher kept its tokens' top-k
-    /// (`[generate] token_topk`), the forward KL from the teacher's top-k distribution at
-    /// each generated token (renormalized over its k tokens: the mass outside them is
-    /// dropped) to the student's, on the teacher's own text in the rationale view. Needs
-    /// the teacher's tokenizer (checked at start): self-distillation, or one model family.
+    /// (`[generate] token_topk`), the divergence `kd_token_divergence` between the
+    /// teacher's and the student's distributions at each generated token, over the
+    /// teacher's k ids plus one category for the rest of the vocabulary (its tail mass:
+    /// `finetune::divergence`), on the teacher's own text in the rationale view. Needs the
+    /// teacher's tokenizer (checked at start): self-distillation, or one model family.
     #[serde(default)]
     pub kd_token_weight: f64,
+    /// The token-level divergence: "forward_kl" (supervised KD), "reverse_kl" (MiniLLM),
+    /// or "jsd" (GKD's generalized JSD with `jsd_beta`).
+    #[serde(default = "d_divergence")]
+    pub kd_token_divergence: Divergence,
     /// Temperature T of the KD term (both sides softened; the term is scaled by T²).
     #[serde(default = "super::d_one_f")]
     pub kd_temperature: f64,
     #[serde(default = "d_divergence")]
     pub kd_divergence: Divergence,
-    /// β of the generalized Jensen–Shannon divergence (`kd_divergence = "jsd"`).
+    /// β of the generalized Jensen–Shannon divergence (`kd_divergence` or
+    /// `kd_token_divergence` = "jsd"; GKD's m = β·p + (1−β)·q).
     #[serde(default = "super::d_half")]
     pub jsd_beta: f64,
     /// Train LoRA adapters instead of the full model (`lora = { rank = 16, alpha = 32 }`);

@@ -7,6 +7,7 @@
 //! the batch contributes nothing, and the other view then carries the whole weight.
 
 use super::data::{Example, ExampleKind};
+use super::divergence;
 pub use crate::config::Divergence;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
@@ -148,19 +149,16 @@ pub struct LossParts {
     pub kd_token: Option<f64>,
 }
 
-/// Add `weight ×` token-level KD to the loss: at every position that predicts a teacher
-/// token, the forward KL from the teacher's top-k distribution (softened by T and
-/// renormalized over its k tokens: the mass outside them is dropped, as in the top-k
-/// distillation of Gu et al. / GKD implementations) to the student's distribution over
-/// the whole vocabulary, read at those k ids; mean over positions, scaled by T².
+/// Add `w.kd_token_weight ×` token-level KD to the loss: at every position that predicts
+/// a teacher token, `w.token_divergence` between the teacher's top-k distribution plus
+/// its tail mass and the student's (`divergence`), temperature-scaled; mean over positions.
 pub fn add_token_kd(
     parts: &mut LossParts,
     logits: &Tensor,
     batch: &Batch,
-    weight: f64,
-    temperature: f64,
+    w: &LossWeights,
 ) -> Result<()> {
-    if weight == 0.0 || batch.n_token_kd == 0.0 {
+    if w.kd_token_weight == 0.0 || batch.n_token_kd == 0.0 {
         return Ok(());
     }
     let term = token_kd_divergence(
@@ -169,35 +167,28 @@ pub fn add_token_kd(
         &batch.token_kd_logprobs,
         &batch.token_kd_mask,
         batch.n_token_kd,
-        temperature,
+        (w.temperature, w.token_divergence, w.jsd_beta),
     )?;
     parts.kd_token = Some(term.to_scalar::<f32>()? as f64);
-    parts.total = (&parts.total + (term * weight)?)?;
+    parts.total = (&parts.total + (term * w.kd_token_weight)?)?;
     Ok(())
 }
 
-/// Mean over masked positions of KL(p_teacher ‖ q_student) restricted to the teacher's
-/// top-k ids, × T². `logits` `[b, t, v]`; ids / logprobs `[b, t-1, k]`; mask `[b, t-1]`.
+/// Mean over the `n` masked positions of the divergence (`(temperature, kind, β)`)
+/// between the teacher's top-k (+ tail) and the student at the positions that predict
+/// the next token. `logits` `[b, t, v]`; ids / logprobs `[b, t-1, k]`; mask `[b, t-1]`.
 pub fn token_kd_divergence(
     logits: &Tensor,
     ids: &Tensor,
     teacher_logprobs: &Tensor,
     mask: &Tensor,
     n: f64,
-    temperature: f64,
+    (temperature, kind, beta): (f64, Divergence, f64),
 ) -> Result<Tensor> {
     let (_, t, _) = logits.dims3()?;
-    let student = (logits.narrow(1, 0, t - 1)? / temperature)?;
-    let log_z = student.log_sum_exp(D::Minus1)?.unsqueeze(D::Minus1)?;
-    let log_q = student
-        .contiguous()?
-        .gather(&ids.contiguous()?, D::Minus1)?
-        .broadcast_sub(&log_z)?;
-    let teacher = (teacher_logprobs / temperature)?;
-    let log_p = teacher.broadcast_sub(&teacher.log_sum_exp(D::Minus1)?.unsqueeze(D::Minus1)?)?;
-    let p = log_p.exp()?;
-    let kl = (p * (log_p - log_q)?)?.sum(D::Minus1)?;
-    Ok(((kl * mask)?.sum_all()? * (temperature * temperature / n))?)
+    let student = logits.narrow(1, 0, t - 1)?;
+    let d = divergence::per_position(&student, ids, teacher_logprobs, temperature, kind, beta)?;
+    Ok(((d * mask)?.sum_all()? / n.max(1.0))?)
 }
 
 /// How the terms are weighed: `total = α·CE(label) + (1−α)·CE(rationale) + λ·KD`.
@@ -208,7 +199,10 @@ pub struct LossWeights {
     /// Token-level KD (added by `add_token_kd`, which needs the logits).
     pub kd_token_weight: f64,
     pub temperature: f64,
+    /// The answer-level KD divergence.
     pub divergence: Divergence,
+    /// The token-level KD divergence.
+    pub token_divergence: Divergence,
     pub jsd_beta: f64,
 }
 
@@ -275,12 +269,14 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
 mod tests {
     use super::*;
 
+    const FORWARD: (f64, Divergence, f64) = (1.0, Divergence::ForwardKl, 0.5);
+
     #[test]
     fn token_kd_matches_a_hand_computed_kl() {
         // Uniform student logits over 4 tokens: q = 1/4 everywhere. Teacher top-2 at one
         // position: ids 0 and 1 with p = 0.75, 0.25 (given as log-probabilities; a padded
-        // third slot must not count). KL = 0.75 ln(0.75/0.25) + 0.25 ln(0.25/0.25)
-        //    = 0.75 ln 3 = 0.823959. The second position is masked out.
+        // third slot must not count), so no tail. KL = 0.75 ln(0.75/0.25) +
+        // 0.25 ln(0.25/0.25) = 0.75 ln 3 = 0.823959. The second position is masked out.
         let dev = Device::Cpu;
         let logits = Tensor::zeros((1, 3, 4), DType::F32, &dev).unwrap();
         let ids = Tensor::new(&[[[0u32, 1, 0], [2, 3, 0]]], &dev).unwrap();
@@ -293,13 +289,13 @@ mod tests {
         )
         .unwrap();
         let mask = Tensor::new(&[[1f32, 0.]], &dev).unwrap();
-        let kl = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+        let kl = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, FORWARD)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         assert!((kl - 0.75 * 3f32.ln()).abs() < 1e-5, "{kl}");
-        // The teacher renormalized over its top-k: unnormalized log-probabilities (mass
-        // 0.6 on the two ids, in the ratio 3 : 1) give the same KL.
+        // A teacher with mass 0.6 on its two ids leaves a tail of 0.4, compared with the
+        // student's 0.5 on the other ids: p = (0.45, 0.15, 0.4), q = (0.25, 0.25, 0.5).
         let lp = Tensor::new(
             &[[
                 [0.45f32.ln(), 0.15f32.ln(), -1e9],
@@ -308,14 +304,14 @@ mod tests {
             &dev,
         )
         .unwrap();
-        let kl2 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+        let kl2 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, FORWARD)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!((kl2 - kl).abs() < 1e-5);
-        // A student that matches the teacher on the top-k (logits ln 3, 0, −∞-ish, …)
-        // renormalized the same way has zero divergence... up to the mass it puts
-        // outside the top-k; with logits (ln 3, 0, -30, -30) that mass is ~0.
+        let want = 0.45 * 1.8f32.ln() + 0.15 * 0.6f32.ln() + 0.4 * 0.8f32.ln();
+        assert!((kl2 - want).abs() < 1e-5, "{kl2} vs {want}");
+        // A student that matches the teacher on the top-k, with ~0 mass elsewhere (logits
+        // ln 3, 0, −30, −30), has no divergence.
         let logits = Tensor::new(
             &[[
                 [3f32.ln(), 0., -30., -30.],
@@ -334,14 +330,22 @@ mod tests {
             &dev,
         )
         .unwrap();
-        let kl3 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, 1.0)
+        let kl3 = token_kd_divergence(&logits, &ids, &lp, &mask, 1.0, FORWARD)
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
         assert!(kl3.abs() < 1e-5, "{kl3}");
         // Gradients reach the student's logits (gather and log-sum-exp have a backward).
         let var = candle_core::Var::zeros((1, 3, 4), DType::F32, &dev).unwrap();
-        let kl = token_kd_divergence(var.as_tensor(), &ids, &lp, &mask, 1.0, 2.0).unwrap();
+        let kl = token_kd_divergence(
+            var.as_tensor(),
+            &ids,
+            &lp,
+            &mask,
+            1.0,
+            (2.0, Divergence::ForwardKl, 0.5),
+        )
+        .unwrap();
         let g = kl.backward().unwrap();
         let grad = g
             .get(var.as_tensor())
@@ -525,6 +529,7 @@ mod total_tests {
             kd_token_weight: 0.0,
             temperature: 1.0,
             divergence: Divergence::ForwardKl,
+            token_divergence: Divergence::ForwardKl,
             jsd_beta: 0.5,
         };
         let parts = total_loss(&nll, &batch, &w).unwrap();

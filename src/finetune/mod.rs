@@ -7,6 +7,7 @@
 
 mod checkpoint;
 pub mod data;
+pub mod divergence;
 pub mod loss;
 pub mod optim;
 mod svg;
@@ -81,8 +82,7 @@ fn batch_loss(
     model.set_dropout_key(None);
     let logits = logits?;
     let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, weights)?;
-    let (w, temperature) = (weights.kd_token_weight, weights.temperature);
-    add_token_kd(&mut parts, &logits, &batch, w, temperature)?;
+    add_token_kd(&mut parts, &logits, &batch, weights)?;
     Ok((parts, batch.tokens))
 }
 
@@ -176,6 +176,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         kd_token_weight: ft.kd_token_weight,
         temperature: ft.kd_temperature,
         divergence: ft.kd_divergence,
+        token_divergence: ft.kd_token_divergence,
         jsd_beta: ft.jsd_beta,
     };
     let train = build_examples(&loaded, &prompt, &train_rows, cfg)?;

@@ -12,6 +12,7 @@ pub mod labels;
 #[cfg(feature = "mistralrs")]
 pub mod mistralrs;
 pub mod openai;
+pub mod scoring;
 pub mod wire;
 
 use crate::chat::ChatMessage;

@@ -1,0 +1,160 @@
+//! The teacher's view of token sequences it did not write: at every position of a given
+//! continuation, its natural-log probability of the token there and its top-k
+//! alternatives. This is what token-level on-policy distillation asks of a teacher for
+//! the student's own samples (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024).
+
+use super::top_k;
+use crate::llama::infer::{log_softmax, SeqCache, StepInput};
+use crate::llama::Decoder;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+/// A sequence to score: the teacher's distribution is read before each token of
+/// `continuation`, given `prompt` and the continuation's tokens before it.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreRequest<'a> {
+    pub prompt: &'a [u32],
+    pub continuation: &'a [u32],
+}
+
+/// The teacher at one position of a continuation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PositionScore {
+    /// Natural-log probability of the continuation's token at this position.
+    pub logprob: f32,
+    /// The k most probable ids with their natural-log probabilities, largest first (k at
+    /// least the vocabulary: the whole distribution).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Rows (positions) run through the model in one step: each keeps a row of logits over
+/// the vocabulary until it is scored (600 KB for Qwen2's 152k ids), so this bounds the
+/// memory a step takes.
+pub const ROWS_PER_STEP: usize = 256;
+
+/// Score every request on the local decoder: per request, one `PositionScore` per
+/// continuation token. Requests with the same prompt (several samples of one prompt)
+/// compute it once; continuations then run together, `rows_per_step` positions a step,
+/// each on its own copy of the prompt's cache. A position's scores do not depend on which
+/// other rows share its step (the decoder's rows are batch-invariant).
+pub fn score_local(
+    decoder: &Decoder,
+    requests: &[ScoreRequest],
+    top: usize,
+    rows_per_step: usize,
+) -> Result<Vec<Vec<PositionScore>>> {
+    ensure!(rows_per_step > 0, "rows_per_step must be at least 1");
+    let vocab = decoder.shape.vocab_size;
+    for (i, r) in requests.iter().enumerate() {
+        if let Some(&bad) = r
+            .prompt
+            .iter()
+            .chain(r.continuation)
+            .find(|&&t| t as usize >= vocab)
+        {
+            anyhow::bail!("sequence {i} to score has token id {bad}, past the teacher's vocabulary of {vocab}: teacher and student must share a tokenizer");
+        }
+    }
+    let mut out: Vec<Vec<PositionScore>> = vec![Vec::new(); requests.len()];
+    for (prompt, members) in by_prompt(requests) {
+        ensure!(
+            !prompt.is_empty(),
+            "a scored sequence needs at least one prompt token (the chat template's first)"
+        );
+        let longest = members
+            .iter()
+            .map(|&i| requests[i].continuation.len())
+            .max()
+            .unwrap_or(0);
+        let mut base = SeqCache::new(decoder, prompt.len() + longest);
+        let next = decoder.forward_step(&mut [StepInput {
+            cache: &mut base,
+            tokens: prompt,
+            all_logits: false,
+        }])?;
+        let first = log_softmax(&next[0]);
+        for &i in &members {
+            if let Some(&token) = requests[i].continuation.first() {
+                out[i].push(score_row(&first, token, top));
+            }
+        }
+        // The rest of each continuation: its tokens but the last, run on a copy of the
+        // prompt's cache; the logits after token j score token j + 1.
+        let mut caches: Vec<SeqCache> = members
+            .iter()
+            .map(|&i| base.prefix(base.len(), requests[i].continuation.len()))
+            .collect();
+        let inputs_of = |i: usize| {
+            let c = requests[i].continuation;
+            &c[..c.len().saturating_sub(1)]
+        };
+        let mut done = vec![0usize; members.len()];
+        loop {
+            // This step: the next chunk of each unfinished continuation, in member order,
+            // until the row budget is spent.
+            let mut budget = rows_per_step;
+            let mut chunks: Vec<(usize, usize)> = Vec::new(); // (member, rows)
+            for (m, &i) in members.iter().enumerate() {
+                let left = inputs_of(i).len() - done[m];
+                if left > 0 && budget > 0 {
+                    let rows = left.min(budget);
+                    chunks.push((m, rows));
+                    budget -= rows;
+                }
+            }
+            if chunks.is_empty() {
+                break;
+            }
+            let mut inputs: Vec<StepInput> = Vec::with_capacity(chunks.len());
+            let mut pending = chunks.iter().peekable();
+            for (m, cache) in caches.iter_mut().enumerate() {
+                if let Some(&&(at, rows)) = pending.peek() {
+                    if at == m {
+                        let tokens = &inputs_of(members[m])[done[m]..done[m] + rows];
+                        inputs.push(StepInput {
+                            cache,
+                            tokens,
+                            all_logits: true,
+                        });
+                        pending.next();
+                    }
+                }
+            }
+            let logits = decoder.forward_step(&mut inputs)?;
+            drop(inputs);
+            for ((m, rows), logits) in chunks.into_iter().zip(logits) {
+                let i = members[m];
+                let targets = &requests[i].continuation[done[m] + 1..done[m] + 1 + rows];
+                let scored: Vec<PositionScore> = logits
+                    .par_chunks(vocab)
+                    .zip(targets)
+                    .map(|(row, &token)| score_row(&log_softmax(row), token, top))
+                    .collect();
+                out[i].extend(scored);
+                done[m] += rows;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Request indices grouped by prompt, groups in order of first appearance.
+fn by_prompt<'a>(requests: &[ScoreRequest<'a>]) -> Vec<(&'a [u32], Vec<usize>)> {
+    let mut groups: Vec<(&[u32], Vec<usize>)> = Vec::new();
+    let mut index = std::collections::HashMap::new();
+    for (i, r) in requests.iter().enumerate() {
+        let g = *index.entry(r.prompt).or_insert_with(|| {
+            groups.push((r.prompt, Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(i);
+    }
+    groups
+}
+
+fn score_row(logprobs: &[f32], token: u32, k: usize) -> PositionScore {
+    PositionScore {
+        logprob: logprobs[token as usize],
+        top: top_k(logprobs, k),
+    }
+}
