@@ -1,13 +1,18 @@
-//! Teacher scoring of sequences it did not write (`teacher::scoring`), on the real
-//! Qwen2.5-Coder-0.5B GGUF through the quantized inference engine: the scores of a
+//! Teacher scoring of sequences it did not write (`teacher::scoring`): on the real
+//! Qwen2.5-Coder-0.5B GGUF through the quantized inference engine, the scores of a
 //! continuation equal a fresh forward of the whole sequence, whatever the step size and
-//! whichever other samples share the prompt.
+//! whichever other samples share the prompt; through a real OpenAI-compatible server
+//! (llama-cpp-python serving SmolLM2), the API's scores agree with the local engine's on
+//! the same GGUF, and a server that returns no prompt log-probabilities is named as such.
 
 mod common;
+use common::server::{self, MODEL_NAME};
 use common::*;
 use kdpipe::chat::ChatMessage;
+use kdpipe::config::TeacherConfig;
 use kdpipe::llama::infer::{log_softmax, SeqCache, StepInput};
-use kdpipe::teacher::scoring::{score_local, ScoreRequest};
+use kdpipe::teacher::openai::ApiTeacher;
+use kdpipe::teacher::scoring::{score_local, ScoreRequest, TokenTexts};
 
 #[test]
 fn scores_equal_a_fresh_forward_of_the_whole_sequence() {
@@ -105,6 +110,87 @@ fn scores_equal_a_fresh_forward_of_the_whole_sequence() {
     .to_string();
     assert!(
         err.contains("vocabulary") && err.contains("tokenizer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_api_scores_as_the_local_engine_and_a_server_without_prompt_logprobs_is_named() {
+    let mut loaded = kdpipe::llama::load_for_inference(smollm2().to_str().unwrap()).unwrap();
+    let chat = |q: &str| {
+        let text = loaded
+            .chat
+            .render(&[ChatMessage::new("user", q)], true)
+            .unwrap();
+        loaded.encode(&text).unwrap()
+    };
+    let prompts = [
+        chat("What is 17 + 25?"),
+        chat("Name the capital of France."),
+    ];
+    let sample = |t: &str| loaded.encode(t).unwrap();
+    let sequences = [
+        (0, sample("17 + 25 = 42. The answer is 42.<|im_end|>")),
+        (0, sample("It is 43, I think.")),
+        (1, sample("The capital of France is Paris.<|im_end|>")),
+    ];
+    let requests: Vec<ScoreRequest> = sequences
+        .iter()
+        .map(|(p, c)| ScoreRequest {
+            prompt: &prompts[*p],
+            continuation: c,
+        })
+        .collect();
+    let texts = TokenTexts::new(&loaded.tokenizer).unwrap();
+    let teacher_at = |url: &str| {
+        let cfg: TeacherConfig = toml::from_str(&format!(
+            "kind = \"openai\"\nmodel = \"{MODEL_NAME}\"\nbase_url = \"{url}\"\nmax_retries = 1\nretry_base_s = 0.1"
+        ))
+        .unwrap();
+        ApiTeacher::open(&cfg).unwrap()
+    };
+    let k = 5;
+    let served = server::start(None);
+    let api = teacher_at(&served.base_url())
+        .score(&requests, k, &loaded.tokenizer, &texts)
+        .unwrap();
+    drop(served);
+    let decoder = loaded.take_inference_decoder().unwrap();
+    let local = score_local(&decoder, &requests, k, 256).unwrap();
+
+    // llama.cpp and kdpipe compute the same model with different kernels: close, not
+    // equal (measured: mean |Δ| 0.058 nats, max 0.24, 33 of 36 top ids the same). A
+    // continuation read one position off would differ by nats.
+    let (mut diffs, mut same_best, mut positions) = (Vec::new(), 0, 0);
+    for (r, (api, local)) in requests.iter().zip(api.iter().zip(&local)) {
+        assert_eq!(api.len(), r.continuation.len());
+        for (a, l) in api.iter().zip(local) {
+            diffs.push((a.logprob - l.logprob).abs());
+            assert!(!a.top.is_empty() && a.top.len() <= k);
+            assert!(a.top.windows(2).all(|w| w[0].1 >= w[1].1));
+            same_best += usize::from(a.top[0].0 == l.top[0].0);
+            positions += 1;
+        }
+    }
+    let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+    let max = diffs.iter().cloned().fold(0f32, f32::max);
+    eprintln!(
+        "API vs local: {positions} positions, mean |Δ logprob| {mean:.4}, max {max:.4}, same top id {same_best}"
+    );
+    assert!(mean < 0.15 && max < 1.0, "mean {mean}, max {max}");
+    assert!(
+        same_best * 100 >= positions * 85,
+        "{same_best} of {positions}"
+    );
+
+    // A server that keeps no logits for the prompt cannot score: the error says so.
+    let bare = server::start_with(None, "--logits_all false");
+    let err = teacher_at(&bare.base_url())
+        .score(&requests, k, &loaded.tokenizer, &texts)
+        .unwrap_err();
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("no log-probabilities for prompt tokens") && err.contains("hint:"),
         "{err}"
     );
 }

@@ -3,10 +3,13 @@
 //! receives one result per job; each backend lives in its own file: engine.rs (kdpipe's
 //! own engine over `llama`), mistralrs.rs (the only file that imports mistralrs),
 //! openai.rs (HTTP, the only file that imports reqwest), batch_api.rs (OpenAI Batch API
-//! files), wire.rs (the OpenAI chat JSON, shared by both). A new backend is a file here
-//! implementing `Teacher`, and a branch in `open`.
+//! files), wire.rs (the OpenAI chat JSON, shared by both). scoring.rs reads a teacher's
+//! distribution over sequences it did not write (locally; through an API with
+//! `ApiTeacher::score` and echo.rs, the completions JSON for it). A new backend is a file
+//! here implementing `Teacher`, and a branch in `open`.
 
 pub mod batch_api;
+pub mod echo;
 pub mod engine;
 pub mod labels;
 #[cfg(feature = "mistralrs")]

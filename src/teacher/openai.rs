@@ -8,7 +8,9 @@
 //! API key is read from the environment variable the config names and is scrubbed from every
 //! message that could echo it.
 
+use super::echo::{self, EchoProblem, Prompt};
 use super::labels::label_probs_at_answer;
+use super::scoring::{PositionScore, ScoreRequest, TokenTexts};
 use super::wire::{self, BodyProblem};
 use super::{
     AnswerLocator, ChatMessage, Job, JobResult, Reply, RetryCounts, Settings, Teacher, TeacherError,
@@ -31,6 +33,8 @@ pub struct ApiTeacher {
 struct Client {
     model: String,
     url: String,
+    /// `/completions`, for scoring given sequences (`ApiTeacher::score`).
+    completions_url: String,
     key: Option<String>,
     http: reqwest::Client,
     pacer: Pacer,
@@ -85,6 +89,7 @@ impl ApiTeacher {
         let client = Client {
             model: cfg.model.clone(),
             url: format!("{base}/chat/completions"),
+            completions_url: format!("{base}/completions"),
             key,
             http,
             pacer: Pacer::new(cfg.requests_per_minute, cfg.tokens_per_minute),
@@ -161,6 +166,146 @@ impl Teacher for ApiTeacher {
     }
 }
 
+impl ApiTeacher {
+    /// The teacher's log-probability and top-`top` alternatives at every token of each
+    /// continuation (`scoring`), through the server's `/completions` with `echo` and
+    /// `logprobs` (`echo`): one request a sequence, up to `max_in_flight` at once, retried
+    /// as answers are. The prompt goes as token ids; a server that takes text only
+    /// (llama-cpp-python's) gets each sequence decoded by `tokenizer`, and every
+    /// continuation token is checked against the server's tokens. Alternatives are mapped
+    /// to ids through `texts` (the student's tokenizer: teacher and student share one).
+    pub fn score(
+        &self,
+        requests: &[ScoreRequest],
+        top: usize,
+        tokenizer: &tokenizers::Tokenizer,
+        texts: &TokenTexts,
+    ) -> Result<Vec<Vec<PositionScore>>> {
+        let client = &self.inner;
+        let url = &client.completions_url;
+        let sequences: Vec<Vec<u32>> = requests
+            .iter()
+            .map(|r| [r.prompt, r.continuation].concat())
+            .collect();
+        let Some(first) = sequences.first() else {
+            return Ok(Vec::new());
+        };
+        let no_prompt_logprobs = |why: &str| {
+            anyhow::anyhow!(
+                "the teacher API at {url} returns no log-probabilities for prompt tokens ({why}), which scoring given sequences needs\nhint: serve the teacher with vLLM, or with llama-cpp-python's server and --logits_all true; llama.cpp's own server and chat-only APIs cannot score"
+            )
+        };
+        let body_of = |ids: &[u32], text_only: bool| -> Result<serde_json::Value> {
+            let prompt = if text_only {
+                let text = tokenizer
+                    .decode(ids, false)
+                    .map_err(|e| anyhow::anyhow!("cannot decode a sequence to score: {e}"))?;
+                Prompt::Text(text)
+            } else {
+                Prompt::Ids(ids)
+            };
+            Ok(echo::request_body(&client.model, &prompt, top))
+        };
+        // One request first: whether the server takes token ids (llama-cpp-python answers
+        // ids with a 500 listing "Input should be a valid string" at ('body', 'prompt')),
+        // and whether it returns prompt log-probabilities at all (it refuses them with a
+        // 500 when started without logits_all), so neither costs a round of retries.
+        let text_only = self.runtime.block_on(async {
+            let refuses_ids = |m: &str| m.contains("prompt") && m.contains("string");
+            let mut text_only = false;
+            let mut probe = client.post(url, &body_of(first, false)?).await;
+            if let Err(Failure::Fatal(m) | Failure::Retry { message: m, .. }) = &probe {
+                if refuses_ids(m) {
+                    text_only = true;
+                    probe = client.post(url, &body_of(first, true)?).await;
+                }
+            }
+            match probe {
+                // vLLM: "Requested sample logprobs of 50, which is greater than max
+                // allowed: 20".
+                Err(Failure::Fatal(m) | Failure::Retry { message: m, .. })
+                    if m.contains("logprobs") && m.contains("max") =>
+                {
+                    Err(anyhow::anyhow!(
+                        "the teacher API at {url} returns fewer alternatives a token than the {top} asked: {}\nhint: ask for fewer, or raise the server's limit (vLLM: --max-logprobs {top})",
+                        client.scrub(&m)
+                    ))
+                }
+                Err(Failure::Fatal(m) | Failure::Retry { message: m, .. })
+                    if m.contains("logprobs") =>
+                {
+                    Err(no_prompt_logprobs(&client.scrub(&m)))
+                }
+                _ => Ok(text_only),
+            }
+        })?;
+        if text_only {
+            tracing::info!(
+                "{url} takes text prompts only: sequences go as text and are checked token by token"
+            );
+        }
+        let bodies: Vec<serde_json::Value> = sequences
+            .iter()
+            .map(|ids| body_of(ids, text_only))
+            .collect::<Result<_>>()?;
+        let responses = self.runtime.block_on(async {
+            let mut responses: Vec<Option<serde_json::Value>> = vec![None; bodies.len()];
+            let mut pending = bodies.into_iter().zip(&sequences).enumerate();
+            let mut running = JoinSet::new();
+            loop {
+                while running.len() < self.max_in_flight {
+                    let Some((i, (body, ids))) = pending.next() else {
+                        break;
+                    };
+                    let (client, estimate) = (self.inner.clone(), ids.len());
+                    running.spawn(async move {
+                        let label = format!("scored sequence {i}");
+                        let url = client.completions_url.clone();
+                        let (outcome, _) = client
+                            .with_retries(&label, estimate, || client.post(&url, &body))
+                            .await;
+                        (i, outcome)
+                    });
+                }
+                let Some(done) = running.join_next().await else {
+                    break;
+                };
+                let (i, outcome) = done.context("a scoring task panicked")?;
+                match outcome {
+                    Ok(Ok(json)) => responses[i] = Some(json),
+                    Ok(Err(row)) => {
+                        running.abort_all();
+                        bail!("the teacher API could not score sequence {i}: {row}");
+                    }
+                    Err(fatal) => {
+                        running.abort_all();
+                        return Err(anyhow::Error::new(fatal)
+                            .context(format!("the teacher API failed on scored sequence {i}")));
+                    }
+                }
+            }
+            Ok(responses)
+        })?;
+        responses
+            .iter()
+            .zip(requests)
+            .enumerate()
+            .map(|(i, (json, r))| {
+                let json = json.as_ref().context("a scored sequence got no response")?;
+                echo::parse_scores(json, r.continuation, texts, top).map_err(|p| match p {
+                    EchoProblem::NoPromptLogprobs(why) => no_prompt_logprobs(&why),
+                    EchoProblem::Mismatch(m) => anyhow::anyhow!(
+                        "scored sequence {i}: {m}\nhint: a server that takes token ids (vLLM) scores exactly the student's tokens"
+                    ),
+                    EchoProblem::Invalid(m) => {
+                        anyhow::anyhow!("scored sequence {i}: unreadable response: {m}")
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
 impl Client {
     /// Fail early and clearly when the server is unreachable, refuses the key or does not
     /// serve the model. A server without `/models` is given the benefit of the doubt.
@@ -219,15 +364,37 @@ impl Client {
     ) -> (Result<JobResult, TeacherError>, RetryCounts) {
         let body = wire::request_body(&self.model, &job.messages, job.seed, settings);
         let estimate = estimate_tokens(&job.messages) + settings.max_tokens;
+        let label = format!("{}#{}", job.id, job.sample);
+        let (outcome, counts) = self
+            .with_retries(&label, estimate, || self.send(&body))
+            .await;
+        let outcome = outcome.map(|r| {
+            r.map(|mut reply| {
+                reply.seed = job.seed;
+                reply
+            })
+        });
+        (outcome, counts)
+    }
+
+    /// `attempt` until it succeeds, fails only its row, fails for good, or has failed
+    /// `max_retries` times more, with jittered exponential backoff (at least what the
+    /// server asked) between tries; plus the retries it took, by cause.
+    async fn with_retries<T, Attempt>(
+        &self,
+        label: &str,
+        estimated_tokens: usize,
+        mut attempt: impl FnMut() -> Attempt,
+    ) -> (Result<Result<T, String>, TeacherError>, RetryCounts)
+    where
+        Attempt: std::future::Future<Output = Result<T, Failure>>,
+    {
         let mut counts = RetryCounts::new();
-        let mut attempt = 0u32;
+        let mut tries = 0u32;
         loop {
-            self.pacer.wait(estimate).await;
-            let (kind, after, message) = match self.send(&body).await {
-                Ok(mut reply) => {
-                    reply.seed = job.seed;
-                    return (Ok(Ok(reply)), counts);
-                }
+            self.pacer.wait(estimated_tokens).await;
+            let (kind, after, message) = match attempt().await {
+                Ok(value) => return (Ok(Ok(value)), counts),
                 Err(Failure::Row(m)) => return (Ok(Err(m)), counts),
                 Err(Failure::Fatal(m)) => return (Err(TeacherError::Fatal(m)), counts),
                 Err(Failure::Retry {
@@ -237,24 +404,47 @@ impl Client {
                 }) => (kind, after, message),
             };
             *counts.entry(kind.to_string()).or_default() += 1;
-            if attempt >= self.max_retries {
+            if tries >= self.max_retries {
                 let m = format!(
                     "gave up after {} retries; last failure ({kind}): {message}\nhint: rows written so far are kept; rerun the same command to resume",
                     self.max_retries
                 );
                 return (Err(TeacherError::Fatal(m)), counts);
             }
-            tracing::debug!("retrying {}#{} after {kind}: {message}", job.id, job.sample);
-            let wait = backoff(self.retry_base, attempt).max(after.unwrap_or_default());
+            tracing::debug!("retrying {label} after {kind}: {message}");
+            let wait = backoff(self.retry_base, tries).max(after.unwrap_or_default());
             tokio::time::sleep(wait).await;
-            attempt += 1;
+            tries += 1;
         }
     }
 
-    /// One HTTP attempt.
+    /// One chat-completions attempt.
     async fn send(&self, body: &serde_json::Value) -> Result<Reply, Failure> {
         let started = Instant::now();
-        let mut req = self.http.post(&self.url).json(body);
+        let json = self.post(&self.url, body).await?;
+        let mut reply = wire::parse_response(&json).map_err(|p| match p {
+            BodyProblem::EmptyChoices => Failure::Retry {
+                kind: "empty_choices",
+                after: None,
+                message: "no choices in the response".into(),
+            },
+            BodyProblem::Invalid(m) => Failure::Retry {
+                kind: "invalid_body",
+                after: None,
+                message: m,
+            },
+        })?;
+        reply.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+        Ok(reply)
+    }
+
+    /// One HTTP attempt: the response's JSON, or how it failed.
+    async fn post(
+        &self,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, Failure> {
+        let mut req = self.http.post(url).json(body);
         if let Some(k) = &self.key {
             req = req.bearer_auth(k);
         }
@@ -285,16 +475,8 @@ impl Client {
         if !(200..300).contains(&status) {
             return Err(self.classify(status, &text, after));
         }
-        let json: serde_json::Value = serde_json::from_slice(&bytes)
-            .map_err(|e| retry("invalid_body", format!("response is not JSON: {e}")))?;
-        let mut reply = wire::parse_response(&json).map_err(|p| match p {
-            BodyProblem::EmptyChoices => {
-                retry("empty_choices", "no choices in the response".into())
-            }
-            BodyProblem::Invalid(m) => retry("invalid_body", m),
-        })?;
-        reply.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-        Ok(reply)
+        serde_json::from_slice(&bytes)
+            .map_err(|e| retry("invalid_body", format!("response is not JSON: {e}")))
     }
 
     fn classify(&self, status: u16, body: &str, after: Option<Duration>) -> Failure {
@@ -450,6 +632,7 @@ mod tests {
         Client {
             model: "m".into(),
             url: "http://x/v1/chat/completions".into(),
+            completions_url: "http://x/v1/completions".into(),
             key: key.map(str::to_string),
             http: reqwest::Client::new(),
             pacer: Pacer::new(None, None),

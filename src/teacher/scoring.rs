@@ -158,3 +158,88 @@ fn score_row(logprobs: &[f32], token: u32, k: usize) -> PositionScore {
         top: top_k(logprobs, k),
     }
 }
+
+/// A tokenizer's tokens as the text an API returns for them: each id decoded alone, and
+/// back from that text to the id where the text is one token's alone (a byte-level token
+/// holding part of a UTF-8 character decodes lossily, and special tokens to nothing or
+/// their name, so those map back to no id).
+pub struct TokenTexts {
+    text: Vec<String>,
+    special: Vec<bool>,
+    id: std::collections::HashMap<String, u32>,
+}
+
+impl TokenTexts {
+    pub fn new(tokenizer: &tokenizers::Tokenizer) -> Result<TokenTexts> {
+        let n = tokenizer.get_vocab_size(true);
+        let specials: std::collections::HashSet<u32> = tokenizer
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut text = Vec::with_capacity(n);
+        let mut id = std::collections::HashMap::with_capacity(n);
+        let mut ambiguous = std::collections::HashSet::new();
+        for i in 0..n as u32 {
+            let t = tokenizer
+                .decode(&[i], false)
+                .map_err(|e| anyhow::anyhow!("cannot decode token {i}: {e}"))?;
+            let plain = !specials.contains(&i) && !t.contains('\u{FFFD}') && !t.is_empty();
+            if plain && id.insert(t.clone(), i).is_some() {
+                ambiguous.insert(t.clone());
+            }
+            text.push(t);
+        }
+        for t in ambiguous {
+            id.remove(&t);
+        }
+        let special = (0..n as u32).map(|i| specials.contains(&i)).collect();
+        Ok(TokenTexts { text, special, id })
+    }
+
+    /// Tokens given by their texts (and whether each is special), for tests.
+    #[cfg(test)]
+    pub(crate) fn from_texts(tokens: &[(&str, bool)]) -> TokenTexts {
+        TokenTexts {
+            text: tokens.iter().map(|(t, _)| t.to_string()).collect(),
+            special: tokens.iter().map(|(_, s)| *s).collect(),
+            id: tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, (t, s))| !s && !t.is_empty())
+                .map(|(i, (t, _))| (t.to_string(), i as u32))
+                .collect(),
+        }
+    }
+
+    /// The id an API's token string names: "token_id:N" (vLLM's
+    /// `return_tokens_as_token_ids`), else the one token whose text it is.
+    pub fn id_of(&self, token: &str) -> Option<u32> {
+        match token.strip_prefix("token_id:") {
+            Some(n) => n.parse().ok().filter(|&i| (i as usize) < self.text.len()),
+            None => self.id.get(token).copied(),
+        }
+    }
+
+    /// Whether an API's token string can stand for `id`: its id, its text, or (a special
+    /// token, which some servers print as nothing) the empty string.
+    pub fn matches(&self, token: &str, id: u32) -> bool {
+        match token.strip_prefix("token_id:") {
+            Some(n) => n.parse() == Ok(id),
+            None => {
+                let i = id as usize;
+                i < self.text.len()
+                    && (self.text[i] == token || (self.special[i] && token.is_empty()))
+            }
+        }
+    }
+
+    /// The text of `id` alone (for messages).
+    pub fn text(&self, id: u32) -> &str {
+        self.text
+            .get(id as usize)
+            .map(String::as_str)
+            .unwrap_or("?")
+    }
+}

@@ -55,9 +55,14 @@ pub fn python() -> String {
 
 /// Start the server (`api_key`: require this key) and wait until it answers.
 pub fn start(api_key: Option<&str>) -> Server {
+    start_with(api_key, "")
+}
+
+/// `start` with more of the server's command-line options (`extra`).
+pub fn start_with(api_key: Option<&str>, extra: &str) -> Server {
     let port = free_port();
     let mut cmd = format!(
-        "{} -m llama_cpp.server --model {} --model_alias {MODEL_NAME} --host 127.0.0.1 --port {port} --n_ctx 2048 --n_threads 2",
+        "{} -m llama_cpp.server --model {} --model_alias {MODEL_NAME} --host 127.0.0.1 --port {port} --n_ctx 2048 --n_threads 2 {extra}",
         python(),
         smollm2().display()
     );
