@@ -14,16 +14,19 @@ use kdpipe::llama::infer::{log_softmax, SeqCache, StepInput};
 use kdpipe::teacher::openai::ApiTeacher;
 use kdpipe::teacher::scoring::{score_local, ScoreRequest, TokenTexts};
 
+/// The token ids of a chat of one user turn, ready for the assistant's reply.
+fn user_turn(loaded: &kdpipe::llama::LoadedModel, question: &str) -> Vec<u32> {
+    let text = loaded
+        .chat
+        .render(&[ChatMessage::new("user", question)], true)
+        .unwrap();
+    loaded.encode(&text).unwrap()
+}
+
 #[test]
 fn scores_equal_a_fresh_forward_of_the_whole_sequence() {
     let mut loaded = kdpipe::llama::load_for_inference(qwen().to_str().unwrap()).unwrap();
-    let chat = |q: &str| {
-        let text = loaded
-            .chat
-            .render(&[ChatMessage::new("user", q)], true)
-            .unwrap();
-        loaded.encode(&text).unwrap()
-    };
+    let chat = |q: &str| user_turn(&loaded, q);
     let (first, second) = (
         chat("What is 17 + 25?"),
         chat("Name a prime number above 10."),
@@ -117,13 +120,7 @@ fn scores_equal_a_fresh_forward_of_the_whole_sequence() {
 #[test]
 fn the_api_scores_as_the_local_engine_and_a_server_without_prompt_logprobs_is_named() {
     let mut loaded = kdpipe::llama::load_for_inference(smollm2().to_str().unwrap()).unwrap();
-    let chat = |q: &str| {
-        let text = loaded
-            .chat
-            .render(&[ChatMessage::new("user", q)], true)
-            .unwrap();
-        loaded.encode(&text).unwrap()
-    };
+    let chat = |q: &str| user_turn(&loaded, q);
     let prompts = [
         chat("What is 17 + 25?"),
         chat("Name the capital of France."),
