@@ -209,8 +209,9 @@ impl ApiTeacher {
         // One request first: whether the server takes token ids (llama-cpp-python answers
         // ids with a 500 listing "Input should be a valid string" at ('body', 'prompt')),
         // and whether it returns prompt log-probabilities at all (it refuses them with a
-        // 500 when started without logits_all), so neither costs a round of retries.
-        let text_only = self.runtime.block_on(async {
+        // 500 when started without logits_all), so neither costs a round of retries. Its
+        // answer, when it is one, is the first sequence's.
+        let (text_only, first_response) = self.runtime.block_on(async {
             let refuses_ids = |m: &str| m.contains("prompt") && m.contains("string");
             let mut text_only = false;
             let mut probe = client.post(url, &body_of(first, false)?).await;
@@ -236,7 +237,7 @@ impl ApiTeacher {
                 {
                     Err(no_prompt_logprobs(&client.scrub(&m)))
                 }
-                _ => Ok(text_only),
+                probe => Ok((text_only, probe.ok())),
             }
         })?;
         if text_only {
@@ -244,19 +245,22 @@ impl ApiTeacher {
                 "{url} takes text prompts only: sequences go as text and are checked token by token"
             );
         }
-        let bodies: Vec<serde_json::Value> = sequences
-            .iter()
-            .map(|ids| body_of(ids, text_only))
-            .collect::<Result<_>>()?;
         let responses = self.runtime.block_on(async {
-            let mut responses: Vec<Option<serde_json::Value>> = vec![None; bodies.len()];
-            let mut pending = bodies.into_iter().zip(&sequences).enumerate();
+            let mut responses: Vec<Option<serde_json::Value>> = vec![None; sequences.len()];
+            responses[0] = first_response;
+            let mut pending = sequences
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| responses[*i].is_none())
+                .collect::<Vec<_>>()
+                .into_iter();
             let mut running = JoinSet::new();
             loop {
                 while running.len() < self.max_in_flight {
-                    let Some((i, (body, ids))) = pending.next() else {
+                    let Some((i, ids)) = pending.next() else {
                         break;
                     };
+                    let body = body_of(ids, text_only)?;
                     let (client, estimate) = (self.inner.clone(), ids.len());
                     running.spawn(async move {
                         let label = format!("scored sequence {i}");
