@@ -108,6 +108,79 @@ pub struct FinetuneConfig {
     /// precision: bf16 operands, f32 sums, f32 master weights and everything else).
     #[serde(default)]
     pub precision: Precision,
+    /// A teacher in the training loop (`[finetune.live_teacher]`): on-policy distillation
+    /// on the student's own samples, and online distillation of the off-policy rationales.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_teacher: Option<LiveTeacherConfig>,
+}
+
+/// `[finetune.live_teacher]`: the teacher runs next to the student during training (on
+/// kdpipe's inference engine, quantized weights as the GGUF stores them, or through the
+/// `[teacher]` API) and scores tokens as the steps need them.
+///
+/// - `on_policy = λ`: each row of a micro-batch is, with probability λ, replaced by
+///   `samples_per_prompt` replies the current student samples for its input (rationale
+///   view); the teacher scores every sampled token and the loss there is `divergence`
+///   between the teacher's top-k (+ tail) and the student (GKD, Agarwal et al. 2024;
+///   MiniLLM, Gu et al. 2024). λ = 0 is off-policy training as without this section.
+/// - `online = true`: the off-policy rationale examples get the teacher's distribution
+///   live at each of their tokens (token-level KD weighted by `kd_token_weight`, with
+///   `kd_token_divergence`), instead of the top-k stored at generate time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveTeacherConfig {
+    /// The teacher: a GGUF file or a Hugging Face folder run in-process. Unset: the
+    /// `[teacher]` model (local), or its server (`kind = "openai"`, which must return
+    /// prompt log-probabilities: vLLM, llama-cpp-python with logits_all).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// λ: the share of rows trained on the student's own samples (GKD's `lmbda`; its
+    /// on-policy runs use 1.0, its mixed ones 0.5).
+    #[serde(default)]
+    pub on_policy: f64,
+    /// Score the off-policy rationales with the live teacher (needs kd_token_weight > 0).
+    #[serde(default)]
+    pub online: bool,
+    /// Alternatives the teacher gives at each token; the rest of its vocabulary is one
+    /// tail category. The vocabulary size gives its whole distribution (memory grows
+    /// with it: positions × k × 8 bytes a batch, and the divergence's temporaries).
+    #[serde(default = "d_live_top_k")]
+    pub top_k: usize,
+    /// Sampling temperature of the student's replies (GKD and MiniLLM sample at 1.0;
+    /// 0: greedy).
+    #[serde(default = "super::d_one_f")]
+    pub temperature: f64,
+    /// Longest sampled reply, in tokens (the prompt is cut from the left to leave room
+    /// within max_seq_len).
+    #[serde(default = "d_live_max_new")]
+    pub max_new_tokens: usize,
+    /// Replies sampled for each on-policy row.
+    #[serde(default = "super::d_one")]
+    pub samples_per_prompt: usize,
+    /// Take a new copy of the student's weights to sample from every N optimizer steps
+    /// (1: always the current weights, as GKD). `checkpoint_every` must be a multiple of
+    /// it, so a resumed run samples from the same weights as an uninterrupted one.
+    #[serde(default = "super::d_one")]
+    pub refresh_every: usize,
+    /// The divergence on the sampled tokens: "reverse_kl" (MiniLLM, and the on-policy
+    /// distillation of 2025), "forward_kl", or "jsd" (GKD, with `jsd_beta`).
+    #[serde(default = "d_live_divergence")]
+    pub divergence: Divergence,
+    /// Weight of the on-policy term in the loss.
+    #[serde(default = "super::d_one_f")]
+    pub weight: f64,
+}
+
+fn d_live_top_k() -> usize {
+    20
+}
+
+fn d_live_max_new() -> usize {
+    128
+}
+
+fn d_live_divergence() -> Divergence {
+    Divergence::ReverseKl
 }
 
 /// The arithmetic of a training step's matrix products.

@@ -19,7 +19,8 @@ pub use curate::{CurateConfig, GoldRule, KeepRationales};
 pub use data::DataConfig;
 pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
 pub use finetune::{
-    default_targets, parse_device, Divergence, FinetuneConfig, LoraConfig, Objective, Precision,
+    default_targets, parse_device, Divergence, FinetuneConfig, LiveTeacherConfig, LoraConfig,
+    Objective, Precision,
 };
 pub use generate::GenerateConfig;
 pub use stage::Stage;
@@ -215,6 +216,9 @@ impl Config {
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
             bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");
         }
+        if let Some(live) = &f.live_teacher {
+            self.validate_live_teacher(live)?;
+        }
         if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
             bail!(
                 "[eval] split must be train, val or test, got {:?}",
@@ -222,6 +226,33 @@ impl Config {
             );
         }
         self.validate_eval()
+    }
+
+    fn validate_live_teacher(&self, live: &LiveTeacherConfig) -> Result<()> {
+        let f = &self.finetune;
+        if !(0.0..=1.0).contains(&live.on_policy) {
+            bail!("[finetune.live_teacher] on_policy is the share λ of rows sampled from the student, in [0, 1]; got {}", live.on_policy);
+        }
+        if live.online && f.kd_token_weight <= 0.0 {
+            bail!("[finetune.live_teacher] online = true scores the rationales for token-level KD, which is off\nhint: set [finetune] kd_token_weight (1.0 weighs it as the CE terms)");
+        }
+        if live.top_k == 0 || live.max_new_tokens == 0 || live.samples_per_prompt == 0 {
+            bail!("[finetune.live_teacher] top_k, max_new_tokens and samples_per_prompt must be at least 1");
+        }
+        if live.on_policy > 0.0 && live.max_new_tokens + 8 > f.max_seq_len {
+            bail!("[finetune.live_teacher] max_new_tokens = {} leaves no room for the prompt in [finetune] max_seq_len = {}\nhint: raise max_seq_len or lower max_new_tokens", live.max_new_tokens, f.max_seq_len);
+        }
+        let negative = |x: f64| x.is_nan() || x.is_infinite() || x < 0.0;
+        if negative(live.temperature) || negative(live.weight) {
+            bail!("[finetune.live_teacher] temperature and weight must be ≥ 0");
+        }
+        if live.refresh_every == 0 {
+            bail!("[finetune.live_teacher] refresh_every must be at least 1 (1: sample from the current weights every step)");
+        }
+        if live.on_policy > 0.0 && !f.checkpoint_every.is_multiple_of(live.refresh_every) {
+            bail!("[finetune] checkpoint_every = {} is not a multiple of [finetune.live_teacher] refresh_every = {}: a run resumed from such a checkpoint would sample from other weights than an uninterrupted one\nhint: make checkpoint_every a multiple of refresh_every", f.checkpoint_every, live.refresh_every);
+        }
+        Ok(())
     }
 
     fn validate_eval(&self) -> Result<()> {

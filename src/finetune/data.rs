@@ -22,6 +22,9 @@ pub enum ExampleKind {
     /// The teacher's own generated tokens in the rationale view, each with the teacher's
     /// top-k alternatives: token-level KD.
     TokenKd,
+    /// A reply the student sampled itself in the rationale view, each token with the live
+    /// teacher's top-k alternatives: on-policy distillation (no cross-entropy).
+    OnPolicy,
 }
 
 #[derive(Debug, Clone)]
@@ -34,9 +37,12 @@ pub struct Example {
     pub kd: Option<KdSlot>,
     /// Prompt and reply did not fit in `max_seq_len` and were cut.
     pub truncated: bool,
-    /// Token-KD examples: for each target token (in order), the teacher's top-k ids and
-    /// natural-log probabilities at that position.
+    /// For each target token (in order), the teacher's top-k ids and natural-log
+    /// probabilities at that position: token-KD and on-policy examples, and rationale
+    /// examples a live teacher scored (online distillation).
     pub token_topk: Vec<(Vec<u32>, Vec<f32>)>,
+    /// The train row it comes from (its index in the split).
+    pub row: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -54,7 +60,7 @@ fn example(
     max_len: usize,
 ) -> Result<Example> {
     let view = match kind {
-        ExampleKind::Rationale | ExampleKind::TokenKd => View::Rationale,
+        ExampleKind::Rationale | ExampleKind::TokenKd | ExampleKind::OnPolicy => View::Rationale,
         ExampleKind::Label | ExampleKind::Kd => View::Label,
     };
     let mut ids = model.chat_ids(&prompt.student_chat(view, input))?;
@@ -77,6 +83,7 @@ fn example(
         kd: None,
         truncated,
         token_topk: vec![],
+        row: 0,
     })
 }
 
@@ -115,6 +122,7 @@ pub fn token_kd_example(
         kd: None,
         truncated,
         token_topk,
+        row: 0,
     }))
 }
 
@@ -230,6 +238,7 @@ mod tests {
             kd: None,
             truncated: false,
             token_topk: vec![],
+            row: 0,
         }
     }
 

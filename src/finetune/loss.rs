@@ -25,13 +25,17 @@ pub struct Batch {
     /// KD groups: the batch rows of one curated row's answers and the teacher's
     /// probabilities of them.
     pub kd_groups: Vec<(usize, Vec<f64>)>,
-    /// Token KD: positions `[batch, seq-1]` that predict a teacher token, and there the
+    /// Token KD: positions `[batch, seq-1]` of off-policy examples where the teacher's
+    /// distribution is known, and at every such position (on-policy ones too) the
     /// teacher's top-k ids and log-probabilities `[batch, seq-1, k]` (padding: id 0,
     /// log-probability −1e9).
     pub token_kd_mask: Tensor,
     pub token_kd_ids: Tensor,
     pub token_kd_logprobs: Tensor,
     pub n_token_kd: f64,
+    /// On-policy: the positions of the student's own samples `[batch, seq-1]`.
+    pub on_policy_mask: Tensor,
+    pub n_on_policy: f64,
     pub tokens: usize,
 }
 
@@ -53,6 +57,7 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         .unwrap_or(0)
         .max(1);
     let mut tk_mask = vec![0f32; b * (t - 1)];
+    let mut op_mask = vec![0f32; b * (t - 1)];
     let mut tk_ids = vec![0u32; b * (t - 1) * k];
     let mut tk_logp = vec![-1e9f32; b * (t - 1) * k];
     let mut kd_groups: Vec<(usize, Vec<f64>)> = vec![];
@@ -69,14 +74,17 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
                     ExampleKind::Label => lab[at] = 1.0,
                     ExampleKind::Rationale => rat[at] = 1.0,
                     ExampleKind::Kd => kd[at] = 1.0,
-                    ExampleKind::TokenKd => {
-                        if let Some((top_ids, top_logp)) = e.token_topk.get(reply_pos) {
-                            tk_mask[at] = 1.0;
-                            for (slot, (&tid, &lp)) in top_ids.iter().zip(top_logp).enumerate() {
-                                tk_ids[at * k + slot] = tid;
-                                tk_logp[at * k + slot] = lp;
-                            }
-                        }
+                    ExampleKind::TokenKd | ExampleKind::OnPolicy => {}
+                }
+                // The teacher's alternatives (stored, or from a live teacher).
+                if let Some((top_ids, top_logp)) = e.token_topk.get(reply_pos) {
+                    match e.kind {
+                        ExampleKind::OnPolicy => op_mask[at] = 1.0,
+                        _ => tk_mask[at] = 1.0,
+                    }
+                    for (slot, (&tid, &lp)) in top_ids.iter().zip(top_logp).enumerate() {
+                        tk_ids[at * k + slot] = tid;
+                        tk_logp[at * k + slot] = lp;
                     }
                 }
                 reply_pos += 1;
@@ -107,6 +115,7 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     let n_label = lab.iter().sum::<f32>() as f64;
     let n_rationale = rat.iter().sum::<f32>() as f64;
     let n_token_kd = tk_mask.iter().sum::<f32>() as f64;
+    let n_on_policy = op_mask.iter().sum::<f32>() as f64;
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, t), device)?,
         attention: Tensor::from_vec(att, (b, t), device)?,
@@ -120,6 +129,8 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         token_kd_ids: Tensor::from_vec(tk_ids, (b, t - 1, k), device)?,
         token_kd_logprobs: Tensor::from_vec(tk_logp, (b, t - 1, k), device)?,
         n_token_kd,
+        on_policy_mask: Tensor::from_vec(op_mask, (b, t - 1), device)?,
+        n_on_policy,
         tokens: examples.iter().map(|e| e.ids.len()).sum(),
     })
 }
@@ -147,6 +158,7 @@ pub struct LossParts {
     pub rationale: Option<f64>,
     pub kd: Option<f64>,
     pub kd_token: Option<f64>,
+    pub on_policy: Option<f64>,
 }
 
 /// Add `w.kd_token_weight ×` token-level KD to the loss: at every position that predicts
@@ -171,6 +183,31 @@ pub fn add_token_kd(
     )?;
     parts.kd_token = Some(term.to_scalar::<f32>()? as f64);
     parts.total = (&parts.total + (term * w.kd_token_weight)?)?;
+    Ok(())
+}
+
+/// Add `w.on_policy_weight ×` the on-policy term: at every position of the student's own
+/// samples, `w.on_policy_divergence` between the live teacher's top-k (+ tail) and the
+/// student, temperature-scaled; mean over positions.
+pub fn add_on_policy(
+    parts: &mut LossParts,
+    logits: &Tensor,
+    batch: &Batch,
+    w: &LossWeights,
+) -> Result<()> {
+    if batch.n_on_policy == 0.0 {
+        return Ok(());
+    }
+    let term = token_kd_divergence(
+        logits,
+        &batch.token_kd_ids,
+        &batch.token_kd_logprobs,
+        &batch.on_policy_mask,
+        batch.n_on_policy,
+        (w.temperature, w.on_policy_divergence, w.jsd_beta),
+    )?;
+    parts.on_policy = Some(term.to_scalar::<f32>()? as f64);
+    parts.total = (&parts.total + (term * w.on_policy_weight)?)?;
     Ok(())
 }
 
@@ -204,6 +241,9 @@ pub struct LossWeights {
     /// The token-level KD divergence.
     pub token_divergence: Divergence,
     pub jsd_beta: f64,
+    /// The on-policy term (`[finetune.live_teacher]`): its weight and divergence.
+    pub on_policy_weight: f64,
+    pub on_policy_divergence: Divergence,
 }
 
 /// The whole training loss (DESIGN.md): the step-by-step CE terms plus λ times the mean
@@ -261,6 +301,7 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
         rationale: scalar(&rationale)?,
         kd: None,
         kd_token: None,
+        on_policy: None,
         total,
     })
 }
@@ -371,6 +412,7 @@ mod tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                row: 0,
             },
             Example {
                 kind: ExampleKind::Rationale,
@@ -379,6 +421,7 @@ mod tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                row: 0,
             },
         ];
         let batch = make_batch(&ex, 0, &dev).unwrap();
@@ -506,6 +549,7 @@ mod total_tests {
             }),
             truncated: false,
             token_topk: vec![],
+            row: 0,
         };
         let ex = vec![
             Example {
@@ -515,6 +559,7 @@ mod total_tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                row: 0,
             },
             kd(1, 0.75),
             kd(2, 0.25),
@@ -531,6 +576,8 @@ mod total_tests {
             divergence: Divergence::ForwardKl,
             token_divergence: Divergence::ForwardKl,
             jsd_beta: 0.5,
+            on_policy_weight: 0.0,
+            on_policy_divergence: Divergence::ReverseKl,
         };
         let parts = total_loss(&nll, &batch, &w).unwrap();
         assert!((parts.kd.unwrap() - 0.130812).abs() < 1e-5);
@@ -540,5 +587,70 @@ mod total_tests {
             (parts.label.unwrap() - 4f64.ln()).abs() < 1e-5,
             "KD rows are not in the CE"
         );
+    }
+
+    #[test]
+    fn on_policy_tokens_get_their_own_term_and_scored_rationales_keep_their_ce() {
+        // Row 0: a rationale the live teacher scored (online): CE and token KD at its two
+        // reply positions. Row 1: an on-policy sample: only the on-policy term.
+        let dev = Device::Cpu;
+        let top = |id: u32| (vec![id, (id + 1) % 4], vec![0.9f32.ln(), 0.05f32.ln()]);
+        let ex = vec![
+            Example {
+                kind: ExampleKind::Rationale,
+                ids: vec![1, 2, 0],
+                target: vec![0, 1, 1],
+                kd: None,
+                truncated: false,
+                token_topk: vec![top(2), top(0)],
+                row: 0,
+            },
+            Example {
+                kind: ExampleKind::OnPolicy,
+                ids: vec![1, 3, 2],
+                target: vec![0, 1, 1],
+                kd: None,
+                truncated: false,
+                token_topk: vec![top(3), top(2)],
+                row: 1,
+            },
+        ];
+        let batch = make_batch(&ex, 0, &dev).unwrap();
+        let rows = |t: &Tensor| t.to_vec2::<f32>().unwrap();
+        assert_eq!(rows(&batch.rationale_targets), [[1., 1.], [0., 0.]]);
+        assert_eq!(rows(&batch.token_kd_mask), [[1., 1.], [0., 0.]]);
+        assert_eq!(rows(&batch.on_policy_mask), [[0., 0.], [1., 1.]]);
+        assert_eq!((batch.n_token_kd, batch.n_on_policy), (2.0, 2.0));
+        assert_eq!(
+            batch.token_kd_ids.to_vec3::<u32>().unwrap()[1],
+            [[3, 0], [2, 3]]
+        );
+
+        // Uniform logits over 4 ids, teacher (0.9, 0.05, tail 0.05) at each on-policy
+        // position: reverse KL = Σ q ln(q/p) = 0.25 ln(0.25/0.9) + 0.25 ln(0.25/0.05)
+        // + 0.5 ln(0.5/0.05).
+        let logits = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+        let nll = token_nll(&logits, &batch.ids).unwrap();
+        let w = LossWeights {
+            alpha: 0.0,
+            kd_weight: 0.0,
+            kd_token_weight: 0.0,
+            temperature: 1.0,
+            divergence: Divergence::ForwardKl,
+            token_divergence: Divergence::ForwardKl,
+            jsd_beta: 0.5,
+            on_policy_weight: 2.0,
+            on_policy_divergence: Divergence::ReverseKl,
+        };
+        let mut parts = total_loss(&nll, &batch, &w).unwrap();
+        add_on_policy(&mut parts, &logits, &batch, &w).unwrap();
+        let want = 0.25 * (0.25f64 / 0.9).ln() + 0.25 * 5f64.ln() + 0.5 * 10f64.ln();
+        assert!(
+            (parts.on_policy.unwrap() - want).abs() < 1e-5,
+            "{:?}",
+            parts.on_policy
+        );
+        let total = parts.total.to_scalar::<f32>().unwrap() as f64;
+        assert!((total - (4f64.ln() + 2.0 * want)).abs() < 1e-5, "{total}");
     }
 }

@@ -8,6 +8,7 @@
 mod checkpoint;
 pub mod data;
 pub mod divergence;
+pub mod live;
 pub mod loss;
 pub mod optim;
 mod svg;
@@ -23,7 +24,8 @@ use crate::records::CuratedRow;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
-use loss::{add_token_kd, make_batch, token_nll, total_loss, LossWeights};
+use live::{LiveStats, LiveTeacher};
+use loss::{add_on_policy, add_token_kd, make_batch, token_nll, total_loss, LossWeights};
 use optim::AdamW;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,11 +47,13 @@ fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
 }
 
 /// The examples of each row (its views, and its KD answers when the KD term is on).
+/// With a live teacher scoring the rationales (`online`), the stored top-k is not used.
 fn build_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     rows: &[CuratedRow],
     cfg: &Config,
+    online: bool,
 ) -> Result<Vec<Vec<Example>>> {
     let ft = &cfg.finetune;
     rows.iter()
@@ -58,12 +62,20 @@ fn build_examples(
             let kd = (ft.kd_weight > 0.0).then_some(i as u32);
             let mut views = row_examples(model, prompt, r, ft.objective, ft.max_seq_len, kd)
                 .with_context(|| format!("cannot build examples for row {:?}", r.id))?;
-            if ft.kd_token_weight > 0.0 && ft.objective != Objective::LabelOnly {
+            if ft.kd_token_weight > 0.0 && ft.objective != Objective::LabelOnly && !online {
                 views.extend(token_kd_example(model, prompt, r, ft.max_seq_len)?);
+            }
+            for v in &mut views {
+                v.row = i as u32;
             }
             Ok(views)
         })
         .collect()
+}
+
+/// Whether the config has a live teacher score the rationales (online distillation).
+fn online(cfg: &Config) -> bool {
+    cfg.finetune.live_teacher.as_ref().is_some_and(|l| l.online)
 }
 
 /// The loss of one batch of examples: the CE views, the label-set KD term and the
@@ -83,6 +95,7 @@ fn batch_loss(
     let logits = logits?;
     let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, weights)?;
     add_token_kd(&mut parts, &logits, &batch, weights)?;
+    add_on_policy(&mut parts, &logits, &batch, weights)?;
     Ok((parts, batch.tokens))
 }
 
@@ -151,7 +164,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let device = open_device(&ft.device)?;
     let prompt = Prompt::load(cfg)?;
     let mut loaded = llama::load(&cfg.student.model, &device)?;
-    if ft.kd_token_weight > 0.0 {
+    if ft.kd_token_weight > 0.0 && !online(cfg) {
         check_shared_vocabulary(&loaded, &train_rows)?;
     }
     let freeze = ft.freeze_embeddings;
@@ -178,13 +191,20 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         divergence: ft.kd_divergence,
         token_divergence: ft.kd_token_divergence,
         jsd_beta: ft.jsd_beta,
+        on_policy_weight: ft.live_teacher.as_ref().map_or(0.0, |l| l.weight),
+        on_policy_divergence: ft
+            .live_teacher
+            .as_ref()
+            .map_or(crate::config::Divergence::ReverseKl, |l| l.divergence),
     };
-    let train = build_examples(&loaded, &prompt, &train_rows, cfg)?;
+    let mut live = LiveTeacher::open(cfg, &loaded, &prompt, &train_rows)?;
+    let online = live.as_ref().is_some_and(LiveTeacher::online);
+    let train = build_examples(&loaded, &prompt, &train_rows, cfg, online)?;
     // Without val rows, the val loss is measured on (at most 8) train rows.
     let val = if val_rows.is_empty() {
         train.iter().take(8).cloned().collect()
     } else {
-        build_examples(&loaded, &prompt, &val_rows, cfg)?
+        build_examples(&loaded, &prompt, &val_rows, cfg, online)?
     };
     let n_train_examples: usize = train.iter().map(Vec::len).sum();
     // (Without val rows, `val` repeats train examples: count them once.)
@@ -264,9 +284,21 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let t0 = std::time::Instant::now();
         let mut acc = opt.accumulator();
         let (mut loss, mut tokens) = (0.0, 0);
-        let mut terms: [Vec<f64>; 4] = Default::default();
+        let mut terms: [Vec<f64>; 5] = Default::default();
+        let mut live_stats = LiveStats::default();
+        if let Some(l) = live.as_mut() {
+            l.before_step(&model, step)?;
+        }
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
+            let prepared;
+            let examples = match &live {
+                Some(l) => {
+                    prepared = l.prepare(examples.clone(), step, k, &mut live_stats)?;
+                    &prepared
+                }
+                None => examples,
+            };
             let key = Some(dropout_key(cfg.seed, step, k));
             let (parts, batch_tokens) = batch_loss(&model, examples, pad, &weights, key)?;
             let value = parts.total.to_scalar::<f32>()? as f64;
@@ -282,29 +314,54 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             opt.accumulate(&mut acc, &parts.total.backward()?)?;
             loss += value / chunk.len() as f64;
             tokens += batch_tokens;
-            for (slot, v) in
-                terms
-                    .iter_mut()
-                    .zip([parts.label, parts.rationale, parts.kd, parts.kd_token])
-            {
+            for (slot, v) in terms.iter_mut().zip([
+                parts.label,
+                parts.rationale,
+                parts.kd,
+                parts.kd_token,
+                parts.on_policy,
+            ]) {
                 slot.extend(v);
             }
         }
         let grad_norm = opt.step(acc, lr, clip)?;
         let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let secs = t0.elapsed().as_secs_f64();
+        let train_secs = (secs - live_stats.sample_seconds - live_stats.score_seconds).max(1e-9);
         state.losses.push(loss);
-        state.metrics.push(
-            serde_json::json!({
-                "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
-                "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]),
-                "kd_token_loss": mean(&terms[3]), "lr": lr,
-                "grad_norm": grad_norm, "tokens": tokens,
-                "tokens_per_second": tokens as f64 / secs.max(1e-9),
-            })
-            .to_string(),
-        );
-        progress.set_message(format!("loss {loss:.3}"));
+        let mut metrics = serde_json::json!({
+            "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
+            "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]),
+            "kd_token_loss": mean(&terms[3]), "lr": lr,
+            "grad_norm": grad_norm, "tokens": tokens,
+            "tokens_per_second": tokens as f64 / secs.max(1e-9),
+        });
+        if live.is_some() {
+            let extra = serde_json::json!({
+                "on_policy_loss": mean(&terms[4]),
+                "on_policy_rows": live_stats.on_policy_rows,
+                "sample_tokens": live_stats.sampled_tokens,
+                "sample_tokens_per_second": live_stats.sample_rate(),
+                "score_tokens": live_stats.scored_tokens,
+                "score_tokens_per_second": live_stats.score_rate(),
+                "train_tokens_per_second": tokens as f64 / train_secs,
+            });
+            if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+        }
+        state.metrics.push(metrics.to_string());
+        let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}"));
+        if live.is_some() {
+            progress.set_message(format!(
+                "loss {loss:.3} · tok/s sample {} score {} train {:.0}",
+                rate(live_stats.sample_rate()),
+                rate(live_stats.score_rate()),
+                tokens as f64 / train_secs
+            ));
+        } else {
+            progress.set_message(format!("loss {loss:.3}"));
+        }
         progress.inc(tokens as u64);
         state.step += 1;
         if ft.eval_every > 0 && state.step % ft.eval_every == 0 && state.step < total_steps {

@@ -45,6 +45,8 @@ pub struct Sequence<T> {
     pub prompt_last: u32,
     /// Tokens written after the prompt: chosen ones and any a hook inserted.
     pub generated: Vec<u32>,
+    /// The stop token that ended it (`Finish::Stop`); not part of `generated`.
+    pub stop_token: Option<u32>,
     pub seed: u64,
     /// When its prefill began, and how long the prefill took.
     pub started: Instant,
@@ -210,6 +212,7 @@ impl Generator<'_> {
             prompt_last: prompt[prompt.len() - 1],
             cache,
             generated: Vec::new(),
+            stop_token: None,
             seed,
             started,
             prompt_seconds: started.elapsed().as_secs_f64(),
@@ -231,6 +234,7 @@ impl Generator<'_> {
             _ => argmax(&seq.logits),
         };
         if self.stop.contains(&token) {
+            seq.stop_token = Some(token);
             return Ok(Some(Finish::Stop));
         }
         seq.generated.push(token);

@@ -234,6 +234,21 @@ impl Decoder {
         Ok(self)
     }
 
+    /// A frozen inference copy of the current weights (LoRA adapters merged), for sampling
+    /// while this decoder trains on: every tensor copied, so later updates do not reach
+    /// it. Same key/value precision.
+    pub fn inference_copy(&self) -> Result<Self> {
+        let weights = self
+            .weights()?
+            .into_iter()
+            .map(|(name, w)| Ok((name, w.detach().copy()?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let mut copy =
+            Decoder::new(self.shape.clone(), weights, &self.device, |_| false)?.into_inference()?;
+        copy.kv_precision = self.kv_precision;
+        Ok(copy)
+    }
+
     /// Whether every weight is stored for inference.
     pub fn is_inference(&self) -> bool {
         self.head.weight.is_inference()

@@ -34,7 +34,8 @@ pub const ROWS_PER_STEP: usize = 256;
 
 /// Score every request on the local decoder: per request, one `PositionScore` per
 /// continuation token. Requests with the same prompt (several samples of one prompt)
-/// compute it once; continuations then run together, `rows_per_step` positions a step,
+/// compute it once, and a prompt starts from the previous one's cache where they share
+/// a head (a few-shot prompt); continuations then run together, `rows_per_step` positions a step,
 /// each on its own copy of the prompt's cache. A position's scores do not depend on which
 /// other rows share its step (the decoder's rows are batch-invariant).
 pub fn score_local(
@@ -56,6 +57,8 @@ pub fn score_local(
         }
     }
     let mut out: Vec<Vec<PositionScore>> = vec![Vec::new(); requests.len()];
+    // The previous prompt and its cache: a few-shot prompt's shared head runs once.
+    let mut previous: Option<(&[u32], SeqCache)> = None;
     for (prompt, members) in by_prompt(requests) {
         ensure!(
             !prompt.is_empty(),
@@ -66,12 +69,22 @@ pub fn score_local(
             .map(|&i| requests[i].continuation.len())
             .max()
             .unwrap_or(0);
-        let mut base = SeqCache::new(decoder, prompt.len() + longest);
+        let room = prompt.len() + longest;
+        let (mut base, reused) = match &previous {
+            Some((ids, cache)) => {
+                let shared = ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                // At least one prompt token runs, for the first position's logits.
+                let reused = shared.min(prompt.len() - 1);
+                (cache.prefix(reused, room - reused), reused)
+            }
+            None => (SeqCache::new(decoder, room), 0),
+        };
         let next = decoder.forward_step(&mut [StepInput {
             cache: &mut base,
-            tokens: prompt,
+            tokens: &prompt[reused..],
             all_logits: false,
         }])?;
+        previous = Some((prompt, base.prefix(prompt.len(), 0)));
         let first = log_softmax(&next[0]);
         for &i in &members {
             if let Some(&token) = requests[i].continuation.first() {

@@ -1,0 +1,458 @@
+//! The live teacher of `[finetune.live_teacher]`: a teacher running next to the student
+//! while it trains, asked for its distribution at tokens the step needs.
+//!
+//! Each micro-batch passes through `LiveTeacher::prepare` before its forward pass:
+//! 1. each of its rows goes on-policy with probability λ (a draw keyed by the run seed,
+//!    the step, the micro-batch and the row); those rows' off-policy examples leave;
+//! 2. the student samples `samples_per_prompt` replies for each on-policy row, in the
+//!    rationale view, on an inference copy of its weights (taken every `refresh_every`
+//!    steps; LoRA merged), each sequence with its own seed from the same key;
+//! 3. the teacher scores every sampled token (and, online, every token of the remaining
+//!    rationale examples) under its own few-shot prompt for the row: top-k ids and
+//!    natural-log probabilities, on its inference engine or through its API;
+//! 4. the samples become `OnPolicy` examples (loss: the on-policy divergence only), the
+//!    scored rationales keep their CE and gain token-level KD.
+//!
+//! Everything follows from the seed, the step and the weights, so a resumed run samples
+//! and scores what an uninterrupted one does (the snapshot is retaken at a resumed step,
+//! which config validation makes a multiple of `refresh_every`).
+
+use super::data::{Example, ExampleKind};
+use crate::config::{Config, LiveTeacherConfig, TeacherKind};
+use crate::io::atomic::seed_from_text;
+use crate::llama::generate::{Finish, Generator, Hooks, Request, Sampling, Sequence};
+use crate::llama::{self, Decoder, LoadedModel};
+use crate::prompts::{Prompt, View};
+use crate::records::CuratedRow;
+use crate::teacher::openai::ApiTeacher;
+use crate::teacher::scoring::{
+    score_local, PositionScore, ScoreRequest, TokenTexts, ROWS_PER_STEP,
+};
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+/// The prompts of one train row: the student's (rationale view) and the teacher's own
+/// few-shot prompt, as token ids.
+struct RowPrompts {
+    student: Vec<u32>,
+    teacher: Vec<u32>,
+}
+
+/// Where the teacher's scores come from.
+enum Scorer {
+    /// kdpipe's inference engine in this process (quantized weights as the GGUF stores
+    /// them).
+    Local(Box<Decoder>),
+    /// `[teacher]`'s OpenAI-compatible server (`/v1/completions` with echo + logprobs).
+    Api(Box<ApiScorer>),
+}
+
+struct ApiScorer {
+    api: ApiTeacher,
+    /// The student's tokenizer (the teacher's too): sequences as text where the server
+    /// takes text only, and the API's alternatives back to ids.
+    tokenizer: tokenizers::Tokenizer,
+    texts: TokenTexts,
+}
+
+/// Renders a row's prompt for the teacher, as token ids.
+type TeacherPrompt<'a> = Box<dyn Fn(&CuratedRow) -> Result<Vec<u32>> + 'a>;
+
+/// What the live teacher did for one step, for the progress line and metrics.jsonl.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LiveStats {
+    pub on_policy_rows: usize,
+    pub sampled_tokens: usize,
+    pub sample_seconds: f64,
+    pub scored_tokens: usize,
+    pub score_seconds: f64,
+}
+
+impl LiveStats {
+    pub fn sample_rate(&self) -> Option<f64> {
+        (self.sample_seconds > 0.0).then(|| self.sampled_tokens as f64 / self.sample_seconds)
+    }
+
+    pub fn score_rate(&self) -> Option<f64> {
+        (self.score_seconds > 0.0).then(|| self.scored_tokens as f64 / self.score_seconds)
+    }
+}
+
+pub struct LiveTeacher {
+    cfg: LiveTeacherConfig,
+    scorer: Scorer,
+    rows: Vec<RowPrompts>,
+    /// The student's tokens that end a reply, and its vocabulary size.
+    stop: Vec<u32>,
+    student_vocab: usize,
+    max_seq_len: usize,
+    seed: u64,
+    /// The inference copy of the student that samples, and the step it was taken at.
+    snapshot: Option<(usize, Decoder)>,
+}
+
+impl LiveTeacher {
+    /// Load the teacher the config names and render every train row's prompts. None when
+    /// the section is absent or asks for nothing (λ = 0, not online).
+    pub fn open(
+        cfg: &Config,
+        student: &LoadedModel,
+        prompt: &Prompt,
+        train: &[CuratedRow],
+    ) -> Result<Option<LiveTeacher>> {
+        let ft = &cfg.finetune;
+        let Some(live) = ft.live_teacher.clone() else {
+            return Ok(None);
+        };
+        if live.on_policy == 0.0 && !live.online {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let (scorer, teacher_ids): (Scorer, TeacherPrompt) = match (&live.model, cfg.teacher.kind) {
+            (None, TeacherKind::Openai) => {
+                let api = ApiTeacher::open(&cfg.teacher)?;
+                let texts = TokenTexts::new(&student.tokenizer)?;
+                let scorer = Scorer::Api(Box::new(ApiScorer {
+                    api,
+                    tokenizer: student.tokenizer.clone(),
+                    texts,
+                }));
+                // Teacher and student share a tokenizer; the student's template
+                // renders the teacher's chat for the API's raw completions.
+                let ids = |r: &CuratedRow| student.chat_ids(&prompt.teacher_chat(&r.input)?);
+                (scorer, Box::new(ids))
+            }
+            (model, _) => {
+                let path = model.as_deref().unwrap_or(&cfg.teacher.model);
+                let mut loaded = llama::load_for_inference(path).with_context(|| {
+                        format!("cannot load the live teacher {path} ([finetune.live_teacher] model, else [teacher] model)")
+                    })?;
+                check_same_tokenizer(&loaded, student, train, path)?;
+                let decoder = loaded.take_inference_decoder()?;
+                let ids = move |r: &CuratedRow| loaded.chat_ids(&prompt.teacher_chat(&r.input)?);
+                (Scorer::Local(Box::new(decoder)), Box::new(ids))
+            }
+        };
+        let rows = train
+            .iter()
+            .map(|r| {
+                Ok(RowPrompts {
+                    student: student.chat_ids(&prompt.student_chat(View::Rationale, &r.input))?,
+                    teacher: teacher_ids(r).with_context(|| {
+                        format!("cannot render the teacher's prompt for row {:?}", r.id)
+                    })?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let what = match &scorer {
+            Scorer::Local(d) => format!(
+                "{} in this process ({} layers)",
+                live.model.as_deref().unwrap_or(&cfg.teacher.model),
+                d.shape.num_hidden_layers
+            ),
+            Scorer::Api(_) => format!(
+                "{} at {}",
+                cfg.teacher.model,
+                cfg.teacher.base_url.as_deref().unwrap_or("?")
+            ),
+        };
+        eprintln!(
+            "finetune: live teacher {what}, ready in {:.1} s: on-policy λ = {}, {} sample(s) of ≤ {} tokens at temperature {}, {:?} over its top {}{}",
+            started.elapsed().as_secs_f64(),
+            live.on_policy,
+            live.samples_per_prompt,
+            live.max_new_tokens,
+            live.temperature,
+            live.divergence,
+            live.top_k,
+            if live.online { "; online: rationales scored live" } else { "" }
+        );
+        Ok(Some(LiveTeacher {
+            cfg: live,
+            scorer,
+            rows,
+            stop: student.stop_tokens(),
+            student_vocab: student.shape.vocab_size,
+            max_seq_len: ft.max_seq_len,
+            seed: cfg.seed,
+            snapshot: None,
+        }))
+    }
+
+    /// Whether rationale examples are scored live (no stored top-k needed).
+    pub fn online(&self) -> bool {
+        self.cfg.online
+    }
+
+    /// Before step `step`'s micro-batches: take a new inference copy of the student when
+    /// the last one is `refresh_every` steps old (or there is none yet).
+    pub fn before_step(&mut self, student: &Decoder, step: usize) -> Result<()> {
+        if self.cfg.on_policy == 0.0 {
+            return Ok(());
+        }
+        let due = match &self.snapshot {
+            None => true,
+            Some((taken, _)) => step >= taken + self.cfg.refresh_every,
+        };
+        if due {
+            // Free the old copy first: two would double the memory they take.
+            self.snapshot = None;
+            self.snapshot = Some((step, student.inference_copy()?));
+        }
+        Ok(())
+    }
+
+    /// The micro-batch `micro` of step `step` as it trains: on-policy rows replaced by the
+    /// student's samples, rationales scored when online.
+    pub fn prepare(
+        &self,
+        mut examples: Vec<Example>,
+        step: usize,
+        micro: usize,
+        stats: &mut LiveStats,
+    ) -> Result<Vec<Example>> {
+        let on_policy = self.on_policy_rows(&examples, step, micro);
+        examples.retain(|e| !on_policy.contains(&e.row));
+        stats.on_policy_rows += on_policy.len();
+        let samples = self.sample(&on_policy, step, micro, stats)?;
+
+        // Everything the teacher scores: the remaining rationales (online), then the samples.
+        let rationales: Vec<usize> = if self.cfg.online {
+            (0..examples.len())
+                .filter(|&i| examples[i].kind == ExampleKind::Rationale)
+                .collect()
+        } else {
+            vec![]
+        };
+        let replies: Vec<Vec<u32>> = rationales.iter().map(|&i| reply_of(&examples[i])).collect();
+        let mut requests: Vec<ScoreRequest> = rationales
+            .iter()
+            .zip(&replies)
+            .map(|(&i, reply)| ScoreRequest {
+                prompt: &self.rows[examples[i].row as usize].teacher,
+                continuation: reply,
+            })
+            .collect();
+        requests.extend(samples.iter().map(|(row, _, reply)| ScoreRequest {
+            prompt: &self.rows[*row as usize].teacher,
+            continuation: reply,
+        }));
+        let scores = self.score(&requests, stats)?;
+        let mut scores = scores.into_iter();
+        for &i in &rationales {
+            let s = scores
+                .next()
+                .context("the teacher scored fewer sequences than asked")?;
+            examples[i].token_topk = self.alternatives(s);
+        }
+        for (row, prompt_len, reply) in &samples {
+            let s = scores
+                .next()
+                .context("the teacher scored fewer sequences than asked")?;
+            let prompt = &self.rows[*row as usize].student;
+            let prompt = &prompt[prompt.len() - prompt_len..];
+            let mut target = vec![0u8; prompt.len()];
+            target.extend(std::iter::repeat_n(1u8, reply.len()));
+            examples.push(Example {
+                kind: ExampleKind::OnPolicy,
+                ids: [prompt, reply].concat(),
+                target,
+                kd: None,
+                truncated: *prompt_len < self.rows[*row as usize].student.len(),
+                token_topk: self.alternatives(s),
+                row: *row,
+            });
+        }
+        Ok(examples)
+    }
+
+    /// The rows of the micro-batch (in order of appearance) that go on-policy.
+    fn on_policy_rows(&self, examples: &[Example], step: usize, micro: usize) -> Vec<u32> {
+        let mut rows: Vec<u32> = Vec::new();
+        for e in examples {
+            if !rows.contains(&e.row) {
+                rows.push(e.row);
+            }
+        }
+        let lambda = self.cfg.on_policy;
+        rows.retain(|row| {
+            let key = format!("on-policy-row:{}:{step}:{micro}:{row}", self.seed);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed_from_text(&key));
+            lambda >= 1.0 || rng.random::<f64>() < lambda
+        });
+        rows
+    }
+
+    /// The student's replies for `rows`: (row, prompt tokens kept, reply with its stop
+    /// token), `samples_per_prompt` each, in row order.
+    fn sample(
+        &self,
+        rows: &[u32],
+        step: usize,
+        micro: usize,
+        stats: &mut LiveStats,
+    ) -> Result<Vec<(u32, usize, Vec<u32>)>> {
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let (_, model) = self
+            .snapshot
+            .as_ref()
+            .context("no copy of the student to sample from (before_step was not called)")?;
+        let started = Instant::now();
+        let max_new = self.cfg.max_new_tokens;
+        // The prompt keeps its last tokens when prompt and reply would not fit.
+        let room = self.max_seq_len - max_new;
+        let mut meta = Vec::new();
+        let mut requests = Vec::new();
+        for &row in rows {
+            let prompt = &self.rows[row as usize].student;
+            let kept = prompt.len().min(room);
+            for j in 0..self.cfg.samples_per_prompt {
+                let key = format!("on-policy-sample:{}:{step}:{micro}:{row}:{j}", self.seed);
+                meta.push((row, kept));
+                requests.push(SampleRequest {
+                    prompt: prompt[prompt.len() - kept..].to_vec(),
+                    seed: seed_from_text(&key),
+                });
+            }
+        }
+        let replies = sample_replies(model, &self.stop, &requests, max_new, self.cfg.temperature)?;
+        let out: Vec<(u32, usize, Vec<u32>)> = meta
+            .into_iter()
+            .zip(replies)
+            .map(|((row, kept), reply)| (row, kept, reply))
+            .collect();
+        stats.sampled_tokens += out.iter().map(|(_, _, r)| r.len()).sum::<usize>();
+        stats.sample_seconds += started.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    fn score(
+        &self,
+        requests: &[ScoreRequest],
+        stats: &mut LiveStats,
+    ) -> Result<Vec<Vec<PositionScore>>> {
+        if requests.is_empty() {
+            return Ok(vec![]);
+        }
+        let started = Instant::now();
+        let top = self.cfg.top_k;
+        let scores = match &self.scorer {
+            Scorer::Local(decoder) => score_local(decoder, requests, top, ROWS_PER_STEP)?,
+            Scorer::Api(a) => a.api.score(requests, top, &a.tokenizer, &a.texts)?,
+        };
+        stats.scored_tokens += requests.iter().map(|r| r.continuation.len()).sum::<usize>();
+        stats.score_seconds += started.elapsed().as_secs_f64();
+        Ok(scores)
+    }
+
+    /// A position's alternatives as training reads them; ids past the student's
+    /// vocabulary (a teacher's padded head) join the tail.
+    fn alternatives(&self, scores: Vec<PositionScore>) -> Vec<(Vec<u32>, Vec<f32>)> {
+        scores
+            .into_iter()
+            .map(|p| {
+                p.top
+                    .into_iter()
+                    .filter(|(id, _)| (*id as usize) < self.student_vocab)
+                    .unzip()
+            })
+            .collect()
+    }
+}
+
+/// The reply tokens of an example (its targets), in order.
+fn reply_of(e: &Example) -> Vec<u32> {
+    e.ids
+        .iter()
+        .zip(&e.target)
+        .filter(|(_, &t)| t == 1)
+        .map(|(&id, _)| id)
+        .collect()
+}
+
+/// One reply to sample: its prompt and the seed of its sampling generator.
+pub struct SampleRequest {
+    pub prompt: Vec<u32>,
+    pub seed: u64,
+}
+
+/// The replies `model` samples for `requests` (at `temperature`; 0: greedy), up to
+/// `max_new` tokens each, decoded together; each reply ends with the stop token that
+/// ended it (a target too: the student learns where its teacher would stop). A reply
+/// depends only on its prompt, its seed and the weights.
+pub fn sample_replies(
+    model: &Decoder,
+    stop: &[u32],
+    requests: &[SampleRequest],
+    max_new: usize,
+    temperature: f64,
+) -> Result<Vec<Vec<u32>>> {
+    let generator = Generator {
+        model,
+        parallel: requests.len().clamp(1, 32),
+        stop: stop.to_vec(),
+        sampling: if temperature > 0.0 {
+            Sampling::Temperature(temperature)
+        } else {
+            Sampling::Greedy
+        },
+    };
+    let mut collect = Collect(vec![None; requests.len()]);
+    let requests = requests.iter().enumerate().map(|(i, r)| {
+        Ok(Request {
+            tag: i,
+            prompt: r.prompt.clone(),
+            max_new,
+            seed: r.seed,
+        })
+    });
+    generator.run(requests, &mut collect)?;
+    collect
+        .0
+        .into_iter()
+        .map(|s| s.context("a sampled sequence did not finish"))
+        .collect()
+}
+
+/// Sampled replies (with their stop token) by request index.
+struct Collect(Vec<Option<Vec<u32>>>);
+
+impl Hooks<usize> for Collect {
+    fn finished(&mut self, seq: Sequence<usize>, _: Finish) -> Result<()> {
+        let index = seq.tag;
+        let mut reply = seq.generated;
+        reply.extend(seq.stop_token);
+        self.0[index] = Some(reply);
+        Ok(())
+    }
+
+    fn rejected(&mut self, index: usize, message: String) -> Result<()> {
+        bail!("cannot sample reply {index}: {message}")
+    }
+}
+
+/// Teacher and student must read token ids alike: the same ids for the first rows'
+/// prompts and replies, and ids the student knows.
+fn check_same_tokenizer(
+    teacher: &LoadedModel,
+    student: &LoadedModel,
+    rows: &[CuratedRow],
+    path: &str,
+) -> Result<()> {
+    for r in rows.iter().take(5) {
+        let text = format!("{}\n{}\n{}", r.input, r.rationale, r.answer);
+        let (t, s) = (teacher.encode(&text)?, student.encode(&text)?);
+        if t != s {
+            bail!(
+                "the live teacher {path} tokenizes row {:?} differently from the student ({} vs {} tokens): on-policy and online distillation compare the two token by token and need one tokenizer\nhint: use a teacher of the student's family (Qwen2.5-1.5B for a Qwen2.5-0.5B student), or remove [finetune.live_teacher] and use label-level KD (kd_weight)",
+                r.id,
+                t.len(),
+                s.len()
+            );
+        }
+    }
+    Ok(())
+}

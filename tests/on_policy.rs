@@ -1,0 +1,228 @@
+//! A live teacher in the training loop ([finetune.live_teacher]) on the real SmolLM2:
+//! the student's samples come from its current weights; on-policy and online training
+//! run, log their own rates and terms, and a killed run resumes to the same loss curve;
+//! with λ = 0 and online off the run is the one without the section.
+
+mod common;
+use common::training::{config, curated};
+use common::*;
+use kdpipe::finetune::live::{sample_replies, SampleRequest};
+use kdpipe::finetune::loss::token_nll;
+use kdpipe::finetune::optim::AdamW;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("runs/t/finetune/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    metrics(dir)
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn samples_come_from_the_current_weights() {
+    let dev = candle_core::Device::Cpu;
+    let loaded = kdpipe::llama::load(smollm2().to_str().unwrap(), &dev).unwrap();
+    let model = loaded
+        .decoder(&dev, |name| name != "model.embed_tokens.weight")
+        .unwrap();
+    let prompt = loaded
+        .chat_ids(&[kdpipe::chat::ChatMessage::new(
+            "user",
+            "Write a sentence about the sea.",
+        )])
+        .unwrap();
+    let stop = loaded.stop_tokens();
+    let requests = |seed: u64| {
+        vec![
+            SampleRequest {
+                prompt: prompt.clone(),
+                seed,
+            },
+            SampleRequest {
+                prompt: prompt.clone(),
+                seed: seed + 1,
+            },
+        ]
+    };
+    let before = model.inference_copy().unwrap();
+    let first = sample_replies(&before, &stop, &requests(7), 24, 1.0).unwrap();
+    assert_eq!(
+        first,
+        sample_replies(&before, &stop, &requests(7), 24, 1.0).unwrap(),
+        "one seed, one set of weights: one sample"
+    );
+    assert_ne!(first[0], first[1], "two seeds drew the same reply");
+
+    // One large AdamW step on the first reply moves the weights.
+    let ids: Vec<u32> = [prompt.clone(), first[0].clone()].concat();
+    let t = ids.len();
+    let ids = candle_core::Tensor::from_vec(ids, (1, t), &dev).unwrap();
+    let mask = candle_core::Tensor::ones((1, t), candle_core::DType::F32, &dev).unwrap();
+    let logits = model.forward(&ids, &mask).unwrap();
+    let loss = token_nll(&logits, &ids).unwrap().mean_all().unwrap();
+    let mut opt = AdamW::new(model.vars.clone(), 0.0).unwrap();
+    let mut acc = opt.accumulator();
+    opt.accumulate(&mut acc, &loss.backward().unwrap()).unwrap();
+    opt.step(acc, 1e-3, None).unwrap();
+
+    let after = model.inference_copy().unwrap();
+    let second = sample_replies(&after, &stop, &requests(7), 24, 1.0).unwrap();
+    assert_ne!(
+        first, second,
+        "the same seeds after an update gave the same samples"
+    );
+    // The earlier copy did not follow the update: it still samples what it did.
+    assert_eq!(
+        first,
+        sample_replies(&before, &stop, &requests(7), 24, 1.0).unwrap()
+    );
+}
+
+const LIVE: &str = r#"kd_token_weight = 0.5
+[finetune.live_teacher]
+model = "{teacher}"
+on_policy = 0.5
+online = true
+max_new_tokens = 12
+top_k = 8
+"#;
+
+/// The shared small config with two rows a micro-batch and the live teacher above.
+fn live_config(dir: &Path) {
+    let live = LIVE.replace("{teacher}", &smollm2().display().to_string());
+    config(dir, &live);
+    let text = std::fs::read_to_string(dir.join("c.toml"))
+        .unwrap()
+        .replace("batch_size = 2\n", "batch_size = 4\n");
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+}
+
+#[test]
+fn on_policy_and_online_training_logs_its_parts_and_resumes_exactly() {
+    let clean = tempfile::tempdir().unwrap();
+    curated(clean.path(), 10);
+    live_config(clean.path());
+    let out = kdpipe(&["finetune", "--config", "c.toml"], clean.path());
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("live teacher"), "{err}");
+    let m = metrics(clean.path());
+    assert_eq!(m.len(), 6);
+    let sum = |key: &str| m.iter().filter_map(|s| s[key].as_f64()).sum::<f64>();
+    assert!(sum("on_policy_rows") > 0.0, "no row went on-policy: {m:?}");
+    assert!(sum("sample_tokens") > 0.0 && sum("score_tokens") > sum("sample_tokens"));
+    let on_policy: Vec<f64> = m
+        .iter()
+        .filter_map(|s| s["on_policy_loss"].as_f64())
+        .collect();
+    let kd_token: Vec<f64> = m
+        .iter()
+        .filter_map(|s| s["kd_token_loss"].as_f64())
+        .collect();
+    assert!(!on_policy.is_empty() && !kd_token.is_empty(), "{m:?}");
+    assert!(
+        on_policy
+            .iter()
+            .chain(&kd_token)
+            .all(|v| v.is_finite() && *v >= 0.0),
+        "{on_policy:?} {kd_token:?}"
+    );
+    for s in &m {
+        assert!(s["train_tokens_per_second"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    let want = losses(clean.path());
+
+    // Killed after its step-2 checkpoint, the run resumes to the same curve.
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 10);
+    live_config(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
+        .args(["finetune", "--config", "c.toml"])
+        .current_dir(dir.path())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = dir
+        .path()
+        .join("runs/t/finetune/checkpoint-000002/state.json");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !ckpt.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
+    let got = losses(dir.path());
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn lambda_zero_without_online_trains_as_without_a_live_teacher() {
+    let plain = tempfile::tempdir().unwrap();
+    curated(plain.path(), 6);
+    config(plain.path(), "max_steps = 3");
+    let text = std::fs::read_to_string(plain.path().join("c.toml"))
+        .unwrap()
+        .replace("max_steps = 6\n", "");
+    std::fs::write(plain.path().join("c.toml"), text).unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], plain.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let idle = tempfile::tempdir().unwrap();
+    curated(idle.path(), 6);
+    let section = format!(
+        "max_steps = 3\n[finetune.live_teacher]\nmodel = \"{}\"\non_policy = 0.0\n",
+        smollm2().display()
+    );
+    config(idle.path(), &section);
+    let text = std::fs::read_to_string(idle.path().join("c.toml"))
+        .unwrap()
+        .replace("max_steps = 6\n", "");
+    std::fs::write(idle.path().join("c.toml"), text).unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], idle.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("live teacher"), "{}", stderr(&out));
+    assert_eq!(losses(plain.path()), losses(idle.path()));
+
+    // A checkpoint between two refreshes of the sampling copy is refused at load.
+    let section = format!(
+        "max_steps = 3\n[finetune.live_teacher]\nmodel = \"{}\"\non_policy = 0.5\nmax_new_tokens = 12\nrefresh_every = 3\n",
+        smollm2().display()
+    );
+    config(idle.path(), &section);
+    let text = std::fs::read_to_string(idle.path().join("c.toml"))
+        .unwrap()
+        .replace("max_steps = 6\n", "");
+    std::fs::write(idle.path().join("c.toml"), text).unwrap();
+    let out = kdpipe(&["finetune", "--config", "c.toml"], idle.path());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a multiple of [finetune.live_teacher] refresh_every"),
+        "{}",
+        stderr(&out)
+    );
+}
