@@ -63,6 +63,8 @@ type TeacherPrompt<'a> = Box<dyn Fn(&CuratedRow) -> Result<Vec<u32>> + 'a>;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LiveStats {
     pub on_policy_rows: usize,
+    /// Taking the inference copy of the student to sample from.
+    pub refresh_seconds: f64,
     pub sampled_tokens: usize,
     pub sample_seconds: f64,
     pub scored_tokens: usize,
@@ -187,7 +189,12 @@ impl LiveTeacher {
 
     /// Before step `step`'s micro-batches: take a new inference copy of the student when
     /// the last one is `refresh_every` steps old (or there is none yet).
-    pub fn before_step(&mut self, student: &Decoder, step: usize) -> Result<()> {
+    pub fn before_step(
+        &mut self,
+        student: &Decoder,
+        step: usize,
+        stats: &mut LiveStats,
+    ) -> Result<()> {
         if self.cfg.on_policy == 0.0 {
             return Ok(());
         }
@@ -196,9 +203,11 @@ impl LiveTeacher {
             Some((taken, _)) => step >= taken + self.cfg.refresh_every,
         };
         if due {
+            let started = Instant::now();
             // Free the old copy first: two would double the memory they take.
             self.snapshot = None;
             self.snapshot = Some((step, student.inference_copy()?));
+            stats.refresh_seconds += started.elapsed().as_secs_f64();
         }
         Ok(())
     }

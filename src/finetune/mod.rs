@@ -287,7 +287,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let mut terms: [Vec<f64>; 5] = Default::default();
         let mut live_stats = LiveStats::default();
         if let Some(l) = live.as_mut() {
-            l.before_step(&model, step)?;
+            l.before_step(&model, step, &mut live_stats)?;
         }
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
@@ -327,7 +327,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let grad_norm = opt.step(acc, lr, clip)?;
         let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let secs = t0.elapsed().as_secs_f64();
-        let train_secs = (secs - live_stats.sample_seconds - live_stats.score_seconds).max(1e-9);
+        let live_secs =
+            live_stats.sample_seconds + live_stats.score_seconds + live_stats.refresh_seconds;
+        let train_secs = (secs - live_secs).max(1e-9);
         state.losses.push(loss);
         let mut metrics = serde_json::json!({
             "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
@@ -344,6 +346,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 "sample_tokens_per_second": live_stats.sample_rate(),
                 "score_tokens": live_stats.scored_tokens,
                 "score_tokens_per_second": live_stats.score_rate(),
+                "refresh_seconds": live_stats.refresh_seconds,
                 "train_tokens_per_second": tokens as f64 / train_secs,
             });
             if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
