@@ -25,9 +25,7 @@ use crate::llama::{self, Decoder, LoadedModel};
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
 use crate::teacher::openai::ApiTeacher;
-use crate::teacher::scoring::{
-    score_local, PositionScore, ScoreRequest, TokenTexts, ROWS_PER_STEP,
-};
+use crate::teacher::scoring::{PositionScore, ScoreRequest, Scorer};
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -37,23 +35,6 @@ use std::time::Instant;
 struct RowPrompts {
     student: Vec<u32>,
     teacher: Vec<u32>,
-}
-
-/// Where the teacher's scores come from.
-enum Scorer {
-    /// kdpipe's inference engine in this process (quantized weights as the GGUF stores
-    /// them).
-    Local(Box<Decoder>),
-    /// `[teacher]`'s OpenAI-compatible server (`/v1/completions` with echo + logprobs).
-    Api(Box<ApiScorer>),
-}
-
-struct ApiScorer {
-    api: ApiTeacher,
-    /// The student's tokenizer (the teacher's too): sequences as text where the server
-    /// takes text only, and the API's alternatives back to ids.
-    tokenizer: tokenizers::Tokenizer,
-    texts: TokenTexts,
 }
 
 /// Renders a row's prompt for the teacher, as token ids.
@@ -114,12 +95,7 @@ impl LiveTeacher {
         let (scorer, teacher_ids): (Scorer, TeacherPrompt) = match (&live.model, cfg.teacher.kind) {
             (None, TeacherKind::Openai) => {
                 let api = ApiTeacher::open(&cfg.teacher)?;
-                let texts = TokenTexts::new(&student.tokenizer)?;
-                let scorer = Scorer::Api(Box::new(ApiScorer {
-                    api,
-                    tokenizer: student.tokenizer.clone(),
-                    texts,
-                }));
+                let scorer = Scorer::api(api, &student.tokenizer)?;
                 // Teacher and student share a tokenizer; the student's template
                 // renders the teacher's chat for the API's raw completions.
                 let ids = |r: &CuratedRow| student.chat_ids(&prompt.teacher_chat(&r.input)?);
@@ -133,7 +109,7 @@ impl LiveTeacher {
                 check_same_tokenizer(&loaded, student, train, path)?;
                 let decoder = loaded.take_inference_decoder()?;
                 let ids = move |r: &CuratedRow| loaded.chat_ids(&prompt.teacher_chat(&r.input)?);
-                (Scorer::Local(Box::new(decoder)), Box::new(ids))
+                (Scorer::local(decoder), Box::new(ids))
             }
         };
         let rows = train
@@ -180,11 +156,6 @@ impl LiveTeacher {
             seed: cfg.seed,
             snapshot: None,
         }))
-    }
-
-    /// Whether rationale examples are scored live (no stored top-k needed).
-    pub fn online(&self) -> bool {
-        self.cfg.online
     }
 
     /// Before step `step`'s micro-batches: take a new inference copy of the student when
@@ -347,11 +318,7 @@ impl LiveTeacher {
             return Ok(vec![]);
         }
         let started = Instant::now();
-        let top = self.cfg.top_k;
-        let scores = match &self.scorer {
-            Scorer::Local(decoder) => score_local(decoder, requests, top, ROWS_PER_STEP)?,
-            Scorer::Api(a) => a.api.score(requests, top, &a.tokenizer, &a.texts)?,
-        };
+        let scores = self.scorer.score(requests, self.cfg.top_k)?;
         stats.scored_tokens += requests.iter().map(|r| r.continuation.len()).sum::<usize>();
         stats.score_seconds += started.elapsed().as_secs_f64();
         Ok(scores)

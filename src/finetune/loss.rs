@@ -170,19 +170,19 @@ pub fn add_token_kd(
     batch: &Batch,
     w: &LossWeights,
 ) -> Result<()> {
-    if w.kd_token_weight == 0.0 || batch.n_token_kd == 0.0 {
+    if w.kd_token_weight == 0.0 {
         return Ok(());
     }
-    let term = token_kd_divergence(
+    let mask = (&batch.token_kd_mask, batch.n_token_kd);
+    parts.kd_token = add_divergence(
+        parts,
         logits,
-        &batch.token_kd_ids,
-        &batch.token_kd_logprobs,
-        &batch.token_kd_mask,
-        batch.n_token_kd,
-        (w.temperature, w.token_divergence, w.jsd_beta),
+        batch,
+        mask,
+        w.token_divergence,
+        w.kd_token_weight,
+        w,
     )?;
-    parts.kd_token = Some(term.to_scalar::<f32>()? as f64);
-    parts.total = (&parts.total + (term * w.kd_token_weight)?)?;
     Ok(())
 }
 
@@ -195,20 +195,44 @@ pub fn add_on_policy(
     batch: &Batch,
     w: &LossWeights,
 ) -> Result<()> {
-    if batch.n_on_policy == 0.0 {
-        return Ok(());
+    let mask = (&batch.on_policy_mask, batch.n_on_policy);
+    parts.on_policy = add_divergence(
+        parts,
+        logits,
+        batch,
+        mask,
+        w.on_policy_divergence,
+        w.on_policy_weight,
+        w,
+    )?;
+    Ok(())
+}
+
+/// Add `weight ×` the mean `kind` divergence over the `(mask, n)` positions (the batch's
+/// teacher alternatives there) to the total; its value, None without positions.
+fn add_divergence(
+    parts: &mut LossParts,
+    logits: &Tensor,
+    batch: &Batch,
+    (mask, n): (&Tensor, f64),
+    kind: Divergence,
+    weight: f64,
+    w: &LossWeights,
+) -> Result<Option<f64>> {
+    if n == 0.0 {
+        return Ok(None);
     }
     let term = token_kd_divergence(
         logits,
         &batch.token_kd_ids,
         &batch.token_kd_logprobs,
-        &batch.on_policy_mask,
-        batch.n_on_policy,
-        (w.temperature, w.on_policy_divergence, w.jsd_beta),
+        mask,
+        n,
+        (w.temperature, kind, w.jsd_beta),
     )?;
-    parts.on_policy = Some(term.to_scalar::<f32>()? as f64);
-    parts.total = (&parts.total + (term * w.on_policy_weight)?)?;
-    Ok(())
+    let value = term.to_scalar::<f32>()? as f64;
+    parts.total = (&parts.total + (term * weight)?)?;
+    Ok(Some(value))
 }
 
 /// Mean over the `n` masked positions of the divergence (`(temperature, kind, β)`)

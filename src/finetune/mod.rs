@@ -73,11 +73,6 @@ fn build_examples(
         .collect()
 }
 
-/// Whether the config has a live teacher score the rationales (online distillation).
-fn online(cfg: &Config) -> bool {
-    cfg.finetune.live_teacher.as_ref().is_some_and(|l| l.online)
-}
-
 /// The loss of one batch of examples: the CE views, the label-set KD term and the
 /// token-level KD term, each part kept for the metrics; and the batch's target tokens.
 /// `dropout_key` draws this pass's LoRA dropout masks (None: no dropout).
@@ -164,7 +159,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let device = open_device(&ft.device)?;
     let prompt = Prompt::load(cfg)?;
     let mut loaded = llama::load(&cfg.student.model, &device)?;
-    if ft.kd_token_weight > 0.0 && !online(cfg) {
+    // A live teacher scoring the rationales (online distillation) replaces the stored top-k.
+    let online = ft.live_teacher.as_ref().is_some_and(|l| l.online);
+    if ft.kd_token_weight > 0.0 && !online {
         check_shared_vocabulary(&loaded, &train_rows)?;
     }
     let freeze = ft.freeze_embeddings;
@@ -198,7 +195,6 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             .map_or(crate::config::Divergence::ReverseKl, |l| l.divergence),
     };
     let mut live = LiveTeacher::open(cfg, &loaded, &prompt, &train_rows)?;
-    let online = live.as_ref().is_some_and(LiveTeacher::online);
     let train = build_examples(&loaded, &prompt, &train_rows, cfg, online)?;
     // Without val rows, the val loss is measured on (at most 8) train rows.
     let val = if val_rows.is_empty() {

@@ -8,7 +8,7 @@
 //! loop itself only chooses tokens and decides when a sequence ends. The teacher engine,
 //! eval and `Decoder::greedy` all run this loop.
 
-use super::infer::{SeqCache, StepInput};
+use super::infer::{PromptCache, SeqCache, StepInput};
 use super::Decoder;
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
@@ -91,12 +91,6 @@ pub trait Hooks<T> {
     fn rejected(&mut self, tag: T, message: String) -> Result<()>;
 }
 
-/// The previous prompt's cache, kept so the next prompt reuses the prefix they share.
-struct PrefixCache {
-    ids: Vec<u32>,
-    cache: SeqCache,
-}
-
 pub struct Generator<'m> {
     pub model: &'m Decoder,
     /// Sequences decoded together.
@@ -116,7 +110,7 @@ impl Generator<'_> {
     ) -> Result<()> {
         let mut pending = requests.into_iter();
         let mut active: Vec<Sequence<T>> = Vec::new();
-        let mut prefix = None;
+        let mut prefix = PromptCache::default();
         loop {
             while active.len() < self.parallel.max(1) {
                 let Some(request) = pending.next() else { break };
@@ -158,7 +152,7 @@ impl Generator<'_> {
     fn start<T>(
         &self,
         request: Request<T>,
-        prefix: &mut Option<PrefixCache>,
+        prefix: &mut PromptCache,
     ) -> Result<std::result::Result<Sequence<T>, (T, String)>> {
         let started = Instant::now();
         let Request {
@@ -178,21 +172,7 @@ impl Generator<'_> {
             );
             return Ok(Err((tag, msg)));
         }
-        let room = prompt.len() + max_new;
-        let (mut cache, reused) = match prefix.as_ref() {
-            Some(p) => {
-                let shared = p
-                    .ids
-                    .iter()
-                    .zip(&prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                // At least one token must run, for the next-token logits.
-                let reused = shared.min(prompt.len() - 1);
-                (p.cache.prefix(reused, room - reused), reused)
-            }
-            None => (SeqCache::new(self.model, room), 0),
-        };
+        let (mut cache, reused) = prefix.start(self.model, &prompt, prompt.len() + max_new);
         let logits = self
             .model
             .forward_step(&mut [StepInput {
@@ -202,10 +182,7 @@ impl Generator<'_> {
             }])?
             .pop()
             .context("no logits for the prompt")?;
-        *prefix = Some(PrefixCache {
-            ids: prompt.clone(),
-            cache: cache.prefix(prompt.len(), 0),
-        });
+        prefix.keep(&prompt, &cache);
         Ok(Ok(Sequence {
             tag,
             prompt_len: prompt.len(),

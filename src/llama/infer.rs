@@ -157,6 +157,34 @@ impl SeqCache {
     }
 }
 
+/// The last prompt run and its cache, kept so the next prompt starts from the head they
+/// share (a few-shot prompt runs once): generation and teacher scoring both go from
+/// prompt to prompt this way.
+#[derive(Default)]
+pub struct PromptCache(Option<(Vec<u32>, SeqCache)>);
+
+impl PromptCache {
+    /// A cache for `prompt` with room for `room` tokens in all, holding the head it shares
+    /// with the previous prompt, and that head's length. Never the whole prompt: at least
+    /// one token must run, for the next-token logits.
+    pub fn start(&self, model: &Decoder, prompt: &[u32], room: usize) -> (SeqCache, usize) {
+        match &self.0 {
+            Some((ids, cache)) => {
+                let shared = ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                let reused = shared.min(prompt.len().saturating_sub(1));
+                (cache.prefix(reused, room - reused), reused)
+            }
+            None => (SeqCache::new(model, room), 0),
+        }
+    }
+
+    /// Keep `prompt` and the first `prompt.len()` positions of `cache` (which has run it)
+    /// for the next prompt.
+    pub fn keep(&mut self, prompt: &[u32], cache: &SeqCache) {
+        self.0 = Some((prompt.to_vec(), cache.prefix(prompt.len(), 0)));
+    }
+}
+
 /// One sequence's part of a step: the tokens it appends, and whether the caller needs the
 /// logits after every one of them (scoring) or only after the last (generation).
 pub struct StepInput<'a> {

@@ -3,8 +3,9 @@
 //! alternatives. This is what token-level on-policy distillation asks of a teacher for
 //! the student's own samples (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024).
 
+use super::openai::ApiTeacher;
 use super::top_k;
-use crate::llama::infer::{log_softmax, SeqCache, StepInput};
+use crate::llama::infer::{log_softmax, PromptCache, SeqCache, StepInput};
 use crate::llama::Decoder;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -25,6 +26,46 @@ pub struct PositionScore {
     /// The k most probable ids with their natural-log probabilities, largest first (k at
     /// least the vocabulary: the whole distribution).
     pub top: Vec<(u32, f32)>,
+}
+
+/// A teacher that scores given sequences: kdpipe's engine in this process, or an
+/// OpenAI-compatible server.
+pub enum Scorer {
+    /// The inference decoder (a GGUF's weights quantized as stored).
+    Local(Box<Decoder>),
+    /// `/v1/completions` with echo + logprobs (`ApiTeacher::score`).
+    Api(Box<ApiScorer>),
+}
+
+pub struct ApiScorer {
+    api: ApiTeacher,
+    /// The tokenizer teacher and student share: sequences as text where the server takes
+    /// text only, and the API's alternatives back to ids.
+    tokenizer: tokenizers::Tokenizer,
+    texts: TokenTexts,
+}
+
+impl Scorer {
+    pub fn local(decoder: Decoder) -> Scorer {
+        Scorer::Local(Box::new(decoder))
+    }
+
+    /// A server's scores, its tokens read back to ids with `tokenizer`.
+    pub fn api(api: ApiTeacher, tokenizer: &tokenizers::Tokenizer) -> Result<Scorer> {
+        Ok(Scorer::Api(Box::new(ApiScorer {
+            api,
+            texts: TokenTexts::new(tokenizer)?,
+            tokenizer: tokenizer.clone(),
+        })))
+    }
+
+    /// Per request, the teacher's log-probability and top-`top` at each continuation token.
+    pub fn score(&self, requests: &[ScoreRequest], top: usize) -> Result<Vec<Vec<PositionScore>>> {
+        match self {
+            Scorer::Local(decoder) => score_local(decoder, requests, top, ROWS_PER_STEP),
+            Scorer::Api(a) => a.api.score(requests, top, &a.tokenizer, &a.texts),
+        }
+    }
 }
 
 /// Rows (positions) run through the model in one step: each keeps a row of logits over
@@ -57,8 +98,7 @@ pub fn score_local(
         }
     }
     let mut out: Vec<Vec<PositionScore>> = vec![Vec::new(); requests.len()];
-    // The previous prompt and its cache: a few-shot prompt's shared head runs once.
-    let mut previous: Option<(&[u32], SeqCache)> = None;
+    let mut previous = PromptCache::default();
     for (prompt, members) in by_prompt(requests) {
         ensure!(
             !prompt.is_empty(),
@@ -69,22 +109,13 @@ pub fn score_local(
             .map(|&i| requests[i].continuation.len())
             .max()
             .unwrap_or(0);
-        let room = prompt.len() + longest;
-        let (mut base, reused) = match &previous {
-            Some((ids, cache)) => {
-                let shared = ids.iter().zip(prompt).take_while(|(a, b)| a == b).count();
-                // At least one prompt token runs, for the first position's logits.
-                let reused = shared.min(prompt.len() - 1);
-                (cache.prefix(reused, room - reused), reused)
-            }
-            None => (SeqCache::new(decoder, room), 0),
-        };
+        let (mut base, reused) = previous.start(decoder, prompt, prompt.len() + longest);
         let next = decoder.forward_step(&mut [StepInput {
             cache: &mut base,
             tokens: &prompt[reused..],
             all_logits: false,
         }])?;
-        previous = Some((prompt, base.prefix(prompt.len(), 0)));
+        previous.keep(prompt, &base);
         let first = log_softmax(&next[0]);
         for &i in &members {
             if let Some(&token) = requests[i].continuation.first() {
