@@ -3,23 +3,10 @@
 //! label set trains alongside the CE terms; bf16 mixed precision trains.
 
 mod common;
-use common::training::{config, curated};
+use common::training::{assert_same_curve, config, curated, kill_after_checkpoint, losses};
 use common::*;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn losses(dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(dir.join("runs/t/finetune/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
-}
+use std::time::Duration;
 
 /// The val loss before and after training, from the finetune manifest's summary.
 fn val_loss_before_after(dir: &Path) -> (f64, f64) {
@@ -47,40 +34,13 @@ fn killed_training_resumes_with_the_same_loss_curve() {
     let dir = tempfile::tempdir().unwrap();
     curated(dir.path(), 10);
     config(dir.path(), "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
-        .args(["finetune", "--config", "c.toml"])
-        .current_dir(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let ckpt = dir
-        .path()
-        .join("runs/t/finetune/checkpoint-000002/state.json");
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while !ckpt.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL, somewhere after step 2
-    child.wait().unwrap();
+    kill_after_checkpoint(dir.path(), 2, Duration::from_secs(300)); // somewhere after step 2
     assert!(!dir.path().join("runs/t/finetune/manifest.json").exists());
 
     let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
-    let got = losses(dir.path());
-    assert_eq!(got.len(), want.len());
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-            "step {}: {a} vs {b}",
-            i + 1
-        );
-    }
+    assert_same_curve(&losses(dir.path()), &want);
     // The exported weights agree too, tensor by tensor.
     let w = |d: &Path| {
         candle_core::safetensors::load(

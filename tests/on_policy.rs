@@ -4,29 +4,15 @@
 //! with λ = 0 and online off the run is the one without the section.
 
 mod common;
-use common::training::{config, curated};
+use common::training::{
+    assert_same_curve, config_replacing, curated, kill_after_checkpoint, losses, metrics,
+};
 use common::*;
 use kdpipe::finetune::live::{sample_replies, SampleRequest};
 use kdpipe::finetune::loss::token_nll;
 use kdpipe::finetune::optim::AdamW;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("runs/t/finetune/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn losses(dir: &Path) -> Vec<f64> {
-    metrics(dir)
-        .iter()
-        .map(|m| m["loss"].as_f64().unwrap())
-        .collect()
-}
+use std::time::Duration;
 
 #[test]
 fn samples_come_from_the_current_weights() {
@@ -100,11 +86,7 @@ top_k = 8
 /// The shared small config with two rows a micro-batch and the live teacher above.
 fn live_config(dir: &Path) {
     let live = LIVE.replace("{teacher}", &smollm2().display().to_string());
-    config(dir, &live);
-    let text = std::fs::read_to_string(dir.join("c.toml"))
-        .unwrap()
-        .replace("batch_size = 2\n", "batch_size = 4\n");
-    std::fs::write(dir.join("c.toml"), text).unwrap();
+    config_replacing(dir, &live, &[("batch_size = 2\n", "batch_size = 4\n")]);
 }
 
 #[test]
@@ -146,49 +128,21 @@ fn on_policy_and_online_training_logs_its_parts_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
     curated(dir.path(), 10);
     live_config(dir.path());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
-        .args(["finetune", "--config", "c.toml"])
-        .current_dir(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let ckpt = dir
-        .path()
-        .join("runs/t/finetune/checkpoint-000002/state.json");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while !ckpt.exists() {
-        assert!(Instant::now() < deadline, "no checkpoint appeared");
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "finished before the kill"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_after_checkpoint(dir.path(), 2, Duration::from_secs(600));
     let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("resuming from"), "{}", stderr(&out));
-    let got = losses(dir.path());
-    assert_eq!(got.len(), want.len());
-    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-            "step {}: {a} vs {b}",
-            i + 1
-        );
-    }
+    assert_same_curve(&losses(dir.path()), &want);
 }
+
+/// Drops the shared config's step count (the tests set 3 in their own lines).
+const THREE_STEPS: &[(&str, &str)] = &[("max_steps = 6\n", "")];
 
 #[test]
 fn lambda_zero_without_online_trains_as_without_a_live_teacher() {
     let plain = tempfile::tempdir().unwrap();
     curated(plain.path(), 6);
-    config(plain.path(), "max_steps = 3");
-    let text = std::fs::read_to_string(plain.path().join("c.toml"))
-        .unwrap()
-        .replace("max_steps = 6\n", "");
-    std::fs::write(plain.path().join("c.toml"), text).unwrap();
+    config_replacing(plain.path(), "max_steps = 3", THREE_STEPS);
     let out = kdpipe(&["finetune", "--config", "c.toml"], plain.path());
     assert!(out.status.success(), "{}", stderr(&out));
 
@@ -198,11 +152,7 @@ fn lambda_zero_without_online_trains_as_without_a_live_teacher() {
         "max_steps = 3\n[finetune.live_teacher]\nmodel = \"{}\"\non_policy = 0.0\n",
         smollm2().display()
     );
-    config(idle.path(), &section);
-    let text = std::fs::read_to_string(idle.path().join("c.toml"))
-        .unwrap()
-        .replace("max_steps = 6\n", "");
-    std::fs::write(idle.path().join("c.toml"), text).unwrap();
+    config_replacing(idle.path(), &section, THREE_STEPS);
     let out = kdpipe(&["finetune", "--config", "c.toml"], idle.path());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(!stderr(&out).contains("live teacher"), "{}", stderr(&out));
@@ -213,11 +163,7 @@ fn lambda_zero_without_online_trains_as_without_a_live_teacher() {
         "max_steps = 3\n[finetune.live_teacher]\nmodel = \"{}\"\non_policy = 0.5\nmax_new_tokens = 12\nrefresh_every = 3\n",
         smollm2().display()
     );
-    config(idle.path(), &section);
-    let text = std::fs::read_to_string(idle.path().join("c.toml"))
-        .unwrap()
-        .replace("max_steps = 6\n", "");
-    std::fs::write(idle.path().join("c.toml"), text).unwrap();
+    config_replacing(idle.path(), &section, THREE_STEPS);
     let out = kdpipe(&["finetune", "--config", "c.toml"], idle.path());
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(

@@ -4,6 +4,8 @@
 use super::{root, smollm2};
 use polars::prelude::*;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 pub const LABELS: [&str; 4] = ["anger", "joy", "optimism", "sadness"];
 
@@ -91,4 +93,69 @@ checkpoint_every = 2
         model = smollm2().display()
     );
     std::fs::write(dir.join("c.toml"), text).unwrap();
+}
+
+/// The shared config with `extra` appended and each `(from, to)` of `replace` applied to
+/// its text: a key it sets (`max_steps = 6`) set otherwise, or removed with `""`.
+pub fn config_replacing(dir: &Path, extra: &str, replace: &[(&str, &str)]) {
+    config(dir, extra);
+    let path = dir.join("c.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "the shared config has no {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// Every step's line of the finetune run's metrics.jsonl in `dir`.
+pub fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("runs/t/finetune/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Every step's loss of the finetune run in `dir`.
+pub fn losses(dir: &Path) -> Vec<f64> {
+    metrics(dir)
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// Start `kdpipe finetune` in `dir` and SIGKILL it once its checkpoint of `step` is on
+/// disk (it must not finish first), within `timeout`.
+pub fn kill_after_checkpoint(dir: &Path, step: usize, timeout: Duration) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
+        .args(["finetune", "--config", "c.toml"])
+        .current_dir(dir)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpt = dir.join(format!("runs/t/finetune/checkpoint-{step:06}/state.json"));
+    let deadline = Instant::now() + timeout;
+    while !ckpt.exists() {
+        assert!(Instant::now() < deadline, "no checkpoint appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A resumed run's losses equal the uninterrupted run's, step by step (within 1e-4).
+pub fn assert_same_curve(got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+            "step {}: {a} vs {b}",
+            i + 1
+        );
+    }
 }
