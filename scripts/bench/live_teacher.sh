@@ -35,37 +35,10 @@ teacher_model="$root/models/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 student_model="$root/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
 started=$(date +%s)
 
-./scripts/fetch-models.sh >&2
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
-cargo build --release --locked >&2
-mkdir -p "$work"
-cp "$CARGO_TARGET_DIR/release/kdpipe" "$work/kdpipe"
-kdpipe="$work/kdpipe"
+large_models=1
+. scripts/bench/binary.sh
 
-python3 - "$data" "$work" <<'PY'
-import json, sys
-data, work = sys.argv[1:3]
-def rows(path):
-    return [json.loads(l) for l in open(path) if l.strip()]
-def write(path, rs):
-    with open(path, "w") as f:
-        for r in rs:
-            f.write(json.dumps(r) + "\n")
-svamp = rows(f"{data}/svamp/dev.jsonl")
-write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0])
-write(f"{work}/svamp-heldout.jsonl", [r for i, r in enumerate(svamp) if i % 7 == 0])
-def interleave(rs):
-    by = {}
-    for r in rs:
-        by.setdefault(r["label"], []).append(r)
-    out, i = [], 0
-    while any(i < len(v) for v in by.values()):
-        out += [v[i] for v in by.values() if i < len(v)]
-        i += 1
-    return out
-write(f"{work}/emotion-pool.jsonl", interleave(rows(f"{data}/tweeteval-emotion/train.jsonl")))
-write(f"{work}/emotion-heldout.jsonl", interleave(rows(f"{data}/tweeteval-emotion/val.jsonl")))
-PY
+python3 scripts/bench/heldout.py "$data" "$work"
 
 write_config() { # task name variant
   local task=$1 name=$2 variant=$3 inputs fields taskdef teacher kd="" live=""

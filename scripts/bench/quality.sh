@@ -47,40 +47,10 @@ tasks="${TASKS:-svamp emotion}"
 work="${WORK:-$HOME/.cache/kdpipe/quality}"
 started=$(date +%s)
 
-./scripts/fetch-models.sh >&2
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
-cargo build --release --locked >&2
-mkdir -p "$work"
-# A copy of the binary: a rebuild during the benchmark does not change what it measures.
-cp "$CARGO_TARGET_DIR/release/kdpipe" "$work/kdpipe"
-kdpipe="$work/kdpipe"
+. scripts/bench/binary.sh
 
 # Training pool and held-back rows, chosen by a fixed rule (no randomness to reproduce).
-python3 - "$data" "$work" <<'PY'
-import json, sys
-data, work = sys.argv[1:3]
-def rows(path):
-    return [json.loads(l) for l in open(path) if l.strip()]
-def write(path, rs):
-    with open(path, "w") as f:
-        for r in rs:
-            f.write(json.dumps(r) + "\n")
-svamp = rows(f"{data}/svamp/dev.jsonl")
-write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0])
-write(f"{work}/svamp-heldout.jsonl", [r for i, r in enumerate(svamp) if i % 7 == 0])
-# The emotion files are grouped by label: interleave so a prefix covers every label.
-def interleave(rs):
-    by = {}
-    for r in rs:
-        by.setdefault(r["label"], []).append(r)
-    out, i = [], 0
-    while any(i < len(v) for v in by.values()):
-        out += [v[i] for v in by.values() if i < len(v)]
-        i += 1
-    return out
-write(f"{work}/emotion-pool.jsonl", interleave(rows(f"{data}/tweeteval-emotion/train.jsonl")))
-write(f"{work}/emotion-heldout.jsonl", interleave(rows(f"{data}/tweeteval-emotion/val.jsonl")))
-PY
+python3 scripts/bench/heldout.py "$data" "$work"
 
 # One config per task; variants differ only in [finetune] and the run name.
 write_config() { # task name objective kd_weight [calculator] [teacher model] [student view]

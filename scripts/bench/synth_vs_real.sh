@@ -18,12 +18,7 @@ epochs="${EPOCHS:-2}"
 work="${WORK:-$HOME/.cache/kdpipe/synth-vs-real}"
 started=$(date +%s)
 
-./scripts/fetch-models.sh >&2
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
-cargo build --release --locked >&2
-mkdir -p "$work"
-cp "$CARGO_TARGET_DIR/release/kdpipe" "$work/kdpipe"
-kdpipe="$work/kdpipe"
+. scripts/bench/binary.sh
 
 # Seeds: the first 8 training-pool rows; real inputs: the next ROWS; eval: held back.
 . scripts/bench/data-dir.sh svamp/dev.jsonl

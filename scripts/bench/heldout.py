@@ -1,0 +1,41 @@
+"""Training pools and held-back rows of the quality benchmarks, by a fixed rule (nothing
+random to reproduce): SVAMP keeps every 7th row of dev.jsonl back and the rest is the
+pool; TweetEval emotion's pool is train.jsonl and its held-back rows val.jsonl, both
+interleaved by label so that any prefix covers every label.
+
+    python3 scripts/bench/heldout.py DATA WORK
+
+writes WORK/{svamp,emotion}-{pool,heldout}.jsonl.
+"""
+import json
+import sys
+
+data, work = sys.argv[1:3]
+
+
+def rows(path):
+    return [json.loads(l) for l in open(path) if l.strip()]
+
+
+def write(path, rs):
+    with open(path, "w") as f:
+        for r in rs:
+            f.write(json.dumps(r) + "\n")
+
+
+def interleave(rs):
+    by = {}
+    for r in rs:
+        by.setdefault(r["label"], []).append(r)
+    out, i = [], 0
+    while any(i < len(v) for v in by.values()):
+        out += [v[i] for v in by.values() if i < len(v)]
+        i += 1
+    return out
+
+
+svamp = rows(f"{data}/svamp/dev.jsonl")
+write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0])
+write(f"{work}/svamp-heldout.jsonl", [r for i, r in enumerate(svamp) if i % 7 == 0])
+write(f"{work}/emotion-pool.jsonl", interleave(rows(f"{data}/tweeteval-emotion/train.jsonl")))
+write(f"{work}/emotion-heldout.jsonl", interleave(rows(f"{data}/tweeteval-emotion/val.jsonl")))
