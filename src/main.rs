@@ -32,7 +32,7 @@ fn load(args: &StageArgs) -> anyhow::Result<Option<Config>> {
 fn load_with(args: &StageArgs, overrides: Overrides) -> anyhow::Result<Option<Config>> {
     let cfg = Config::resolve(&args.config, &overrides)?;
     if args.print_config {
-        print!("{}", toml::to_string_pretty(&cfg)?);
+        print!("{}{}", toml::to_string_pretty(&cfg)?, cfg.unset_sections()?);
         return Ok(None);
     }
     Ok(Some(cfg))

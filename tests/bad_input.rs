@@ -139,6 +139,17 @@ fn print_config_shows_defaults() {
         text.contains("alpha = 0.5") && text.contains("learning_rate"),
         "{text}"
     );
+    // Optional sections left out show their knobs, commented, so the output still parses
+    // as the config it was.
+    assert!(
+        text.contains("# [finetune.live_teacher]\n")
+            && text.contains("# on_policy = 0.0")
+            && text.contains("# [finetune.mutual]\n")
+            && text.contains("# divergence = \"forward_kl\""),
+        "{text}"
+    );
+    let parsed: toml::Value = toml::from_str(&text).unwrap();
+    assert!(parsed["finetune"].get("mutual").is_none());
 }
 
 /// A finished generate folder holding `df` (a manifest of this schema version, or `schema`).

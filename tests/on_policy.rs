@@ -11,11 +11,71 @@ use common::*;
 use kdpipe::finetune::live::{sample_replies, SampleRequest};
 use kdpipe::finetune::loss::token_nll;
 use kdpipe::finetune::optim::AdamW;
+use kdpipe::llama::infer::{log_softmax, SeqCache, StepInput};
+use kdpipe::llama::Decoder;
 use std::path::Path;
 use std::time::Duration;
 
 #[test]
 fn samples_come_from_the_current_weights() {
+    samples_follow_the_weights(Decoder::inference_copy);
+}
+
+#[test]
+fn samples_from_the_q8_0_copy_come_from_the_current_weights() {
+    samples_follow_the_weights(Decoder::quantized_copy);
+}
+
+/// The Q8_0 copy computes what the f32 copy does, up to Q8_0's rounding: the same next
+/// token after a real prompt and every probability within 0.02 (the quantized engine's
+/// tolerance for label scores; measured 0.015 on SmolLM2-135M, and 0.005 between the
+/// log-probabilities of tokens above e⁻²).
+#[test]
+fn the_q8_0_copy_matches_the_f32_copy() {
+    let dev = candle_core::Device::Cpu;
+    let loaded = kdpipe::llama::load(smollm2().to_str().unwrap(), &dev).unwrap();
+    let model = loaded.decoder(&dev, |_| false).unwrap();
+    let prompt = loaded
+        .chat_ids(&[kdpipe::chat::ChatMessage::new(
+            "user",
+            "What is the capital of France? Answer in one word.",
+        )])
+        .unwrap();
+    let next = |copy: &Decoder| {
+        let mut cache = SeqCache::new(copy, prompt.len());
+        let logits = copy
+            .forward_step(&mut [StepInput {
+                cache: &mut cache,
+                tokens: &prompt,
+                all_logits: false,
+            }])
+            .unwrap()
+            .remove(0);
+        log_softmax(&logits)
+    };
+    let exact = next(&model.inference_copy().unwrap());
+    let q8 = next(&model.quantized_copy().unwrap());
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+    assert_eq!(argmax(&exact), argmax(&q8));
+    let worst = exact
+        .iter()
+        .zip(&q8)
+        .map(|(e, q)| (e.exp() - q.exp()).abs())
+        .fold(0f32, f32::max);
+    let top = exact
+        .iter()
+        .zip(&q8)
+        .filter(|(e, _)| **e > -2.0)
+        .map(|(e, q)| (e - q).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 0.02, "largest probability gap {worst}");
+    assert!(top < 0.02, "log-probability gap above -2: {top}");
+}
+
+/// Samples drawn from `snapshot`'s copy follow the weights: one seed gives one sample, two
+/// seeds two, and after one update the same seeds give other samples while the earlier
+/// copy keeps giving its own.
+fn samples_follow_the_weights(snapshot: fn(&Decoder) -> anyhow::Result<Decoder>) {
     let dev = candle_core::Device::Cpu;
     let loaded = kdpipe::llama::load(smollm2().to_str().unwrap(), &dev).unwrap();
     let model = loaded
@@ -40,7 +100,7 @@ fn samples_come_from_the_current_weights() {
             },
         ]
     };
-    let before = model.inference_copy().unwrap();
+    let before = snapshot(&model).unwrap();
     let first = sample_replies(&before, &stop, &requests(7), 24, 1.0).unwrap();
     assert_eq!(
         first,
@@ -61,7 +121,7 @@ fn samples_come_from_the_current_weights() {
     opt.accumulate(&mut acc, &loss.backward().unwrap()).unwrap();
     opt.step(acc, 1e-3, None).unwrap();
 
-    let after = model.inference_copy().unwrap();
+    let after = snapshot(&model).unwrap();
     let second = sample_replies(&after, &stop, &requests(7), 24, 1.0).unwrap();
     assert_ne!(
         first, second,
@@ -121,6 +181,10 @@ fn on_policy_and_online_training_logs_its_parts_and_resumes_exactly() {
     );
     for s in &m {
         assert!(s["train_tokens_per_second"].as_f64().unwrap() > 0.0, "{s}");
+        // A copy of the student is taken for a step that samples, and only for one
+        // (refresh_every = 1).
+        let sampled = s["on_policy_rows"].as_u64().unwrap() > 0;
+        assert_eq!(s["refresh_seconds"].as_f64().unwrap() > 0.0, sampled, "{s}");
     }
     let want = losses(clean.path());
 

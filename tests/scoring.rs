@@ -10,9 +10,9 @@ use common::server::{self, MODEL_NAME};
 use common::*;
 use kdpipe::chat::ChatMessage;
 use kdpipe::config::TeacherConfig;
-use kdpipe::llama::infer::{log_softmax, SeqCache, StepInput};
+use kdpipe::llama::infer::{log_softmax, PromptCache, SeqCache, StepInput};
 use kdpipe::teacher::openai::ApiTeacher;
-use kdpipe::teacher::scoring::{score_local, ScoreRequest, TokenTexts};
+use kdpipe::teacher::scoring::{score_local, score_local_from, ScoreRequest, TokenTexts};
 
 /// The token ids of a chat of one user turn, ready for the assistant's reply.
 fn user_turn(loaded: &kdpipe::llama::LoadedModel, question: &str) -> Vec<u32> {
@@ -59,6 +59,12 @@ fn scores_equal_a_fresh_forward_of_the_whole_sequence() {
     let small_steps = score_local(&decoder, &requests, k, 7).unwrap();
     let one_step = score_local(&decoder, &requests, k, 256).unwrap();
     assert_eq!(small_steps, one_step, "the step size changed a score");
+    // A prompt kept from an earlier call (a training run scores under one few-shot prompt
+    // step after step) changes no score.
+    let mut kept = PromptCache::default();
+    score_local_from(&decoder, &requests[..2], k, 256, &mut kept).unwrap();
+    let after_kept = score_local_from(&decoder, &requests, k, 256, &mut kept).unwrap();
+    assert_eq!(after_kept, one_step, "the kept prompt changed a score");
 
     let vocab = decoder.shape.vocab_size;
     for (r, scores) in requests.iter().zip(&small_steps) {

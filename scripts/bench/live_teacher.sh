@@ -8,11 +8,15 @@
 #              by the live teacher, reverse KL over its top-k + tail)
 #   online     sft + on-policy λ = 0.5 + the rationales' token KD from the live teacher
 #              (nothing stored)
+#   mutual     sft + deep mutual learning: a second 0.5B student (its own LoRA init and
+#              dropout) trains on the same batches, each learning from the other's live
+#              distribution and from the labels; no teacher in the loop
 #
 # plus the teacher's own few-shot accuracy. Teacher Qwen2.5-Coder-1.5B-Instruct Q4_K_M,
 # student Qwen2.5-Coder-0.5B-Instruct (LoRA r = 16 on every linear layer): one tokenizer.
 # SVAMP holds back every 7th row of dev.jsonl (the rest is the pool the teacher sees);
-# emotion trains on train.jsonl and holds back val.jsonl, as scripts/bench/quality.sh.
+# emotion trains on train.jsonl and holds back val.jsonl, as scripts/bench/quality.sh;
+# curate drops training rows that share a 13-word window with any held-back row.
 # Wall time of each variant (training, then its eval) is measured on its own, nothing
 # else running. Prints a table and writes bench-results/live-teacher.md.
 #
@@ -21,6 +25,10 @@
 #   EVAL_ROWS   held-back rows scored per task     (default 50)
 #   STEPS       optimizer steps of every variant   (default 16)
 #   TASKS       "svamp emotion"                    (default svamp)
+#   VARIANTS    which rows to (re)run   (default "teacher sft stored on_policy online mutual")
+#
+# The report covers every task and variant whose results in WORK were measured with the
+# same TRAIN_ROWS, EVAL_ROWS and STEPS, so one variant can be rerun alone.
 #   WORK        where runs go     (default ~/.cache/kdpipe/live-teacher)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -30,6 +38,8 @@ train_rows="${TRAIN_ROWS:-64}"
 eval_rows="${EVAL_ROWS:-50}"
 steps="${STEPS:-16}"
 tasks="${TASKS:-svamp}"
+variants="${VARIANTS:-teacher sft stored on_policy online mutual}"
+params="$train_rows $eval_rows $steps"
 work="${WORK:-$HOME/.cache/kdpipe/live-teacher}"
 teacher_model="$root/models/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 student_model="$root/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
@@ -72,6 +82,8 @@ model = \"$teacher_model\"
 on_policy = 0.5
 online = true
 max_new_tokens = 128" ;;
+    mutual) live="[finetune.mutual]
+weight = 1.0" ;;
   esac
   cat >"$work/$name.toml" <<EOF
 name = "$name"
@@ -93,6 +105,7 @@ $teacher
 token_topk = 20
 [curate]
 split = [0.9, 0.1, 0.0]
+decontaminate = ["$work/$task-heldout.jsonl"]
 [student]
 model = "$student_model"
 [finetune]
@@ -118,14 +131,18 @@ for task in $tasks; do
   write_config "$task" "$task" sft
   "$kdpipe" generate --config "$work/$task.toml" >&2
   "$kdpipe" curate --config "$work/$task.toml" >&2
-  t0=$(date +%s)
-  "$kdpipe" eval --config "$work/$task.toml" --file "$eval_file" --models teacher --teacher run >&2
-  echo $(($(date +%s) - t0)) >"$work/$task-teacher.seconds"
-  cp "$work/runs/$task/eval/report.json" "$work/$task-teacher.json"
-  for variant in sft stored on_policy online; do
+  if [[ " $variants " == *" teacher "* ]]; then
+    t0=$(date +%s)
+    "$kdpipe" eval --config "$work/$task.toml" --file "$eval_file" --models teacher --teacher run >&2
+    echo $(($(date +%s) - t0)) >"$work/$task-teacher.seconds"
+    cp "$work/runs/$task/eval/report.json" "$work/$task-teacher.json"
+    echo "$params" >"$work/$task-teacher.params"
+  fi
+  for variant in sft stored on_policy online mutual; do
+    [[ " $variants " == *" $variant "* ]] || continue
     name="$task-$variant"
     write_config "$task" "$name" "$variant"
-    rm -rf "$work/runs/$name"
+    rm -rf "$work/runs/$name" "$work/$name.params"
     mkdir -p "$work/runs/$name"
     cp -r "$work/runs/$task/curate" "$work/runs/$name/curate"
     echo "live-teacher: $task: training $variant" >&2
@@ -136,14 +153,21 @@ for task in $tasks; do
     "$kdpipe" eval --config "$work/$name.toml" --file "$eval_file" --models student >&2
     echo $(($(date +%s) - t0)) >"$work/$name.eval.seconds"
     cp "$work/runs/$name/eval/report.json" "$work/$name.json"
+    echo "$params" >"$work/$name.params"
   done
 done
 
 mkdir -p bench-results
 elapsed=$(($(date +%s) - started))
-python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$steps" $tasks <<'PY' | tee bench-results/live-teacher.md
-import json, math, re, sys
-work, elapsed, train_rows, eval_rows, steps, *tasks = sys.argv[1:]
+python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$steps" "$tasks" "$variants" <<'PY' | tee bench-results/live-teacher.md
+import json, math, os, re, sys
+work, elapsed, train_rows, eval_rows, steps, ran_tasks, ran_variants = sys.argv[1:]
+params = f"{train_rows} {eval_rows} {steps}"
+
+def current(name):
+    """Whether WORK holds this row's results, measured with this run's sizes."""
+    p = f"{work}/{name}.params"
+    return os.path.exists(p) and open(p).read().strip() == params
 
 def wilson(p, n, z=1.96):
     c = (p + z * z / (2 * n)) / (1 + z * z / n)
@@ -170,20 +194,30 @@ def rss(name):
 
 print("# Live teacher: teacher Qwen2.5-Coder-1.5B-Instruct Q4_K_M, student Qwen2.5-Coder-0.5B-Instruct (LoRA r 16)\n")
 print(f"`scripts/bench/live_teacher.sh`: {train_rows} teacher rows per task, {eval_rows} held-back rows scored, "
-      f"{steps} optimizer steps of 4 sequences for every variant; wall time {int(elapsed) // 60} min on this machine (2 cores).\n")
+      f"{steps} optimizer steps of 4 sequences for every variant, on this machine (2 cores). "
+      f"The last invocation ran {ran_variants} on {ran_tasks} in {int(elapsed) // 60} min; the other rows "
+      f"come from earlier invocations with the same sizes (each row's wall times are its own).\n")
 print("| task | model | accuracy | 95 % CI | no answer | train s | eval s | peak RSS GB | sample tok/s | score tok/s | train tok/s | last loss |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for task in tasks:
+for task in ["svamp", "emotion"]:
+    if not current(f"{task}-teacher"):
+        continue
     t = json.load(open(f"{work}/{task}-teacher.json"))
     m = t["models"][0]
     n = t["rows"]
     print(f"| {task} | teacher few-shot | {100 * m['accuracy']:.1f} % | {wilson(m['accuracy'], n)} | {100 * m['parse_failure_rate']:.1f} % | | {secs(f'{work}/{task}-teacher.seconds')} | | | | | |")
     for v, label in [("sft", "SFT on rationales"), ("stored", "+ stored token KD"),
-                     ("on_policy", "+ on-policy λ 0.5"), ("online", "online (live KD) + on-policy λ 0.5")]:
+                     ("on_policy", "+ on-policy λ 0.5"), ("online", "online (live KD) + on-policy λ 0.5"),
+                     ("mutual", "SFT + mutual learning (two students)")]:
         name = f"{task}-{v}"
+        if not current(name):
+            continue
         m = json.load(open(f"{work}/{name}.json"))["models"][0]
         s, sc, tr, loss = rates(name)
         print(f"| {task} | {label} | {100 * m['accuracy']:.1f} % | {wilson(m['accuracy'], n)} | {100 * m['parse_failure_rate']:.1f} % | "
               f"{secs(f'{work}/{name}.train.seconds')} | {secs(f'{work}/{name}.eval.seconds')} | {rss(name)} | {s} | {sc} | {tr} | {loss:.3f} |")
-    print(f"| {task} | (rows scored: {n}) | | | | | | | | | | |")
+    funnel = json.load(open(f"{work}/runs/{task}/curate/report.json"))["funnel"]
+    removed = {f["rule"]: f["removed"] for f in funnel}
+    print(f"| {task} | (rows scored: {n}; curated teacher rows: {funnel[-1]['rows_after']} of {funnel[0]['rows_after'] + funnel[0]['removed']}, "
+          f"{removed.get('contaminated', 0)} dropped as near-copies of held-back rows) | | | | | | | | | | |")
 PY

@@ -112,6 +112,40 @@ pub struct FinetuneConfig {
     /// on the student's own samples, and online distillation of the off-policy rationales.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_teacher: Option<LiveTeacherConfig>,
+    /// A second student trained alongside (`[finetune.mutual]`): deep mutual learning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mutual: Option<MutualConfig>,
+}
+
+/// `[finetune.mutual]`: deep mutual learning (Zhang et al., 2018). A peer student trains on
+/// the same micro-batches as the student; each learns from the labels (its own copy of the
+/// whole loss) and from the other's live distribution: at every target token of the label
+/// and rationale views, `weight ×` the `divergence` between the other's top-k (+ tail,
+/// detached, as a teacher's) and its own, at `temperature`. The student is exported; the
+/// peer lives in the checkpoints only.
+///
+/// The peer must share the student's tokenizer, and must not start and train as a copy of
+/// it: with the student's own model, it needs LoRA (its adapters get their own random
+/// initialization and dropout masks), as DML's peers start from different initializations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutualConfig {
+    /// The peer: a GGUF file or a Hugging Face folder (unset: the `[student]` model).
+    #[serde(default)]
+    pub peer: Option<String>,
+    /// Weight of each side's mimicry term (DML weighs it as the supervised loss: 1).
+    #[serde(default = "super::d_one_f")]
+    pub weight: f64,
+    /// "forward_kl" (DML's KL(other ‖ self)), "reverse_kl" or "jsd" (with `jsd_beta`).
+    #[serde(default = "d_divergence")]
+    pub divergence: Divergence,
+    /// Temperature of the comparison (both sides softened, the term scaled by T²).
+    #[serde(default = "super::d_one_f")]
+    pub temperature: f64,
+    /// The other's alternatives kept at each token; the rest of its vocabulary is one
+    /// tail category.
+    #[serde(default = "d_live_top_k")]
+    pub top_k: usize,
 }
 
 /// `[finetune.live_teacher]`: the teacher runs next to the student during training (on
@@ -162,6 +196,12 @@ pub struct LiveTeacherConfig {
     /// it, so a resumed run samples from the same weights as an uninterrupted one.
     #[serde(default = "super::d_one")]
     pub refresh_every: usize,
+    /// The weights the student samples from: "q8_0" (its current weights quantized to
+    /// Q8_0 at each refresh, a quarter of the bytes to read a token: sampling's speed; the
+    /// rounding is of bf16's size, as GPU trainers that sample in bf16) or "f32" (exactly
+    /// the training weights). On CUDA the copy is f32 either way.
+    #[serde(default)]
+    pub sample_weights: SampleWeights,
     /// The divergence on the sampled tokens: "reverse_kl" (MiniLLM, and the on-policy
     /// distillation of 2025), "forward_kl", or "jsd" (GKD, with `jsd_beta`).
     #[serde(default = "d_live_divergence")]
@@ -169,6 +209,19 @@ pub struct LiveTeacherConfig {
     /// Weight of the on-policy term in the loss.
     #[serde(default = "super::d_one_f")]
     pub weight: f64,
+}
+
+/// The student's weights on-policy samples come from (`[finetune.live_teacher]
+/// sample_weights`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleWeights {
+    /// Quantized to Q8_0 at each refresh.
+    #[default]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// The training weights as they are.
+    F32,
 }
 
 fn d_live_top_k() -> usize {

@@ -20,7 +20,7 @@ pub use data::DataConfig;
 pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
 pub use finetune::{
     default_targets, parse_device, Divergence, FinetuneConfig, LiveTeacherConfig, LoraConfig,
-    Objective, Precision,
+    MutualConfig, Objective, Precision, SampleWeights,
 };
 pub use generate::GenerateConfig;
 pub use stage::Stage;
@@ -100,6 +100,29 @@ pub struct Overrides {
 }
 
 impl Config {
+    /// The optional sections this config leaves out, as commented TOML with their
+    /// defaults: `--print-config` shows the knobs a user could turn on.
+    pub fn unset_sections(&self) -> Result<String> {
+        let mut out = String::new();
+        let mut add = |name: &str, text: String| {
+            out.push_str(&format!(
+                "\n# [{name}] is not set; added, it starts from these defaults:\n# [{name}]\n"
+            ));
+            for line in text.lines() {
+                out.push_str(&format!("# {line}\n"));
+            }
+        };
+        if self.finetune.live_teacher.is_none() {
+            let defaults: LiveTeacherConfig = toml::from_str("")?;
+            add("finetune.live_teacher", toml::to_string_pretty(&defaults)?);
+        }
+        if self.finetune.mutual.is_none() {
+            let defaults: MutualConfig = toml::from_str("")?;
+            add("finetune.mutual", toml::to_string_pretty(&defaults)?);
+        }
+        Ok(out)
+    }
+
     /// Read a config file, apply overrides and validate, naming the file in every error.
     pub fn resolve(path: &Path, overrides: &Overrides) -> Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -219,6 +242,9 @@ impl Config {
         if let Some(live) = &f.live_teacher {
             self.validate_live_teacher(live)?;
         }
+        if let Some(m) = &f.mutual {
+            self.validate_mutual(m)?;
+        }
         if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
             bail!(
                 "[eval] split must be train, val or test, got {:?}",
@@ -251,6 +277,20 @@ impl Config {
         }
         if live.on_policy > 0.0 && !f.checkpoint_every.is_multiple_of(live.refresh_every) {
             bail!("[finetune] checkpoint_every = {} is not a multiple of [finetune.live_teacher] refresh_every = {}: a run resumed from such a checkpoint would sample from other weights than an uninterrupted one\nhint: make checkpoint_every a multiple of refresh_every", f.checkpoint_every, live.refresh_every);
+        }
+        Ok(())
+    }
+
+    fn validate_mutual(&self, m: &MutualConfig) -> Result<()> {
+        if m.weight.is_nan() || m.weight < 0.0 || m.temperature.is_nan() || m.temperature <= 0.0 {
+            bail!("[finetune.mutual] weight must be ≥ 0 and temperature > 0");
+        }
+        if m.top_k == 0 {
+            bail!("[finetune.mutual] top_k must be at least 1");
+        }
+        let peer = m.peer.as_deref().unwrap_or(&self.student.model);
+        if peer == self.student.model && self.finetune.lora.is_none() {
+            bail!("[finetune.mutual] the peer is the student's own model {peer:?} and both train every weight: they would start equal, see the same batches and stay equal, so neither learns anything from the other\nhint: train with LoRA ([finetune] lora = {{ rank = 16, alpha = 32 }}: the peer's adapters get their own initialization), or set [finetune.mutual] peer to another model of the student's family");
         }
         Ok(())
     }

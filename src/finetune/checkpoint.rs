@@ -4,6 +4,8 @@
 //! renamed, so a checkpoint either exists whole or not at all; older ones are removed
 //! after a newer one is in place. The data position and the shuffling need no state of
 //! their own: the batch order is a function of the seed, so the step says where to go on.
+//! With mutual learning, the peer's weights and moments are saved beside them
+//! (peer.safetensors, peer-optimizer.safetensors).
 
 use super::optim::AdamW;
 use crate::io::atomic::write_json;
@@ -41,12 +43,25 @@ fn trainable(model: &Decoder) -> HashMap<String, Tensor> {
         .collect()
 }
 
+const PEER_WEIGHTS: &str = "peer.safetensors";
+const PEER_OPTIMIZER: &str = "peer-optimizer.safetensors";
+
 fn name(step: usize) -> String {
     format!("checkpoint-{step:06}")
 }
 
-/// Write a checkpoint for `state.step`, then remove older ones.
-pub fn save(dir: &Path, model: &Decoder, opt: &AdamW, state: &State) -> Result<PathBuf> {
+/// A second model trained in the same run (the mutual-learning peer) and its optimizer.
+pub type Companion<'a, O> = Option<(&'a Decoder, O)>;
+
+/// Write a checkpoint for `state.step` (with the peer's weights and moments when there is
+/// one), then remove older ones.
+pub fn save(
+    dir: &Path,
+    model: &Decoder,
+    opt: &AdamW,
+    peer: Companion<&AdamW>,
+    state: &State,
+) -> Result<PathBuf> {
     let final_dir = dir.join(name(state.step));
     let tmp = dir.join(format!("{}.tmp-{}", name(state.step), std::process::id()));
     if tmp.exists() {
@@ -57,6 +72,11 @@ pub fn save(dir: &Path, model: &Decoder, opt: &AdamW, state: &State) -> Result<P
     candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))
         .context("cannot write the checkpoint weights")?;
     opt.save(&tmp.join("optimizer.safetensors"))?;
+    if let Some((peer, peer_opt)) = peer {
+        candle_core::safetensors::save(&trainable(peer), tmp.join(PEER_WEIGHTS))
+            .context("cannot write the peer's checkpoint weights")?;
+        peer_opt.save(&tmp.join(PEER_OPTIMIZER))?;
+    }
     write_json(&tmp.join("state.json"), state)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
@@ -150,8 +170,20 @@ fn load_weights(file: &Path, model: &Decoder) -> Result<()> {
     Ok(())
 }
 
-/// Load a checkpoint's weights into the model and its moments into the optimizer.
-pub fn restore(path: &Path, state: &State, model: &Decoder, opt: &mut AdamW) -> Result<()> {
+/// Load a checkpoint's weights into the model and its moments into the optimizer (and
+/// the peer's into the peer's).
+pub fn restore(
+    path: &Path,
+    state: &State,
+    model: &Decoder,
+    opt: &mut AdamW,
+    peer: Companion<&mut AdamW>,
+) -> Result<()> {
     load_weights(&path.join("model.safetensors"), model)?;
-    opt.load(&path.join("optimizer.safetensors"), state.step)
+    opt.load(&path.join("optimizer.safetensors"), state.step)?;
+    if let Some((peer, peer_opt)) = peer {
+        load_weights(&path.join(PEER_WEIGHTS), peer)?;
+        peer_opt.load(&path.join(PEER_OPTIMIZER), state.step)?;
+    }
+    Ok(())
 }

@@ -154,6 +154,24 @@ pub fn check_shared_vocabulary(model: &LoadedModel, rows: &[CuratedRow]) -> Resu
     Ok(())
 }
 
+/// The first of a few rows (input, rationale and answer) that two models tokenize
+/// differently: its id and the two token counts. Models compared token by token (a live
+/// teacher, a mutual-learning peer) need one tokenizer.
+pub fn tokenization_difference(
+    a: &LoadedModel,
+    b: &LoadedModel,
+    rows: &[CuratedRow],
+) -> Result<Option<(String, usize, usize)>> {
+    for r in rows.iter().take(5) {
+        let text = format!("{}\n{}\n{}", r.input, r.rationale, r.answer);
+        let (x, y) = (a.encode(&text)?, b.encode(&text)?);
+        if x != y {
+            return Ok(Some((r.id.clone(), x.len(), y.len())));
+        }
+    }
+    Ok(None)
+}
+
 /// The examples of one row for the objective: label view always, rationale view for
 /// step-by-step. `label_only` trains on gold, the others on the teacher's answer. With
 /// `kd`, a row whose soft label has two or more answers also gets one label-view example

@@ -6,7 +6,8 @@
 //!    the step, the micro-batch and the row); those rows' off-policy examples leave;
 //! 2. the student samples `samples_per_prompt` replies for each on-policy row, in the
 //!    rationale view, on an inference copy of its weights (taken every `refresh_every`
-//!    steps; LoRA merged), each sequence with its own seed from the same key;
+//!    steps; LoRA merged; Q8_0 unless `sample_weights = "f32"`), each sequence with its
+//!    own seed from the same key;
 //! 3. the teacher scores every sampled token (and, online, every token of the remaining
 //!    rationale examples) under its own few-shot prompt for the row: top-k ids and
 //!    natural-log probabilities, on its inference engine or through its API;
@@ -14,11 +15,11 @@
 //!    scored rationales keep their CE and gain token-level KD.
 //!
 //! Everything follows from the seed, the step and the weights, so a resumed run samples
-//! and scores what an uninterrupted one does (the snapshot is retaken at a resumed step,
-//! which config validation makes a multiple of `refresh_every`).
+//! and scores what an uninterrupted one does (copies are taken at multiples of
+//! `refresh_every`, and config validation makes every checkpoint one).
 
-use super::data::{Example, ExampleKind};
-use crate::config::{Config, LiveTeacherConfig, TeacherKind};
+use super::data::{tokenization_difference, Example, ExampleKind};
+use crate::config::{Config, LiveTeacherConfig, SampleWeights, TeacherKind};
 use crate::io::atomic::seed_from_text;
 use crate::llama::generate::{Finish, Generator, Hooks, Request, Sampling, Sequence};
 use crate::llama::{self, Decoder, LoadedModel};
@@ -71,8 +72,9 @@ pub struct LiveTeacher {
     student_vocab: usize,
     max_seq_len: usize,
     seed: u64,
-    /// The inference copy of the student that samples, and the step it was taken at.
-    snapshot: Option<(usize, Decoder)>,
+    /// The inference copy of the student that samples (none in a refresh window without
+    /// on-policy rows).
+    snapshot: Option<Decoder>,
 }
 
 impl LiveTeacher {
@@ -124,10 +126,10 @@ impl LiveTeacher {
             })
             .collect::<Result<Vec<_>>>()?;
         let what = match &scorer {
-            Scorer::Local(d) => format!(
+            Scorer::Local(l) => format!(
                 "{} in this process ({} layers)",
                 live.model.as_deref().unwrap_or(&cfg.teacher.model),
-                d.shape.num_hidden_layers
+                l.decoder.shape.num_hidden_layers
             ),
             Scorer::Api(_) => format!(
                 "{} at {}",
@@ -158,26 +160,42 @@ impl LiveTeacher {
         }))
     }
 
-    /// Before step `step`'s micro-batches: take a new inference copy of the student when
-    /// the last one is `refresh_every` steps old (or there is none yet).
+    /// Before step `step`'s micro-batches: every `refresh_every` steps the inference copy
+    /// of the student expires, and a new one is taken only if a micro-batch before the
+    /// next refresh sends a row on-policy (the draws follow from the seed, so they are
+    /// known ahead from `schedule`, the run's micro-batches, `accum` a step). Copies are
+    /// always of the weights at a multiple of `refresh_every`, as a resumed run takes them.
     pub fn before_step(
         &mut self,
         student: &Decoder,
         step: usize,
+        (schedule, accum): (&[Vec<Example>], usize),
         stats: &mut LiveStats,
     ) -> Result<()> {
         if self.cfg.on_policy == 0.0 {
             return Ok(());
         }
-        let due = match &self.snapshot {
-            None => true,
-            Some((taken, _)) => step >= taken + self.cfg.refresh_every,
-        };
-        if due {
-            let started = Instant::now();
+        let every = self.cfg.refresh_every;
+        if step.is_multiple_of(every) {
             // Free the old copy first: two would double the memory they take.
             self.snapshot = None;
-            self.snapshot = Some((step, student.inference_copy()?));
+        }
+        if self.snapshot.is_some() {
+            return Ok(());
+        }
+        let needed = (step..(step / every + 1) * every).any(|s| {
+            (0..accum).any(|k| {
+                schedule
+                    .get(s * accum + k)
+                    .is_some_and(|examples| !self.on_policy_rows(examples, s, k).is_empty())
+            })
+        });
+        if needed {
+            let started = Instant::now();
+            self.snapshot = Some(match self.cfg.sample_weights {
+                SampleWeights::Q8_0 if student.device().is_cpu() => student.quantized_copy()?,
+                _ => student.inference_copy()?,
+            });
             stats.refresh_seconds += started.elapsed().as_secs_f64();
         }
         Ok(())
@@ -276,7 +294,7 @@ impl LiveTeacher {
         if rows.is_empty() {
             return Ok(vec![]);
         }
-        let (_, model) = self
+        let model = self
             .snapshot
             .as_ref()
             .context("no copy of the student to sample from (before_step was not called)")?;
@@ -411,24 +429,17 @@ impl Hooks<usize> for Collect {
 }
 
 /// Teacher and student must read token ids alike: the same ids for the first rows'
-/// prompts and replies, and ids the student knows.
+/// inputs and replies.
 fn check_same_tokenizer(
     teacher: &LoadedModel,
     student: &LoadedModel,
     rows: &[CuratedRow],
     path: &str,
 ) -> Result<()> {
-    for r in rows.iter().take(5) {
-        let text = format!("{}\n{}\n{}", r.input, r.rationale, r.answer);
-        let (t, s) = (teacher.encode(&text)?, student.encode(&text)?);
-        if t != s {
-            bail!(
-                "the live teacher {path} tokenizes row {:?} differently from the student ({} vs {} tokens): on-policy and online distillation compare the two token by token and need one tokenizer\nhint: use a teacher of the student's family (Qwen2.5-1.5B for a Qwen2.5-0.5B student), or remove [finetune.live_teacher] and use label-level KD (kd_weight)",
-                r.id,
-                t.len(),
-                s.len()
-            );
-        }
+    if let Some((id, t, s)) = tokenization_difference(teacher, student, rows)? {
+        bail!(
+            "the live teacher {path} tokenizes row {id:?} differently from the student ({t} vs {s} tokens): on-policy and online distillation compare the two token by token and need one tokenizer\nhint: use a teacher of the student's family (Qwen2.5-1.5B for a Qwen2.5-0.5B student), or remove [finetune.live_teacher] and use label-level KD (kd_weight)"
+        );
     }
     Ok(())
 }

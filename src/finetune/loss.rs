@@ -159,6 +159,8 @@ pub struct LossParts {
     pub kd: Option<f64>,
     pub kd_token: Option<f64>,
     pub on_policy: Option<f64>,
+    /// Mutual learning's mimicry of the peer (or of the student, in the peer's parts).
+    pub mutual: Option<f64>,
 }
 
 /// Add `w.kd_token_weight ×` token-level KD to the loss: at every position that predicts
@@ -326,6 +328,7 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
         kd: None,
         kd_token: None,
         on_policy: None,
+        mutual: None,
         total,
     })
 }

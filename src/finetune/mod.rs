@@ -3,17 +3,20 @@
 //! Read top to bottom: load the student, build the examples and the batch schedule, resume
 //! from the latest checkpoint or measure the val loss, train with AdamW (linear warmup,
 //! cosine decay, gradient accumulation and clipping, a checkpoint every N steps), measure
-//! the val loss again, export.
+//! the val loss again, export. A live teacher (`live`) reshapes each micro-batch before its
+//! forward pass; a mutual-learning peer (`mutual`) trains beside the student on the same
+//! micro-batches.
 
 mod checkpoint;
 pub mod data;
 pub mod divergence;
 pub mod live;
 pub mod loss;
+pub mod mutual;
 pub mod optim;
 mod svg;
 
-use crate::config::{Config, Objective, Stage};
+use crate::config::{Config, FinetuneConfig, Objective, Stage};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
@@ -22,10 +25,13 @@ use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::CuratedRow;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
 use live::{LiveStats, LiveTeacher};
-use loss::{add_on_policy, add_token_kd, make_batch, token_nll, total_loss, LossWeights};
+use loss::{
+    add_on_policy, add_token_kd, make_batch, token_nll, total_loss, Batch, LossParts, LossWeights,
+};
+use mutual::{add_mimicry, mimicry_positions, top_k_at, Peer};
 use optim::AdamW;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -73,25 +79,62 @@ fn build_examples(
         .collect()
 }
 
-/// The loss of one batch of examples: the CE views, the label-set KD term and the
-/// token-level KD term, each part kept for the metrics; and the batch's target tokens.
-/// `dropout_key` draws this pass's LoRA dropout masks (None: no dropout).
-fn batch_loss(
-    model: &Decoder,
-    examples: &[Example],
-    pad: u32,
-    weights: &LossWeights,
-    dropout_key: Option<u64>,
-) -> Result<(loss::LossParts, usize)> {
-    let batch = make_batch(examples, pad, model.device())?;
+/// A decoder of `loaded` built for training as `[finetune]` says: every weight trainable
+/// but frozen embeddings, or frozen weights and LoRA adapters drawn from `lora_seed`; in
+/// the configured precision.
+fn trainable_decoder(
+    loaded: &LoadedModel,
+    device: &Device,
+    ft: &FinetuneConfig,
+    lora_seed: u64,
+) -> Result<Decoder> {
+    let freeze = ft.freeze_embeddings;
+    let tied = loaded.shape.tie_word_embeddings;
+    let lora = ft.lora.as_ref();
+    let mut model = loaded.decoder(device, |name| {
+        lora.is_none()
+            && !(freeze
+                && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
+    })?;
+    if let Some(l) = lora {
+        model.add_lora(l, lora_seed)?;
+    }
+    model.set_precision(ft.precision)?;
+    Ok(model)
+}
+
+/// A batch's logits; `dropout_key` draws this pass's LoRA dropout masks (None: none).
+fn forward(model: &Decoder, batch: &Batch, dropout_key: Option<u64>) -> Result<Tensor> {
     model.set_dropout_key(dropout_key);
     let logits = model.forward(&batch.ids, &batch.attention);
     model.set_dropout_key(None);
-    let logits = logits?;
-    let mut parts = total_loss(&token_nll(&logits, &batch.ids)?, &batch, weights)?;
-    add_token_kd(&mut parts, &logits, &batch, weights)?;
-    add_on_policy(&mut parts, &logits, &batch, weights)?;
-    Ok((parts, batch.tokens))
+    logits
+}
+
+/// The loss of one batch from its logits: the CE views, the label-set KD term, the
+/// token-level KD term and the on-policy term, each part kept for the metrics.
+fn batch_loss(logits: &Tensor, batch: &Batch, weights: &LossWeights) -> Result<LossParts> {
+    let mut parts = total_loss(&token_nll(logits, &batch.ids)?, batch, weights)?;
+    add_token_kd(&mut parts, logits, batch, weights)?;
+    add_on_policy(&mut parts, logits, batch, weights)?;
+    Ok(parts)
+}
+
+/// Stop on a loss that is not a number, keeping the last good checkpoint.
+fn check_finite(
+    value: f64,
+    whose: &str,
+    (step, micro, micro_batches, sequences): (usize, usize, usize, usize),
+    out_dir: &Path,
+) -> Result<()> {
+    if !value.is_finite() {
+        bail!(
+            "{whose} loss became {value} at step {} (micro-batch {micro} of {micro_batches}, {sequences} sequences); the last good checkpoint is kept in {}\nhint: lower [finetune] learning_rate, or check the rows of this batch",
+            step + 1,
+            out_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Mean loss over rows' examples without gradients (val loss), in fixed batches.
@@ -104,7 +147,8 @@ fn mean_loss(
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
     for chunk in batches(rows.to_vec(), batch, 0) {
-        let (parts, _) = batch_loss(model, &chunk, pad, weights, None)?;
+        let batch = make_batch(&chunk, pad, model.device())?;
+        let parts = batch_loss(&forward(model, &batch, None)?, &batch, weights)?;
         sum += parts.total.to_scalar::<f32>()? as f64;
         n += 1;
     }
@@ -164,21 +208,11 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     if ft.kd_token_weight > 0.0 && !online {
         check_shared_vocabulary(&loaded, &train_rows)?;
     }
-    let freeze = ft.freeze_embeddings;
-    let tied = loaded.shape.tie_word_embeddings;
-    let lora = ft.lora.as_ref();
-    let mut model = loaded.decoder(&device, |name| {
-        lora.is_none()
-            && !(freeze
-                && (name == "model.embed_tokens.weight" || (tied && name == "lm_head.weight")))
-    })?;
-    if let Some(l) = lora {
-        model.add_lora(l, cfg.seed)?;
-    }
-    model.set_precision(ft.precision)?;
+    let model = trainable_decoder(&loaded, &device, ft, cfg.seed)?;
     // The decoder holds what it needs; trainable weights are copies (variables), so the
     // loaded originals would be a second copy of the model for the whole run.
     loaded.weights.clear();
+    let mut peer = Peer::open(cfg, &loaded, &train_rows, &device)?;
     let pad = loaded.eos_token_id;
     let weights = LossWeights {
         alpha: ft.alpha,
@@ -241,7 +275,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let mut opt = AdamW::new(model.vars.clone(), ft.weight_decay)?;
     let mut state = match checkpoint::latest(&out_dir, &hash, &inputs_hash)? {
         Some((path, state)) => {
-            checkpoint::restore(&path, &state, &model, &mut opt)?;
+            let peer = peer.as_mut().map(|p| (&p.model, &mut p.opt));
+            checkpoint::restore(&path, &state, &model, &mut opt, peer)?;
             eprintln!(
                 "finetune: resuming from {} (step {})",
                 path.display(),
@@ -280,10 +315,12 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let t0 = std::time::Instant::now();
         let mut acc = opt.accumulator();
         let (mut loss, mut tokens) = (0.0, 0);
-        let mut terms: [Vec<f64>; 5] = Default::default();
+        let mut terms: [Vec<f64>; 6] = Default::default();
+        let mut peer_acc = peer.as_ref().map(|p| p.opt.accumulator());
+        let (mut peer_loss, mut peer_mimicry) = (0.0, vec![]);
         let mut live_stats = LiveStats::default();
         if let Some(l) = live.as_mut() {
-            l.before_step(&model, step, &mut live_stats)?;
+            l.before_step(&model, step, (&micro, accum), &mut live_stats)?;
         }
         let chunk = &micro[step * accum..((step + 1) * accum).min(micro.len())];
         for (k, examples) in chunk.iter().enumerate() {
@@ -295,32 +332,51 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 }
                 None => examples,
             };
-            let key = Some(dropout_key(cfg.seed, step, k));
-            let (parts, batch_tokens) = batch_loss(&model, examples, pad, &weights, key)?;
+            let batch = make_batch(examples, pad, model.device())?;
+            let logits = forward(&model, &batch, Some(dropout_key(cfg.seed, step, k)))?;
+            let mut parts = batch_loss(&logits, &batch, &weights)?;
+            let place = (step, k, chunk.len(), examples.len());
+            // The peer's loss, with each side's mimicry of the other.
+            let peer_parts = match (&peer, peer_acc.as_mut()) {
+                (Some(p), Some(p_acc)) => {
+                    let theirs = forward(&p.model, &batch, Some(p.dropout_key(step, k)))?;
+                    let mut their_parts = batch_loss(&theirs, &batch, &weights)?;
+                    let (mask, n) = mimicry_positions(&batch)?;
+                    let vocab = logits.dim(2)?.min(theirs.dim(2)?);
+                    let mine = top_k_at(&logits, &mask, p.cfg.top_k, vocab)?;
+                    let other = top_k_at(&theirs, &mask, p.cfg.top_k, vocab)?;
+                    add_mimicry(&mut parts, &logits, &other, (&mask, n), &p.cfg, ft.jsd_beta)?;
+                    let b = (&mask, n);
+                    add_mimicry(&mut their_parts, &theirs, &mine, b, &p.cfg, ft.jsd_beta)?;
+                    let value = their_parts.total.to_scalar::<f32>()? as f64;
+                    check_finite(value, "the peer's", place, &out_dir)?;
+                    p.opt.accumulate(p_acc, &their_parts.total.backward()?)?;
+                    peer_loss += value / chunk.len() as f64;
+                    Some(their_parts)
+                }
+                _ => None,
+            };
+            peer_mimicry.extend(peer_parts.and_then(|p| p.mutual));
             let value = parts.total.to_scalar::<f32>()? as f64;
-            if !value.is_finite() {
-                bail!(
-                    "the loss became {value} at step {} (micro-batch {k} of {}, {} sequences); the last good checkpoint is kept in {}\nhint: lower [finetune] learning_rate, or check the rows of this batch",
-                    step + 1,
-                    chunk.len(),
-                    examples.len(),
-                    out_dir.display()
-                );
-            }
+            check_finite(value, "the", place, &out_dir)?;
             opt.accumulate(&mut acc, &parts.total.backward()?)?;
             loss += value / chunk.len() as f64;
-            tokens += batch_tokens;
+            tokens += batch.tokens;
             for (slot, v) in terms.iter_mut().zip([
                 parts.label,
                 parts.rationale,
                 parts.kd,
                 parts.kd_token,
                 parts.on_policy,
+                parts.mutual,
             ]) {
                 slot.extend(v);
             }
         }
         let grad_norm = opt.step(acc, lr, clip)?;
+        if let (Some(p), Some(p_acc)) = (peer.as_mut(), peer_acc) {
+            p.opt.step(p_acc, lr, clip)?;
+        }
         let mean = |v: &Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
         let secs = t0.elapsed().as_secs_f64();
         let live_secs =
@@ -349,6 +405,15 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 m.extend(e.clone());
             }
         }
+        if peer.is_some() {
+            let extra = serde_json::json!({
+                "mutual_loss": mean(&terms[5]), "peer_loss": peer_loss,
+                "peer_mutual_loss": mean(&peer_mimicry),
+            });
+            if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+        }
         state.metrics.push(metrics.to_string());
         let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}"));
         if live.is_some() {
@@ -358,6 +423,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 rate(live_stats.score_rate()),
                 tokens as f64 / train_secs
             ));
+        } else if peer.is_some() {
+            progress.set_message(format!("loss {loss:.3} · peer {peer_loss:.3}"));
         } else {
             progress.set_message(format!("loss {loss:.3}"));
         }
@@ -384,7 +451,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             && state.step % ft.checkpoint_every == 0
             && state.step < total_steps
         {
-            checkpoint::save(&out_dir, &model, &opt, &state)?;
+            let peer = peer.as_ref().map(|p| (&p.model, &p.opt));
+            checkpoint::save(&out_dir, &model, &opt, peer, &state)?;
         }
     }
     let train_secs = progress.finish();
@@ -424,6 +492,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "first_loss": losses.first(), "last_loss": losses.last(), "seconds": train_secs,
         "objective": ft.objective, "student": cfg.student.model,
         "evals": state.evals, "exported_step": exported_step,
+        "mutual_peer": peer.as_ref().map(|p| &p.path),
     });
     let mut m = Manifest::new(Stage::Finetune, hash, cfg.seed);
     m.inputs = inputs;

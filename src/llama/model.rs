@@ -249,6 +249,58 @@ impl Decoder {
         Ok(copy)
     }
 
+    /// A frozen inference copy of the current weights (LoRA adapters merged) with every
+    /// matrix quantized to Q8_0 (blocks of 32 with one scale, llama.cpp's `q8_0`): a
+    /// quarter of `inference_copy`'s bytes, and decoding, which reads every weight once a
+    /// token, runs on the quantized kernels. Norms and biases stay f32; a matrix whose
+    /// rows do not split into blocks stays f32 too. CPU only. Same key/value precision.
+    pub fn quantized_copy(&self) -> Result<Self> {
+        use crate::kernels::quant::Format;
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use rayon::prelude::*;
+        anyhow::ensure!(
+            self.device.is_cpu(),
+            "a Q8_0 inference copy runs on the CPU only"
+        );
+        enum Stored {
+            Quantized(Arc<QMatrix>),
+            Dense(Tensor),
+        }
+        let block = Format::Q8_0.block_len();
+        let converted = self
+            .weights()?
+            .into_iter()
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|(name, w)| -> Result<(String, Stored)> {
+                let w = w.detach().to_dtype(DType::F32)?;
+                let stored = match *w.dims() {
+                    [rows, cols] if cols % block == 0 => {
+                        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+                        let m = QMatrix::new(Format::Q8_0, rows, cols, &q.data()?)?;
+                        Stored::Quantized(Arc::new(m))
+                    }
+                    _ => Stored::Dense(w.copy()?),
+                };
+                Ok((name, stored))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (mut dense, mut quantized) = (BTreeMap::new(), BTreeMap::new());
+        for (name, stored) in converted {
+            match stored {
+                Stored::Quantized(q) => {
+                    quantized.insert(name, q);
+                }
+                Stored::Dense(t) => {
+                    dense.insert(name, t);
+                }
+            }
+        }
+        let mut copy = Decoder::quantized(self.shape.clone(), dense, quantized)?;
+        copy.kv_precision = self.kv_precision;
+        Ok(copy)
+    }
+
     /// Whether every weight is stored for inference.
     pub fn is_inference(&self) -> bool {
         self.head.weight.is_inference()

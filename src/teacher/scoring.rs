@@ -9,6 +9,7 @@ use crate::llama::infer::{log_softmax, PromptCache, SeqCache, StepInput};
 use crate::llama::Decoder;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// A sequence to score: the teacher's distribution is read before each token of
 /// `continuation`, given `prompt` and the continuation's tokens before it.
@@ -32,9 +33,16 @@ pub struct PositionScore {
 /// OpenAI-compatible server.
 pub enum Scorer {
     /// The inference decoder (a GGUF's weights quantized as stored).
-    Local(Box<Decoder>),
+    Local(Box<LocalScorer>),
     /// `/v1/completions` with echo + logprobs (`ApiTeacher::score`).
     Api(Box<ApiScorer>),
+}
+
+pub struct LocalScorer {
+    pub decoder: Decoder,
+    /// The last prompt scored, kept from one call to the next: a training run scores
+    /// rows under one few-shot prompt step after step, and its head is computed once.
+    previous: Mutex<PromptCache>,
 }
 
 pub struct ApiScorer {
@@ -47,7 +55,10 @@ pub struct ApiScorer {
 
 impl Scorer {
     pub fn local(decoder: Decoder) -> Scorer {
-        Scorer::Local(Box::new(decoder))
+        Scorer::Local(Box::new(LocalScorer {
+            decoder,
+            previous: Mutex::new(PromptCache::default()),
+        }))
     }
 
     /// A server's scores, its tokens read back to ids with `tokenizer`.
@@ -62,7 +73,16 @@ impl Scorer {
     /// Per request, the teacher's log-probability and top-`top` at each continuation token.
     pub fn score(&self, requests: &[ScoreRequest], top: usize) -> Result<Vec<Vec<PositionScore>>> {
         match self {
-            Scorer::Local(decoder) => score_local(decoder, requests, top, ROWS_PER_STEP),
+            Scorer::Local(l) => {
+                // A poisoned lock only means an earlier call failed midway: start afresh.
+                let mut previous = l.previous.lock().unwrap_or_else(|e| e.into_inner());
+                let scores =
+                    score_local_from(&l.decoder, requests, top, ROWS_PER_STEP, &mut previous);
+                if scores.is_err() {
+                    *previous = PromptCache::default();
+                }
+                scores
+            }
             Scorer::Api(a) => a.api.score(requests, top, &a.tokenizer, &a.texts),
         }
     }
@@ -85,6 +105,19 @@ pub fn score_local(
     top: usize,
     rows_per_step: usize,
 ) -> Result<Vec<Vec<PositionScore>>> {
+    let mut previous = PromptCache::default();
+    score_local_from(decoder, requests, top, rows_per_step, &mut previous)
+}
+
+/// `score_local`, the first prompt starting from `previous` (the last prompt of an
+/// earlier call) where they share a head; `previous` ends as this call's last prompt.
+pub fn score_local_from(
+    decoder: &Decoder,
+    requests: &[ScoreRequest],
+    top: usize,
+    rows_per_step: usize,
+    previous: &mut PromptCache,
+) -> Result<Vec<Vec<PositionScore>>> {
     ensure!(rows_per_step > 0, "rows_per_step must be at least 1");
     let vocab = decoder.shape.vocab_size;
     for (i, r) in requests.iter().enumerate() {
@@ -98,7 +131,6 @@ pub fn score_local(
         }
     }
     let mut out: Vec<Vec<PositionScore>> = vec![Vec::new(); requests.len()];
-    let mut previous = PromptCache::default();
     for (prompt, members) in by_prompt(requests) {
         ensure!(
             !prompt.is_empty(),
