@@ -162,7 +162,9 @@ fn labels_with_logprobs_and_samples_from_a_real_server() {
 fn every_row_completes_exactly_once_through_faults() {
     let _turn = turn();
     let server = shared_server();
-    let proxy = FaultProxy::start(server.port, 0.35, 7, Duration::from_secs(10));
+    // A slow reply outlasts the client's 20 s timeout; a real reply on a loaded 2-core
+    // machine must not (an 8 s timeout once turned 18 real replies into timeouts).
+    let proxy = FaultProxy::start(server.port, 0.35, 7, Duration::from_secs(24));
     let dir = tempfile::tempdir().unwrap();
     write_config(
         dir.path(),
@@ -170,7 +172,7 @@ fn every_row_completes_exactly_once_through_faults() {
             &proxy.base_url(),
             "numeric",
             8,
-            "temperature = 0.7\nmax_in_flight = 2\ntimeout_s = 8\nretry_base_s = 0.1\nmax_retries = 12",
+            "temperature = 0.7\nmax_in_flight = 2\ntimeout_s = 20\nretry_base_s = 0.1\nmax_retries = 12",
             "samples = 2",
         ),
     );
