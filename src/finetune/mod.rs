@@ -31,7 +31,7 @@ use live::{LiveStats, LiveTeacher};
 use loss::{
     add_on_policy, add_token_kd, make_batch, token_nll, total_loss, Batch, LossParts, LossWeights,
 };
-use mutual::{add_mimicry, mimicry_positions, top_k_at, Peer};
+use mutual::Peer;
 use optim::AdamW;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -336,27 +336,15 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             let logits = forward(&model, &batch, Some(dropout_key(cfg.seed, step, k)))?;
             let mut parts = batch_loss(&logits, &batch, &weights)?;
             let place = (step, k, chunk.len(), examples.len());
-            // The peer's loss, with each side's mimicry of the other.
-            let peer_parts = match (&peer, peer_acc.as_mut()) {
-                (Some(p), Some(p_acc)) => {
-                    let theirs = forward(&p.model, &batch, Some(p.dropout_key(step, k)))?;
-                    let mut their_parts = batch_loss(&theirs, &batch, &weights)?;
-                    let (mask, n) = mimicry_positions(&batch)?;
-                    let vocab = logits.dim(2)?.min(theirs.dim(2)?);
-                    let mine = top_k_at(&logits, &mask, p.cfg.top_k, vocab)?;
-                    let other = top_k_at(&theirs, &mask, p.cfg.top_k, vocab)?;
-                    add_mimicry(&mut parts, &logits, &other, (&mask, n), &p.cfg, ft.jsd_beta)?;
-                    let b = (&mask, n);
-                    add_mimicry(&mut their_parts, &theirs, &mine, b, &p.cfg, ft.jsd_beta)?;
-                    let value = their_parts.total.to_scalar::<f32>()? as f64;
-                    check_finite(value, "the peer's", place, &out_dir)?;
-                    p.opt.accumulate(p_acc, &their_parts.total.backward()?)?;
-                    peer_loss += value / chunk.len() as f64;
-                    Some(their_parts)
-                }
-                _ => None,
-            };
-            peer_mimicry.extend(peer_parts.and_then(|p| p.mutual));
+            if let (Some(p), Some(p_acc)) = (&peer, peer_acc.as_mut()) {
+                let key = p.dropout_key(step, k);
+                let theirs = p.learn_with(&batch, (&logits, &mut parts), &weights, key)?;
+                let value = theirs.total.to_scalar::<f32>()? as f64;
+                check_finite(value, "the peer's", place, &out_dir)?;
+                p.opt.accumulate(p_acc, &theirs.total.backward()?)?;
+                peer_loss += value / chunk.len() as f64;
+                peer_mimicry.extend(theirs.mutual);
+            }
             let value = parts.total.to_scalar::<f32>()? as f64;
             check_finite(value, "the", place, &out_dir)?;
             opt.accumulate(&mut acc, &parts.total.backward()?)?;

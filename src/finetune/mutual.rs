@@ -14,7 +14,7 @@
 //! student's, so a resumed run continues both.
 
 use super::data::tokenization_difference;
-use super::loss::{token_kd_divergence, Batch, LossParts};
+use super::loss::{token_kd_divergence, Batch, LossParts, LossWeights};
 use super::optim::AdamW;
 use crate::config::{Config, MutualConfig};
 use crate::io::atomic::seed_from_text;
@@ -75,6 +75,36 @@ impl Peer {
     /// the micro-batch's place in the run.
     pub fn dropout_key(&self, step: usize, micro: usize) -> u64 {
         seed_from_text(&format!("peer-dropout:{}:{step}:{micro}", self.seed))
+    }
+
+    /// One micro-batch beside the student, whose `logits` and loss `parts` it was given:
+    /// the peer's forward pass (dropout masks from `dropout_key`) and its own copy of the
+    /// loss, then each side's mimicry of the other (the student's added to `parts`). The
+    /// peer's loss parts, for its backward pass.
+    pub fn learn_with(
+        &self,
+        batch: &Batch,
+        (logits, parts): (&Tensor, &mut LossParts),
+        weights: &LossWeights,
+        dropout_key: u64,
+    ) -> Result<LossParts> {
+        let theirs = super::forward(&self.model, batch, Some(dropout_key))?;
+        let mut their_parts = super::batch_loss(&theirs, batch, weights)?;
+        let (mask, n) = mimicry_positions(batch)?;
+        let vocab = logits.dim(2)?.min(theirs.dim(2)?);
+        let mine = top_k_at(logits, &mask, self.cfg.top_k, vocab)?;
+        let other = top_k_at(&theirs, &mask, self.cfg.top_k, vocab)?;
+        let beta = weights.jsd_beta;
+        add_mimicry(parts, logits, &other, (&mask, n), &self.cfg, beta)?;
+        add_mimicry(
+            &mut their_parts,
+            &theirs,
+            &mine,
+            (&mask, n),
+            &self.cfg,
+            beta,
+        )?;
+        Ok(their_parts)
     }
 }
 
