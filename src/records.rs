@@ -2,7 +2,8 @@
 //! Polars frame; readers check columns and types and name the file when one is wrong.
 //! `SCHEMA_VERSION` (in io::manifest) changes whenever a column here changes.
 
-use anyhow::{bail, Result};
+use crate::io::topk_store::{self, FlatTopk, TopkColumns};
+use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::Path;
 
@@ -25,6 +26,9 @@ pub const SOFT_NONE: &str = "none";
 /// Token-level soft labels of one row: every generated token with its natural-log
 /// probability and its top-k alternatives. Local teachers give token ids (`ids`,
 /// `top_ids`), APIs give token text (`texts`, `top_texts`); the other pair stays empty.
+/// On disk the alternatives take the compact layout of `io::topk_store` (16-bit
+/// log-probability codes and each token's tail mass: read back within 6e-4 nats, the
+/// tail kept).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenTopk {
     pub ids: Vec<u32>,
@@ -72,6 +76,13 @@ pub struct TeacherRow {
     pub seed: Option<u64>,
     /// When the row was written, milliseconds since the Unix epoch.
     pub created_unix_ms: i64,
+}
+
+impl TokenTopk {
+    /// The alternatives in the stored layout.
+    fn flatten(&self) -> FlatTopk {
+        topk_store::flatten(&self.top_ids, &self.top_texts, &self.top_logprobs)
+    }
 }
 
 fn list_column(name: &str, items: impl Iterator<Item = Series>) -> Column {
@@ -158,21 +169,6 @@ impl TeacherRow {
                 rows.iter()
                     .map(|r| Series::new("".into(), &r.tokens.logprobs)),
             ),
-            nested_column(
-                "topk_ids",
-                DataType::UInt32,
-                rows.iter().map(|r| &r.tokens.top_ids),
-            )?,
-            nested_column(
-                "topk_texts",
-                DataType::String,
-                rows.iter().map(|r| &r.tokens.top_texts),
-            )?,
-            nested_column(
-                "topk_logprobs",
-                DataType::Float32,
-                rows.iter().map(|r| &r.tokens.top_logprobs),
-            )?,
             Column::new(
                 "prompt_tokens".into(),
                 rows.iter().map(|r| r.prompt_tokens).collect::<Vec<_>>(),
@@ -207,6 +203,14 @@ impl TeacherRow {
                 rows.iter().map(|r| r.created_unix_ms).collect::<Vec<_>>(),
             ),
         ];
+        let mut cols = cols;
+        let flat: Vec<FlatTopk> = rows.iter().map(|r| r.tokens.flatten()).collect();
+        // After token_logprobs, as the nested columns of earlier versions were.
+        let at = cols
+            .iter()
+            .position(|c| c.name().as_str() == "token_logprobs")
+            .map_or(cols.len(), |i| i + 1);
+        cols.splice(at..at, topk_store::columns(&flat));
         let mut df = DataFrame::new_infer_height(cols)?;
         cast_lists(&mut df)?;
         Ok(df)
@@ -256,12 +260,9 @@ impl TeacherRow {
             c.list("token_texts", DataType::String)?,
             c.list("token_logprobs", DataType::Float32)?,
         );
-        let nested = |t: DataType| DataType::List(Box::new(t));
-        let (topk_ids, topk_texts, topk_logprobs) = (
-            c.list("topk_ids", nested(DataType::UInt32))?,
-            c.list("topk_texts", nested(DataType::String))?,
-            c.list("topk_logprobs", nested(DataType::Float32))?,
-        );
+        let topk = TopkColumns::of(df, path)?.with_context(|| {
+            format!("{}: missing the top-k columns {:?}\nhint: was this file written by this kdpipe version? re-run the stage that wrote it", path.display(), topk_store::COLUMNS)
+        })?;
         let (pt, ct, finish, lat) = (
             c.u32("prompt_tokens")?,
             c.u32("completion_tokens")?,
@@ -282,6 +283,14 @@ impl TeacherRow {
         );
         let mut out = Vec::with_capacity(df.height());
         for i in 0..df.height() {
+            let what = || {
+                format!(
+                    "{} row {:?}",
+                    path.display(),
+                    opt_str(id, i).unwrap_or_default()
+                )
+            };
+            let (top_ids, top_texts, top_logprobs) = topk_store::unflatten(&topk.row(i), &what)?;
             out.push(TeacherRow {
                 id: opt_str(id, i).unwrap_or_default(),
                 sample: sample.get(i).unwrap_or(0),
@@ -309,13 +318,9 @@ impl TeacherRow {
                     logprobs: flat(token_logprobs, i, |s| {
                         s.f32().map(|c| c.into_no_null_iter().collect())
                     }),
-                    top_ids: nested_rows(topk_ids, i, |s| {
-                        s.u32().map(|c| c.into_no_null_iter().collect())
-                    }),
-                    top_texts: nested_rows(topk_texts, i, |s| Ok(strs(s))),
-                    top_logprobs: nested_rows(topk_logprobs, i, |s| {
-                        s.f32().map(|c| c.into_no_null_iter().collect())
-                    }),
+                    top_ids,
+                    top_texts,
+                    top_logprobs,
                 },
                 prompt_tokens: pt.get(i).unwrap_or(0),
                 completion_tokens: ct.get(i).unwrap_or(0),
@@ -342,65 +347,16 @@ fn flat<T>(c: &ListChunked, i: usize, read: impl Fn(&Series) -> PolarsResult<Vec
         .unwrap_or_default()
 }
 
-/// One row's list of lists.
-fn nested_rows<T>(
-    c: &ListChunked,
-    i: usize,
-    read: impl Fn(&Series) -> PolarsResult<Vec<T>>,
-) -> Vec<Vec<T>> {
-    let Some(outer) = c.get_as_series(i) else {
-        return vec![];
-    };
-    let Ok(lists) = outer.list() else {
-        return vec![];
-    };
-    (0..lists.len())
-        .map(|j| {
-            lists
-                .get_as_series(j)
-                .and_then(|s| read(&s).ok())
-                .unwrap_or_default()
-        })
-        .collect()
-}
-
-/// A list-of-lists column: one `Vec<Vec<T>>` a row. Every row gets the declared inner
-/// type before the rows are joined; an empty first row would otherwise decide the type
-/// (List(Null)) and the values of later rows would be cast away.
-fn nested_column<'a, T>(
-    name: &str,
-    inner: DataType,
-    rows: impl Iterator<Item = &'a Vec<Vec<T>>>,
-) -> Result<Column>
-where
-    Series: NamedFrom<Vec<T>, [T]>,
-    T: Clone + 'a,
-{
-    let row_type = DataType::List(Box::new(inner));
-    let rows: Vec<Series> = rows
-        .map(|row| {
-            let lists: Vec<Series> = row
-                .iter()
-                .map(|v| Series::new("".into(), v.clone()))
-                .collect();
-            <Series as NamedFrom<Vec<Series>, ListType>>::new("".into(), lists).cast(&row_type)
-        })
-        .collect::<PolarsResult<_>>()?;
-    Ok(list_column(name, rows.into_iter()))
-}
-
 /// Empty lists infer as List(Null); give every list column its declared inner type.
 fn cast_lists(df: &mut DataFrame) -> Result<()> {
-    let list = |t: DataType| DataType::List(Box::new(t));
     for (name, inner) in [
         ("soft_labels", DataType::String),
         ("soft_probs", DataType::Float64),
         ("token_ids", DataType::UInt32),
         ("token_texts", DataType::String),
         ("token_logprobs", DataType::Float32),
-        ("topk_ids", list(DataType::UInt32)),
-        ("topk_texts", list(DataType::String)),
-        ("topk_logprobs", list(DataType::Float32)),
+        ("topk_ids", DataType::UInt32),
+        ("topk_texts", DataType::String),
     ] {
         if df.column(name).is_ok() {
             let cast = df.column(name)?.cast(&DataType::List(Box::new(inner)))?;
@@ -435,7 +391,7 @@ pub struct CuratedRow {
 }
 
 /// The columns of a curated split file, in order.
-pub const CURATED_COLUMNS: [&str; 15] = [
+pub const CURATED_COLUMNS: [&str; 18] = [
     "id",
     "sample",
     "input",
@@ -449,8 +405,11 @@ pub const CURATED_COLUMNS: [&str; 15] = [
     "agrees_with_gold",
     "raw",
     "token_ids",
+    "topk_k",
     "topk_ids",
-    "topk_logprobs",
+    "topk_texts",
+    "topk_logprob_codes",
+    "topk_tail_codes",
 ];
 
 impl CuratedRow {
@@ -476,18 +435,31 @@ impl CuratedRow {
         } else {
             None
         };
-        let nested = |t: DataType| DataType::List(Box::new(t));
-        let tokens = if has("token_ids") && has("topk_ids") && has("topk_logprobs") {
-            Some((
-                c.list("token_ids", DataType::UInt32)?,
-                c.list("topk_ids", nested(DataType::UInt32))?,
-                c.list("topk_logprobs", nested(DataType::Float32))?,
-            ))
-        } else {
-            None
+        let tokens = match (has("token_ids"), TopkColumns::of(df, path)?) {
+            (true, Some(topk)) => Some((c.list("token_ids", DataType::UInt32)?, topk)),
+            _ => None,
         };
         let mut out = Vec::with_capacity(df.height());
         for i in 0..df.height() {
+            let tokens = match &tokens {
+                Some((ids, topk)) => {
+                    let what = || {
+                        format!(
+                            "{} row {:?}",
+                            path.display(),
+                            opt_str(id, i).unwrap_or_default()
+                        )
+                    };
+                    let (top_ids, _, top_logprobs) = topk_store::unflatten(&topk.row(i), &what)?;
+                    TokenTopk {
+                        ids: flat(ids, i, |s| s.u32().map(|c| c.into_no_null_iter().collect())),
+                        top_ids,
+                        top_logprobs,
+                        ..Default::default()
+                    }
+                }
+                None => TokenTopk::default(),
+            };
             out.push(CuratedRow {
                 id: opt_str(id, i).unwrap_or_default(),
                 sample: sample.get(i).unwrap_or(0),
@@ -507,19 +479,7 @@ impl CuratedRow {
                     .map(|s| f64s(&s))
                     .unwrap_or_default(),
                 raw: raw.and_then(|r| opt_str(r, i)).unwrap_or_default(),
-                tokens: match tokens {
-                    Some((ids, top_ids, top_logprobs)) => TokenTopk {
-                        ids: flat(ids, i, |s| s.u32().map(|c| c.into_no_null_iter().collect())),
-                        top_ids: nested_rows(top_ids, i, |s| {
-                            s.u32().map(|c| c.into_no_null_iter().collect())
-                        }),
-                        top_logprobs: nested_rows(top_logprobs, i, |s| {
-                            s.f32().map(|c| c.into_no_null_iter().collect())
-                        }),
-                        ..Default::default()
-                    },
-                    None => TokenTopk::default(),
-                },
+                tokens,
             });
         }
         Ok(out)

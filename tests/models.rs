@@ -75,6 +75,7 @@ fn adamw_steps_lower_the_step_by_step_loss_of_the_real_student() {
             kd: None,
             truncated: false,
             token_topk: vec![],
+            token_uld: vec![],
             row: 0,
         }
     };

@@ -70,6 +70,20 @@ fn self_distillation_trains_with_token_level_kd_and_other_vocabularies_are_refus
         assert_eq!(r.tokens.top_ids.len(), r.tokens.ids.len());
         assert!(r.tokens.top_ids.iter().all(|k| k.len() == 5));
     }
+    // What the compact top-k store costs is on the record, in both stages: for k = 5,
+    // 5 ids (4 bytes) and 5 codes (2 bytes) a token before compression, less after.
+    let json = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(p)).unwrap()).unwrap()
+    };
+    let generated = json("runs/self/generate/manifest.json")["summary"].clone();
+    let curated = json("runs/self/curate/report.json");
+    for summary in [&generated, &curated] {
+        let bytes = summary["topk_bytes_per_token"].as_f64().unwrap();
+        assert!(bytes > 0.0 && bytes < 30.0, "{summary}");
+        assert!(summary["topk_tokens"].as_u64().unwrap() > 0);
+    }
+    let md = std::fs::read_to_string(dir.path().join("runs/self/curate/report.md")).unwrap();
+    assert!(md.contains("bytes a token on disk"), "{md}");
     let metrics =
         std::fs::read_to_string(dir.path().join("runs/self/finetune/metrics.jsonl")).unwrap();
     let kd: Vec<f64> = metrics

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Live-teacher benchmark (issue 20): the same teacher rows and the same optimizer steps,
-# four ways to train the student, each scored on the same held-back rows:
+# Distillation recipes (issues 20 and 21): the same teacher rows and the same optimizer
+# steps, several ways to train the student, each scored on the same held-back rows:
 #
 #   sft        step-by-step: CE on the teacher's rationales and labels
 #   stored     sft + token-level KD on the teacher's top-k stored at generate time
@@ -11,6 +11,13 @@
 #   mutual     sft + deep mutual learning: a second 0.5B student (its own LoRA init and
 #              dropout) trains on the same batches, each learning from the other's live
 #              distribution and from the labels; no teacher in the loop
+#   feature    sft + feature KD (issue 21): the teacher's hidden states at 4 evenly spaced
+#              layer pairs, MSE through learned maps (weight 1)
+#   relation   sft + relation KD: RKD (distance + 2 × angle) between the micro-batch's
+#              pooled final states of teacher and student (weight $RELATION_WEIGHT)
+#   smol_sft   sft with SmolLM2-135M-Instruct as the student (another tokenizer)
+#   smol_cross smol_sft + cross-tokenizer token KD from the same stored Qwen top-k
+#              (token_kd = "cross": byte-offset alignment, ULD where tokens differ)
 #
 # plus the teacher's own few-shot accuracy. Teacher Qwen2.5-Coder-1.5B-Instruct Q4_K_M,
 # student Qwen2.5-Coder-0.5B-Instruct (LoRA r = 16 on every linear layer): one tokenizer.
@@ -25,7 +32,10 @@
 #   EVAL_ROWS   held-back rows scored per task     (default 50)
 #   STEPS       optimizer steps of every variant   (default 16)
 #   TASKS       "svamp emotion"                    (default svamp)
-#   VARIANTS    which rows to (re)run   (default "teacher sft stored on_policy online mutual")
+#   VARIANTS    which rows to (re)run
+#               (default "teacher sft stored on_policy online mutual feature relation
+#               smol_sft smol_cross")
+#   RELATION_WEIGHT  λ_rel of the relation variant    (default 10)
 #
 # The report covers every task and variant whose results in WORK were measured with the
 # same TRAIN_ROWS, EVAL_ROWS and STEPS, so one variant can be rerun alone.
@@ -38,11 +48,13 @@ train_rows="${TRAIN_ROWS:-64}"
 eval_rows="${EVAL_ROWS:-50}"
 steps="${STEPS:-16}"
 tasks="${TASKS:-svamp}"
-variants="${VARIANTS:-teacher sft stored on_policy online mutual}"
+variants="${VARIANTS:-teacher sft stored on_policy online mutual feature relation smol_sft smol_cross}"
+relation_weight="${RELATION_WEIGHT:-10}"
 params="$train_rows $eval_rows $steps"
 work="${WORK:-$HOME/.cache/kdpipe/live-teacher}"
 teacher_model="$root/models/Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf"
 student_model="$root/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+smol_model="$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 started=$(date +%s)
 
 large_models=1
@@ -51,7 +63,7 @@ large_models=1
 python3 scripts/bench/heldout.py "$data" "$work"
 
 write_config() { # task name variant
-  local task=$1 name=$2 variant=$3 inputs fields taskdef teacher kd="" live=""
+  local task=$1 name=$2 variant=$3 inputs fields taskdef teacher kd="" live="" student="$student_model"
   if [ "$task" = svamp ]; then
     inputs="$work/svamp-pool.jsonl"
     fields='input_field = "question"
@@ -71,7 +83,10 @@ description = "What emotion does the tweet express?"'
   case $variant in
     stored|on_policy) kd="kd_token_weight = 1.0" ;;
     online) kd="kd_token_weight = 1.0" ;;
+    smol_cross) kd="kd_token_weight = 1.0
+token_kd = \"cross\"" ;;
   esac
+  case $variant in smol_*) student="$smol_model" ;; esac
   case $variant in
     on_policy) live="[finetune.live_teacher]
 model = \"$teacher_model\"
@@ -84,6 +99,13 @@ online = true
 max_new_tokens = 128" ;;
     mutual) live="[finetune.mutual]
 weight = 1.0" ;;
+    feature) live="[finetune.hidden_kd]
+model = \"$teacher_model\"
+feature_weight = 1.0" ;;
+    relation) live="[finetune.hidden_kd]
+model = \"$teacher_model\"
+feature_weight = 0.0
+relation_weight = $relation_weight" ;;
   esac
   cat >"$work/$name.toml" <<EOF
 name = "$name"
@@ -107,7 +129,7 @@ token_topk = 20
 split = [0.9, 0.1, 0.0]
 decontaminate = ["$work/$task-heldout.jsonl"]
 [student]
-model = "$student_model"
+model = "$student"
 [finetune]
 objective = "step_by_step"
 max_steps = $steps
@@ -138,7 +160,7 @@ for task in $tasks; do
     cp "$work/runs/$task/eval/report.json" "$work/$task-teacher.json"
     echo "$params" >"$work/$task-teacher.params"
   fi
-  for variant in sft stored on_policy online mutual; do
+  for variant in sft stored on_policy online mutual feature relation smol_sft smol_cross; do
     [[ " $variants " == *" $variant "* ]] || continue
     name="$task-$variant"
     write_config "$task" "$name" "$variant"
@@ -192,7 +214,7 @@ def rss(name):
     kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     return f"{int(kb.group(1)) / 1024 / 1024:.1f}" if kb else "—"
 
-print("# Live teacher: teacher Qwen2.5-Coder-1.5B-Instruct Q4_K_M, student Qwen2.5-Coder-0.5B-Instruct (LoRA r 16)\n")
+print("# Distillation recipes on one teacher: Qwen2.5-Coder-1.5B-Instruct Q4_K_M → Qwen2.5-Coder-0.5B-Instruct (LoRA r 16), and → SmolLM2-135M-Instruct\n")
 print(f"`scripts/bench/live_teacher.sh`: {train_rows} teacher rows per task, {eval_rows} held-back rows scored, "
       f"{steps} optimizer steps of 4 sequences for every variant, on this machine (2 cores). "
       f"The last invocation ran {ran_variants} on {ran_tasks} in {int(elapsed) // 60} min; the other rows "
@@ -208,7 +230,11 @@ for task in ["svamp", "emotion"]:
     print(f"| {task} | teacher few-shot | {100 * m['accuracy']:.1f} % | {wilson(m['accuracy'], n)} | {100 * m['parse_failure_rate']:.1f} % | | {secs(f'{work}/{task}-teacher.seconds')} | | | | | |")
     for v, label in [("sft", "SFT on rationales"), ("stored", "+ stored token KD"),
                      ("on_policy", "+ on-policy λ 0.5"), ("online", "online (live KD) + on-policy λ 0.5"),
-                     ("mutual", "SFT + mutual learning (two students)")]:
+                     ("mutual", "SFT + mutual learning (two students)"),
+                     ("feature", "SFT + feature KD (4 layer pairs, MSE)"),
+                     ("relation", "SFT + relation KD (RKD)"),
+                     ("smol_sft", "SmolLM2-135M student: SFT on rationales"),
+                     ("smol_cross", "SmolLM2-135M student: + cross-tokenizer token KD")]:
         name = f"{task}-{v}"
         if not current(name):
             continue

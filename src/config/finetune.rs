@@ -79,10 +79,18 @@ pub struct FinetuneConfig {
     /// (`[generate] token_topk`), the divergence `kd_token_divergence` between the
     /// teacher's and the student's distributions at each generated token, over the
     /// teacher's k ids plus one category for the rest of the vocabulary (its tail mass:
-    /// `finetune::divergence`), on the teacher's own text in the rationale view. Needs the
-    /// teacher's tokenizer (checked at start): self-distillation, or one model family.
+    /// `finetune::divergence`), on the teacher's own text in the rationale view. With
+    /// `token_kd = "same_vocab"` it needs the teacher's tokenizer (checked at start).
     #[serde(default)]
     pub kd_token_weight: f64,
+    /// How token-level KD meets the teacher's vocabulary: "same_vocab" (the student reads
+    /// the teacher's own token ids: one tokenizer, or one family's padded vocabularies) or
+    /// "cross" (the student's tokens of the teacher's text, aligned by byte offsets to the
+    /// teacher's: the teacher's alternatives mapped by their bytes where spans match, the
+    /// ULD loss elsewhere; `finetune::cross_vocab`). Cross reads the teacher's tokenizer
+    /// from `[teacher] model` (a GGUF or a Hugging Face folder).
+    #[serde(default)]
+    pub token_kd: TokenKd,
     /// The token-level divergence: "forward_kl" (supervised KD), "reverse_kl" (MiniLLM),
     /// or "jsd" (GKD's generalized JSD with `jsd_beta`).
     #[serde(default = "d_divergence")]
@@ -115,6 +123,91 @@ pub struct FinetuneConfig {
     /// A second student trained alongside (`[finetune.mutual]`): deep mutual learning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mutual: Option<MutualConfig>,
+    /// Knowledge in the teacher's hidden states (`[finetune.hidden_kd]`): feature- and
+    /// relation-based distillation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_kd: Option<HiddenKdConfig>,
+}
+
+/// `[finetune.hidden_kd]`: the teacher runs in this process (forward only, on its
+/// quantized weights) over the same token sequences as the student, and passes on what its
+/// hidden states know:
+///
+/// - **features** (FitNets, Romero et al. 2015; hidden-state distillation as in TinyBERT
+///   and DistillKit): at every token, a learned linear map from the student's width to
+///   the teacher's takes the student's state at layer s towards the teacher's at layer t
+///   (both scaled to unit RMS per token: raw states differ in scale by orders of
+///   magnitude between layers and models), for each pair of `layers`; `feature_weight ×` the mean `feature_loss` over pairs.
+///   The maps train with the student and live in the checkpoints; they are not exported.
+/// - **relations** (Relational KD, Park et al. 2019; similarity-preserving KD, Tung & Mori
+///   2019): each example of a micro-batch is pooled to one vector (the final normed
+///   hidden state, mean over its reply tokens); `relation_weight ×` a loss between the
+///   teacher's and the student's pairwise structure of those vectors. Width-free: no map.
+///
+/// The teacher must tokenize as the student does (checked on the train rows at start).
+/// These terms are train-only: the val loss stays the CE and KD terms, comparable with a
+/// run without them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HiddenKdConfig {
+    /// The teacher: a GGUF file or a Hugging Face folder (unset: the `[teacher]` model).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// λ_feat (0: no feature term).
+    #[serde(default = "super::d_one_f")]
+    pub feature_weight: f64,
+    /// "mse" (on teacher states scaled to unit RMS per token) or "cosine" (1 − cos).
+    #[serde(default)]
+    pub feature_loss: FeatureLoss,
+    /// Layer pairs `[[student, teacher], …]`; layer l is the output of the first l blocks
+    /// (Hugging Face's `hidden_states[l]`, 1 ≤ l ≤ the model's layers). Empty: four pairs
+    /// evenly spaced through both models, the last pairing their final blocks.
+    #[serde(default)]
+    pub layers: Vec<[usize; 2]>,
+    /// λ_rel (0: no relation term).
+    #[serde(default)]
+    pub relation_weight: f64,
+    /// "rkd" (distance-wise + 2 × angle-wise, Park et al.'s weights), "distance", "angle"
+    /// or "similarity" (Tung & Mori's Gram matrices).
+    #[serde(default)]
+    pub relation: RelationLoss,
+}
+
+/// How token-level KD meets the teacher's vocabulary (`[finetune] token_kd`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenKd {
+    /// The teacher's token ids, read by the student's own vocabulary.
+    #[default]
+    SameVocab,
+    /// Byte-offset alignment of the two tokenizations.
+    Cross,
+}
+
+/// How a student state is compared with the teacher's (`[finetune.hidden_kd] feature_loss`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLoss {
+    /// Mean squared error against the teacher's state scaled to unit RMS.
+    #[default]
+    Mse,
+    /// 1 − cosine similarity.
+    Cosine,
+}
+
+/// The relation-based loss (`[finetune.hidden_kd] relation`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RelationLoss {
+    /// Distance-wise + 2 × angle-wise RKD.
+    #[default]
+    Rkd,
+    /// Pairwise distances, each divided by their mean (Huber).
+    Distance,
+    /// The angles of every triple of examples (Huber on their cosines).
+    Angle,
+    /// Row-normalized Gram matrices (squared Frobenius distance / b²).
+    Similarity,
 }
 
 /// `[finetune.mutual]`: deep mutual learning (Zhang et al., 2018). A peer student trains on

@@ -19,8 +19,9 @@ pub use curate::{CurateConfig, GoldRule, KeepRationales};
 pub use data::DataConfig;
 pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
 pub use finetune::{
-    default_targets, parse_device, Divergence, FinetuneConfig, LiveTeacherConfig, LoraConfig,
-    MutualConfig, Objective, Precision, SampleWeights,
+    default_targets, parse_device, Divergence, FeatureLoss, FinetuneConfig, HiddenKdConfig,
+    LiveTeacherConfig, LoraConfig, MutualConfig, Objective, Precision, RelationLoss, SampleWeights,
+    TokenKd,
 };
 pub use generate::GenerateConfig;
 pub use stage::Stage;
@@ -119,6 +120,10 @@ impl Config {
         if self.finetune.mutual.is_none() {
             let defaults: MutualConfig = toml::from_str("")?;
             add("finetune.mutual", toml::to_string_pretty(&defaults)?);
+        }
+        if self.finetune.hidden_kd.is_none() {
+            let defaults: HiddenKdConfig = toml::from_str("")?;
+            add("finetune.hidden_kd", toml::to_string_pretty(&defaults)?);
         }
         Ok(out)
     }
@@ -245,6 +250,9 @@ impl Config {
         if let Some(m) = &f.mutual {
             self.validate_mutual(m)?;
         }
+        if let Some(h) = &f.hidden_kd {
+            validate_hidden_kd(h)?;
+        }
         if !["train", "val", "test"].contains(&self.eval.split.as_str()) {
             bail!(
                 "[eval] split must be train, val or test, got {:?}",
@@ -258,6 +266,9 @@ impl Config {
         let f = &self.finetune;
         if !(0.0..=1.0).contains(&live.on_policy) {
             bail!("[finetune.live_teacher] on_policy is the share λ of rows sampled from the student, in [0, 1]; got {}", live.on_policy);
+        }
+        if live.online && f.token_kd == TokenKd::Cross {
+            bail!("[finetune.live_teacher] online = true scores the rationales with the live teacher's tokens, which must be the student's: it does not combine with [finetune] token_kd = \"cross\"\nhint: drop online (the stored top-k is aligned across tokenizers), or use a teacher of the student's family");
         }
         if live.online && f.kd_token_weight <= 0.0 {
             bail!("[finetune.live_teacher] online = true scores the rationales for token-level KD, which is off\nhint: set [finetune] kd_token_weight (1.0 weighs it as the CE terms)");
@@ -425,6 +436,22 @@ impl Config {
             PathBuf::from(format!("prompts/{kind}.md"))
         })
     }
+}
+
+/// `[finetune.hidden_kd]`: non-negative weights, at least one on, layers from 1 (layer
+/// counts are checked against the models when they load).
+fn validate_hidden_kd(h: &HiddenKdConfig) -> Result<()> {
+    let bad = |x: f64| x.is_nan() || x.is_infinite() || x < 0.0;
+    if bad(h.feature_weight) || bad(h.relation_weight) {
+        bail!("[finetune.hidden_kd] feature_weight and relation_weight must be ≥ 0");
+    }
+    if h.feature_weight == 0.0 && h.relation_weight == 0.0 {
+        bail!("[finetune.hidden_kd] asks for nothing: feature_weight and relation_weight are both 0\nhint: set feature_weight (FitNets-style hidden states) or relation_weight (RKD), or remove the section");
+    }
+    if let Some(pair) = h.layers.iter().find(|p| p[0] == 0 || p[1] == 0) {
+        bail!("[finetune.hidden_kd] layers pair {pair:?}: layer l is the output of the first l blocks, so layers start at 1 (0 would be the token embeddings, which hold no teacher knowledge)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

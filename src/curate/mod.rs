@@ -13,6 +13,7 @@ use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::{complete_teacher_files, Shard};
+use crate::io::topk_store::{bytes_per_token, stored_tokens};
 use crate::records::{TeacherRow, CURATED_COLUMNS};
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
@@ -123,6 +124,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let dir = staged.path();
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
+    let (mut split_files, mut topk_tokens) = (vec![], 0);
     for split in SPLITS {
         let mut part = outcome
             .kept
@@ -133,10 +135,17 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             .collect()?;
         let path = dir.join(format!("{split}.parquet"));
         write_frame(&path, &mut part)?;
+        topk_tokens += stored_tokens(&part);
+        split_files.push(path.clone());
         split_rows.insert(split.to_string(), part.height().into());
         outputs.push(staged_entry(&staged, &path, Some(part.height()))?);
     }
-    let summary = report::summary(&outcome, &split_rows)?;
+    let mut summary = report::summary(&outcome, &split_rows)?;
+    let split_paths: Vec<&Path> = split_files.iter().map(PathBuf::as_path).collect();
+    if let Some(bytes) = bytes_per_token(&split_paths, topk_tokens)? {
+        summary["topk_tokens"] = topk_tokens.into();
+        summary["topk_bytes_per_token"] = bytes.into();
+    }
     let report_path = dir.join("report.json");
     write_json(&report_path, &summary)?;
     let md_path = dir.join("report.md");

@@ -117,6 +117,12 @@ pub fn markdown(r: &Value) -> String {
         ));
     }
     md.push_str(&format!("\nSplits: {}.\n", r["splits"]));
+    if let Some(bytes) = r["topk_bytes_per_token"].as_f64() {
+        md.push_str(&format!(
+            "\nToken top-k soft labels: {} tokens, {bytes:.1} bytes a token on disk.\n",
+            r["topk_tokens"]
+        ));
+    }
     if let Some(teachers) = r["teachers"].as_array().filter(|t| !t.is_empty()) {
         md.push_str("\n## Teachers\n\n| teacher | rows | usable | agrees with the vote | agrees with gold |\n|---|---:|---:|---:|---:|\n");
         let pct = |v: &Value| {

@@ -5,13 +5,14 @@
 //! after a newer one is in place. The data position and the shuffling need no state of
 //! their own: the batch order is a function of the seed, so the step says where to go on.
 //! With mutual learning, the peer's weights and moments are saved beside them
-//! (peer.safetensors, peer-optimizer.safetensors).
+//! (peer.safetensors, peer-optimizer.safetensors); with hidden-state KD, its maps
+//! (hidden-kd-projections.safetensors, their moments in optimizer.safetensors).
 
 use super::optim::AdamW;
 use crate::io::atomic::write_json;
 use crate::llama::Decoder;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ fn trainable(model: &Decoder) -> HashMap<String, Tensor> {
 }
 
 const PEER_WEIGHTS: &str = "peer.safetensors";
+const PROJECTIONS: &str = "hidden-kd-projections.safetensors";
 const PEER_OPTIMIZER: &str = "peer-optimizer.safetensors";
 
 fn name(step: usize) -> String {
@@ -53,6 +55,10 @@ fn name(step: usize) -> String {
 /// A second model trained in the same run (the mutual-learning peer) and its optimizer.
 pub type Companion<'a, O> = Option<(&'a Decoder, O)>;
 
+/// Trainable tensors of the run that are not the student's weights (hidden-state KD's
+/// maps); their moments are in the student's optimizer.
+pub type Extra<'a> = &'a [(String, Var)];
+
 /// Write a checkpoint for `state.step` (with the peer's weights and moments when there is
 /// one), then remove older ones.
 pub fn save(
@@ -60,6 +66,7 @@ pub fn save(
     model: &Decoder,
     opt: &AdamW,
     peer: Companion<&AdamW>,
+    extra: Extra,
     state: &State,
 ) -> Result<PathBuf> {
     let final_dir = dir.join(name(state.step));
@@ -76,6 +83,14 @@ pub fn save(
         candle_core::safetensors::save(&trainable(peer), tmp.join(PEER_WEIGHTS))
             .context("cannot write the peer's checkpoint weights")?;
         peer_opt.save(&tmp.join(PEER_OPTIMIZER))?;
+    }
+    if !extra.is_empty() {
+        let tensors: HashMap<String, Tensor> = extra
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        candle_core::safetensors::save(&tensors, tmp.join(PROJECTIONS))
+            .context("cannot write the hidden-state maps")?;
     }
     write_json(&tmp.join("state.json"), state)?;
     if final_dir.exists() {
@@ -151,9 +166,13 @@ pub fn load_best(dir: &Path, model: &Decoder) -> Result<()> {
 }
 
 fn load_weights(file: &Path, model: &Decoder) -> Result<()> {
-    let tensors = candle_core::safetensors::load(file, model.device())
+    load_vars(file, &model.vars, model.device())
+}
+
+fn load_vars(file: &Path, vars: &[(String, Var)], device: &candle_core::Device) -> Result<()> {
+    let tensors = candle_core::safetensors::load(file, device)
         .with_context(|| format!("cannot read {}", file.display()))?;
-    for (n, var) in &model.vars {
+    for (n, var) in vars {
         let t = tensors
             .get(n)
             .with_context(|| format!("{}: no weight {n}", file.display()))?;
@@ -178,8 +197,12 @@ pub fn restore(
     model: &Decoder,
     opt: &mut AdamW,
     peer: Companion<&mut AdamW>,
+    extra: Extra,
 ) -> Result<()> {
     load_weights(&path.join("model.safetensors"), model)?;
+    if !extra.is_empty() {
+        load_vars(&path.join(PROJECTIONS), extra, model.device())?;
+    }
     opt.load(&path.join("optimizer.safetensors"), state.step)?;
     if let Some((peer, peer_opt)) = peer {
         load_weights(&path.join(PEER_WEIGHTS), peer)?;

@@ -41,6 +41,10 @@ pub struct Example {
     /// probabilities at that position: token-KD and on-policy examples, and rationale
     /// examples a live teacher scored (online distillation).
     pub token_topk: Vec<(Vec<u32>, Vec<f32>)>,
+    /// Cross-tokenizer token KD: (reply position, the teacher's probabilities sorted from
+    /// the largest) where no teacher token spans the student token's bytes, for the ULD
+    /// term (`cross_vocab`); those positions' `token_topk` entries are empty.
+    pub token_uld: Vec<(usize, Vec<f32>)>,
     /// The train row it comes from (its index in the split).
     pub row: u32,
 }
@@ -83,6 +87,7 @@ fn example(
         kd: None,
         truncated,
         token_topk: vec![],
+        token_uld: vec![],
         row: 0,
     })
 }
@@ -122,6 +127,7 @@ pub fn token_kd_example(
         kd: None,
         truncated,
         token_topk,
+        token_uld: vec![],
         row: 0,
     }))
 }
@@ -144,7 +150,7 @@ pub fn check_shared_vocabulary(model: &LoadedModel, rows: &[CuratedRow]) -> Resu
         };
         if out_of_range || squash(&decoded) != squash(&r.raw) {
             anyhow::bail!(
-                "token-level KD needs the teacher's tokenizer, and the student's is another: row {:?}'s teacher tokens decode to {:?} with it, not to the teacher's {:?}\nhint: use a student of the teacher's family (or the teacher itself), or set [finetune] kd_token_weight = 0 and use kd_weight (label-level KD works across tokenizers)",
+                "token-level KD needs the teacher's tokenizer, and the student's is another: row {:?}'s teacher tokens decode to {:?} with it, not to the teacher's {:?}\nhint: set [finetune] token_kd = \"cross\" (the teacher's text aligned to the student's tokens by byte offsets), use a student of the teacher's family, or set kd_token_weight = 0 and use kd_weight (label-level KD works across tokenizers)",
                 r.id,
                 decoded.chars().take(60).collect::<String>(),
                 r.raw.chars().take(60).collect::<String>()
@@ -256,6 +262,7 @@ mod tests {
             kd: None,
             truncated: false,
             token_topk: vec![],
+            token_uld: vec![],
             row: 0,
         }
     }

@@ -259,6 +259,7 @@ impl LiveTeacher {
                 kd: None,
                 truncated: *prompt_len < self.rows[*row as usize].student.len(),
                 token_topk: self.alternatives(s),
+                token_uld: vec![],
                 row: *row,
             });
         }

@@ -16,6 +16,9 @@ use candle_core::{DType, Device, Tensor, D};
 pub struct Batch {
     pub ids: Tensor,
     pub attention: Tensor,
+    /// 1 at every reply token (any kind) `[batch, seq]`, unshifted: where an example's
+    /// answer is, for pooling.
+    pub reply: Tensor,
     /// Target masks per view, shifted to align with next-token predictions `[batch, seq-1]`.
     pub label_targets: Tensor,
     pub rationale_targets: Tensor,
@@ -36,6 +39,10 @@ pub struct Batch {
     /// On-policy: the positions of the student's own samples `[batch, seq-1]`.
     pub on_policy_mask: Tensor,
     pub n_on_policy: f64,
+    /// Cross-tokenizer ULD: the positions (flat indices into `[batch, seq-1]`) where the
+    /// student is compared with the teacher by sorted probabilities, and the teacher's
+    /// sorted top-k there `[n_uld, k]` (padding 0). None without such positions.
+    pub uld: Option<(Tensor, Tensor)>,
     pub tokens: usize,
 }
 
@@ -48,6 +55,7 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         .max(2);
     let b = examples.len();
     let (mut ids, mut att) = (vec![pad; b * t], vec![0f32; b * t]);
+    let mut reply = vec![0f32; b * t];
     let (mut lab, mut rat) = (vec![0f32; b * (t - 1)], vec![0f32; b * (t - 1)]);
     let mut kd = vec![0f32; b * (t - 1)];
     let k = examples
@@ -62,11 +70,19 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     let mut tk_logp = vec![-1e9f32; b * (t - 1) * k];
     let mut kd_groups: Vec<(usize, Vec<f64>)> = vec![];
     let mut kd_rows: Vec<Vec<usize>> = vec![];
+    let uld_k = examples
+        .iter()
+        .flat_map(|e| e.token_uld.iter().map(|(_, p)| p.len()))
+        .max()
+        .unwrap_or(0);
+    let (mut uld_at, mut uld_probs) = (vec![], vec![]);
     for (i, e) in examples.iter().enumerate() {
         let mut reply_pos = 0;
+        let mut uld = e.token_uld.iter().peekable();
         for (j, &id) in e.ids.iter().enumerate() {
             ids[i * t + j] = id;
             att[i * t + j] = 1.0;
+            reply[i * t + j] = e.target[j] as f32;
             // Position j-1 predicts token j.
             if j > 0 && e.target[j] == 1 {
                 let at = i * (t - 1) + j - 1;
@@ -76,8 +92,15 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
                     ExampleKind::Kd => kd[at] = 1.0,
                     ExampleKind::TokenKd | ExampleKind::OnPolicy => {}
                 }
-                // The teacher's alternatives (stored, or from a live teacher).
-                if let Some((top_ids, top_logp)) = e.token_topk.get(reply_pos) {
+                if let Some((_, probs)) = uld.next_if(|(p, _)| *p == reply_pos) {
+                    uld_at.push(at as u32);
+                    uld_probs.extend(probs.iter().copied());
+                    uld_probs.extend(std::iter::repeat_n(0f32, uld_k - probs.len()));
+                }
+                // The teacher's alternatives (stored, or from a live teacher; none at a
+                // cross-tokenizer position none of whose alternatives the student has).
+                let alternatives = e.token_topk.get(reply_pos);
+                if let Some((top_ids, top_logp)) = alternatives.filter(|(ids, _)| !ids.is_empty()) {
                     match e.kind {
                         ExampleKind::OnPolicy => op_mask[at] = 1.0,
                         _ => tk_mask[at] = 1.0,
@@ -119,6 +142,7 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
     Ok(Batch {
         ids: Tensor::from_vec(ids, (b, t), device)?,
         attention: Tensor::from_vec(att, (b, t), device)?,
+        reply: Tensor::from_vec(reply, (b, t), device)?,
         label_targets: Tensor::from_vec(lab, (b, t - 1), device)?,
         rationale_targets: Tensor::from_vec(rat, (b, t - 1), device)?,
         kd_targets: Tensor::from_vec(kd, (b, t - 1), device)?,
@@ -131,6 +155,13 @@ pub fn make_batch(examples: &[Example], pad: u32, device: &Device) -> Result<Bat
         n_token_kd,
         on_policy_mask: Tensor::from_vec(op_mask, (b, t - 1), device)?,
         n_on_policy,
+        uld: match uld_at.len() {
+            0 => None,
+            n => Some((
+                Tensor::from_vec(uld_at, n, device)?,
+                Tensor::from_vec(uld_probs, (n, uld_k), device)?,
+            )),
+        },
         tokens: examples.iter().map(|e| e.ids.len()).sum(),
     })
 }
@@ -161,6 +192,11 @@ pub struct LossParts {
     pub on_policy: Option<f64>,
     /// Mutual learning's mimicry of the peer (or of the student, in the peer's parts).
     pub mutual: Option<f64>,
+    /// Feature- and relation-based KD from the teacher's hidden states.
+    pub feature: Option<f64>,
+    pub relation: Option<f64>,
+    /// Cross-tokenizer token KD at positions without an aligned teacher token.
+    pub uld: Option<f64>,
 }
 
 /// Add `w.kd_token_weight ×` token-level KD to the loss: at every position that predicts
@@ -185,6 +221,43 @@ pub fn add_token_kd(
         w.kd_token_weight,
         w,
     )?;
+    Ok(())
+}
+
+/// Add `w.kd_token_weight ×` the Universal Logit Distillation term (Boizard et al.,
+/// 2024) at the batch's cross-tokenizer positions no teacher token aligns with: the L1
+/// distance between the teacher's sorted top-k probabilities and the student's k largest
+/// (its softmax over the whole vocabulary, sorted), mean over positions. The sort's order
+/// is a value; the gradient flows through the gathered probabilities.
+pub fn add_uld(
+    parts: &mut LossParts,
+    logits: &Tensor,
+    batch: &Batch,
+    w: &LossWeights,
+) -> Result<()> {
+    let Some((at, teacher)) = &batch.uld else {
+        return Ok(());
+    };
+    if w.kd_token_weight == 0.0 {
+        return Ok(());
+    }
+    let (b, t, v) = logits.dims3()?;
+    let k = teacher.dim(1)?;
+    let rows = logits
+        .narrow(1, 0, t - 1)?
+        .reshape((b * (t - 1), v))?
+        .index_select(at, 0)?;
+    let log_z = rows.log_sum_exp(D::Minus1)?.unsqueeze(1)?;
+    let probs = rows.broadcast_sub(&log_z)?.exp()?;
+    let order = probs
+        .detach()
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, k)?
+        .contiguous()?;
+    let largest = probs.contiguous()?.gather(&order, D::Minus1)?;
+    let term = (largest - teacher)?.abs()?.sum(D::Minus1)?.mean_all()?;
+    parts.uld = Some(term.to_scalar::<f32>()? as f64);
+    parts.total = (&parts.total + (term * w.kd_token_weight)?)?;
     Ok(())
 }
 
@@ -329,6 +402,9 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
         kd_token: None,
         on_policy: None,
         mutual: None,
+        feature: None,
+        relation: None,
+        uld: None,
         total,
     })
 }
@@ -439,6 +515,7 @@ mod tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                token_uld: vec![],
                 row: 0,
             },
             Example {
@@ -448,6 +525,7 @@ mod tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                token_uld: vec![],
                 row: 0,
             },
         ];
@@ -576,6 +654,7 @@ mod total_tests {
             }),
             truncated: false,
             token_topk: vec![],
+            token_uld: vec![],
             row: 0,
         };
         let ex = vec![
@@ -586,6 +665,7 @@ mod total_tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![],
+                token_uld: vec![],
                 row: 0,
             },
             kd(1, 0.75),
@@ -617,6 +697,59 @@ mod total_tests {
     }
 
     #[test]
+    fn uld_compares_sorted_probabilities_at_its_positions_only() {
+        // One token-KD example, two reply positions: the first has mapped alternatives
+        // (ordinary token KD), the second only the teacher's sorted probabilities (0.7,
+        // 0.2). Student logits at that position: ln(1, 2, 5, 2) → p = (.1, .2, .5, .2);
+        // its two largest are .5 and .2: |.5 − .7| + |.2 − .2| = 0.2.
+        let dev = Device::Cpu;
+        let ex = vec![Example {
+            kind: ExampleKind::TokenKd,
+            ids: vec![3, 1, 2],
+            target: vec![0, 1, 1],
+            kd: None,
+            truncated: false,
+            token_topk: vec![(vec![1], vec![0.5f32.ln()]), (vec![], vec![])],
+            token_uld: vec![(1, vec![0.7, 0.2])],
+            row: 0,
+        }];
+        let batch = make_batch(&ex, 0, &dev).unwrap();
+        assert_eq!(
+            batch.n_token_kd, 1.0,
+            "the ULD position is not a token-KD position"
+        );
+        let logits = Tensor::new(
+            &[[
+                [0f32, 0., 0., 0.],
+                [1f32.ln(), 2f32.ln(), 5f32.ln(), 2f32.ln()],
+                [0., 0., 0., 0.],
+            ]],
+            &dev,
+        )
+        .unwrap();
+        let w = LossWeights {
+            alpha: 1.0,
+            kd_weight: 0.0,
+            kd_token_weight: 2.0,
+            temperature: 1.0,
+            divergence: Divergence::ForwardKl,
+            token_divergence: Divergence::ForwardKl,
+            jsd_beta: 0.5,
+            on_policy_weight: 0.0,
+            on_policy_divergence: Divergence::ReverseKl,
+        };
+        let mut parts = total_loss(&token_nll(&logits, &batch.ids).unwrap(), &batch, &w).unwrap();
+        let before = parts.total.to_scalar::<f32>().unwrap();
+        add_uld(&mut parts, &logits, &batch, &w).unwrap();
+        assert!((parts.uld.unwrap() - 0.2).abs() < 1e-6, "{:?}", parts.uld);
+        let after = parts.total.to_scalar::<f32>().unwrap();
+        assert!(
+            (after - before - 0.4).abs() < 1e-5,
+            "weighted by kd_token_weight"
+        );
+    }
+
+    #[test]
     fn on_policy_tokens_get_their_own_term_and_scored_rationales_keep_their_ce() {
         // Row 0: a rationale the live teacher scored (online): CE and token KD at its two
         // reply positions. Row 1: an on-policy sample: only the on-policy term.
@@ -630,6 +763,7 @@ mod total_tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![top(2), top(0)],
+                token_uld: vec![],
                 row: 0,
             },
             Example {
@@ -639,6 +773,7 @@ mod total_tests {
                 kd: None,
                 truncated: false,
                 token_topk: vec![top(3), top(2)],
+                token_uld: vec![],
                 row: 1,
             },
         ];

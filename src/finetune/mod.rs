@@ -5,31 +5,37 @@
 //! cosine decay, gradient accumulation and clipping, a checkpoint every N steps), measure
 //! the val loss again, export. A live teacher (`live`) reshapes each micro-batch before its
 //! forward pass; a mutual-learning peer (`mutual`) trains beside the student on the same
-//! micro-batches.
+//! micro-batches; a hidden-state teacher (`hidden`) adds feature and relation terms from
+//! the student's states of each micro-batch.
 
 mod checkpoint;
+pub mod cross_vocab;
 pub mod data;
 pub mod divergence;
+pub mod hidden;
 pub mod live;
 pub mod loss;
 pub mod mutual;
 pub mod optim;
 mod svg;
 
-use crate::config::{Config, FinetuneConfig, Objective, Stage};
+use crate::config::{Config, FinetuneConfig, Objective, Stage, TokenKd};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
-use crate::llama::{self, Decoder, LoadedModel};
+use crate::llama::{self, Decoder, HiddenStates, LoadedModel};
 use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::CuratedRow;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
+use cross_vocab::{AlignmentCounts, VocabBridge};
 use data::{batches, check_shared_vocabulary, row_examples, token_kd_example, Example};
+use hidden::{HiddenStats, HiddenTeacher};
 use live::{LiveStats, LiveTeacher};
 use loss::{
-    add_on_policy, add_token_kd, make_batch, token_nll, total_loss, Batch, LossParts, LossWeights,
+    add_on_policy, add_token_kd, add_uld, make_batch, token_nll, total_loss, Batch, LossParts,
+    LossWeights,
 };
 use mutual::Peer;
 use optim::AdamW;
@@ -52,14 +58,23 @@ fn read_split(cfg: &Config, split: &str) -> Result<Vec<CuratedRow>> {
     CuratedRow::from_frame(&read_frame(&path)?, &path)
 }
 
+/// Where token-level KD examples come from: the teacher's own token ids (one
+/// vocabulary), or the student's tokens of the teacher's text aligned to the teacher's
+/// (`cross`, counting the alignment), or nowhere (the term is off, or a live teacher
+/// scores the rationales).
+enum TokenKdSource<'a> {
+    Off,
+    SameVocab,
+    Cross(&'a VocabBridge, &'a std::cell::Cell<AlignmentCounts>),
+}
+
 /// The examples of each row (its views, and its KD answers when the KD term is on).
-/// With a live teacher scoring the rationales (`online`), the stored top-k is not used.
 fn build_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     rows: &[CuratedRow],
     cfg: &Config,
-    online: bool,
+    token_kd: &TokenKdSource,
 ) -> Result<Vec<Vec<Example>>> {
     let ft = &cfg.finetune;
     rows.iter()
@@ -68,8 +83,18 @@ fn build_examples(
             let kd = (ft.kd_weight > 0.0).then_some(i as u32);
             let mut views = row_examples(model, prompt, r, ft.objective, ft.max_seq_len, kd)
                 .with_context(|| format!("cannot build examples for row {:?}", r.id))?;
-            if ft.kd_token_weight > 0.0 && ft.objective != Objective::LabelOnly && !online {
-                views.extend(token_kd_example(model, prompt, r, ft.max_seq_len)?);
+            if ft.objective != Objective::LabelOnly {
+                match token_kd {
+                    TokenKdSource::Off => {}
+                    TokenKdSource::SameVocab => {
+                        views.extend(token_kd_example(model, prompt, r, ft.max_seq_len)?)
+                    }
+                    TokenKdSource::Cross(bridge, counts) => {
+                        let mut c = counts.get();
+                        views.extend(bridge.example(model, prompt, r, ft.max_seq_len, &mut c)?);
+                        counts.set(c);
+                    }
+                }
             }
             for v in &mut views {
                 v.row = i as u32;
@@ -111,11 +136,31 @@ fn forward(model: &Decoder, batch: &Batch, dropout_key: Option<u64>) -> Result<T
     logits
 }
 
+/// A training pass's logits, and the states at `layers` when a hidden-state teacher needs
+/// them (None: logits only).
+fn forward_with_states(
+    model: &Decoder,
+    batch: &Batch,
+    dropout_key: Option<u64>,
+    layers: Option<&[usize]>,
+) -> Result<(Tensor, Option<HiddenStates>)> {
+    let Some(layers) = layers else {
+        return Ok((forward(model, batch, dropout_key)?, None));
+    };
+    model.set_dropout_key(dropout_key);
+    let out = model.forward_hidden(&batch.ids, &batch.attention, layers, true);
+    model.set_dropout_key(None);
+    let (logits, states) = out?;
+    let logits = logits.context("forward_hidden was asked for logits")?;
+    Ok((logits, Some(states)))
+}
+
 /// The loss of one batch from its logits: the CE views, the label-set KD term, the
 /// token-level KD term and the on-policy term, each part kept for the metrics.
 fn batch_loss(logits: &Tensor, batch: &Batch, weights: &LossWeights) -> Result<LossParts> {
     let mut parts = total_loss(&token_nll(logits, &batch.ids)?, batch, weights)?;
     add_token_kd(&mut parts, logits, batch, weights)?;
+    add_uld(&mut parts, logits, batch, weights)?;
     add_on_policy(&mut parts, logits, batch, weights)?;
     Ok(parts)
 }
@@ -205,14 +250,28 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let mut loaded = llama::load(&cfg.student.model, &device)?;
     // A live teacher scoring the rationales (online distillation) replaces the stored top-k.
     let online = ft.live_teacher.as_ref().is_some_and(|l| l.online);
-    if ft.kd_token_weight > 0.0 && !online {
-        check_shared_vocabulary(&loaded, &train_rows)?;
-    }
+    let stored_token_kd = ft.kd_token_weight > 0.0 && !online;
+    let bridge = match ft.token_kd {
+        TokenKd::Cross if stored_token_kd => Some(open_bridge(cfg, &loaded)?),
+        _ => None,
+    };
+    let alignment = std::cell::Cell::new(AlignmentCounts::default());
+    let token_kd = match (&bridge, stored_token_kd) {
+        (_, false) => TokenKdSource::Off,
+        (Some(b), true) => TokenKdSource::Cross(b, &alignment),
+        (None, true) => {
+            check_shared_vocabulary(&loaded, &train_rows)?;
+            TokenKdSource::SameVocab
+        }
+    };
     let model = trainable_decoder(&loaded, &device, ft, cfg.seed)?;
     // The decoder holds what it needs; trainable weights are copies (variables), so the
     // loaded originals would be a second copy of the model for the whole run.
     loaded.weights.clear();
     let mut peer = Peer::open(cfg, &loaded, &train_rows, &device)?;
+    let hidden = HiddenTeacher::open(cfg, &loaded, &train_rows, &device)?;
+    let student_layers = hidden.as_ref().map(|h| h.student_layers());
+    let extra: &[(String, candle_core::Var)] = hidden.as_ref().map_or(&[], |h| &h.projections);
     let pad = loaded.eos_token_id;
     let weights = LossWeights {
         alpha: ft.alpha,
@@ -229,12 +288,23 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             .map_or(crate::config::Divergence::ReverseKl, |l| l.divergence),
     };
     let mut live = LiveTeacher::open(cfg, &loaded, &prompt, &train_rows)?;
-    let train = build_examples(&loaded, &prompt, &train_rows, cfg, online)?;
+    let train = build_examples(&loaded, &prompt, &train_rows, cfg, &token_kd)?;
+    let train_alignment = alignment.get();
+    if bridge.is_some() {
+        let c = train_alignment;
+        eprintln!(
+            "finetune: cross-tokenizer token KD: {} of {} reply tokens ({:.1} %) align exactly with a teacher token (its alternatives mapped by bytes), {} compared by sorted probabilities (ULD)",
+            c.exact,
+            c.reply_tokens,
+            100.0 * c.exact as f64 / c.reply_tokens.max(1) as f64,
+            c.uld
+        );
+    }
     // Without val rows, the val loss is measured on (at most 8) train rows.
     let val = if val_rows.is_empty() {
         train.iter().take(8).cloned().collect()
     } else {
-        build_examples(&loaded, &prompt, &val_rows, cfg, online)?
+        build_examples(&loaded, &prompt, &val_rows, cfg, &token_kd)?
     };
     let n_train_examples: usize = train.iter().map(Vec::len).sum();
     // (Without val rows, `val` repeats train examples: count them once.)
@@ -272,11 +342,15 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir)?;
     let hash = config_hash(&cfg.stage_view(Stage::Finetune));
     let inputs_hash = text_sha256(&serde_json::to_string(&inputs)?);
-    let mut opt = AdamW::new(model.vars.clone(), ft.weight_decay)?;
+    // Hidden-state KD's maps train with the student, in its optimizer.
+    let mut opt = AdamW::new(
+        model.vars.iter().chain(extra).cloned().collect(),
+        ft.weight_decay,
+    )?;
     let mut state = match checkpoint::latest(&out_dir, &hash, &inputs_hash)? {
         Some((path, state)) => {
             let peer = peer.as_mut().map(|p| (&p.model, &mut p.opt));
-            checkpoint::restore(&path, &state, &model, &mut opt, peer)?;
+            checkpoint::restore(&path, &state, &model, &mut opt, peer, extra)?;
             eprintln!(
                 "finetune: resuming from {} (step {})",
                 path.display(),
@@ -315,7 +389,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let t0 = std::time::Instant::now();
         let mut acc = opt.accumulator();
         let (mut loss, mut tokens) = (0.0, 0);
-        let mut terms: [Vec<f64>; 6] = Default::default();
+        let mut terms: [Vec<f64>; 9] = Default::default();
+        let mut hidden_stats = HiddenStats::default();
         let mut peer_acc = peer.as_ref().map(|p| p.opt.accumulator());
         let (mut peer_loss, mut peer_mimicry) = (0.0, vec![]);
         let mut live_stats = LiveStats::default();
@@ -333,8 +408,13 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 None => examples,
             };
             let batch = make_batch(examples, pad, model.device())?;
-            let logits = forward(&model, &batch, Some(dropout_key(cfg.seed, step, k)))?;
+            let key = Some(dropout_key(cfg.seed, step, k));
+            let (logits, states) =
+                forward_with_states(&model, &batch, key, student_layers.as_deref())?;
             let mut parts = batch_loss(&logits, &batch, &weights)?;
+            if let (Some(h), Some(states)) = (&hidden, &states) {
+                h.add_terms(&mut parts, states, &batch, &mut hidden_stats)?;
+            }
             let place = (step, k, chunk.len(), examples.len());
             if let (Some(p), Some(p_acc)) = (&peer, peer_acc.as_mut()) {
                 let key = p.dropout_key(step, k);
@@ -357,6 +437,9 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 parts.kd_token,
                 parts.on_policy,
                 parts.mutual,
+                parts.feature,
+                parts.relation,
+                parts.uld,
             ]) {
                 slot.extend(v);
             }
@@ -374,7 +457,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         let mut metrics = serde_json::json!({
             "step": step + 1, "loss": loss, "label_loss": mean(&terms[0]),
             "rationale_loss": mean(&terms[1]), "kd_loss": mean(&terms[2]),
-            "kd_token_loss": mean(&terms[3]), "lr": lr,
+            "kd_token_loss": mean(&terms[3]), "uld_loss": mean(&terms[8]), "lr": lr,
             "grad_norm": grad_norm, "tokens": tokens,
             "tokens_per_second": tokens as f64 / secs.max(1e-9),
         });
@@ -402,6 +485,17 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 m.extend(e.clone());
             }
         }
+        if hidden.is_some() {
+            let extra = serde_json::json!({
+                "feature_loss": mean(&terms[6]), "relation_loss": mean(&terms[7]),
+                "hidden_teacher_seconds": hidden_stats.teacher_seconds,
+                "hidden_teacher_tokens_per_second":
+                    hidden_stats.teacher_tokens as f64 / hidden_stats.teacher_seconds.max(1e-9),
+            });
+            if let (Some(m), Some(e)) = (metrics.as_object_mut(), extra.as_object()) {
+                m.extend(e.clone());
+            }
+        }
         state.metrics.push(metrics.to_string());
         let rate = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.0}"));
         if live.is_some() {
@@ -413,6 +507,14 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             ));
         } else if peer.is_some() {
             progress.set_message(format!("loss {loss:.3} · peer {peer_loss:.3}"));
+        } else if hidden.is_some() {
+            let term = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.3}"));
+            progress.set_message(format!(
+                "loss {loss:.3} · feature {} relation {} · teacher {:.0} tok/s",
+                term(mean(&terms[6])),
+                term(mean(&terms[7])),
+                hidden_stats.teacher_tokens as f64 / hidden_stats.teacher_seconds.max(1e-9)
+            ));
         } else {
             progress.set_message(format!("loss {loss:.3}"));
         }
@@ -440,7 +542,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             && state.step < total_steps
         {
             let peer = peer.as_ref().map(|p| (&p.model, &p.opt));
-            checkpoint::save(&out_dir, &model, &opt, peer, &state)?;
+            checkpoint::save(&out_dir, &model, &opt, peer, extra, &state)?;
         }
     }
     let train_secs = progress.finish();
@@ -481,6 +583,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         "objective": ft.objective, "student": cfg.student.model,
         "evals": state.evals, "exported_step": exported_step,
         "mutual_peer": peer.as_ref().map(|p| &p.path),
+        "hidden_kd_teacher": hidden.as_ref().map(|h| &h.path),
+        "cross_tokenizer_alignment": bridge.is_some().then_some(train_alignment),
     });
     let mut m = Manifest::new(Stage::Finetune, hash, cfg.seed);
     m.inputs = inputs;
@@ -498,6 +602,22 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let _ = std::io::stderr().flush();
     eprintln!("finetune: {step} steps in {train_secs:.0} s, val loss {val_before:.3} → {val_after:.3}; student → {}", student_dir.display());
     Ok(student_dir)
+}
+
+/// The bridge between the teacher's vocabulary (its tokenizer read from `[teacher]
+/// model`) and the student's, for cross-tokenizer token KD.
+fn open_bridge(cfg: &Config, student: &LoadedModel) -> Result<VocabBridge> {
+    let path = &cfg.teacher.model;
+    let teacher = llama::load_tokenizer(path).with_context(|| {
+        format!("[finetune] token_kd = \"cross\" reads the teacher's tokenizer from [teacher] model = {path:?}")
+    })?;
+    let bridge = VocabBridge::new(&teacher, &student.tokenizer)?;
+    eprintln!(
+        "finetune: cross-tokenizer token KD: {:.1} % of the teacher's {} tokens are a student token (same bytes)",
+        100.0 * bridge.shared_share(),
+        teacher.get_vocab_size(true)
+    );
+    Ok(bridge)
 }
 
 /// Whether a folder holds an exported student.

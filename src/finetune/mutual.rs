@@ -250,6 +250,9 @@ mod tests {
             kd_token: None,
             on_policy: None,
             mutual: None,
+            feature: None,
+            relation: None,
+            uld: None,
         };
         let mut parts = zero();
         add_mimicry(&mut parts, &logits, &same, (&mask, 1.0), &cfg, 0.5).unwrap();

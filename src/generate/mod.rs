@@ -16,6 +16,7 @@ use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::Shard;
+use crate::io::topk_store::{bytes_per_token, stored_tokens};
 use crate::progress::Progress;
 use crate::prompts::Prompt;
 use crate::records::{InputRow, TeacherRow};
@@ -145,6 +146,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         bail!("Batch API files are written for one teacher, and this config names an [[ensemble]]\nhint: run the Batch job with one [teacher] per run name");
     }
 
+    check_token_kd_vocabulary(cfg)?;
     let inputs_manifest = input_entries(cfg)?;
     let stage_hash = config_hash(&cfg.stage_view(Stage::Generate));
     let out_path = shard.teacher_file(&out_dir);
@@ -339,6 +341,11 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
     m.inputs = inputs_manifest;
     m.outputs = vec![entry(&out_path, Some(rows.len()))?];
     m.summary = summary;
+    let topk_tokens = stored_tokens(&df);
+    if let Some(bytes) = bytes_per_token(&[&out_path], topk_tokens)? {
+        m.summary["topk_tokens"] = topk_tokens.into();
+        m.summary["topk_bytes_per_token"] = bytes.into();
+    }
     m.summary["backend"] = backend.clone().into();
     m.summary["teacher"] = teacher_id.into();
     if teacher_ids.len() > 1 {
@@ -359,6 +366,35 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
         out_path.display()
     );
     Ok(out_path)
+}
+
+/// Token top-k that the configured finetune reads by id (`kd_token_weight > 0`,
+/// `token_kd = "same_vocab"`) must come from the student's own vocabulary: a local
+/// teacher of another tokenizer is refused here, before any teacher time is spent.
+/// Vocabularies of one family that differ only in the padding of the embedding matrix
+/// (Qwen2.5's 151,936 and 152,064 rows) have the same tokens and pass. A student file
+/// that is not there yet is not checked (finetune checks again).
+fn check_token_kd_vocabulary(cfg: &Config) -> Result<()> {
+    let ft = &cfg.finetune;
+    let local = cfg.teacher.kind != crate::config::TeacherKind::Openai;
+    if cfg.generate.token_topk == 0
+        || ft.kd_token_weight <= 0.0
+        || ft.token_kd != crate::config::TokenKd::SameVocab
+        || !local
+        || !Path::new(&cfg.student.model).exists()
+    {
+        return Ok(());
+    }
+    let teacher = crate::llama::load_tokenizer(&cfg.teacher.model)?;
+    let student = crate::llama::load_tokenizer(&cfg.student.model)?;
+    if let Some(difference) =
+        crate::finetune::cross_vocab::vocabulary_difference(&teacher, &student)?
+    {
+        bail!(
+            "[finetune] kd_token_weight > 0 reads the teacher's token ids with the student's vocabulary (token_kd = \"same_vocab\"), and the two differ: {difference}\nhint: set [finetune] token_kd = \"cross\" (byte-offset alignment across tokenizers), use a student of the teacher's family, or set kd_token_weight = 0"
+        );
+    }
+    Ok(())
 }
 
 /// The prompt template's name, for provenance: the file stem.

@@ -5,3 +5,4 @@ pub mod inputs;
 pub mod manifest;
 pub mod parquet;
 pub mod shards;
+pub mod topk_store;

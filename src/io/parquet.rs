@@ -73,7 +73,7 @@ mod tests {
             ids: vec![5, 9],
             logprobs: vec![-0.1, -0.2],
             top_ids: vec![vec![5, 6], vec![9, 1]],
-            top_logprobs: vec![vec![-0.1, -2.0], vec![-0.2, -3.0]],
+            top_logprobs: vec![vec![-0.1, -3.0], vec![-0.2, -3.0]],
             ..TokenTopk::default()
         };
         with_tokens.seed = Some(42);
@@ -82,7 +82,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.parquet");
         write_frame(&path, &mut df).unwrap();
-        let back = TeacherRow::from_frame(&read_frame(&path).unwrap(), &path).unwrap();
+        let mut back = TeacherRow::from_frame(&read_frame(&path).unwrap(), &path).unwrap();
+        // The top-k log-probabilities come back through 16-bit codes (io::topk_store).
+        let (stored, exact) = (&back[2].tokens.top_logprobs, &rows[2].tokens.top_logprobs);
+        for (a, b) in stored.iter().flatten().zip(exact.iter().flatten()) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
+        back[2].tokens.top_logprobs = exact.clone();
         assert_eq!(back, rows);
     }
 }

@@ -128,6 +128,12 @@ pub fn load_quantized(path: &Path) -> Result<LoadedModel> {
     read(path, &Device::Cpu, true)
 }
 
+/// The GGUF's tokenizer alone (its header read, no tensor data).
+pub fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let (_, content) = read_header(path)?;
+    super::tokenizer::tokenizer_from_gguf(&content)
+}
+
 /// The open file and its header (metadata and tensor table; no tensor data read).
 fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
     let mut file =

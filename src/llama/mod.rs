@@ -32,7 +32,7 @@ use std::path::Path;
 use std::sync::Arc;
 use tokenizers::Tokenizer;
 
-pub use model::Decoder;
+pub use model::{Decoder, HiddenStates};
 pub use shape::ModelShape;
 
 /// Everything loaded for a model: shape, weights by Hugging Face name, tokenizer and chat
@@ -173,6 +173,22 @@ impl LoadedModel {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+    }
+}
+
+/// A model's tokenizer without its weights: from a GGUF's header, or a Hugging Face
+/// folder's tokenizer.json.
+pub fn load_tokenizer(model: &str) -> Result<tokenizers::Tokenizer> {
+    let path = Path::new(model);
+    if model.to_ascii_lowercase().ends_with(".gguf") {
+        if !path.is_file() {
+            bail!("model file {model} does not exist\nhint: run scripts/fetch-models.sh");
+        }
+        gguf::tokenizer(path)
+    } else {
+        let file = path.join("tokenizer.json");
+        tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))
     }
 }
 

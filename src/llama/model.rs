@@ -81,6 +81,14 @@ impl BlockWeights for InferenceWeights {
     }
 }
 
+/// Hidden states of one forward pass (`Decoder::forward_hidden`).
+pub struct HiddenStates {
+    /// `[batch, seq, hidden]` after each requested layer.
+    pub layers: Vec<Tensor>,
+    /// `[batch, seq, hidden]` after the last block and the final norm.
+    pub last: Tensor,
+}
+
 pub struct Decoder {
     pub shape: ModelShape,
     pub(super) embed: Embeddings,
@@ -429,18 +437,65 @@ impl Decoder {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `mask` `[batch, seq]` is 1
     /// for real tokens and 0 for padding (right-padded).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
         let pass = self.pass();
+        let (x, _) = self.run_blocks(ids, mask, &[], &pass)?;
+        self.logits(&x, &pass)
+    }
+
+    /// The hidden states of a forward pass: the output of the first l blocks for each l
+    /// of `layers` (1 ≤ l ≤ the layer count; Hugging Face's `hidden_states[l]`), and the
+    /// final hidden state after the final norm (what the vocabulary head reads), each
+    /// `[batch, seq, hidden]`; with the logits when `logits` is set. Same inputs as
+    /// `forward`.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        layers: &[usize],
+        logits: bool,
+    ) -> Result<(Option<Tensor>, HiddenStates)> {
+        let n = self.shape.num_hidden_layers;
+        if let Some(l) = layers.iter().find(|&&l| l == 0 || l > n) {
+            anyhow::bail!("layer {l} is outside 1..={n}, the model's blocks");
+        }
+        let pass = self.pass();
+        let (x, layers) = self.run_blocks(ids, mask, layers, &pass)?;
+        let last = rms_norm(&x, &self.norm, self.shape.rms_norm_eps)?;
+        let logits = match logits {
+            true => Some(self.head.forward(&last, &pass)?),
+            false => None,
+        };
+        Ok((logits, HiddenStates { layers, last }))
+    }
+
+    /// Embeddings, then every block; the output after the blocks and the hidden state
+    /// after each `keep` layer count, in `keep`'s order.
+    fn run_blocks(
+        &self,
+        ids: &Tensor,
+        mask: &Tensor,
+        keep: &[usize],
+        pass: &Pass,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let (b, t) = ids.dims2()?;
         let mut x =
             self.embed
                 .lookup(&ids.flatten_all()?)?
                 .reshape((b, t, self.shape.hidden_size))?;
         let mut attn =
             CausalAttention::new(&self.shape, (&self.cos, &self.sin), mask, pass.precision)?;
+        let mut kept = vec![None; keep.len()];
         for (l, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&x, l, &mut attn, &pass)?;
+            x = block.forward(&x, l, &mut attn, pass)?;
+            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &k)| k == l + 1) {
+                *slot = Some(x.clone());
+            }
         }
-        self.logits(&x, &pass)
+        let kept = kept
+            .into_iter()
+            .map(|s| s.context("a requested layer was not reached"))
+            .collect::<Result<_>>()?;
+        Ok((x, kept))
     }
 }
 
