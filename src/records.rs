@@ -2,10 +2,12 @@
 //! Polars frame; readers check columns and types and name the file when one is wrong.
 //! `SCHEMA_VERSION` (in io::manifest) changes whenever a column here changes.
 
-use crate::io::topk_store::{self, FlatTopk, TopkColumns};
+pub mod topk_store;
+
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::Path;
+use topk_store::{FlatTopk, TopkColumns};
 
 /// One user input after the field mapping.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,7 +28,7 @@ pub const SOFT_NONE: &str = "none";
 /// Token-level soft labels of one row: every generated token with its natural-log
 /// probability and its top-k alternatives. Local teachers give token ids (`ids`,
 /// `top_ids`), APIs give token text (`texts`, `top_texts`); the other pair stays empty.
-/// On disk the alternatives take the compact layout of `io::topk_store` (16-bit
+/// On disk the alternatives take the compact layout of `records::topk_store` (16-bit
 /// log-probability codes and each token's tail mass: read back within 6e-4 nats, the
 /// tail kept).
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -5,7 +5,8 @@
 
 mod common;
 use common::*;
-use kdpipe::finetune::cross_vocab::{align, vocabulary_bytes, Pairing};
+use kdpipe::finetune::cross_vocab::{align, Pairing};
+use kdpipe::llama::vocab::vocabulary_bytes;
 use std::path::Path;
 
 /// The byte strings of `text`'s tokens under a model's tokenizer.

@@ -217,3 +217,43 @@ fn another_tokenizer_layers_outside_the_models_and_an_empty_section_are_refused(
         stderr(&out)
     );
 }
+
+/// The pair at a small scale: a Qwen2.5-Coder-0.5B teacher on its quantized
+/// weights and the same model as a LoRA student, two steps with both terms at the default
+/// layer map.
+#[test]
+fn a_qwen_teacher_passes_features_and_relations_to_a_qwen_student() {
+    let dir = tempfile::tempdir().unwrap();
+    curated(dir.path(), 4);
+    let smol = smollm2().display().to_string();
+    let qwen_path = qwen().display().to_string();
+    let extra = format!(
+        "lora = {{ rank = 4, alpha = 8 }}\n{}",
+        section(&qwen(), "relation_weight = 1.0\n")
+    );
+    config_replacing(
+        dir.path(),
+        &extra,
+        &[
+            ("batch_size = 2\n", "batch_size = 4\n"),
+            ("max_steps = 6\n", "max_steps = 2\n"),
+            (&smol, &qwen_path),
+        ],
+    );
+    let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("(24 layers, width 896)")
+            && err.contains("[(6, 6), (12, 12), (18, 18), (24, 24)]"),
+        "{err}"
+    );
+    let m = metrics(dir.path());
+    assert_eq!(m.len(), 2);
+    for s in &m {
+        for key in ["feature_loss", "relation_loss", "label_loss"] {
+            let v = s[key].as_f64().unwrap();
+            assert!(v.is_finite() && v >= 0.0, "{key}: {s}");
+        }
+    }
+}

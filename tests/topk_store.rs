@@ -9,7 +9,7 @@ use common::*;
 use kdpipe::config::Divergence;
 use kdpipe::finetune::divergence::per_position;
 use kdpipe::io::parquet::{read_frame, write_frame};
-use kdpipe::io::topk_store;
+use kdpipe::records::topk_store;
 use kdpipe::records::{TeacherRow, TokenTopk};
 use polars::prelude::*;
 

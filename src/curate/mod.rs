@@ -13,7 +13,7 @@ use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::{complete_teacher_files, Shard};
-use crate::io::topk_store::{bytes_per_token, stored_tokens};
+use crate::records::topk_store::{bytes_per_token, stored_tokens};
 use crate::records::{TeacherRow, CURATED_COLUMNS};
 use crate::task::Task;
 use anyhow::{bail, Context, Result};

@@ -16,102 +16,13 @@
 //! Each run reports the share of reply tokens aligned exactly.
 
 use super::data::{Example, ExampleKind};
+use crate::llama::vocab::vocabulary_bytes;
 use crate::llama::LoadedModel;
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::collections::HashMap;
 use tokenizers::Tokenizer;
-
-/// GPT-2's byte-level alphabet: the character standing for each byte.
-fn byte_chars() -> [char; 256] {
-    let mut table = ['\0'; 256];
-    let mut next = 256u32;
-    for (b, slot) in table.iter_mut().enumerate() {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-        *slot = if printable {
-            char::from(b as u8)
-        } else {
-            let c = char::from_u32(next).unwrap_or('\0');
-            next += 1;
-            c
-        };
-    }
-    table
-}
-
-/// Whether a token is a padding row of the embedding matrix, no real token: llama.cpp's
-/// converter names them `[PAD<id>]` (Qwen2.5's 151,936 and 152,064 rows both hold its
-/// 151,665 tokens).
-fn is_padding(token: &str) -> bool {
-    token
-        .strip_prefix("[PAD")
-        .and_then(|t| t.strip_suffix(']'))
-        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Every token's bytes, by id (empty for padding rows): the token string with the byte-level alphabet undone.
-/// Fails for a vocabulary that is not byte-level BPE (a character outside the alphabet
-/// in a normal token).
-pub fn vocabulary_bytes(tokenizer: &Tokenizer, whose: &str) -> Result<Vec<Vec<u8>>> {
-    let inverse: HashMap<char, u8> = byte_chars()
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect();
-    let size = tokenizer.get_vocab_size(true);
-    let mut out = vec![vec![]; size];
-    for (id, slot) in out.iter_mut().enumerate() {
-        let Some(token) = tokenizer.id_to_token(id as u32) else {
-            continue;
-        };
-        if is_padding(&token) {
-            continue;
-        }
-        let bytes: Option<Vec<u8>> = token.chars().map(|c| inverse.get(&c).copied()).collect();
-        *slot = match bytes {
-            Some(b) => b,
-            None => {
-                // Added (special) tokens are written as themselves.
-                let special = tokenizer
-                    .get_added_vocabulary()
-                    .get_vocab()
-                    .contains_key(&token);
-                if !special {
-                    bail!("the {whose}'s tokenizer is not byte-level BPE (token {id} is {token:?}): cross-tokenizer KD compares byte-level vocabularies (Qwen2, Llama 3, SmolLM2, GPT-2)");
-                }
-                token.into_bytes()
-            }
-        };
-    }
-    Ok(out)
-}
-
-/// How two tokenizers' vocabularies differ (None: the same tokens, as bytes, under the
-/// same ids; a longer embedding matrix is padding and not compared).
-pub fn vocabulary_difference(a: &Tokenizer, b: &Tokenizer) -> Result<Option<String>> {
-    let (x, y) = (
-        vocabulary_bytes(a, "teacher")?,
-        vocabulary_bytes(b, "student")?,
-    );
-    Ok(difference_of(&x, &y))
-}
-
-/// `vocabulary_difference` over the two vocabularies as bytes by id (padding empty).
-fn difference_of(x: &[Vec<u8>], y: &[Vec<u8>]) -> Option<String> {
-    let real = |v: &[Vec<u8>]| v.iter().rposition(|t| !t.is_empty()).map_or(0, |i| i + 1);
-    let (nx, ny) = (real(x), real(y));
-    if nx != ny {
-        return Some(format!("the teacher has {nx} tokens, the student {ny}"));
-    }
-    x.iter().zip(y).position(|(s, t)| s != t).map(|id| {
-        format!(
-            "token {id} is {:?} for the teacher, {:?} for the student",
-            String::from_utf8_lossy(&x[id]),
-            String::from_utf8_lossy(&y[id])
-        )
-    })
-}
 
 /// Where one student reply token gets its target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,32 +210,6 @@ impl VocabBridge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_byte_alphabet_is_gpt2s() {
-        let t = byte_chars();
-        assert_eq!(t[b' ' as usize], 'Ġ');
-        assert_eq!(t[b'\n' as usize], 'Ċ');
-        assert_eq!(t[b'a' as usize], 'a');
-        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
-        assert_eq!(distinct.len(), 256);
-    }
-
-    #[test]
-    fn padding_rows_are_not_tokens() {
-        assert!(is_padding("[PAD151935]"));
-        assert!(!is_padding("[PAD]") && !is_padding("[PADx1]") && !is_padding("PAD1"));
-        let t = |v: &[&str]| -> Vec<Vec<u8>> { v.iter().map(|s| s.as_bytes().to_vec()).collect() };
-        // One family padded to two matrix sizes: the same vocabulary.
-        let small = [t(&["a", "b", "c"]), vec![vec![]; 2]].concat();
-        let large = [t(&["a", "b", "c"]), vec![vec![]; 5]].concat();
-        assert_eq!(difference_of(&small, &large), None);
-        assert_eq!(
-            difference_of(&t(&["a", "b"]), &t(&["a", "c"])).as_deref(),
-            Some("token 1 is \"b\" for the teacher, \"c\" for the student")
-        );
-        assert!(difference_of(&t(&["a", "b", "c"]), &t(&["a", "b"])).is_some());
-    }
 
     #[test]
     fn spans_pair_exactly_or_by_the_covering_token() {

@@ -16,9 +16,9 @@ use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
 use crate::io::shards::Shard;
-use crate::io::topk_store::{bytes_per_token, stored_tokens};
 use crate::progress::Progress;
 use crate::prompts::Prompt;
+use crate::records::topk_store::{bytes_per_token, stored_tokens};
 use crate::records::{InputRow, TeacherRow};
 use crate::task::{ParseStatus, Task};
 use crate::teacher::{self, batch_api, Job, JobResult, RetryCounts, Settings};
@@ -387,9 +387,7 @@ fn check_token_kd_vocabulary(cfg: &Config) -> Result<()> {
     }
     let teacher = crate::llama::load_tokenizer(&cfg.teacher.model)?;
     let student = crate::llama::load_tokenizer(&cfg.student.model)?;
-    if let Some(difference) =
-        crate::finetune::cross_vocab::vocabulary_difference(&teacher, &student)?
-    {
+    if let Some(difference) = crate::llama::vocab::vocabulary_difference(&teacher, &student)? {
         bail!(
             "[finetune] kd_token_weight > 0 reads the teacher's token ids with the student's vocabulary (token_kd = \"same_vocab\"), and the two differ: {difference}\nhint: set [finetune] token_kd = \"cross\" (byte-offset alignment across tokenizers), use a student of the teacher's family, or set kd_token_weight = 0"
         );

@@ -5,4 +5,3 @@ pub mod inputs;
 pub mod manifest;
 pub mod parquet;
 pub mod shards;
-pub mod topk_store;

@@ -83,7 +83,7 @@ mod tests {
         let path = dir.path().join("t.parquet");
         write_frame(&path, &mut df).unwrap();
         let mut back = TeacherRow::from_frame(&read_frame(&path).unwrap(), &path).unwrap();
-        // The top-k log-probabilities come back through 16-bit codes (io::topk_store).
+        // The top-k log-probabilities come back through 16-bit codes (records::topk_store).
         let (stored, exact) = (&back[2].tokens.top_logprobs, &rows[2].tokens.top_logprobs);
         for (a, b) in stored.iter().flatten().zip(exact.iter().flatten()) {
             assert!((a - b).abs() < 2e-3, "{a} vs {b}");

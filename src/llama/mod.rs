@@ -22,6 +22,7 @@ pub mod shape;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod tokenizer;
+pub mod vocab;
 
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::kernels::quant::QMatrix;

@@ -224,7 +224,7 @@ impl<'a> TopkColumns<'a> {
             return Ok(None);
         }
         let list = |t: DataType| DataType::List(Box::new(t));
-        let req = |name: &str, t: DataType| crate::records::require(df, path, name, &t);
+        let req = |name: &str, t: DataType| super::require(df, path, name, &t);
         Ok(Some(TopkColumns {
             k: req("topk_k", DataType::UInt32)?.u32()?,
             ids: req("topk_ids", list(DataType::UInt32))?.list()?,
