@@ -15,10 +15,10 @@
 //!
 //! Each run reports the share of reply tokens aligned exactly.
 
-use super::data::{Example, ExampleKind};
+use super::data::{rationale_with_reply, Example, ExampleKind};
 use crate::llama::vocab::vocabulary_bytes;
 use crate::llama::LoadedModel;
-use crate::prompts::{Prompt, View};
+use crate::prompts::Prompt;
 use crate::records::CuratedRow;
 use anyhow::Result;
 use std::collections::HashMap;
@@ -157,16 +157,8 @@ impl VocabBridge {
             .collect();
         let pairing = align(&teacher_tokens, &student_tokens);
 
-        let mut ids = model.chat_ids(&prompt.student_chat(View::Rationale, &row.input))?;
-        let keep = reply.len().min(max_len.saturating_sub(8).max(1));
-        let truncated = ids.len() + reply.len() > max_len;
-        let room = max_len.saturating_sub(keep);
-        if ids.len() > room {
-            ids.drain(..ids.len() - room);
-        }
-        let mut target = vec![0u8; ids.len()];
-        target.extend(std::iter::repeat_n(1u8, keep));
-        ids.extend(&reply[..keep]);
+        let (ids, target, keep, truncated) =
+            rationale_with_reply(model, prompt, &row.input, &reply, max_len)?;
         let (mut token_topk, mut token_uld) = (vec![], vec![]);
         for (pos, p) in pairing[..keep].iter().enumerate() {
             counts.reply_tokens += 1;

@@ -105,16 +105,8 @@ pub fn token_kd_example(
     if t.ids.is_empty() || t.top_ids.len() != t.ids.len() || t.top_logprobs.len() != t.ids.len() {
         return Ok(None);
     }
-    let mut ids = model.chat_ids(&prompt.student_chat(View::Rationale, &row.input))?;
-    let keep = t.ids.len().min(max_len.saturating_sub(8).max(1));
-    let truncated = ids.len() + t.ids.len() > max_len;
-    let room = max_len.saturating_sub(keep);
-    if ids.len() > room {
-        ids.drain(..ids.len() - room);
-    }
-    let mut target = vec![0u8; ids.len()];
-    target.extend(std::iter::repeat_n(1u8, keep));
-    ids.extend(&t.ids[..keep]);
+    let fitted = rationale_with_reply(model, prompt, &row.input, &t.ids, max_len)?;
+    let (ids, target, keep, truncated) = fitted;
     let token_topk = t.top_ids[..keep]
         .iter()
         .cloned()
@@ -130,6 +122,30 @@ pub fn token_kd_example(
         token_uld: vec![],
         row: 0,
     }))
+}
+
+/// The rationale-view prompt of `input` followed by `reply` (token ids), fitted into
+/// `max_len`: the reply kept up to all but 8 tokens, the prompt cut from the left. The
+/// ids, the target mask (1 on the kept reply), how many reply tokens were kept, and
+/// whether anything was cut.
+pub(super) fn rationale_with_reply(
+    model: &LoadedModel,
+    prompt: &Prompt,
+    input: &str,
+    reply: &[u32],
+    max_len: usize,
+) -> Result<(Vec<u32>, Vec<u8>, usize, bool)> {
+    let mut ids = model.chat_ids(&prompt.student_chat(View::Rationale, input))?;
+    let keep = reply.len().min(max_len.saturating_sub(8).max(1));
+    let truncated = ids.len() + reply.len() > max_len;
+    let room = max_len.saturating_sub(keep);
+    if ids.len() > room {
+        ids.drain(..ids.len() - room);
+    }
+    let mut target = vec![0u8; ids.len()];
+    target.extend(std::iter::repeat_n(1u8, keep));
+    ids.extend(&reply[..keep]);
+    Ok((ids, target, keep, truncated))
 }
 
 /// Token-level KD needs the teacher's vocabulary: the student's tokenizer must turn the
