@@ -199,6 +199,24 @@ pub struct LossParts {
     pub uld: Option<f64>,
 }
 
+impl LossParts {
+    /// A loss of `total` with no term recorded yet (each `add_*` records its own).
+    pub fn new(total: Tensor) -> LossParts {
+        LossParts {
+            total,
+            label: None,
+            rationale: None,
+            kd: None,
+            kd_token: None,
+            on_policy: None,
+            mutual: None,
+            feature: None,
+            relation: None,
+            uld: None,
+        }
+    }
+}
+
 /// Add `w.kd_token_weight ×` token-level KD to the loss: at every position that predicts
 /// a teacher token, `w.token_divergence` between the teacher's top-k distribution plus
 /// its tail mass and the student's (`divergence`), temperature-scaled; mean over positions.
@@ -398,14 +416,7 @@ pub fn step_by_step_loss(nll: &Tensor, batch: &Batch, alpha: f64) -> Result<Loss
     Ok(LossParts {
         label: scalar(&label)?,
         rationale: scalar(&rationale)?,
-        kd: None,
-        kd_token: None,
-        on_policy: None,
-        mutual: None,
-        feature: None,
-        relation: None,
-        uld: None,
-        total,
+        ..LossParts::new(total)
     })
 }
 

@@ -242,18 +242,7 @@ mod tests {
         let logits = Tensor::new(&[[[0f32, 1., 2., 3.], [0., 0., 0., 0.]]], &dev).unwrap();
         let mask = Tensor::new(&[[1f32]], &dev).unwrap();
         let same = top_k_at(&logits, &mask, 4, 4).unwrap();
-        let zero = || LossParts {
-            total: Tensor::zeros((), DType::F32, &dev).unwrap(),
-            label: None,
-            rationale: None,
-            kd: None,
-            kd_token: None,
-            on_policy: None,
-            mutual: None,
-            feature: None,
-            relation: None,
-            uld: None,
-        };
+        let zero = || LossParts::new(Tensor::zeros((), DType::F32, &dev).unwrap());
         let mut parts = zero();
         add_mimicry(&mut parts, &logits, &same, (&mask, 1.0), &cfg, 0.5).unwrap();
         assert!(parts.mutual.unwrap().abs() < 1e-5, "{:?}", parts.mutual);
