@@ -31,6 +31,8 @@ pub enum Command {
     Finetune(StageArgs),
     /// Score the student (before and after) and the teacher on a held-out split or file.
     Eval(EvalArgs),
+    /// Write the finetuned student as GGUF files (F16, Q8_0, Q4_K_M; [export]).
+    Export(StageArgs),
     /// All stages from one config, skipping those already done with the same inputs.
     Run(RunArgs),
     /// Print rows of a Parquet file as JSON lines.
@@ -61,8 +63,9 @@ pub struct EvalArgs {
     /// (ask the teacher now). Sets [eval] teacher.
     #[arg(long, value_parser = ["generated", "run"])]
     pub teacher: Option<String>,
-    /// Which models to score, comma-separated: student, base, teacher. Sets [eval] models.
-    #[arg(long, value_delimiter = ',', value_parser = ["student", "base", "teacher"])]
+    /// Which models to score, comma-separated: student, base, teacher, exported (the GGUF
+    /// files of kdpipe export). Sets [eval] models.
+    #[arg(long, value_delimiter = ',', value_parser = ["student", "base", "teacher", "exported"])]
     pub models: Vec<String>,
 }
 

@@ -24,6 +24,7 @@ pub mod config;
 pub mod curate;
 pub mod dedup;
 pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod generate;
 pub mod io;

@@ -78,6 +78,11 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 kdpipe::finetune::run(&cfg)?;
             }
         }
+        Command::Export(a) => {
+            if let Some(cfg) = load(&a)? {
+                kdpipe::export::run(&cfg)?;
+            }
+        }
         Command::Eval(a) => {
             let mut overrides = Overrides::from(&a.stage.overrides);
             overrides.eval_files = a.files;

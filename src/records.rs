@@ -39,6 +39,12 @@ pub struct TokenTopk {
     pub top_ids: Vec<Vec<u32>>,
     pub top_texts: Vec<Vec<String>>,
     pub top_logprobs: Vec<Vec<f32>>,
+    /// The temperature of the distribution `top_logprobs` come from (None: no
+    /// alternatives).
+    pub temperature: Option<f32>,
+    /// The fingerprint of the vocabulary `ids` and `top_ids` index
+    /// (`llama::vocab::fingerprint`; "" without ids).
+    pub vocab: String,
 }
 
 /// One teacher answer: what `generate` writes.
@@ -83,7 +89,11 @@ pub struct TeacherRow {
 impl TokenTopk {
     /// The alternatives in the stored layout.
     fn flatten(&self) -> FlatTopk {
-        topk_store::flatten(&self.top_ids, &self.top_texts, &self.top_logprobs)
+        FlatTopk {
+            temperature: self.temperature,
+            vocab: self.vocab.clone(),
+            ..topk_store::flatten(&self.top_ids, &self.top_texts, &self.top_logprobs)
+        }
     }
 }
 
@@ -292,7 +302,8 @@ impl TeacherRow {
                     opt_str(id, i).unwrap_or_default()
                 )
             };
-            let (top_ids, top_texts, top_logprobs) = topk_store::unflatten(&topk.row(i), &what)?;
+            let stored = topk.row(i);
+            let (top_ids, top_texts, top_logprobs) = topk_store::unflatten(&stored, &what)?;
             out.push(TeacherRow {
                 id: opt_str(id, i).unwrap_or_default(),
                 sample: sample.get(i).unwrap_or(0),
@@ -323,6 +334,8 @@ impl TeacherRow {
                     top_ids,
                     top_texts,
                     top_logprobs,
+                    temperature: stored.temperature,
+                    vocab: stored.vocab,
                 },
                 prompt_tokens: pt.get(i).unwrap_or(0),
                 completion_tokens: ct.get(i).unwrap_or(0),
@@ -393,7 +406,7 @@ pub struct CuratedRow {
 }
 
 /// The columns of a curated split file, in order.
-pub const CURATED_COLUMNS: [&str; 18] = [
+pub const CURATED_COLUMNS: [&str; 20] = [
     "id",
     "sample",
     "input",
@@ -412,6 +425,8 @@ pub const CURATED_COLUMNS: [&str; 18] = [
     "topk_texts",
     "topk_logprob_codes",
     "topk_tail_codes",
+    "topk_temperature",
+    "topk_vocab",
 ];
 
 impl CuratedRow {
@@ -452,11 +467,14 @@ impl CuratedRow {
                             opt_str(id, i).unwrap_or_default()
                         )
                     };
-                    let (top_ids, _, top_logprobs) = topk_store::unflatten(&topk.row(i), &what)?;
+                    let stored = topk.row(i);
+                    let (top_ids, _, top_logprobs) = topk_store::unflatten(&stored, &what)?;
                     TokenTopk {
                         ids: flat(ids, i, |s| s.u32().map(|c| c.into_no_null_iter().collect())),
                         top_ids,
                         top_logprobs,
+                        temperature: stored.temperature,
+                        vocab: stored.vocab,
                         ..Default::default()
                     }
                 }

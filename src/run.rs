@@ -5,7 +5,7 @@
 use crate::config::{Config, Stage};
 use crate::eval::Scores;
 use crate::io::manifest::{config_hash, FileEntry, Manifest};
-use crate::{curate, eval, finetune, generate, synthesize};
+use crate::{curate, eval, export, finetune, generate, synthesize};
 use anyhow::Result;
 
 fn is_current(cfg: &Config, stage: Stage, inputs: Result<Vec<FileEntry>>) -> bool {
@@ -43,6 +43,13 @@ pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
         finetune::run(cfg)?;
     } else {
         eprintln!("finetune: up to date, skipped");
+    }
+    if cfg.export.is_some() {
+        if force || !is_current(cfg, Stage::Export, export::input_entries(cfg)) {
+            export::run(cfg)?;
+        } else {
+            eprintln!("export: up to date, skipped");
+        }
     }
     let scores = if !force && is_current(cfg, Stage::Eval, eval::input_entries(cfg)) {
         eprintln!("eval: up to date, skipped");

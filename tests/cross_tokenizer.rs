@@ -6,7 +6,10 @@
 mod common;
 use common::*;
 use kdpipe::finetune::cross_vocab::{align, Pairing};
-use kdpipe::llama::vocab::vocabulary_bytes;
+use kdpipe::io::parquet::read_frame;
+use kdpipe::llama::load_tokenizer;
+use kdpipe::llama::vocab::{fingerprint, vocabulary_bytes};
+use kdpipe::records::CuratedRow;
 use std::path::Path;
 
 /// The byte strings of `text`'s tokens under a model's tokenizer.
@@ -179,11 +182,46 @@ fn a_qwen_teacher_trains_a_smollm2_student_through_aligned_tokens() {
         let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
         assert!(out.status.success(), "{stage}: {}", stderr(&out));
     }
-    // Finetune assuming one vocabulary: refused, and the hint names the cross mode.
+    // The rows say what their numbers mean: the teacher's own distribution, over the
+    // vocabulary of the Qwen tokenizer.
+    let qwen_vocab = fingerprint(&load_tokenizer(&qwen().display().to_string()).unwrap());
+    let smol_vocab = fingerprint(&load_tokenizer(&smollm2().display().to_string()).unwrap());
+    assert_ne!(qwen_vocab, smol_vocab);
+    let curated = dir.path().join("runs/cross/curate/train.parquet");
+    let rows = CuratedRow::from_frame(&read_frame(&curated).unwrap(), &curated).unwrap();
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert_eq!(r.tokens.vocab, qwen_vocab, "{}", r.id);
+        assert_eq!(r.tokens.temperature, Some(1.0), "{}", r.id);
+    }
+    // Finetune assuming one vocabulary: refused by the rows' fingerprint, and the hint
+    // names the cross mode.
     let out = kdpipe(&["finetune", "--config", "same.toml"], dir.path());
     assert!(!out.status.success());
+    let err = stderr(&out);
     assert!(
-        stderr(&out).contains("token_kd = \"cross\""),
+        err.contains("index another vocabulary")
+            && err.contains(&qwen_vocab)
+            && err.contains(&smol_vocab)
+            && err.contains("token_kd = \"cross\""),
+        "{err}"
+    );
+    // Cross mode reading the ids with a tokenizer that did not write them: refused.
+    std::fs::write(
+        dir.path().join("wrong.toml"),
+        std::fs::read_to_string(dir.path().join("c.toml"))
+            .unwrap()
+            .replacen(
+                &format!("model = \"{}\"\nmax_tokens", qwen().display()),
+                &format!("model = \"{}\"\nmax_tokens", smollm2().display()),
+                1,
+            ),
+    )
+    .unwrap();
+    let out = kdpipe(&["finetune", "--config", "wrong.toml"], dir.path());
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("set [teacher] model to the model that generated the rows"),
         "{}",
         stderr(&out)
     );

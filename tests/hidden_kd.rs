@@ -2,7 +2,8 @@
 //! states a forward pass keeps are the ones the logits come from, the quantized teacher's
 //! states follow the f32 model's, a learned map takes one model's states to another's on
 //! a real batch, a training run logs both terms and resumes to the same curve (maps
-//! included), and a teacher of another tokenizer or layers outside the models are refused.
+//! included), relations pass across tokenizers (Qwen → SmolLM2), and feature KD across
+//! tokenizers or layers outside the models are refused.
 
 mod common;
 use common::training::{
@@ -188,7 +189,9 @@ fn another_tokenizer_layers_outside_the_models_and_an_empty_section_are_refused(
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains("tokenizes row") && err.contains("one tokenizer"),
+        err.contains("tokenizes row")
+            && err.contains("one tokenizer")
+            && err.contains("feature_weight = 0.0"),
         "{err}"
     );
     assert!(!dir.path().join("runs/t/finetune/metrics.jsonl").exists());
@@ -256,4 +259,51 @@ fn a_qwen_teacher_passes_features_and_relations_to_a_qwen_student() {
             assert!(v.is_finite() && v >= 0.0, "{key}: {s}");
         }
     }
+}
+
+/// Relation KD across tokenizers: a Qwen2.5-Coder-0.5B teacher reads the SmolLM2
+/// student's examples as text in its own tokens; the relation term is logged at every
+/// step, and it differs from a run whose teacher is the student itself (so the Qwen
+/// teacher's states are what it compares with).
+#[test]
+fn relations_pass_from_a_qwen_teacher_to_a_smollm2_student() {
+    let body = "feature_weight = 0.0\nrelation_weight = 1.0\nrelation = \"distance\"\n";
+    let run = |teacher: &Path| -> Vec<f64> {
+        let dir = tempfile::tempdir().unwrap();
+        curated(dir.path(), 8);
+        config_replacing(
+            dir.path(),
+            &format!(
+                "lora = {{ rank = 4, alpha = 8 }}\n{}",
+                section(teacher, body)
+            ),
+            &[
+                ("batch_size = 2\n", "batch_size = 4\n"),
+                ("max_steps = 6\n", "max_steps = 3\n"),
+            ],
+        );
+        let out = kdpipe(&["finetune", "--config", "c.toml"], dir.path());
+        let err = stderr(&out);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(
+            err.contains("reads each example as text in its own tokens"),
+            teacher == qwen(),
+            "{err}"
+        );
+        let m = metrics(dir.path());
+        assert_eq!(m.len(), 3);
+        m.iter()
+            .map(|s| {
+                assert!(s.get("feature_loss").is_none_or(|v| v.is_null()), "{s}");
+                s["relation_loss"].as_f64().unwrap()
+            })
+            .collect()
+    };
+    let from_qwen = run(&qwen());
+    let from_itself = run(&smollm2());
+    assert!(
+        from_qwen.iter().all(|v| v.is_finite() && *v >= 0.0),
+        "{from_qwen:?}"
+    );
+    assert_ne!(from_qwen, from_itself);
 }

@@ -7,7 +7,7 @@ use common::*;
 use std::collections::BTreeSet;
 
 /// Each top-level module of the library and its layer, lowest first.
-const LAYERS: [(&str, u8); 21] = [
+const LAYERS: [(&str, u8); 22] = [
     ("alloc", 1),
     ("progress", 1),
     ("test_skip", 1),
@@ -26,6 +26,7 @@ const LAYERS: [(&str, u8); 21] = [
     ("curate", 8),
     ("finetune", 8),
     ("eval", 8),
+    ("export", 8),
     ("run", 9),
     ("cli", 10),
     ("lib", 11),

@@ -18,6 +18,8 @@
 #   smol_sft   sft with SmolLM2-135M-Instruct as the student (another tokenizer)
 #   smol_cross smol_sft + cross-tokenizer token KD from the same stored Qwen top-k
 #              (token_kd = "cross": byte-offset alignment, ULD where tokens differ)
+#   smol_relation  smol_sft + relation KD across tokenizers: the Qwen teacher reads each
+#              example as text in its own tokens (weight $RELATION_WEIGHT)
 #
 # plus the teacher's own few-shot accuracy. Teacher Qwen2.5-Coder-1.5B-Instruct Q4_K_M,
 # student Qwen2.5-Coder-0.5B-Instruct (LoRA r = 16 on every linear layer): one tokenizer.
@@ -34,7 +36,7 @@
 #   TASKS       "svamp emotion"                    (default svamp)
 #   VARIANTS    which rows to (re)run
 #               (default "teacher sft stored on_policy online mutual feature relation
-#               smol_sft smol_cross")
+#               smol_sft smol_cross smol_relation")
 #   RELATION_WEIGHT  λ_rel of the relation variant    (default 10)
 #
 # The report covers every task and variant whose results in WORK were measured with the
@@ -48,7 +50,7 @@ train_rows="${TRAIN_ROWS:-64}"
 eval_rows="${EVAL_ROWS:-50}"
 steps="${STEPS:-16}"
 tasks="${TASKS:-svamp}"
-variants="${VARIANTS:-teacher sft stored on_policy online mutual feature relation smol_sft smol_cross}"
+variants="${VARIANTS:-teacher sft stored on_policy online mutual feature relation smol_sft smol_cross smol_relation}"
 relation_weight="${RELATION_WEIGHT:-10}"
 params="$train_rows $eval_rows $steps"
 work="${WORK:-$HOME/.cache/kdpipe/live-teacher}"
@@ -102,7 +104,7 @@ weight = 1.0" ;;
     feature) live="[finetune.hidden_kd]
 model = \"$teacher_model\"
 feature_weight = 1.0" ;;
-    relation) live="[finetune.hidden_kd]
+    relation|smol_relation) live="[finetune.hidden_kd]
 model = \"$teacher_model\"
 feature_weight = 0.0
 relation_weight = $relation_weight" ;;
@@ -160,7 +162,7 @@ for task in $tasks; do
     cp "$work/runs/$task/eval/report.json" "$work/$task-teacher.json"
     echo "$params" >"$work/$task-teacher.params"
   fi
-  for variant in sft stored on_policy online mutual feature relation smol_sft smol_cross; do
+  for variant in sft stored on_policy online mutual feature relation smol_sft smol_cross smol_relation; do
     [[ " $variants " == *" $variant "* ]] || continue
     name="$task-$variant"
     write_config "$task" "$name" "$variant"
@@ -234,7 +236,8 @@ for task in ["svamp", "emotion"]:
                      ("feature", "SFT + feature KD (4 layer pairs, MSE)"),
                      ("relation", "SFT + relation KD (RKD)"),
                      ("smol_sft", "SmolLM2-135M student: SFT on rationales"),
-                     ("smol_cross", "SmolLM2-135M student: + cross-tokenizer token KD")]:
+                     ("smol_cross", "SmolLM2-135M student: + cross-tokenizer token KD"),
+                     ("smol_relation", "SmolLM2-135M student: + relation KD (RKD) across tokenizers")]:
         name = f"{task}-{v}"
         if not current(name):
             continue

@@ -19,7 +19,7 @@ pub struct EvalConfig {
     #[serde(default)]
     pub limit: Option<usize>,
     /// Which models to score: "student" (trained), "base" (the student before training),
-    /// "teacher".
+    /// "teacher", "exported" (every GGUF `kdpipe export` wrote, each on its own row).
     #[serde(default = "d_eval_models")]
     pub models: Vec<EvalModel>,
     /// Where the teacher's answers come from: "generated" (the rows generate wrote; a
@@ -79,6 +79,7 @@ pub enum EvalModel {
     Student,
     Base,
     Teacher,
+    Exported,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 mod curate;
 mod data;
 mod eval;
+mod export;
 mod finetune;
 mod generate;
 mod stage;
@@ -18,6 +19,7 @@ mod teacher;
 pub use curate::{CurateConfig, GoldRule, KeepRationales};
 pub use data::DataConfig;
 pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
+pub use export::{ExportConfig, GgufType};
 pub use finetune::{
     default_targets, parse_device, Divergence, FeatureLoss, FinetuneConfig, HiddenKdConfig,
     LiveTeacherConfig, LoraConfig, MutualConfig, Objective, Precision, RelationLoss, SampleWeights,
@@ -65,6 +67,9 @@ pub struct Config {
     /// Optional: write the inputs with the teacher from a few seed examples first.
     #[serde(default)]
     pub synthesize: Option<SynthesizeConfig>,
+    /// Optional: write the student as GGUF files too (`kdpipe export`; `run` after finetune).
+    #[serde(default)]
+    pub export: Option<ExportConfig>,
 }
 
 fn d_name() -> String {
@@ -124,6 +129,9 @@ impl Config {
         if self.finetune.hidden_kd.is_none() {
             let defaults: HiddenKdConfig = toml::from_str("")?;
             add("finetune.hidden_kd", toml::to_string_pretty(&defaults)?);
+        }
+        if self.export.is_none() {
+            add("export", toml::to_string_pretty(&ExportConfig::default())?);
         }
         Ok(out)
     }

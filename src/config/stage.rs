@@ -13,6 +13,7 @@ pub enum Stage {
     Curate,
     Finetune,
     Eval,
+    Export,
 }
 
 impl Stage {
@@ -24,6 +25,7 @@ impl Stage {
             Stage::Curate => "curate",
             Stage::Finetune => "finetune",
             Stage::Eval => "eval",
+            Stage::Export => "export",
         }
     }
 }
@@ -87,6 +89,10 @@ impl Config {
                 let fields = json!({"input": self.data.input_field, "id": self.data.id_field, "gold": self.data.gold_field});
                 json!({"seed": self.seed, "task": self.task, "student": self.student, "eval": self.eval,
                        "teacher": what_answers(&self.teacher), "fields": fields})
+            }
+            // The student's files are inputs (digests); the base model gives the tokenizer.
+            Stage::Export => {
+                json!({"student": self.student, "export": self.export.clone().unwrap_or_default()})
             }
         }
     }

@@ -71,7 +71,30 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
         Manifest::read(&cfg.stage_dir(Stage::Finetune), Stage::Finetune)?;
         v.push(entry(&cfg.student_dir().join("model.safetensors"), None)?);
     }
+    if cfg.eval.models.contains(&EvalModel::Exported) {
+        for (_, path) in exported_files(cfg)? {
+            v.push(entry(&path, None)?);
+        }
+    }
     Ok(v)
+}
+
+/// The GGUF files `kdpipe export` wrote, by type, from its manifest.
+fn exported_files(cfg: &Config) -> Result<Vec<(String, PathBuf)>> {
+    let dir = cfg.stage_dir(Stage::Export);
+    let m = Manifest::read(&dir, Stage::Export).with_context(|| {
+        format!("[eval] models has \"exported\", and {} holds no export\nhint: run kdpipe export --config … first (or set [export] for kdpipe run)", dir.display())
+    })?;
+    let files = m.summary["gguf"].as_array().cloned().unwrap_or_default();
+    files
+        .iter()
+        .map(|f| {
+            let kind = f["type"].as_str().unwrap_or_default().to_string();
+            let file = f["file"].as_str().unwrap_or_default();
+            let path = dir.join(Path::new(file).file_name().unwrap_or_default());
+            Ok((kind, path))
+        })
+        .collect()
 }
 
 /// The rows to score and a short name for where they came from.
@@ -218,9 +241,11 @@ fn scored(who: Who, answers: Answers, rows: &[EvalRow], task: &Task) -> Scored {
     }
 }
 
+/// Score a student-shaped model (`(key, name)`: its column key in the predictions and
+/// its name in the report).
 fn score_student(
     cfg: &Config,
-    key: &str,
+    (key, name): (String, String),
     model: &str,
     prompt: &Prompt,
     task: &Task,
@@ -241,12 +266,7 @@ fn score_student(
         calculator: cfg.eval.calculator && reasons,
         parallel: cfg.eval.parallel,
     };
-    let answers = student::answer(key, (&decoder, &loaded), prompt, task, &inputs, how)?;
-    let name = if key == "base" {
-        "student before"
-    } else {
-        "student after"
-    };
+    let answers = student::answer(&key, (&decoder, &loaded), prompt, task, &inputs, how)?;
     let decode = match (decode, view) {
         (StudentDecode::LabelScores, _) => "label_scores",
         (StudentDecode::Greedy, View::Rationale) if how.calculator => {
@@ -256,8 +276,8 @@ fn score_student(
         (StudentDecode::Greedy, View::Label) => "greedy",
     };
     let who = Who {
-        key,
-        name,
+        key: &key,
+        name: &name,
         model: model.to_string(),
         decode,
         params: Some(params),
@@ -355,15 +375,22 @@ pub fn run(cfg: &Config) -> Result<Scores> {
     );
 
     let mut models: Vec<Scored> = Vec::new();
-    for which in [EvalModel::Teacher, EvalModel::Base, EvalModel::Student] {
+    for which in [
+        EvalModel::Teacher,
+        EvalModel::Base,
+        EvalModel::Student,
+        EvalModel::Exported,
+    ] {
         if !cfg.eval.models.contains(&which) {
             continue;
         }
-        let scored = match which {
-            EvalModel::Teacher => score_teacher(cfg, &prompt, &task, &rows)?,
-            EvalModel::Base => Some(score_student(
+        let base = ("base".to_string(), "student before".to_string());
+        let after = ("student".to_string(), "student after".to_string());
+        match which {
+            EvalModel::Teacher => models.extend(score_teacher(cfg, &prompt, &task, &rows)?),
+            EvalModel::Base => models.push(score_student(
                 cfg,
-                "base",
+                base,
                 &cfg.student.model,
                 &prompt,
                 &task,
@@ -372,10 +399,16 @@ pub fn run(cfg: &Config) -> Result<Scores> {
             EvalModel::Student => {
                 let dir = cfg.student_dir();
                 let dir = dir.to_str().context("student folder path is not UTF-8")?;
-                Some(score_student(cfg, "student", dir, &prompt, &task, &rows)?)
+                models.push(score_student(cfg, after, dir, &prompt, &task, &rows)?);
             }
-        };
-        models.extend(scored);
+            EvalModel::Exported => {
+                for (kind, path) in exported_files(cfg)? {
+                    let path = path.to_str().context("export path is not UTF-8")?;
+                    let who = (format!("student_{kind}"), format!("student {kind} GGUF"));
+                    models.push(score_student(cfg, who, path, &prompt, &task, &rows)?);
+                }
+            }
+        }
     }
 
     // Written beside the earlier output, which stays complete until the swap.

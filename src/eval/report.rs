@@ -58,13 +58,20 @@ impl Scores {
 
     /// One row per model: accuracy first, then what it cost.
     pub fn table(&self) -> String {
+        let w = self
+            .models
+            .iter()
+            .map(|m| m.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         let mut t = format!(
-            "{:<16} {:>9} {:>9} {:>11} {:>10}   ({} rows, {})\n",
+            "{:<w$} {:>9} {:>9} {:>11} {:>10}   ({} rows, {})\n",
             "model", "accuracy", "macro-F1", "no answer", "s/example", self.rows, self.source
         );
         for m in &self.models {
             t.push_str(&format!(
-                "{:<16} {:>9} {:>9} {:>11} {:>10.2}\n",
+                "{:<w$} {:>9} {:>9} {:>11} {:>10.2}\n",
                 m.name,
                 pct(m.metrics.accuracy),
                 macro_f1(m),

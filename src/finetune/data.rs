@@ -156,7 +156,24 @@ pub fn check_shared_vocabulary(model: &LoadedModel, rows: &[CuratedRow]) -> Resu
     if with_tokens.is_empty() {
         anyhow::bail!("[finetune] kd_token_weight > 0, but no train row has the teacher's tokens\nhint: generate with [generate] token_topk = 5 (a local teacher), or set kd_token_weight = 0");
     }
-    for r in with_tokens.iter().take(20) {
+    check_distribution_temperature(&with_tokens)?;
+    let student = crate::llama::vocab::fingerprint(&model.tokenizer);
+    if let Some(r) = with_tokens
+        .iter()
+        .find(|r| !r.tokens.vocab.is_empty() && r.tokens.vocab != student)
+    {
+        anyhow::bail!(
+            "token-level KD reads the teacher's token ids with the student's tokenizer, and row {:?}'s ids index another vocabulary (fingerprint {}, the student's {student})\nhint: set [finetune] token_kd = \"cross\" (the teacher's text aligned to the student's tokens by byte offsets), use a student of the teacher's family, or set kd_token_weight = 0 and use kd_weight (label-level KD works across tokenizers)",
+            r.id,
+            r.tokens.vocab
+        );
+    }
+    // Rows without a fingerprint (written by hand) are checked by decoding a few.
+    for r in with_tokens
+        .iter()
+        .filter(|r| r.tokens.vocab.is_empty())
+        .take(20)
+    {
         let vocab = model.shape.vocab_size as u32;
         let out_of_range = r.tokens.ids.iter().any(|&id| id >= vocab);
         let decoded = if out_of_range {
@@ -172,6 +189,23 @@ pub fn check_shared_vocabulary(model: &LoadedModel, rows: &[CuratedRow]) -> Resu
                 r.raw.chars().take(60).collect::<String>()
             );
         }
+    }
+    Ok(())
+}
+
+/// The KD losses read the teacher's log-probabilities as its own distribution
+/// (temperature 1) and apply `[finetune] temperature` themselves: rows whose alternatives
+/// were taken at another temperature would be softened twice.
+pub fn check_distribution_temperature(rows: &[&CuratedRow]) -> Result<()> {
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.tokens.temperature.is_some_and(|t| (t - 1.0).abs() > 1e-6))
+    {
+        anyhow::bail!(
+            "row {:?}'s token top-k log-probabilities were taken at temperature {}; token-level KD reads the teacher's own distribution (temperature 1) and applies [finetune] temperature itself\nhint: regenerate the rows with a backend that reports unscaled log-probabilities",
+            r.id,
+            r.tokens.temperature.unwrap_or(1.0)
+        );
     }
     Ok(())
 }

@@ -15,8 +15,14 @@
 //! The teacher's states are values (no gradient reaches it). The maps are trainable
 //! variables beside the student's, in its optimizer and its checkpoints; they are not
 //! exported.
+//!
+//! Across tokenizers (a Qwen teacher for a SmolLM2 student), only the relation term
+//! applies: the teacher reads each example as text, in its own tokens (`Retokenize`), and
+//! its reply vectors are pooled over its own tokens of the same reply. Pooled vectors
+//! are one per example on both sides, so nothing needs aligning; feature KD compares
+//! states token by token and is refused there.
 
-use super::data::tokenization_difference;
+use super::data::{tokenization_difference, Example};
 use super::loss::{Batch, LossParts};
 use crate::config::{Config, FeatureLoss, HiddenKdConfig, RelationLoss};
 use crate::llama::{self, Decoder, HiddenStates, LoadedModel};
@@ -36,6 +42,65 @@ pub struct HiddenTeacher {
     pub projections: Vec<(String, Var)>,
     /// Where the teacher was loaded from (for messages and the manifest).
     pub path: String,
+    /// Set when the teacher tokenizes differently from the student (relation KD only).
+    retokenize: Option<Retokenize>,
+}
+
+/// The teacher's own tokens of the student's examples: each example's prompt and reply
+/// decoded by the student's tokenizer (special tokens kept) and encoded by the teacher's.
+struct Retokenize {
+    student: tokenizers::Tokenizer,
+    teacher: tokenizers::Tokenizer,
+    pad: u32,
+}
+
+impl Retokenize {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .teacher
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("the hidden-state teacher's tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.student
+            .decode(ids, false)
+            .map_err(|e| anyhow::anyhow!("the student's tokenizer: {e}"))
+    }
+
+    /// The teacher's right-padded batch of the examples: ids, attention mask and reply
+    /// mask, each `[batch, seq]`, on the CPU.
+    fn batch(&self, examples: &[Example]) -> Result<(Tensor, Tensor, Tensor)> {
+        let mut seqs = Vec::with_capacity(examples.len());
+        for e in examples {
+            let split = e.target.iter().position(|&t| t == 1).unwrap_or(e.ids.len());
+            let prompt = self.encode(&self.decode(&e.ids[..split])?)?;
+            let reply = self.encode(&self.decode(&e.ids[split..])?)?;
+            seqs.push((prompt, reply));
+        }
+        let t = seqs
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(1);
+        let b = seqs.len();
+        let (mut ids, mut attention, mut reply) =
+            (vec![self.pad; b * t], vec![0f32; b * t], vec![0f32; b * t]);
+        for (i, (p, r)) in seqs.iter().enumerate() {
+            for (j, &id) in p.iter().chain(r).enumerate() {
+                ids[i * t + j] = id;
+                attention[i * t + j] = 1.0;
+                reply[i * t + j] = if j >= p.len() { 1.0 } else { 0.0 };
+            }
+        }
+        let cpu = Device::Cpu;
+        Ok((
+            Tensor::from_vec(ids, (b, t), &cpu)?,
+            Tensor::from_vec(attention, (b, t), &cpu)?,
+            Tensor::from_vec(reply, (b, t), &cpu)?,
+        ))
+    }
 }
 
 /// What the hidden-state terms did in one micro-batch.
@@ -47,8 +112,8 @@ pub struct HiddenStats {
 
 impl HiddenTeacher {
     /// Load the teacher the section names (else the `[teacher]` model), check that it
-    /// tokenizes as the student, settle the layer pairs and draw the maps (seeded). None
-    /// without the section.
+    /// tokenizes as the student (or that only relations are asked for), settle the layer
+    /// pairs and draw the maps (seeded). None without the section.
     pub fn open(
         cfg: &Config,
         student: &LoadedModel,
@@ -63,11 +128,20 @@ impl HiddenTeacher {
         let mut loaded = llama::load_for_inference(&path).with_context(|| {
             format!("cannot load the hidden-state teacher {path} ([finetune.hidden_kd] model, else [teacher] model)")
         })?;
-        if let Some((id, a, b)) = tokenization_difference(&loaded, student, train)? {
-            bail!(
-                "the hidden-state teacher {path} tokenizes row {id:?} differently from the student ({a} vs {b} tokens): feature and relation KD run the teacher over the student's own token ids and need one tokenizer\nhint: use a teacher of the student's family (Qwen2.5 1.5B → 0.5B share one), or remove [finetune.hidden_kd]"
-            );
-        }
+        let retokenize = match tokenization_difference(&loaded, student, train)? {
+            None => None,
+            Some((id, a, b)) if h.feature_weight > 0.0 => bail!(
+                "the hidden-state teacher {path} tokenizes row {id:?} differently from the student ({a} vs {b} tokens): feature KD compares the two models' states token by token and needs one tokenizer\nhint: set feature_weight = 0.0 (relation KD works across tokenizers), use a teacher of the student's family (Qwen2.5 1.5B → 0.5B share one), or remove [finetune.hidden_kd]"
+            ),
+            Some(_) => {
+                eprintln!("finetune: the hidden-state teacher {path} tokenizes differently from the student: it reads each example as text in its own tokens (relation KD only)");
+                Some(Retokenize {
+                    student: student.tokenizer.clone(),
+                    teacher: loaded.tokenizer.clone(),
+                    pad: loaded.eos_token_id,
+                })
+            }
+        };
         let decoder = loaded.take_inference_decoder()?;
         let (ns, nt) = (
             student.shape.num_hidden_layers,
@@ -113,6 +187,7 @@ impl HiddenTeacher {
             pairs,
             projections,
             path,
+            retokenize,
         }))
     }
 
@@ -121,27 +196,32 @@ impl HiddenTeacher {
         self.pairs.iter().map(|p| p.0).collect()
     }
 
-    /// Run the teacher over the batch and add the feature and relation terms to `parts`,
-    /// from the student's states of the same batch.
+    /// Run the teacher over the batch (made of `examples`) and add the feature and
+    /// relation terms to `parts`, from the student's states of the same batch.
     pub fn add_terms(
         &self,
         parts: &mut LossParts,
         student: &HiddenStates,
-        batch: &Batch,
+        (batch, examples): (&Batch, &[Example]),
         stats: &mut HiddenStats,
     ) -> Result<()> {
         let started = Instant::now();
         let device = batch.ids.device();
         let cpu = Device::Cpu;
         let teacher_layers: Vec<usize> = self.pairs.iter().map(|p| p.1).collect();
-        let (_, teacher) = self.decoder.forward_hidden(
-            &batch.ids.to_device(&cpu)?,
-            &batch.attention.to_device(&cpu)?,
-            &teacher_layers,
-            false,
-        )?;
+        let (ids, attention, teacher_reply) = match &self.retokenize {
+            Some(r) => r.batch(examples)?,
+            None => (
+                batch.ids.to_device(&cpu)?,
+                batch.attention.to_device(&cpu)?,
+                batch.reply.clone(),
+            ),
+        };
+        let (_, teacher) = self
+            .decoder
+            .forward_hidden(&ids, &attention, &teacher_layers, false)?;
         stats.teacher_seconds += started.elapsed().as_secs_f64();
-        stats.teacher_tokens += batch.tokens;
+        stats.teacher_tokens += attention.sum_all()?.to_scalar::<f32>()? as usize;
         let h = &self.cfg;
         if h.feature_weight > 0.0 && !self.pairs.is_empty() {
             let mut sum: Option<Tensor> = None;
@@ -170,7 +250,12 @@ impl HiddenTeacher {
         }
         if h.relation_weight > 0.0 {
             let s = mean_pool(&student.last, &batch.reply)?;
-            let t = mean_pool(&teacher.last.to_device(device)?, &batch.reply)?.detach();
+            let t = mean_pool(
+                &teacher.last,
+                &teacher_reply.to_device(teacher.last.device())?,
+            )?
+            .to_device(device)?
+            .detach();
             if let Some(term) = relation_loss(h.relation, &s, &t)? {
                 parts.relation = Some(term.to_scalar::<f32>()? as f64);
                 parts.total = (&parts.total + (term * h.relation_weight)?)?;

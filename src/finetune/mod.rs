@@ -252,7 +252,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let online = ft.live_teacher.as_ref().is_some_and(|l| l.online);
     let stored_token_kd = ft.kd_token_weight > 0.0 && !online;
     let bridge = match ft.token_kd {
-        TokenKd::Cross if stored_token_kd => Some(open_bridge(cfg, &loaded)?),
+        TokenKd::Cross if stored_token_kd => Some(open_bridge(cfg, &loaded, &train_rows)?),
         _ => None,
     };
     let alignment = std::cell::Cell::new(AlignmentCounts::default());
@@ -413,7 +413,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
                 forward_with_states(&model, &batch, key, student_layers.as_deref())?;
             let mut parts = batch_loss(&logits, &batch, &weights)?;
             if let (Some(h), Some(states)) = (&hidden, &states) {
-                h.add_terms(&mut parts, states, &batch, &mut hidden_stats)?;
+                h.add_terms(&mut parts, states, (&batch, examples), &mut hidden_stats)?;
             }
             let place = (step, k, chunk.len(), examples.len());
             if let (Some(p), Some(p_acc)) = (&peer, peer_acc.as_mut()) {
@@ -605,12 +605,26 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
 }
 
 /// The bridge between the teacher's vocabulary (its tokenizer read from `[teacher]
-/// model`) and the student's, for cross-tokenizer token KD.
-fn open_bridge(cfg: &Config, student: &LoadedModel) -> Result<VocabBridge> {
+/// model`) and the student's, for cross-tokenizer token KD. The rows' ids must index
+/// that vocabulary (their fingerprint says so) and hold its own distribution.
+fn open_bridge(cfg: &Config, student: &LoadedModel, rows: &[CuratedRow]) -> Result<VocabBridge> {
     let path = &cfg.teacher.model;
     let teacher = llama::load_tokenizer(path).with_context(|| {
         format!("[finetune] token_kd = \"cross\" reads the teacher's tokenizer from [teacher] model = {path:?}")
     })?;
+    let with_ids: Vec<&CuratedRow> = rows.iter().filter(|r| !r.tokens.ids.is_empty()).collect();
+    data::check_distribution_temperature(&with_ids)?;
+    let expected = llama::vocab::fingerprint(&teacher);
+    if let Some(r) = with_ids
+        .iter()
+        .find(|r| !r.tokens.vocab.is_empty() && r.tokens.vocab != expected)
+    {
+        bail!(
+            "[finetune] token_kd = \"cross\" reads the rows' token ids with the tokenizer of [teacher] model = {path:?}, and row {:?}'s ids index another vocabulary (fingerprint {}, the model's {expected})\nhint: set [teacher] model to the model that generated the rows",
+            r.id,
+            r.tokens.vocab
+        );
+    }
     let bridge = VocabBridge::new(&teacher, &student.tokenizer)?;
     eprintln!(
         "finetune: cross-tokenizer token KD: {:.1} % of the teacher's {} tokens are a student token (same bytes)",

@@ -95,7 +95,18 @@ fn row_context<'a>(
         teacher: teacher.to_string(),
         prompt_name: prompt_name(cfg),
         prompt_hash: prompt.hash.clone(),
+        vocab: String::new(),
     }
+}
+
+/// The fingerprint of the vocabulary a teacher's token ids index: read from its model
+/// when it runs here and keeps token top-k ("" otherwise: an API gives token texts).
+fn teacher_vocabulary(teacher: &TeacherConfig, settings: &Settings) -> Result<String> {
+    if settings.token_topk == 0 || teacher.kind == crate::config::TeacherKind::Openai {
+        return Ok(String::new());
+    }
+    let tokenizer = crate::llama::load_tokenizer(&teacher.model)?;
+    Ok(crate::llama::vocab::fingerprint(&tokenizer))
 }
 
 /// A sample's seed, from the run seed and the row key: the same row always gets the same
@@ -269,14 +280,24 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
                         }
                     };
                 teacher_ids.push((teacher.backend().to_string(), teacher.id().to_string()));
-                let ctx = row_context(
-                    cfg,
-                    &task,
-                    &settings,
-                    &prompt,
-                    teacher.backend(),
-                    teacher.id(),
-                );
+                let vocab = match teacher_vocabulary(tcfg, &settings) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                };
+                let ctx = RowContext {
+                    vocab,
+                    ..row_context(
+                        cfg,
+                        &task,
+                        &settings,
+                        &prompt,
+                        teacher.backend(),
+                        teacher.id(),
+                    )
+                };
                 let answered = teacher.answer_all(mine, &settings, &locate, &mut |job, result| {
                     record(&ctx, job, result)
                 });

@@ -17,6 +17,8 @@ pub struct RowContext<'a> {
     pub teacher: String,
     pub prompt_name: String,
     pub prompt_hash: String,
+    /// The fingerprint of the vocabulary the teacher's token ids index ("" for APIs).
+    pub vocab: String,
 }
 
 pub fn now_unix_ms() -> i64 {
@@ -93,6 +95,13 @@ impl RowContext<'_> {
             row.soft_coverage = Some(coverage);
         }
         row.tokens = token_topk(&reply.tokens, self.settings.token_topk);
+        if !row.tokens.logprobs.is_empty() {
+            // Every backend reports the model's own distribution, whatever it sampled at.
+            row.tokens.temperature = Some(1.0);
+        }
+        if !row.tokens.ids.is_empty() {
+            row.tokens.vocab = self.vocab.clone();
+        }
         if row.soft_kind == SOFT_NONE && !row.tokens.logprobs.is_empty() {
             row.soft_kind = SOFT_TOKEN_TOPK.into();
         }
@@ -232,6 +241,7 @@ mod tests {
             teacher: "m".into(),
             prompt_name: "labels".into(),
             prompt_hash: "h".into(),
+            vocab: String::new(),
         }
     }
 

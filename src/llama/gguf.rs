@@ -59,7 +59,7 @@ fn shape_from_gguf(c: &Content) -> Result<ModelShape> {
 }
 
 /// GGUF tensor name → Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
+pub(super) fn hf_name(gguf: &str) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -105,7 +105,7 @@ fn unpermute_rows(data: &[u8], row_bytes: usize, n_head: usize) -> Vec<u8> {
 
 /// Undo llama.cpp's q/k permutation: GGUF rows are ordered (head, pair, 2) where Hugging
 /// Face orders them (head, 2, pair).
-fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
+pub(super) fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = w.dims().to_vec();
     let rows = dims[0];
     let rest: usize = dims[1..].iter().product();

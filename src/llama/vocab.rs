@@ -5,8 +5,28 @@
 //! offsets (`finetune::cross_vocab`).
 
 use anyhow::{bail, Result};
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use tokenizers::Tokenizer;
+
+/// A short digest of what a tokenizer's ids mean: every real token's string under its
+/// id (padding rows left out, so one family padded to two matrix sizes has one
+/// fingerprint). Stored beside token ids (`topk_vocab`), so a reader can tell whether
+/// its own tokenizer reads them the same way without loading the writer's.
+pub fn fingerprint(tokenizer: &Tokenizer) -> String {
+    let mut hash = Sha256::new();
+    for id in 0..tokenizer.get_vocab_size(true) as u32 {
+        let Some(token) = tokenizer.id_to_token(id) else {
+            continue;
+        };
+        if !is_padding(&token) {
+            hash.update(id.to_le_bytes());
+            hash.update((token.len() as u32).to_le_bytes());
+            hash.update(token.as_bytes());
+        }
+    }
+    format!("sha256:{}", &hex::encode(hash.finalize())[..16])
+}
 
 /// GPT-2's byte-level alphabet: the character standing for each byte.
 fn byte_chars() -> [char; 256] {
@@ -110,6 +130,34 @@ mod tests {
         assert_eq!(t[b'a' as usize], 'a');
         let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
         assert_eq!(distinct.len(), 256);
+    }
+
+    /// A word-level tokenizer over `tokens` (ids in order).
+    fn word_level(tokens: &[&str]) -> Tokenizer {
+        let vocab: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), serde_json::json!(i)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": tokens[0]}
+        });
+        json.to_string().parse().unwrap()
+    }
+
+    #[test]
+    fn the_fingerprint_ignores_padding_rows_and_sees_any_other_change() {
+        let base = fingerprint(&word_level(&["a", "b", "c"]));
+        assert!(
+            base.starts_with("sha256:") && base.len() == 7 + 16,
+            "{base}"
+        );
+        let padded = fingerprint(&word_level(&["a", "b", "c", "[PAD3]", "[PAD4]"]));
+        assert_eq!(padded, base);
+        assert_ne!(fingerprint(&word_level(&["a", "c", "b"])), base);
+        assert_ne!(fingerprint(&word_level(&["a", "b", "c", "d"])), base);
     }
 
     #[test]

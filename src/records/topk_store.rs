@@ -20,6 +20,13 @@
 //! decoded log-probabilities are shifted together (by at most a few code steps) so that
 //! their mass is 1 − the stored tail: the rows carry the same top-k + tail meaning as
 //! before, and the losses that derive the tail from the top-k see the teacher's tail.
+//!
+//! Two more columns say what the numbers mean: `topk_temperature`, the temperature of
+//! the distribution the log-probabilities come from (1: the model's own, which is what
+//! every backend reports and what the KD losses expect; null without alternatives), and
+//! `topk_vocab`, the fingerprint of the tokenizer whose ids `topk_ids` holds
+//! (`llama::vocab::fingerprint`; empty for text alternatives). Parquet stores each as a
+//! dictionary of one value, a few bytes a file.
 
 use anyhow::{bail, Result};
 use polars::prelude::*;
@@ -58,10 +65,14 @@ pub struct FlatTopk {
     pub codes: Vec<u8>,
     /// One code a token: the natural log of its tail mass, little-endian.
     pub tails: Vec<u8>,
+    /// The temperature of the distribution the codes come from (None: no alternatives).
+    pub temperature: Option<f32>,
+    /// The fingerprint of the vocabulary `ids` index ("" without ids).
+    pub vocab: String,
 }
 
 /// A row's per-token alternatives (ids or texts, and log-probabilities) in the stored
-/// layout.
+/// layout; temperature and vocabulary are the caller's to set.
 pub fn flatten(ids: &[Vec<u32>], texts: &[Vec<String>], logprobs: &[Vec<f32>]) -> FlatTopk {
     let k = logprobs.iter().map(Vec::len).max().unwrap_or(0);
     let mut out = FlatTopk {
@@ -168,8 +179,7 @@ fn rescale_to_tail(logprobs: &mut [f32], log_tail: f32) {
     }
 }
 
-/// The columns of the stored layout for `rows` (in this order: topk_k, topk_ids,
-/// topk_texts, topk_logprob_codes, topk_tail_codes).
+/// The columns of the stored layout for `rows` (in `COLUMNS`' order).
 pub fn columns(rows: &[FlatTopk]) -> Vec<Column> {
     let list = |name: &str, series: Vec<Series>| Column::new(name.into(), series);
     vec![
@@ -197,16 +207,26 @@ pub fn columns(rows: &[FlatTopk]) -> Vec<Column> {
             "topk_tail_codes".into(),
             rows.iter().map(|r| r.tails.as_slice()).collect::<Vec<_>>(),
         ),
+        Column::new(
+            "topk_temperature".into(),
+            rows.iter().map(|r| r.temperature).collect::<Vec<_>>(),
+        ),
+        Column::new(
+            "topk_vocab".into(),
+            rows.iter().map(|r| r.vocab.as_str()).collect::<Vec<_>>(),
+        ),
     ]
 }
 
 /// The stored layout's column names, for readers that select columns.
-pub const COLUMNS: [&str; 5] = [
+pub const COLUMNS: [&str; 7] = [
     "topk_k",
     "topk_ids",
     "topk_texts",
     "topk_logprob_codes",
     "topk_tail_codes",
+    "topk_temperature",
+    "topk_vocab",
 ];
 
 /// Reads rows' stored alternatives from a frame (None when it lacks the columns).
@@ -216,6 +236,8 @@ pub struct TopkColumns<'a> {
     texts: &'a ListChunked,
     codes: &'a BinaryChunked,
     tails: &'a BinaryChunked,
+    temperature: &'a Float32Chunked,
+    vocab: &'a StringChunked,
 }
 
 impl<'a> TopkColumns<'a> {
@@ -231,6 +253,8 @@ impl<'a> TopkColumns<'a> {
             texts: req("topk_texts", list(DataType::String))?.list()?,
             codes: req("topk_logprob_codes", DataType::Binary)?.binary()?,
             tails: req("topk_tail_codes", DataType::Binary)?.binary()?,
+            temperature: req("topk_temperature", DataType::Float32)?.f32()?,
+            vocab: req("topk_vocab", DataType::String)?.str()?,
         }))
     }
 
@@ -256,6 +280,8 @@ impl<'a> TopkColumns<'a> {
             texts,
             codes: self.codes.get(i).map(<[u8]>::to_vec).unwrap_or_default(),
             tails: self.tails.get(i).map(<[u8]>::to_vec).unwrap_or_default(),
+            temperature: self.temperature.get(i),
+            vocab: self.vocab.get(i).unwrap_or("").to_string(),
         }
     }
 }

@@ -56,6 +56,7 @@ pub fn all_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+pub mod agreement;
 pub mod fault_proxy;
 pub mod server;
 #[path = "../../src/test_skip.rs"]
