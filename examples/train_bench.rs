@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
             &base,
             &loaded.tokenizer_json()?,
             &loaded.chat,
-            &eos,
+            (&eos, "models/SmolLM2-135M-Instruct.Q4_1.gguf"),
         )?;
     }
     let mut model = loaded.decoder(&dev, |_| mode == "full")?;

@@ -34,6 +34,7 @@ pub mod progress;
 pub mod prompts;
 pub mod records;
 pub mod run;
+pub mod stats;
 pub mod synthesize;
 pub mod task;
 pub mod teacher;

@@ -58,6 +58,11 @@ pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
     } else {
         eval::run(cfg)?
     };
+    if cfg.export.is_some() {
+        // The card carries the eval table that was just written.
+        let card = export::write_card(cfg)?;
+        eprintln!("run: model card → {}", card.display());
+    }
     eprintln!("run: finished in {:.0} s", started.elapsed().as_secs_f64());
     Ok(scores)
 }

@@ -1,6 +1,7 @@
 //! `kdpipe run` end to end on a few rows with the real SmolLM2 GGUF as teacher and
-//! student: every stage's files and manifest, the table on stdout, and a second run that
-//! skips every stage.
+//! student: every stage's files and manifest, the exported GGUF scored beside the
+//! student, the model card naming every input's digest, the table on stdout, and a second
+//! run that skips every stage.
 
 mod common;
 use common::*;
@@ -35,8 +36,11 @@ model = "{model}"
 max_steps = 3
 batch_size = 2
 max_seq_len = 128
+[export]
+gguf = ["q8_0"]
 [eval]
 max_new_tokens = 6
+models = ["teacher", "base", "student", "exported"]
 "#,
         data = root.join("datasets/feelings.jsonl").display(),
         prompts = root.join("prompts").display(),
@@ -47,7 +51,12 @@ max_new_tokens = 6
     let out = kdpipe(&["run", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "run failed: {}", stderr(&out));
     let table = String::from_utf8_lossy(&out.stdout);
-    for line in ["teacher", "student before", "student after"] {
+    for line in [
+        "teacher",
+        "student before",
+        "student after",
+        "student q8_0 GGUF",
+    ] {
         assert!(table.contains(line), "table lacks {line:?}: {table}");
     }
 
@@ -66,10 +75,35 @@ max_new_tokens = 6
         "eval/predictions.parquet",
         "eval/report.json",
         "eval/report.md",
+        "export/e2e-q8_0.gguf",
+        "export/README.md",
+        "export/loss.svg",
+        "export/funnel.svg",
     ] {
         assert!(run.join(f).is_file(), "missing {f}");
     }
-    for stage in ["generate", "curate", "finetune", "eval"] {
+    // The model card: every input's digest, the eval table with intervals, the pictures.
+    let card = std::fs::read_to_string(run.join("export/README.md")).unwrap();
+    let generated: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("generate/manifest.json")).unwrap())
+            .unwrap();
+    let inputs = generated["inputs"].as_array().unwrap();
+    assert!(!inputs.is_empty());
+    for input in inputs {
+        let digest = input["sha256"].as_str().unwrap();
+        assert!(card.contains(digest), "the card lacks {digest}:\n{card}");
+    }
+    for text in [
+        "base_model: SmolLM2-135M-Instruct.Q4_1.gguf",
+        "| student q8_0 GGUF |",
+        "95 % interval",
+        "![curation funnel](funnel.svg)",
+        "](loss.svg)",
+        "e2e-q8_0.gguf",
+    ] {
+        assert!(card.contains(text), "the card lacks {text:?}:\n{card}");
+    }
+    for stage in ["generate", "curate", "finetune", "eval", "export"] {
         let m: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(run.join(stage).join("manifest.json")).unwrap(),
         )
@@ -156,7 +190,7 @@ max_new_tokens = 6
     let again = kdpipe(&["run", "--config", "c.toml"], dir.path());
     assert!(again.status.success(), "{}", stderr(&again));
     let err = stderr(&again);
-    for stage in ["generate", "curate", "finetune", "eval"] {
+    for stage in ["generate", "curate", "finetune", "export", "eval"] {
         assert!(
             err.contains(&format!("{stage}: up to date, skipped")),
             "{stage} not skipped: {err}"

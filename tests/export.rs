@@ -1,6 +1,7 @@
 //! An exported student loads in Hugging Face transformers (PyTorch, from pip) and gives the
 //! logits kdpipe's decoder gives: trained with LoRA for one step first, so the adapters'
-//! merge is part of what is checked. The tokenizer and chat template travel too.
+//! merge is part of what is checked. The tokenizer and chat template travel too, and the
+//! adapters alone (the PEFT folder) on the exported base give the same logits in PEFT.
 
 mod common;
 use candle_core::{DType, Device, Tensor};
@@ -52,14 +53,32 @@ fn exported_student_gives_the_same_logits_in_transformers() {
 
     let dir = tempfile::tempdir().unwrap();
     let eos = loaded.tokenizer.id_to_token(loaded.eos_token_id).unwrap();
+    let base_model = smollm2().display().to_string();
     student::export::export(
         dir.path(),
         &model,
         &loaded.tokenizer_json().unwrap(),
         &loaded.chat,
-        &eos,
+        (&eos, &base_model),
     )
     .unwrap();
+    // The base as kdpipe read it (the GGUF dequantized), for the adapters to sit on.
+    let base_dir = tempfile::tempdir().unwrap();
+    student::export::export(
+        base_dir.path(),
+        &loaded.decoder(&dev, |_| false).unwrap(),
+        &loaded.tokenizer_json().unwrap(),
+        &loaded.chat,
+        (&eos, &base_model),
+    )
+    .unwrap();
+    assert!(!base_dir.path().join("adapter").exists());
+    let adapter_config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(adapter_config["r"], 4);
+    assert_eq!(adapter_config["lora_alpha"].as_f64(), Some(16.0));
 
     let probe = "How many apples does Tom have? Café, 😀.";
     let chat = loaded
@@ -80,6 +99,8 @@ fn exported_student_gives_the_same_logits_in_transformers() {
     let mut child = Command::new(hf_python())
         .arg(root().join("scripts/hf_logits.py"))
         .arg(dir.path())
+        .arg(base_dir.path())
+        .arg(dir.path().join("adapter"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -110,6 +131,18 @@ fn exported_student_gives_the_same_logits_in_transformers() {
         ours[0].len()
     );
     assert!(max_diff < 1e-3, "logits differ by {max_diff}");
+    let adapted = got["adapter_logits"].as_array().unwrap();
+    let mut adapter_diff = 0f32;
+    for (row_ours, row_theirs) in ours.iter().zip(adapted) {
+        for (a, b) in row_ours.iter().zip(row_theirs.as_array().unwrap()) {
+            adapter_diff = adapter_diff.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    eprintln!("PEFT adapter on the exported base: max |logit difference| {adapter_diff}");
+    assert!(
+        adapter_diff < 1e-3,
+        "adapter logits differ by {adapter_diff}"
+    );
     let probe_ids: Vec<u32> = serde_json::from_value(got["probe_ids"].clone()).unwrap();
     assert_eq!(
         probe_ids,

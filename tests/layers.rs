@@ -7,10 +7,11 @@ use common::*;
 use std::collections::BTreeSet;
 
 /// Each top-level module of the library and its layer, lowest first.
-const LAYERS: [(&str, u8); 22] = [
+const LAYERS: [(&str, u8); 23] = [
     ("alloc", 1),
     ("progress", 1),
     ("test_skip", 1),
+    ("stats", 1),
     ("config", 2),
     ("records", 3),
     ("kernels", 3),

@@ -151,7 +151,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let md_path = dir.join("report.md");
     write_bytes(&md_path, report::markdown(&summary).as_bytes())?;
     let svg_path = dir.join("funnel.svg");
-    write_bytes(&svg_path, report::funnel_svg(&summary).as_bytes())?;
+    write_bytes(&svg_path, report::funnel_svg(&summary)?.as_bytes())?;
     for p in [&report_path, &md_path, &svg_path] {
         outputs.push(staged_entry(&staged, p, None)?);
     }

@@ -182,9 +182,12 @@ pub fn markdown(r: &Value) -> String {
     md
 }
 
-/// The funnel as horizontal bars: rows left after each rule.
-pub fn funnel_svg(r: &Value) -> String {
-    let rows_in = r["rows_in"].as_f64().unwrap_or(0.0).max(1.0);
+/// The funnel as horizontal bars drawn with plotters: the rows left after each rule (blue)
+/// and the rows it removed (red), with the counts written beside each bar and the rows
+/// on a ticked axis.
+pub fn funnel_svg(r: &Value) -> anyhow::Result<String> {
+    use plotters::prelude::*;
+    let rows_in = r["rows_in"].as_f64().unwrap_or(0.0);
     let mut bars = vec![("rows in".to_string(), rows_in, 0.0)];
     for step in r["funnel"].as_array().into_iter().flatten() {
         bars.push((
@@ -193,27 +196,105 @@ pub fn funnel_svg(r: &Value) -> String {
             step["removed"].as_f64().unwrap_or(0.0),
         ));
     }
-    let (label_w, bar_w, row_h) = (190.0, 420.0, 22.0);
-    let height = row_h * bars.len() as f64 + 20.0;
-    let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n",
-        label_w + bar_w + 140.0
-    );
-    for (i, (label, rows, removed)) in bars.iter().enumerate() {
-        let y = 10.0 + i as f64 * row_h;
-        let w = bar_w * rows / rows_in;
-        let cut = bar_w * removed / rows_in;
-        svg.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{label}</text>\n<rect x=\"{label_w}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"#4c78a8\"/>\n<rect x=\"{:.1}\" y=\"{y}\" width=\"{cut:.1}\" height=\"{}\" fill=\"#e45756\"/>\n<text x=\"{:.1}\" y=\"{}\">{rows} (−{removed})</text>\n",
-            label_w - 6.0,
-            y + 15.0,
-            row_h - 6.0,
-            label_w + w,
-            row_h - 6.0,
-            label_w + w + cut + 6.0,
-            y + 15.0,
-        ));
+    let n = bars.len();
+    let drawing = |e: DrawingAreaErrorKind<std::io::Error>| {
+        anyhow::anyhow!("cannot draw the curation funnel: {e}")
+    };
+    let mut svg = String::new();
+    {
+        let height = 90 + 26 * n as u32;
+        let root = SVGBackend::with_string(&mut svg, (820, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(drawing)?;
+        // Room on the right for the longest label ("answer not in rationale: 1234 (−56)").
+        let x_max = rows_in.max(1.0) * 1.7;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Curation funnel: rows left after each rule",
+                ("sans-serif", 18),
+            )
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(10)
+            .build_cartesian_2d(0f64..x_max, 0f64..n as f64)
+            .map_err(drawing)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .disable_y_axis()
+            .x_desc("rows")
+            .x_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(drawing)?;
+        let top = |i: usize| (n - i) as f64 - 0.15;
+        let bottom = |i: usize| (n - i) as f64 - 0.85;
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (_, rows, _))| {
+                Rectangle::new([(0.0, bottom(i)), (*rows, top(i))], BLUE.mix(0.6).filled())
+            }))
+            .map_err(drawing)?
+            .label("rows left")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], BLUE.mix(0.6).filled()));
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (_, rows, removed))| {
+                Rectangle::new(
+                    [(*rows, bottom(i)), (rows + removed, top(i))],
+                    RED.mix(0.6).filled(),
+                )
+            }))
+            .map_err(drawing)?
+            .label("removed by the rule")
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], RED.mix(0.6).filled()));
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, (label, rows, removed))| {
+                let text = if *removed > 0.0 {
+                    format!("{label}: {rows} (−{removed})")
+                } else {
+                    format!("{label}: {rows}")
+                };
+                Text::new(
+                    text,
+                    (rows + removed + x_max * 0.01, (n - i) as f64 - 0.5),
+                    ("sans-serif", 13).into_font(),
+                )
+            }))
+            .map_err(drawing)?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(drawing)?;
+        root.present().map_err(drawing)?;
     }
-    svg.push_str("</svg>\n");
-    svg
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_funnel_draws_every_rule_with_its_counts_on_a_rows_axis() {
+        let report = serde_json::json!({
+            "rows_in": 24,
+            "funnel": [
+                {"rule": "parse_failure", "removed": 3, "rows_after": 21},
+                {"rule": "near_duplicate", "removed": 0, "rows_after": 21},
+                {"rule": "contaminated", "removed": 5, "rows_after": 16},
+            ]
+        });
+        let svg = funnel_svg(&report).unwrap();
+        assert!(svg.starts_with("<svg"));
+        for text in [
+            "rows in: 24",
+            "parse failure: 21 (−3)",
+            "near duplicate: 21",
+            "contaminated: 16 (−5)",
+            "\nrows\n",
+            "removed by the rule",
+        ] {
+            assert!(svg.contains(text), "{text} missing:\n{svg}");
+        }
+    }
 }

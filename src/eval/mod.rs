@@ -43,6 +43,9 @@ pub struct Prediction {
     pub text: String,
     pub answer: Option<String>,
     pub seconds: f64,
+    /// Tokens the model generated for it (0 where it generated none: label scores, the
+    /// teacher's stored rows).
+    pub tokens: u32,
 }
 
 /// One model's answers to all rows, in row order, and the wall time they took.
@@ -218,7 +221,11 @@ fn scored(who: Who, answers: Answers, rows: &[EvalRow], task: &Task) -> Scored {
     let correct = outcomes.iter().map(|o| o.correct).collect();
     let n = rows.len().max(1) as f64;
     let per_example = answers.wall_seconds / n;
+    let generated: u64 = answers.predictions.iter().map(|p| p.tokens as u64).sum();
     let scores = ModelScores {
+        generated_tokens: generated,
+        tokens_per_second: (generated > 0 && answers.wall_seconds > 0.0)
+            .then(|| generated as f64 / answers.wall_seconds),
         key: who.key.into(),
         name: who.name.into(),
         size_bytes: size_on_disk(&who.model),

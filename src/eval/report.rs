@@ -35,6 +35,12 @@ pub struct ModelScores {
     pub params: Option<u64>,
     /// Size of the model's weight files on disk.
     pub size_bytes: Option<u64>,
+    /// Tokens it generated over all rows, and their rate over the wall time (None when
+    /// it generated none: label scores, the teacher's stored rows).
+    #[serde(default)]
+    pub generated_tokens: u64,
+    #[serde(default)]
+    pub tokens_per_second: Option<f64>,
 }
 
 impl Scores {
@@ -66,17 +72,25 @@ impl Scores {
             .unwrap_or(0)
             .max(16);
         let mut t = format!(
-            "{:<w$} {:>9} {:>9} {:>11} {:>10}   ({} rows, {})\n",
-            "model", "accuracy", "macro-F1", "no answer", "s/example", self.rows, self.source
+            "{:<w$} {:>9} {:>9} {:>11} {:>10} {:>8}   ({} rows, {})\n",
+            "model",
+            "accuracy",
+            "macro-F1",
+            "no answer",
+            "s/example",
+            "tok/s",
+            self.rows,
+            self.source
         );
         for m in &self.models {
             t.push_str(&format!(
-                "{:<w$} {:>9} {:>9} {:>11} {:>10.2}\n",
+                "{:<w$} {:>9} {:>9} {:>11} {:>10.2} {:>8}\n",
                 m.name,
                 pct(m.metrics.accuracy),
                 macro_f1(m),
                 pct(m.metrics.parse_failure_rate),
-                m.seconds_per_example
+                m.seconds_per_example,
+                tokens_per_second(m)
             ));
         }
         t
@@ -109,6 +123,10 @@ impl Scores {
         md.push_str(&line("correct", &|m| {
             format!("{} / {}", m.metrics.correct, m.metrics.rows)
         }));
+        md.push_str(&line("95 % interval", &|m| {
+            let (lo, hi) = crate::stats::wilson_95(m.metrics.correct, m.metrics.rows);
+            format!("{:.0}–{:.0} %", 100.0 * lo, 100.0 * hi)
+        }));
         if self.models.iter().any(|m| m.metrics.labels.is_some()) {
             md.push_str(&line("macro-F1", &|m| macro_f1(m)));
         }
@@ -124,6 +142,9 @@ impl Scores {
         }));
         md.push_str(&line("examples / second", &|m| {
             format!("{:.2}", m.examples_per_second)
+        }));
+        md.push_str(&line("generated tokens / second", &|m| {
+            tokens_per_second(m)
         }));
         md.push_str(&line("compute s / 1,000 examples", &|m| {
             format!("{:.0}", m.seconds_per_1k)
@@ -171,5 +192,12 @@ fn macro_f1(m: &ModelScores) -> String {
         .labels
         .as_ref()
         .map(|l| format!("{:.3}", l.macro_f1))
+        .unwrap_or_else(|| "—".into())
+}
+
+/// A model's generated tokens per second for the tables ("—" without generation).
+fn tokens_per_second(m: &ModelScores) -> String {
+    m.tokens_per_second
+        .map(|t| format!("{t:.1}"))
         .unwrap_or_else(|| "—".into())
 }

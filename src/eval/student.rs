@@ -80,6 +80,7 @@ impl Hooks<usize> for EvalHooks<'_> {
             text,
             answer,
             seconds: seq.started.elapsed().as_secs_f64(),
+            tokens: seq.generated.len() as u32,
         });
         Ok(())
     }
@@ -204,6 +205,7 @@ fn best_labels(
             text: label.clone(),
             answer: Some(label),
             seconds: started.elapsed().as_secs_f64(),
+            tokens: 0,
         });
         previous = Some((p.as_slice(), cache));
     }

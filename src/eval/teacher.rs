@@ -56,12 +56,14 @@ pub fn run(
                         text: reply.text,
                         answer: parsed.answer,
                         seconds: reply.latency_ms / 1000.0,
+                        tokens: reply.completion_tokens,
                     }
                 }
                 Err(message) => Prediction {
                     text: message,
                     answer: None,
                     seconds: 0.0,
+                    tokens: 0,
                 },
             };
             by_id.insert(job.id, prediction);
@@ -109,6 +111,7 @@ pub fn generated(cfg: &Config, rows: &[EvalRow]) -> Result<Answers> {
                 text: answer.clone(),
                 answer: Some(answer),
                 seconds: per_row,
+                tokens: 0,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -3,10 +3,13 @@
 //! (the student's weights) and the base model's GGUF header (its tokenizer and chat
 //! template), so llama.cpp, Ollama, mistralrs and kdpipe's own engine load them as they
 //! are. The folder appears only once every file is complete; the manifest records each
-//! file's digest, size and tensor types.
+//! file's digest, size and tensor types. Beside them, the model card (`card`), rewritten
+//! whenever export runs and, in `kdpipe run`, after eval.
+
+pub mod card;
 
 use crate::config::{Config, Stage};
-use crate::io::atomic::StagedDir;
+use crate::io::atomic::{write_bytes, StagedDir};
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::llama::{self, gguf_write};
 use anyhow::{bail, Context, Result};
@@ -99,6 +102,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     });
     m.write(staged.path())?;
     staged.commit()?;
+    write_card(cfg)?;
     eprintln!(
         "export: {} file(s) in {:.0} s → {}",
         ex.gguf.len(),
@@ -106,6 +110,47 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         out_dir.display()
     );
     Ok(out_dir)
+}
+
+/// Write the model card (`README.md`) into the export folder from the run's manifests
+/// and reports as they are now. Not among the export's outputs: eval results arriving
+/// later change the card, not whether the GGUFs are current.
+pub fn write_card(cfg: &Config) -> Result<PathBuf> {
+    let dir = cfg.stage_dir(Stage::Export);
+    let m = Manifest::read(&dir, Stage::Export)?;
+    let files: Vec<(String, String, u64, String)> = m.summary["gguf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let file = f["file"].as_str().unwrap_or_default().to_string();
+            let sha = m
+                .outputs
+                .iter()
+                .find(|o| o.path == file)
+                .map(|o| o.sha256.clone())
+                .unwrap_or_default();
+            (
+                f["type"].as_str().unwrap_or_default().to_string(),
+                file,
+                f["bytes"].as_u64().unwrap_or(0),
+                sha,
+            )
+        })
+        .collect();
+    // The card shows the training curves and the funnel: copied in, so the folder stands
+    // alone when it is uploaded.
+    let mut images = vec![];
+    for (stage, file) in [(Stage::Finetune, "loss.svg"), (Stage::Curate, "funnel.svg")] {
+        let from = cfg.stage_dir(stage).join(file);
+        if let Ok(bytes) = std::fs::read(&from) {
+            write_bytes(&dir.join(file), &bytes)?;
+            images.push(file);
+        }
+    }
+    let path = dir.join("README.md");
+    write_bytes(&path, card::render(cfg, &files, &images).as_bytes())?;
+    Ok(path)
 }
 
 /// Whether `path` names a GGUF file.

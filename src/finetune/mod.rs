@@ -17,7 +17,7 @@ pub mod live;
 pub mod loss;
 pub mod mutual;
 pub mod optim;
-mod svg;
+mod plots;
 
 use crate::config::{Config, FinetuneConfig, Objective, Stage, TokenKd};
 use crate::io::atomic::{text_sha256, write_bytes};
@@ -547,6 +547,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     }
     let train_secs = progress.finish();
     let mut val_after = mean_loss(&model, &val, pad, &weights, ft.batch_size)?;
+    let final_val = (state.step, val_after);
     // Export the weights with the lowest val loss seen.
     let mut exported_step = state.step;
     if let Some((best_step, best_val)) = state.best.filter(|(_, b)| *b < val_after) {
@@ -562,7 +563,18 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     text.push('\n');
     write_bytes(&metrics_path, text.as_bytes())?;
     let svg_path = out_dir.join("loss.svg");
-    write_bytes(&svg_path, svg::loss_curve(losses).as_bytes())?;
+    let rates: Vec<f64> = (0..losses.len())
+        .map(|i| learning_rate(ft, i, total_steps))
+        .collect();
+    let mut vals = vec![(0, val_before)];
+    vals.extend(state.evals.iter().copied().filter(|e| e.0 != final_val.0));
+    vals.push(final_val);
+    let curves = plots::Curves {
+        train: losses,
+        learning_rate: &rates,
+        val: &vals,
+    };
+    write_bytes(&svg_path, plots::training_curves(&curves)?.as_bytes())?;
     let eos_text = loaded
         .tokenizer
         .id_to_token(loaded.eos_token_id)
@@ -572,7 +584,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
         &model,
         &loaded.tokenizer_json()?,
         &loaded.chat,
-        &eos_text,
+        (&eos_text, &cfg.student.model),
     )?;
 
     let summary = serde_json::json!({

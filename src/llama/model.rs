@@ -428,6 +428,25 @@ impl Decoder {
         Ok(out)
     }
 
+    /// The LoRA adapters, by layer name: (A `[r, in]`, B `[out, r]`, scale alpha / r).
+    /// Empty when the model trains (or trained) without them.
+    pub fn adapters(&self) -> Vec<(String, Tensor, Tensor, f64)> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.linears())
+            .chain(std::iter::once(&self.head))
+            .filter_map(|l| {
+                let a = l.lora.as_ref()?;
+                Some((
+                    l.name.clone(),
+                    a.a.as_tensor().detach(),
+                    a.b.as_tensor().detach(),
+                    a.scale,
+                ))
+            })
+            .collect()
+    }
+
     /// Logits for final hidden states `[..., hidden]` (after the final norm).
     pub(super) fn logits(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         let x = rms_norm(x, &self.norm, self.shape.rms_norm_eps)?;
