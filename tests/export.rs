@@ -24,6 +24,17 @@ fn hf_python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Largest |a − b| between kdpipe's logits and transformers' (JSON rows of numbers).
+fn largest_difference(ours: &[Vec<f32>], theirs: &[serde_json::Value]) -> f32 {
+    let mut worst = 0f32;
+    for (row_ours, row_theirs) in ours.iter().zip(theirs) {
+        for (a, b) in row_ours.iter().zip(row_theirs.as_array().unwrap()) {
+            worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    worst
+}
+
 #[test]
 fn exported_student_gives_the_same_logits_in_transformers() {
     let dev = Device::Cpu;
@@ -120,24 +131,15 @@ fn exported_student_gives_the_same_logits_in_transformers() {
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let theirs = got["logits"].as_array().unwrap();
     assert_eq!(theirs.len(), n);
-    let mut max_diff = 0f32;
-    for (row_ours, row_theirs) in ours.iter().zip(theirs) {
-        for (a, b) in row_ours.iter().zip(row_theirs.as_array().unwrap()) {
-            max_diff = max_diff.max((a - b.as_f64().unwrap() as f32).abs());
-        }
-    }
+    let max_diff = largest_difference(&ours, theirs);
     eprintln!(
         "max |logit difference| over {n} positions × {} vocab: {max_diff}",
         ours[0].len()
     );
     assert!(max_diff < 1e-3, "logits differ by {max_diff}");
     let adapted = got["adapter_logits"].as_array().unwrap();
-    let mut adapter_diff = 0f32;
-    for (row_ours, row_theirs) in ours.iter().zip(adapted) {
-        for (a, b) in row_ours.iter().zip(row_theirs.as_array().unwrap()) {
-            adapter_diff = adapter_diff.max((a - b.as_f64().unwrap() as f32).abs());
-        }
-    }
+    assert_eq!(adapted.len(), n);
+    let adapter_diff = largest_difference(&ours, adapted);
     eprintln!("PEFT adapter on the exported base: max |logit difference| {adapter_diff}");
     assert!(
         adapter_diff < 1e-3,

@@ -31,15 +31,7 @@ fn worst_weight_error(a: &llama::LoadedModel, b: &llama::LoadedModel) -> (f32, S
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let diff = (x - y)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let rel = diff / scale.max(1e-12);
+        let rel = max_diff(x, y) / scale.max(1e-12);
         if rel > worst.0 {
             worst = (rel, name.clone());
         }
