@@ -37,6 +37,22 @@ pub enum Command {
     Run(RunArgs),
     /// Print rows of a Parquet file as JSON lines.
     Show(ShowArgs),
+    /// Internal: score one model for `kdpipe eval`, in a process of its own.
+    #[command(hide = true)]
+    EvalWorker(EvalWorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalWorkerArgs {
+    /// The resolved config the parent eval wrote.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// teacher, base, student or exported:<type>.
+    #[arg(long)]
+    pub model: String,
+    /// Where to write the scores (JSON).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

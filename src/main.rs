@@ -96,7 +96,8 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 overrides.eval_models = Some(serde_json::from_value(list)?);
             }
             if let Some(cfg) = load_with(&a.stage, overrides)? {
-                let scores = kdpipe::eval::run(&cfg)?;
+                let scoring = kdpipe::eval::Scoring::workers_from_this_binary()?;
+                let scores = kdpipe::eval::run(&cfg, &scoring)?;
                 print!("{}", scores.table());
                 if let Some(why) = scores.gate_failure(cfg.eval.min_accuracy) {
                     return Ok(Err(why));
@@ -105,13 +106,15 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
         }
         Command::Run(a) => {
             if let Some(cfg) = load(&a.stage)? {
-                let scores = kdpipe::run::run(&cfg, a.force, a.fresh)?;
+                let scoring = kdpipe::eval::Scoring::workers_from_this_binary()?;
+                let scores = kdpipe::run::run(&cfg, a.force, a.fresh, &scoring)?;
                 print!("{}", scores.table());
                 if let Some(why) = scores.gate_failure(cfg.eval.min_accuracy) {
                     return Ok(Err(why));
                 }
             }
         }
+        Command::EvalWorker(a) => kdpipe::eval::work(&a.config, &a.model, &a.out)?,
         Command::Show(a) => {
             let df = kdpipe::io::parquet::read_frame(&a.file)?;
             for row in kdpipe::io::parquet::rows_as_json(&df, a.limit)? {

@@ -16,7 +16,8 @@ fn is_current(cfg: &Config, stage: Stage, inputs: Result<Vec<FileEntry>>) -> boo
     }
 }
 
-pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
+/// `scoring`: where eval scores each model (see `eval::Scoring`).
+pub fn run(cfg: &Config, force: bool, fresh: bool, scoring: &eval::Scoring) -> Result<Scores> {
     let started = std::time::Instant::now();
     if cfg.synthesize.is_some() {
         if force || !is_current(cfg, Stage::Synthesize, synthesize::input_entries(cfg)) {
@@ -56,7 +57,7 @@ pub fn run(cfg: &Config, force: bool, fresh: bool) -> Result<Scores> {
         let m = Manifest::read(&cfg.stage_dir(Stage::Eval), Stage::Eval)?;
         serde_json::from_value(m.summary)?
     } else {
-        eval::run(cfg)?
+        eval::run(cfg, scoring)?
     };
     if cfg.export.is_some() {
         // The card carries the eval table that was just written.

@@ -103,6 +103,42 @@ models = ["teacher", "base", "student", "exported"]
     ] {
         assert!(card.contains(text), "the card lacks {text:?}:\n{card}");
     }
+    // Each model that loads weights was scored in a process of its own, so its peak RSS
+    // is its own: the Q8_0 file's is below the f32 student's (in one process it would
+    // carry the student's freed pages). The teacher's stored answers load no weights and
+    // have none.
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval/report.json")).unwrap())
+            .unwrap();
+    let model = |key: &str| {
+        eval["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["key"] == key)
+            .unwrap_or_else(|| panic!("no {key} in {eval}"))
+            .clone()
+    };
+    assert!(model("teacher")["peak_rss_bytes"].is_null());
+    for key in ["base", "student", "student_q8_0"] {
+        let m = model(key);
+        let (rss, size) = (
+            m["peak_rss_bytes"].as_u64().unwrap(),
+            m["size_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            rss > size / 2,
+            "{key}: peak RSS {rss} for {size} bytes of weights"
+        );
+    }
+    let rss = |key: &str| model(key)["peak_rss_bytes"].as_u64().unwrap();
+    assert!(rss("student_q8_0") < rss("student"));
+    assert!(card.contains("| peak RSS |"), "{card}");
+    assert!(!run.read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".eval-worker")));
     for stage in ["generate", "curate", "finetune", "eval", "export"] {
         let m: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(run.join(stage).join("manifest.json")).unwrap(),

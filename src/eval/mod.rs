@@ -8,6 +8,7 @@ pub mod metrics;
 mod report;
 mod student;
 mod teacher;
+mod worker;
 
 use crate::config::{Config, EvalModel, Stage, StudentDecode, TeacherKind, TeacherSource};
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
@@ -21,10 +22,12 @@ use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use metrics::Outcome;
 use polars::prelude::*;
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 pub use report::{ModelScores, Scores};
+pub use worker::{work, Scoring};
 
 /// One row to score.
 #[derive(Debug, Clone)]
@@ -38,7 +41,7 @@ pub struct EvalRow {
 }
 
 /// One model's answer to one row.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Prediction {
     pub text: String,
     pub answer: Option<String>,
@@ -49,6 +52,7 @@ pub struct Prediction {
 }
 
 /// One model's answers to all rows, in row order, and the wall time they took.
+#[derive(Serialize, Deserialize)]
 pub struct Answers {
     pub predictions: Vec<Prediction>,
     pub wall_seconds: f64,
@@ -193,6 +197,7 @@ fn size_on_disk(model: &str) -> Option<u64> {
 }
 
 /// What one scored model contributes: its table row and its prediction columns.
+#[derive(Serialize, Deserialize)]
 struct Scored {
     scores: ModelScores,
     answers: Answers,
@@ -240,6 +245,7 @@ fn scored(who: Who, answers: Answers, rows: &[EvalRow], task: &Task) -> Scored {
         },
         seconds_per_1k: per_example * 1000.0,
         params: who.params,
+        peak_rss_bytes: None,
     };
     Scored {
         scores,
@@ -331,6 +337,108 @@ fn score_teacher(
     Ok(Some(scored(who, answers, rows, task)))
 }
 
+/// One model eval scores, in the report's order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unit {
+    Teacher,
+    Base,
+    Student,
+    /// An exported GGUF, by its type ("q8_0", ...).
+    Exported(String),
+}
+
+impl Unit {
+    /// The name a worker process is given (`kdpipe eval-worker --model ...`).
+    pub fn arg(&self) -> String {
+        match self {
+            Unit::Teacher => "teacher".into(),
+            Unit::Base => "base".into(),
+            Unit::Student => "student".into(),
+            Unit::Exported(kind) => format!("exported:{kind}"),
+        }
+    }
+
+    pub fn parse(arg: &str) -> Result<Unit> {
+        Ok(match arg {
+            "teacher" => Unit::Teacher,
+            "base" => Unit::Base,
+            "student" => Unit::Student,
+            _ => match arg.strip_prefix("exported:") {
+                Some(kind) => Unit::Exported(kind.to_string()),
+                None => bail!(
+                    "unknown eval model {arg:?}\nhint: teacher, base, student or exported:<type>"
+                ),
+            },
+        })
+    }
+
+    /// Whether scoring it loads weights into this process (its memory is the model's); the
+    /// teacher's stored answers and an API teacher load none.
+    fn loads_weights(&self, cfg: &Config) -> bool {
+        match self {
+            Unit::Teacher => {
+                cfg.eval.teacher == TeacherSource::Run && cfg.teacher.kind == TeacherKind::Local
+            }
+            _ => true,
+        }
+    }
+}
+
+fn units(cfg: &Config) -> Result<Vec<Unit>> {
+    let mut v = Vec::new();
+    for which in [
+        EvalModel::Teacher,
+        EvalModel::Base,
+        EvalModel::Student,
+        EvalModel::Exported,
+    ] {
+        if !cfg.eval.models.contains(&which) {
+            continue;
+        }
+        match which {
+            EvalModel::Teacher => v.push(Unit::Teacher),
+            EvalModel::Base => v.push(Unit::Base),
+            EvalModel::Student => v.push(Unit::Student),
+            EvalModel::Exported => {
+                for (kind, _) in exported_files(cfg)? {
+                    v.push(Unit::Exported(kind));
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Score one model here (None: the teacher has no answers to score).
+fn score_unit(
+    cfg: &Config,
+    unit: &Unit,
+    (prompt, task, rows): (&Prompt, &Task, &[EvalRow]),
+) -> Result<Option<Scored>> {
+    let student = |who: (&str, &str), model: &str| {
+        let who = (who.0.to_string(), who.1.to_string());
+        score_student(cfg, who, model, prompt, task, rows).map(Some)
+    };
+    match unit {
+        Unit::Teacher => score_teacher(cfg, prompt, task, rows),
+        Unit::Base => student(("base", "student before"), &cfg.student.model),
+        Unit::Student => {
+            let dir = cfg.student_dir();
+            let dir = dir.to_str().context("student folder path is not UTF-8")?;
+            student(("student", "student after"), dir)
+        }
+        Unit::Exported(kind) => {
+            let files = exported_files(cfg)?;
+            let Some((_, path)) = files.iter().find(|(k, _)| k == kind) else {
+                bail!("the export manifest lists no {kind} GGUF\nhint: run kdpipe export again");
+            };
+            let path = path.to_str().context("export path is not UTF-8")?;
+            let who = (format!("student_{kind}"), format!("student {kind} GGUF"));
+            student((&who.0, &who.1), path)
+        }
+    }
+}
+
 fn predictions_frame(rows: &[EvalRow], models: &[Scored]) -> Result<DataFrame> {
     let mut cols = vec![
         Column::new(
@@ -369,7 +477,9 @@ fn predictions_frame(rows: &[EvalRow], models: &[Scored]) -> Result<DataFrame> {
     Ok(DataFrame::new_infer_height(cols)?)
 }
 
-pub fn run(cfg: &Config) -> Result<Scores> {
+/// Score the models `[eval] models` names; `scoring` says whether each runs in a process of
+/// its own (the binary: peak RSS per model) or in this one (library callers, tests).
+pub fn run(cfg: &Config, scoring: &Scoring) -> Result<Scores> {
     let out_dir = cfg.stage_dir(Stage::Eval);
     let inputs = input_entries(cfg)?;
     let task = Task::from_config(&cfg.task);
@@ -382,40 +492,8 @@ pub fn run(cfg: &Config) -> Result<Scores> {
     );
 
     let mut models: Vec<Scored> = Vec::new();
-    for which in [
-        EvalModel::Teacher,
-        EvalModel::Base,
-        EvalModel::Student,
-        EvalModel::Exported,
-    ] {
-        if !cfg.eval.models.contains(&which) {
-            continue;
-        }
-        let base = ("base".to_string(), "student before".to_string());
-        let after = ("student".to_string(), "student after".to_string());
-        match which {
-            EvalModel::Teacher => models.extend(score_teacher(cfg, &prompt, &task, &rows)?),
-            EvalModel::Base => models.push(score_student(
-                cfg,
-                base,
-                &cfg.student.model,
-                &prompt,
-                &task,
-                &rows,
-            )?),
-            EvalModel::Student => {
-                let dir = cfg.student_dir();
-                let dir = dir.to_str().context("student folder path is not UTF-8")?;
-                models.push(score_student(cfg, after, dir, &prompt, &task, &rows)?);
-            }
-            EvalModel::Exported => {
-                for (kind, path) in exported_files(cfg)? {
-                    let path = path.to_str().context("export path is not UTF-8")?;
-                    let who = (format!("student_{kind}"), format!("student {kind} GGUF"));
-                    models.push(score_student(cfg, who, path, &prompt, &task, &rows)?);
-                }
-            }
-        }
+    for unit in units(cfg)? {
+        models.extend(scoring.score(cfg, &unit, (&prompt, &task, &rows))?);
     }
 
     // Written beside the earlier output, which stays complete until the swap.

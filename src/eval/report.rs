@@ -41,6 +41,10 @@ pub struct ModelScores {
     pub generated_tokens: u64,
     #[serde(default)]
     pub tokens_per_second: Option<f64>,
+    /// Peak resident memory of the process that scored it alone (`kdpipe eval` scores each
+    /// model that loads weights in a process of its own); None when not measured.
+    #[serde(default)]
+    pub peak_rss_bytes: Option<u64>,
 }
 
 impl Scores {
@@ -72,25 +76,27 @@ impl Scores {
             .unwrap_or(0)
             .max(16);
         let mut t = format!(
-            "{:<w$} {:>9} {:>9} {:>11} {:>10} {:>8}   ({} rows, {})\n",
+            "{:<w$} {:>9} {:>9} {:>11} {:>10} {:>8} {:>9}   ({} rows, {})\n",
             "model",
             "accuracy",
             "macro-F1",
             "no answer",
             "s/example",
             "tok/s",
+            "peak RSS",
             self.rows,
             self.source
         );
         for m in &self.models {
             t.push_str(&format!(
-                "{:<w$} {:>9} {:>9} {:>11} {:>10.2} {:>8}\n",
+                "{:<w$} {:>9} {:>9} {:>11} {:>10.2} {:>8} {:>9}\n",
                 m.name,
                 pct(m.metrics.accuracy),
                 macro_f1(m),
                 pct(m.metrics.parse_failure_rate),
                 m.seconds_per_example,
-                tokens_per_second(m)
+                tokens_per_second(m),
+                peak_rss(m)
             ));
         }
         t
@@ -159,6 +165,7 @@ impl Scores {
                 .map(|b| format!("{:.0} MB", b as f64 / 1e6))
                 .unwrap_or_else(|| "—".into())
         }));
+        md.push_str(&line("peak RSS (own process)", &|m| peak_rss(m)));
         for m in &self.models {
             let Some(l) = &m.metrics.labels else { continue };
             md.push_str(&format!(
@@ -199,5 +206,12 @@ fn macro_f1(m: &ModelScores) -> String {
 fn tokens_per_second(m: &ModelScores) -> String {
     m.tokens_per_second
         .map(|t| format!("{t:.1}"))
+        .unwrap_or_else(|| "—".into())
+}
+
+/// A model's peak RSS for the tables ("—" where not measured).
+fn peak_rss(m: &ModelScores) -> String {
+    m.peak_rss_bytes
+        .map(|b| format!("{:.0} MB", b as f64 / 1e6))
         .unwrap_or_else(|| "—".into())
 }

@@ -151,7 +151,7 @@ pub fn render(cfg: &Config, files: &[(String, String, u64, String)], images: &[&
         Some(e) => {
             let _ = writeln!(
                 md,
-                "On {} ({} rows with gold); 95 % Wilson intervals; costs are wall-clock on {} CPU threads.\n\n| model | accuracy | 95 % interval | no answer | s / example | tokens / s | size |\n|---|---:|---:|---:|---:|---:|---:|",
+                "On {} ({} rows with gold); 95 % Wilson intervals; costs are wall-clock on {} CPU threads.\n\n| model | accuracy | 95 % interval | no answer | s / example | tokens / s | peak RSS | size |\n|---|---:|---:|---:|---:|---:|---:|---:|",
                 e["source"].as_str().unwrap_or(""),
                 e["rows"],
                 e["threads"]
@@ -164,7 +164,7 @@ pub fn render(cfg: &Config, files: &[(String, String, u64, String)], images: &[&
                 let (lo, hi) = crate::stats::wilson_95(correct, rows);
                 let _ = writeln!(
                     md,
-                    "| {} | {:.1} % | {:.0}–{:.0} % | {:.1} % | {:.2} | {} | {} |",
+                    "| {} | {:.1} % | {:.0}–{:.0} % | {:.1} % | {:.2} | {} | {} | {} |",
                     m["name"].as_str().unwrap_or(""),
                     100.0 * m["accuracy"].as_f64().unwrap_or(0.0),
                     100.0 * lo,
@@ -175,6 +175,7 @@ pub fn render(cfg: &Config, files: &[(String, String, u64, String)], images: &[&
                         .as_f64()
                         .map(|t| format!("{t:.1}"))
                         .unwrap_or_else(|| "—".into()),
+                    m["peak_rss_bytes"].as_u64().map(mb).unwrap_or_else(|| "—".into()),
                     m["size_bytes"].as_u64().map(mb).unwrap_or_else(|| "—".into())
                 );
             }

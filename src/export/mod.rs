@@ -1,7 +1,7 @@
 //! export: the finetuned student as files people deploy. One GGUF per configured type
 //! (`[export] gguf`), written by `llama::gguf_write` from the exported Hugging Face folder
 //! (the student's weights) and the base model's GGUF header (its tokenizer and chat
-//! template), so llama.cpp, Ollama, mistralrs and kdpipe's own engine load them as they
+//! template; for a Hugging Face base, its tokenizer.json converted), so llama.cpp, Ollama, mistralrs and kdpipe's own engine load them as they
 //! are. The folder appears only once every file is complete; the manifest records each
 //! file's digest, size and tensor types. Beside them, the model card (`card`), rewritten
 //! whenever export runs and, in `kdpipe run`, after eval.
@@ -11,8 +11,9 @@ pub mod card;
 use crate::config::{Config, Stage};
 use crate::io::atomic::{write_bytes, StagedDir};
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
-use crate::llama::{self, gguf_write};
+use crate::llama::{self, gguf_tokenizer, gguf_write};
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::gguf_file::Value;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -26,17 +27,44 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
         .collect()
 }
 
-/// The base model whose GGUF header holds the tokenizer and chat template.
-fn tokenizer_source(cfg: &Config) -> Result<PathBuf> {
-    let base = PathBuf::from(&cfg.student.model);
-    if !is_gguf(&base) || !base.is_file() {
-        bail!(
-            "[export] gguf copies the tokenizer and chat template from the student's base GGUF, and [student] model = {:?} is not a GGUF file\nhint: train from the model's GGUF (scripts/fetch-models.sh fetches them), or convert the exported folder {} with llama.cpp's convert_hf_to_gguf.py",
-            cfg.student.model,
-            cfg.student_dir().display()
-        );
+/// Where the GGUF's tokenizer and chat template come from.
+enum TokenizerSource {
+    /// The student's base GGUF: its `tokenizer.*` keys, copied as they are.
+    BaseGguf(PathBuf),
+    /// A Hugging Face base: the student folder's tokenizer.json and tokenizer_config.json
+    /// (finetune wrote the base's), converted.
+    StudentFolder(PathBuf),
+}
+
+impl TokenizerSource {
+    fn of(cfg: &Config) -> Result<TokenizerSource> {
+        let base = PathBuf::from(&cfg.student.model);
+        if is_gguf(&base) && base.is_file() {
+            return Ok(TokenizerSource::BaseGguf(base));
+        }
+        let folder = cfg.student_dir();
+        if !folder.join("tokenizer.json").is_file() {
+            bail!(
+                "[export] gguf needs the student's tokenizer: [student] model = {:?} is not a GGUF file, and {} has no tokenizer.json\nhint: run kdpipe finetune --config … again",
+                cfg.student.model,
+                folder.display()
+            );
+        }
+        Ok(TokenizerSource::StudentFolder(folder))
     }
-    Ok(base)
+
+    fn metadata(&self, vocab_size: usize) -> Result<Vec<(String, Value)>> {
+        match self {
+            TokenizerSource::BaseGguf(base) => gguf_write::tokenizer_metadata(base),
+            TokenizerSource::StudentFolder(dir) => gguf_tokenizer::from_hf_folder(dir, vocab_size),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            TokenizerSource::BaseGguf(p) | TokenizerSource::StudentFolder(p) => p,
+        }
+    }
 }
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
@@ -52,16 +80,16 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
             student_dir.display()
         )
     })?;
-    let base = tokenizer_source(cfg)?;
-    let mut extra = gguf_write::tokenizer_metadata(&base)?;
-    extra.push((
-        "general.name".into(),
-        candle_core::quantized::gguf_file::Value::String(format!("{} (kdpipe student)", cfg.name)),
-    ));
+    let tokenizer = TokenizerSource::of(cfg)?;
     let student = llama::load(
         &student_dir.display().to_string(),
         &candle_core::Device::Cpu,
     )?;
+    let mut extra = tokenizer.metadata(student.shape.vocab_size)?;
+    extra.push((
+        "general.name".into(),
+        Value::String(format!("{} (kdpipe student)", cfg.name)),
+    ));
     let out_dir = cfg.stage_dir(Stage::Export);
     let staged = StagedDir::begin(&out_dir)?;
     let mut outputs = vec![];
@@ -97,7 +125,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     m.outputs = outputs;
     m.summary = serde_json::json!({
         "gguf": files,
-        "tokenizer_from": base.display().to_string(),
+        "tokenizer_from": tokenizer.path().display().to_string(),
         "student": student_dir.display().to_string(),
     });
     m.write(staged.path())?;

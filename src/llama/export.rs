@@ -33,6 +33,24 @@ pub fn export(
     candle_core::safetensors::save(&tensors, &weights)
         .with_context(|| format!("cannot write {}", weights.display()))
         .map_err(|e| crate::io::atomic::with_storage_hint(e, dir))?;
+    write_tokenizer_files(out, shape, tokenizer_json, chat, eos_token)?;
+    write_json(
+        &out.join("generation_config.json"),
+        &serde_json::json!({"bos_token_id": shape.bos_token_id, "eos_token_id": shape.eos_token_id, "do_sample": false}),
+    )?;
+    write_adapter(&out.join("adapter"), model, base_model)?;
+    staged.commit()
+}
+
+/// config.json, tokenizer.json and tokenizer_config.json (the chat template, EOS and
+/// padding tokens) of a model of `shape`.
+pub fn write_tokenizer_files(
+    out: &Path,
+    shape: &super::ModelShape,
+    tokenizer_json: &str,
+    chat: &ChatTemplate,
+    eos_token: &str,
+) -> Result<()> {
     write_json(&out.join("config.json"), &shape.to_hf_config())?;
     write_bytes(&out.join("tokenizer.json"), tokenizer_json.as_bytes())?;
     write_json(
@@ -45,13 +63,7 @@ pub fn export(
             "tokenizer_class": "PreTrainedTokenizerFast",
             "clean_up_tokenization_spaces": false,
         }),
-    )?;
-    write_json(
-        &out.join("generation_config.json"),
-        &serde_json::json!({"bos_token_id": shape.bos_token_id, "eos_token_id": shape.eos_token_id, "do_sample": false}),
-    )?;
-    write_adapter(&out.join("adapter"), model, base_model)?;
-    staged.commit()
+    )
 }
 
 /// The LoRA adapters as PEFT writes them: tensors named

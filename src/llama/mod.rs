@@ -14,6 +14,7 @@ pub mod causal;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod gguf_write;
 pub mod hf;
 pub mod infer;

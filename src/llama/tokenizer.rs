@@ -15,10 +15,14 @@ use tokenizers::{
 };
 
 /// GPT-2's pre-tokenizer regex (SmolLM2 and other `gpt2`/`smollm` vocabularies).
-const GPT2_REGEX: &str =
+pub(super) const GPT2_REGEX: &str =
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Qwen2's pre-tokenizer regex, as in its tokenizer.json.
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// llama.cpp's token types that matter here (`llama_token_type`).
+const NORMAL: i64 = 1;
+const USER_DEFINED: i64 = 4;
+
+pub(super) const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub fn meta_str<'a>(c: &'a Content, key: &str) -> Result<&'a str> {
     Ok(c.metadata
@@ -39,6 +43,15 @@ pub fn meta_u64(c: &Content, key: &str) -> Option<u64> {
         Value::I32(x) => Some(*x as u64),
         Value::I64(x) => Some(*x as u64),
         _ => None,
+    }
+}
+
+/// A `tokenizer.ggml.token_type` entry (normal where it is not an integer).
+fn meta_type(v: &Value) -> i64 {
+    match v {
+        Value::I32(x) => *x as i64,
+        Value::U32(x) => *x as i64,
+        _ => NORMAL,
     }
 }
 
@@ -110,20 +123,20 @@ pub fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         .with_normalizer(normalizer)
         .with_pre_tokenizer(Some(Sequence::new(pretokenizers)))
         .with_decoder(Some(ByteLevel::new(true, true, true)));
-    // Every token that is not a normal one (control, user-defined, unused) is special.
-    let special: Vec<AddedToken> = match c.metadata.get("tokenizer.ggml.token_type") {
-        Some(types) => tokens
-            .iter()
-            .zip(types.to_vec()?)
-            .filter(|(_, t)| match t {
-                Value::I32(x) => *x != 1,
-                Value::U32(x) => *x != 1,
-                _ => false,
-            })
-            .map(|(token, _)| AddedToken::from(token.to_string(), true))
-            .collect(),
-        None => Vec::new(),
-    };
+    // Every token that is not a normal one is an added token, matched whole in text;
+    // control and unused ones are special (left out of decoded text), user-defined ones
+    // (Qwen's <tool_call>) are not, as in the model's own tokenizer.json.
+    let (mut special, mut user_defined) = (Vec::new(), Vec::new());
+    if let Some(types) = c.metadata.get("tokenizer.ggml.token_type") {
+        for (token, t) in tokens.iter().zip(types.to_vec()?) {
+            match meta_type(t) {
+                NORMAL => {}
+                USER_DEFINED => user_defined.push(AddedToken::from(token.to_string(), false)),
+                _ => special.push(AddedToken::from(token.to_string(), true)),
+            }
+        }
+    }
     tokenizer.add_special_tokens(&special);
+    tokenizer.add_tokens(&user_defined);
     Ok(tokenizer)
 }
