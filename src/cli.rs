@@ -35,11 +35,22 @@ pub enum Command {
     Export(StageArgs),
     /// All stages from one config, skipping those already done with the same inputs.
     Run(RunArgs),
+    /// Write the curated splits as data sets for a torch trainer (TRL, axolotl).
+    ExportData(ExportDataArgs),
     /// Print rows of a Parquet file as JSON lines.
     Show(ShowArgs),
     /// Internal: score one model for `kdpipe eval`, in a process of its own.
     #[command(hide = true)]
     EvalWorker(EvalWorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportDataArgs {
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// The trainer's layout: trl (prompt / completion chats) or axolotl (messages).
+    #[arg(long, value_parser = ["trl", "axolotl"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]

@@ -114,6 +114,12 @@ fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 }
             }
         }
+        Command::ExportData(a) => {
+            if let Some(cfg) = load(&a.stage)? {
+                let format = kdpipe::export::data::DataFormat::parse(&a.format)?;
+                kdpipe::export::data::run(&cfg, format)?;
+            }
+        }
         Command::EvalWorker(a) => kdpipe::eval::work(&a.config, &a.model, &a.out)?,
         Command::Show(a) => {
             let df = kdpipe::io::parquet::read_frame(&a.file)?;

@@ -12,18 +12,6 @@ use kdpipe::llama as student;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-fn hf_python() -> String {
-    if let Ok(p) = std::env::var("KDPIPE_HF_PYTHON") {
-        return p;
-    }
-    let out = Command::new(root().join("scripts/setup-hf.sh"))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "scripts/setup-hf.sh failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 /// Largest |a − b| between kdpipe's logits and transformers' (JSON rows of numbers).
 fn largest_difference(ours: &[Vec<f32>], theirs: &[serde_json::Value]) -> f32 {
     let mut worst = 0f32;

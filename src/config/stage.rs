@@ -14,6 +14,8 @@ pub enum Stage {
     Finetune,
     Eval,
     Export,
+    /// `kdpipe export-data`: the curated splits for a torch trainer (not run by `run`).
+    ExportData,
 }
 
 impl Stage {
@@ -26,6 +28,7 @@ impl Stage {
             Stage::Finetune => "finetune",
             Stage::Eval => "eval",
             Stage::Export => "export",
+            Stage::ExportData => "export_data",
         }
     }
 }
@@ -93,6 +96,10 @@ impl Config {
             // The student's files are inputs (digests); the base model gives the tokenizer.
             Stage::Export => {
                 json!({"student": self.student, "export": self.export.clone().unwrap_or_default()})
+            }
+            // The curated splits are inputs; the prompt and objective decide the examples.
+            Stage::ExportData => {
+                json!({"task": self.task, "objective": self.finetune.objective})
             }
         }
     }

@@ -7,6 +7,7 @@
 //! whenever export runs and, in `kdpipe run`, after eval.
 
 pub mod card;
+pub mod data;
 
 use crate::config::{Config, Stage};
 use crate::io::atomic::{write_bytes, StagedDir};

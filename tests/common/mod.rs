@@ -162,3 +162,17 @@ pub fn assert_logits_independent_of_the_batch(model: &kdpipe::llama::Decoder, ot
         }
     }
 }
+
+/// The Python of the Hugging Face venv (torch, transformers, PEFT, TRL): KDPIPE_HF_PYTHON,
+/// else scripts/setup-hf.sh's (installed once).
+pub fn hf_python() -> String {
+    if let Ok(p) = std::env::var("KDPIPE_HF_PYTHON") {
+        return p;
+    }
+    let out = Command::new(root().join("scripts/setup-hf.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scripts/setup-hf.sh failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}

@@ -1,0 +1,191 @@
+//! `kdpipe export-data`: real curated rows (SmolLM2 as its own teacher, keeping each
+//! token's top-5) written for TRL and axolotl. Every row gives the examples finetune
+//! trains on, the teacher's token top-k come back within 1e-6 of what the curated split
+//! holds, both formats carry the same chats, and TRL (the Hugging Face venv) loads the
+//! files and trains one step on them.
+
+mod common;
+use common::*;
+use kdpipe::records::CuratedRow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn config(dir: &Path) {
+    let text = format!(
+        r#"name = "xd"
+seed = 3
+[data]
+inputs = ["{data}"]
+id_field = "id"
+input_field = "question"
+gold_field = "answer"
+limit = 12
+[task]
+kind = "numeric"
+description = "Solve the arithmetic word problem."
+prompt = "{prompts}/numeric.md"
+[teacher]
+model = "{model}"
+max_tokens = 40
+[generate]
+token_topk = 5
+[curate]
+split = [0.75, 0.25, 0.0]
+gold = "flag"
+check_arithmetic = false
+require_answer_in_rationale = false
+[student]
+model = "{model}"
+[finetune]
+objective = "step_by_step"
+"#,
+        data = root().join("datasets/arith.jsonl").display(),
+        prompts = root().join("prompts").display(),
+        model = smollm2().display(),
+    );
+    std::fs::write(dir.join("c.toml"), text).unwrap();
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
+    let dir = tempfile::tempdir().unwrap();
+    config(dir.path());
+    let refused = kdpipe(
+        &["export-data", "--config", "c.toml", "--format", "trl"],
+        dir.path(),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("run kdpipe curate"),
+        "{}",
+        stderr(&refused)
+    );
+    for stage in ["generate", "curate"] {
+        let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
+        assert!(out.status.success(), "{stage}: {}", stderr(&out));
+    }
+    for format in ["trl", "axolotl"] {
+        let out = kdpipe(
+            &["export-data", "--config", "c.toml", "--format", format],
+            dir.path(),
+        );
+        assert!(out.status.success(), "{format}: {}", stderr(&out));
+    }
+
+    let run = dir.path().join("runs/xd");
+    let mut teacher_views = 0;
+    for split in ["train", "val"] {
+        let path = run.join(format!("curate/{split}.parquet"));
+        let rows = CuratedRow::from_frame(&kdpipe::io::parquet::read_frame(&path).unwrap(), &path)
+            .unwrap();
+        assert!(!rows.is_empty());
+        let trl = lines(&run.join(format!("export_data/trl/{split}.jsonl")));
+        let axolotl = lines(&run.join(format!("export_data/axolotl/{split}.jsonl")));
+        assert_eq!(trl.len(), axolotl.len());
+
+        // The examples of each row, by view, as finetune builds them.
+        let mut by_row: BTreeMap<(String, u64), Vec<&serde_json::Value>> = BTreeMap::new();
+        for l in &trl {
+            let key = (
+                l["id"].as_str().unwrap().to_string(),
+                l["sample"].as_u64().unwrap(),
+            );
+            by_row.entry(key).or_default().push(l);
+        }
+        assert_eq!(by_row.len(), rows.len());
+        for r in &rows {
+            let views = &by_row[&(r.id.clone(), r.sample as u64)];
+            let view = |name: &str| views.iter().find(|l| l["view"] == name).copied();
+            let label = view("label").unwrap();
+            assert_eq!(label["completion"][0]["content"], r.answer.as_str());
+            assert!(label["prompt"][0]["content"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("[label] {}", r.input)));
+            if !r.rationale.trim().is_empty() {
+                let rationale = view("rationale").unwrap();
+                let reply = rationale["completion"][0]["content"].as_str().unwrap();
+                assert!(reply.starts_with(r.rationale.trim()));
+                assert!(reply.ends_with(&format!("Answer: {}", r.answer)));
+            }
+            // The teacher's tokens and their top-5, back within 1e-6.
+            let teacher = view("teacher").unwrap();
+            teacher_views += 1;
+            assert_eq!(teacher["completion"][0]["content"], r.raw.as_str());
+            let ids: Vec<u32> =
+                serde_json::from_value(teacher["teacher_token_ids"].clone()).unwrap();
+            assert_eq!(ids, r.tokens.ids);
+            let top_ids: Vec<Vec<u32>> =
+                serde_json::from_value(teacher["teacher_topk_ids"].clone()).unwrap();
+            assert_eq!(top_ids, r.tokens.top_ids);
+            let top: Vec<Vec<f64>> =
+                serde_json::from_value(teacher["teacher_topk_logprobs"].clone()).unwrap();
+            assert_eq!(top.len(), r.tokens.top_logprobs.len());
+            for (a, b) in top
+                .iter()
+                .flatten()
+                .zip(r.tokens.top_logprobs.iter().flatten())
+            {
+                assert!((a - *b as f64).abs() <= 1e-6, "{a} vs {b}");
+            }
+            assert_eq!(teacher["teacher_topk_temperature"].as_f64(), Some(1.0));
+            assert_eq!(teacher["teacher_vocab"], r.tokens.vocab.as_str());
+        }
+        // axolotl: the same chat as one message list, the same other columns.
+        for (t, a) in trl.iter().zip(&axolotl) {
+            let messages = a["messages"].as_array().unwrap();
+            assert_eq!(messages.len(), 2);
+            assert_eq!(messages[0], t["prompt"][0]);
+            assert_eq!(messages[1], t["completion"][0]);
+            assert_eq!(a["teacher_topk_logprobs"], t["teacher_topk_logprobs"]);
+        }
+    }
+    assert!(teacher_views > 0);
+
+    // TRL reads the files and trains one step of a real student (SmolLM2 exported as a
+    // Hugging Face folder) on the label and rationale views.
+    let model =
+        kdpipe::llama::load(smollm2().to_str().unwrap(), &candle_core::Device::Cpu).unwrap();
+    let student = dir.path().join("student");
+    let eos = model.tokenizer.id_to_token(model.eos_token_id).unwrap();
+    kdpipe::llama::export::export(
+        &student,
+        &model.decoder(&candle_core::Device::Cpu, |_| false).unwrap(),
+        &model.tokenizer_json().unwrap(),
+        &model.chat,
+        (&eos, "SmolLM2-135M-Instruct"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(hf_python())
+        .arg(root().join("scripts/trl_step.py"))
+        .arg(run.join("export_data/trl"))
+        .arg(&student)
+        .arg(dir.path().join("trl-out"))
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "trl_step.py failed:\n{log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    eprintln!("TRL step: {result}");
+    let loss = result["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{result}");
+    let train = lines(&run.join("export_data/trl/train.jsonl"));
+    let trainable = train.iter().filter(|l| l["view"] != "teacher").count();
+    assert_eq!(result["trained_rows"].as_u64().unwrap() as usize, trainable);
+    assert_eq!(
+        result["views"],
+        serde_json::json!(["label", "rationale", "teacher"])
+    );
+}
