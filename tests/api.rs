@@ -335,6 +335,108 @@ fn shards_split_the_inputs_and_curate_reads_them_all() {
     assert_eq!(report["rows_in"], 6);
 }
 
+/// The parquet part files a generate run's shard has flushed so far.
+fn part_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_job_array_of_shards_at_once_equals_one_run_with_a_killed_shard_resumed() {
+    let _turn = turn();
+    let server = shared_server();
+    let cfg = config(
+        &server.base_url(),
+        "numeric",
+        12,
+        "max_in_flight = 1",
+        "flush_rows = 1",
+    );
+    let whole = tempfile::tempdir().unwrap();
+    write_config(whole.path(), &cfg);
+    let out = kdpipe(&["generate", "--config", "c.toml"], whole.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unsharded = teacher_rows(whole.path(), TEACHER_FILE);
+    assert_eq!(unsharded.len(), 12);
+
+    // The array, as `sbatch --array=0-2` or an Indexed Job starts it: three shard
+    // processes at once against the one server. Shard 1 is killed once it has flushed a
+    // row, then started again.
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), &cfg);
+    let start = |shard: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kdpipe"))
+            .args(["generate", "--config", "c.toml", "--shard", shard])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut shards: Vec<_> = ["0/3", "1/3", "2/3"].iter().map(|s| start(s)).collect();
+    let parts = dir.path().join("runs/t/generate/parts-00001-of-00003");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while part_files(&parts) < 1 {
+        assert!(Instant::now() < deadline, "shard 1 flushed no rows");
+        assert!(
+            shards[1].try_wait().unwrap().is_none(),
+            "shard 1 finished before the kill"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shards[1].kill().unwrap(); // SIGKILL, as a preempted job
+    shards[1].wait().unwrap();
+    for (i, child) in shards.into_iter().enumerate().filter(|(i, _)| *i != 1) {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "shard {i}: {}", stderr(&out));
+    }
+    let again = kdpipe(
+        &["generate", "--config", "c.toml", "--shard", "1/3"],
+        dir.path(),
+    );
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already written"),
+        "{}",
+        stderr(&again)
+    );
+
+    let mut union = Vec::new();
+    for i in 0..3 {
+        let shard = teacher_rows(dir.path(), &format!("teacher-0000{i}-of-00003.parquet"));
+        assert!(!shard.is_empty(), "shard {i} is empty");
+        union.extend(shard);
+    }
+    assert_unique(&union);
+    let mut got: Vec<(String, u32, String)> = union
+        .iter()
+        .map(|r| (r.id.clone(), r.sample, r.raw.clone()))
+        .collect();
+    let mut want: Vec<(String, u32, String)> = unsharded
+        .iter()
+        .map(|r| (r.id.clone(), r.sample, r.raw.clone()))
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the shards' union differs from the unsharded run"
+    );
+
+    let out = kdpipe(&["curate", "--config", "c.toml"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/t/curate/report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["rows_in"], 12);
+}
+
 #[test]
 fn batch_files_round_trip_through_the_real_server() {
     let _turn = turn();

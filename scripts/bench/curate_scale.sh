@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# How `kdpipe curate` grows with the number of teacher rows: synthetic rows
+# (`examples/synth_teacher_rows.rs`, 4 samples an input, every rule with work to do, the
+# settings of scripts/bench/curate.sh) at each size, one `kdpipe curate` each, its wall
+# time and peak RSS (the whole process, from wait4's rusage). Prints one table; a
+# measurement of one engine, not a comparison (curate.sh compares against Python Polars).
+# Needs about 1.3 GB of memory per million rows today (curate holds the rows in memory).
+#
+#   scripts/bench/curate_scale.sh [MILLIONS...]     (default: 1 2 4)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+sizes=("$@")
+[ ${#sizes[@]} -gt 0 ] || sizes=(1 2 4)
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
+cargo build --release --locked --bin kdpipe --example synth_teacher_rows >&2
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+echo "| teacher rows | curate s | peak RSS MB | rows / s | rows out |"
+echo "|---:|---:|---:|---:|---:|"
+for m in "${sizes[@]}"; do
+  rm -rf "$work/runs"
+  inputs=$(python3 -c "print(int($m * 1e6 / 4))")
+  "$CARGO_TARGET_DIR/release/examples/synth_teacher_rows" "$inputs" 4 "$work/runs/bench" "$work/eval.jsonl" >&2
+  cat > "$work/bench.toml" <<TOML
+name = "bench"
+seed = 0
+[data]
+inputs = ["eval.jsonl"]
+input_field = "question"
+[task]
+kind = "numeric"
+[teacher]
+model = "unused"
+[curate]
+min_agreement = 0.5
+gold = "filter"
+keep_rationales = "all"
+min_confidence = 0.0
+min_rationale_chars = 1
+max_rationale_chars = 4000
+near_dup_threshold = 0.8
+shingle_words = 3
+decontaminate = ["eval.jsonl"]
+decontaminate_ngram = 13
+split = [0.8, 0.1, 0.1]
+[student]
+model = "unused"
+TOML
+  python3 - "$CARGO_TARGET_DIR/release/kdpipe" "$work" <<'PY'
+import json, os, resource, subprocess, sys, time
+kdpipe, work = sys.argv[1:3]
+t0 = time.monotonic()
+p = subprocess.run([kdpipe, "curate", "--config", "bench.toml"], cwd=work, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, text=True)
+wall = time.monotonic() - t0
+if p.returncode != 0:
+    sys.exit(p.stderr)
+rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+r = json.load(open(os.path.join(work, "runs/bench/curate/report.json")))
+print(f"| {r['rows_in']:,} | {wall:.1f} | {rss_mb:.0f} | {r['rows_in'] / wall:,.0f} | {r['rows_out']:,} |")
+PY
+done
