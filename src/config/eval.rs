@@ -43,7 +43,9 @@ pub struct EvalConfig {
     pub max_new_tokens: Option<usize>,
     /// Numeric tasks in the rationale view: kdpipe writes the result of each equation the
     /// student leaves open (`3 * 4 =`), so its accuracy measures the reasoning, not the
-    /// digits. Off by default: the figure is then the model's alone.
+    /// digits. Off by default: the figure is then the model's alone. With a local teacher
+    /// answering now (`teacher = "run"`), the report also scores the teacher with it (a
+    /// "teacher, calculator" row beside the teacher's own).
     #[serde(default)]
     pub calculator: bool,
     /// Rows the student answers together (continuous batching, as the teacher engine):

@@ -10,7 +10,9 @@ mod student;
 mod teacher;
 mod worker;
 
-use crate::config::{Config, EvalModel, Stage, StudentDecode, TeacherKind, TeacherSource};
+use crate::config::{
+    Config, EvalModel, Stage, StudentDecode, TaskKind, TeacherKind, TeacherSource,
+};
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
@@ -279,7 +281,11 @@ fn score_student(
         calculator: cfg.eval.calculator && reasons,
         parallel: cfg.eval.parallel,
     };
-    let answers = student::answer(&key, (&decoder, &loaded), prompt, task, &inputs, how)?;
+    let chats: Vec<_> = inputs
+        .iter()
+        .map(|i| prompt.student_chat(view, i))
+        .collect();
+    let answers = student::answer(&key, (&decoder, &loaded), &chats, task, how)?;
     let decode = match (decode, view) {
         (StudentDecode::LabelScores, _) => "label_scores",
         (StudentDecode::Greedy, View::Rationale) if how.calculator => {
@@ -337,10 +343,48 @@ fn score_teacher(
     Ok(Some(scored(who, answers, rows, task)))
 }
 
+/// The local teacher answering its few-shot chats through kdpipe's engine with the
+/// calculator (`[eval] calculator`, numeric tasks): the figure that says how much of the
+/// teacher's error is arithmetic, next to its own row.
+fn score_teacher_with_calculator(
+    cfg: &Config,
+    prompt: &Prompt,
+    task: &Task,
+    rows: &[EvalRow],
+) -> Result<Scored> {
+    let model = &cfg.teacher.model;
+    let mut loaded = llama::load_for_inference(model)?;
+    let params = loaded.params();
+    let decoder = loaded.take_inference_decoder()?;
+    let chats: Vec<_> = rows
+        .iter()
+        .map(|r| prompt.teacher_chat(&r.input))
+        .collect::<Result<_>>()?;
+    let how = student::Decoding {
+        decode: StudentDecode::Greedy,
+        view: View::Rationale,
+        max_new: cfg.teacher.max_tokens,
+        calculator: true,
+        parallel: cfg.eval.parallel,
+    };
+    let key = "teacher_calculator";
+    let answers = student::answer(key, (&decoder, &loaded), &chats, task, how)?;
+    let who = Who {
+        key,
+        name: "teacher, calculator",
+        model: model.clone(),
+        decode: "greedy, few-shot, calculator",
+        params: Some(params),
+    };
+    Ok(scored(who, answers, rows, task))
+}
+
 /// One model eval scores, in the report's order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unit {
     Teacher,
+    /// The local teacher again, with the calculator (`teacher_with_calculator`).
+    TeacherCalculator,
     Base,
     Student,
     /// An exported GGUF, by its type ("q8_0", ...).
@@ -352,6 +396,7 @@ impl Unit {
     pub fn arg(&self) -> String {
         match self {
             Unit::Teacher => "teacher".into(),
+            Unit::TeacherCalculator => "teacher_calculator".into(),
             Unit::Base => "base".into(),
             Unit::Student => "student".into(),
             Unit::Exported(kind) => format!("exported:{kind}"),
@@ -361,6 +406,7 @@ impl Unit {
     pub fn parse(arg: &str) -> Result<Unit> {
         Ok(match arg {
             "teacher" => Unit::Teacher,
+            "teacher_calculator" => Unit::TeacherCalculator,
             "base" => Unit::Base,
             "student" => Unit::Student,
             _ => match arg.strip_prefix("exported:") {
@@ -384,6 +430,15 @@ impl Unit {
     }
 }
 
+/// Whether eval also scores the teacher with the calculator: asked for, a numeric task,
+/// and a local teacher answering now (kdpipe's engine writes the values as it decodes).
+fn teacher_with_calculator(cfg: &Config) -> bool {
+    cfg.eval.calculator
+        && cfg.task.kind == TaskKind::Numeric
+        && cfg.eval.teacher == TeacherSource::Run
+        && cfg.teacher.kind == TeacherKind::Local
+}
+
 fn units(cfg: &Config) -> Result<Vec<Unit>> {
     let mut v = Vec::new();
     for which in [
@@ -396,7 +451,12 @@ fn units(cfg: &Config) -> Result<Vec<Unit>> {
             continue;
         }
         match which {
-            EvalModel::Teacher => v.push(Unit::Teacher),
+            EvalModel::Teacher => {
+                v.push(Unit::Teacher);
+                if teacher_with_calculator(cfg) {
+                    v.push(Unit::TeacherCalculator);
+                }
+            }
             EvalModel::Base => v.push(Unit::Base),
             EvalModel::Student => v.push(Unit::Student),
             EvalModel::Exported => {
@@ -421,6 +481,7 @@ fn score_unit(
     };
     match unit {
         Unit::Teacher => score_teacher(cfg, prompt, task, rows),
+        Unit::TeacherCalculator => score_teacher_with_calculator(cfg, prompt, task, rows).map(Some),
         Unit::Base => student(("base", "student before"), &cfg.student.model),
         Unit::Student => {
             let dir = cfg.student_dir();

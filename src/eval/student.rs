@@ -1,22 +1,25 @@
-//! The student's answers: greedy decoding in the label view (the answer alone) or the
-//! rationale view (reasoning, then `Answer: X`), many rows at a time through the same
-//! batched inference path as the teacher engine; or (label tasks) the label whose tokens,
-//! followed by end-of-sequence, the student finds most likely after the label-view prompt.
+//! A local model's answers to chats: the student's in the label view (the answer alone) or
+//! the rationale view (reasoning, then `Answer: X`), or a local teacher's to its few-shot
+//! chats (eval's "teacher, calculator" row); greedy decoding many rows at a time through
+//! the same batched inference path as the teacher engine, or (label tasks) the label whose
+//! tokens, followed by end-of-sequence, the model finds most likely after the prompt.
 
 use super::{Answers, Prediction};
+use crate::chat::ChatMessage;
 use crate::config::StudentDecode;
 use crate::llama::generate::{Finish, Generator, Hooks, Request, Sampling, Sequence};
 use crate::llama::infer::{SeqCache, StepInput};
 use crate::llama::{Decoder, LoadedModel};
 use crate::progress::Progress;
-use crate::prompts::{Prompt, View};
+use crate::prompts::View;
 use crate::task::{arith, format_number, Task};
 use anyhow::{Context, Result};
 
-/// How the student answers.
+/// How the model answers.
 #[derive(Debug, Clone, Copy)]
 pub struct Decoding {
     pub decode: StudentDecode,
+    /// How its replies are read: the answer alone (label) or reasoning, then the answer.
     pub view: View,
     pub max_new: usize,
     /// Numeric rationales: write the value of each equation the student leaves open.
@@ -25,21 +28,20 @@ pub struct Decoding {
     pub parallel: usize,
 }
 
-/// The student's answers to `inputs`: `model` is the inference decoder over `loaded`'s
+/// The model's answers to `chats`: `model` is the inference decoder over `loaded`'s
 /// weights (`LoadedModel::take_inference_decoder`), `loaded` its tokenizer and template.
 pub fn answer(
     name: &str,
     (model, loaded): (&Decoder, &LoadedModel),
-    prompt: &Prompt,
+    chats: &[Vec<ChatMessage>],
     task: &Task,
-    inputs: &[&str],
     how: Decoding,
 ) -> Result<Answers> {
-    let prompts: Vec<Vec<u32>> = inputs
+    let prompts: Vec<Vec<u32>> = chats
         .iter()
-        .map(|input| loaded.chat_ids(&prompt.student_chat(how.view, input)))
+        .map(|chat| loaded.chat_ids(chat))
         .collect::<Result<_>>()?;
-    let mut progress = Progress::new(name, inputs.len() as u64);
+    let mut progress = Progress::new(name, chats.len() as u64);
     let predictions = match how.decode {
         StudentDecode::Greedy => generate(model, loaded, task, &prompts, how, &mut progress)?,
         StudentDecode::LabelScores => best_labels(model, loaded, task, &prompts, &mut progress)?,

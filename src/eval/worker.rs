@@ -125,6 +125,7 @@ mod tests {
     fn units_round_trip_through_their_argument() {
         for unit in [
             Unit::Teacher,
+            Unit::TeacherCalculator,
             Unit::Base,
             Unit::Student,
             Unit::Exported("q4_k_m".into()),
