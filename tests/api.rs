@@ -244,16 +244,7 @@ fn killed_run_resumes_without_redoing_or_losing_rows() {
         .unwrap();
     let parts = dir.path().join("runs/t/generate/parts-00000-of-00001");
     let deadline = Instant::now() + Duration::from_secs(120);
-    let count_parts = || {
-        std::fs::read_dir(&parts)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".parquet"))
-                    .count()
-            })
-            .unwrap_or(0)
-    };
-    while count_parts() < 2 {
+    while part_files(&parts) < 2 {
         assert!(Instant::now() < deadline, "no part files appeared");
         assert!(
             child.try_wait().unwrap().is_none(),

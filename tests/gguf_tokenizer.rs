@@ -129,17 +129,12 @@ fn a_gguf_with_converted_keys_tokenizes_as_the_tokenizer_json_in_kdpipe_and_llam
     }
 
     let request = serde_json::json!({ "texts": texts });
-    let mut child = std::process::Command::new(server::python())
-        .arg(root().join("scripts/llama_tokenize.py"))
-        .arg(&file)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    serde_json::to_writer(child.stdin.take().unwrap(), &request).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "llama_tokenize.py failed");
-    let llama_cpp: Vec<Vec<u32>> = serde_json::from_slice(&out.stdout).unwrap();
+    let llama_cpp: Vec<Vec<u32>> = serde_json::from_value(common::agreement::llama_cpp_script(
+        "llama_tokenize.py",
+        &file,
+        &request,
+    ))
+    .unwrap();
     for ((text, ours), theirs) in texts.iter().zip(&expected).zip(&llama_cpp) {
         assert_eq!(ours, theirs, "llama.cpp on {text:?}");
     }

@@ -8,6 +8,7 @@
 #   scripts/bench/curate.sh [INPUTS] [SAMPLES] [--reps 3] [--allow-load]   (default 250000 4)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/curate-bench-config.sh
 given="$*"
 inputs=250000
 samples=4
@@ -26,32 +27,8 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 "$CARGO_TARGET_DIR/release/examples/synth_teacher_rows" "$inputs" "$samples" "$work/runs/bench" "$work/eval.jsonl"
-# Every setting spelled out: curate_polars.py gets the same values.
-cat > "$work/bench.toml" <<TOML
-name = "bench"
-seed = 0
-[data]
-inputs = ["eval.jsonl"]
-input_field = "question"
-[task]
-kind = "numeric"
-[teacher]
-model = "unused"
-[curate]
-min_agreement = 0.5
-gold = "filter"
-keep_rationales = "all"
-min_confidence = 0.0
-min_rationale_chars = 1
-max_rationale_chars = 4000
-near_dup_threshold = 0.8
-shingle_words = 3
-decontaminate = ["eval.jsonl"]
-decontaminate_ngram = 13
-split = [0.8, 0.1, 0.1]
-[student]
-model = "unused"
-TOML
+# Every setting spelled out (curate-bench-config.sh): curate_polars.py gets the same values.
+write_curate_bench_config "$work/bench.toml"
 mkdir -p bench-results
 KDPIPE_BENCH_ARGS="$given" python3 scripts/bench/curate.py --kdpipe "$CARGO_TARGET_DIR/release/kdpipe" --py "$venv/bin/python" \
   --work "$work" "$@"

@@ -9,6 +9,7 @@
 #   scripts/bench/curate_scale.sh [MILLIONS...]     (default: 1 2 4)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/curate-bench-config.sh
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(1 2 4)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
@@ -21,31 +22,7 @@ for m in "${sizes[@]}"; do
   rm -rf "$work/runs"
   inputs=$(python3 -c "print(int($m * 1e6 / 4))")
   "$CARGO_TARGET_DIR/release/examples/synth_teacher_rows" "$inputs" 4 "$work/runs/bench" "$work/eval.jsonl" >&2
-  cat > "$work/bench.toml" <<TOML
-name = "bench"
-seed = 0
-[data]
-inputs = ["eval.jsonl"]
-input_field = "question"
-[task]
-kind = "numeric"
-[teacher]
-model = "unused"
-[curate]
-min_agreement = 0.5
-gold = "filter"
-keep_rationales = "all"
-min_confidence = 0.0
-min_rationale_chars = 1
-max_rationale_chars = 4000
-near_dup_threshold = 0.8
-shingle_words = 3
-decontaminate = ["eval.jsonl"]
-decontaminate_ngram = 13
-split = [0.8, 0.1, 0.1]
-[student]
-model = "unused"
-TOML
+  write_curate_bench_config "$work/bench.toml"
   python3 - "$CARGO_TARGET_DIR/release/kdpipe" "$work" <<'PY'
 import json, os, resource, subprocess, sys, time
 kdpipe, work = sys.argv[1:3]

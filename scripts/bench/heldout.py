@@ -1,11 +1,12 @@
 """Training pools and held-back rows of the quality benchmarks, by a fixed rule (nothing
 random to reproduce): SVAMP keeps every 7th row of dev.jsonl back and the rest is the
 pool; TweetEval emotion's pool is train.jsonl and its held-back rows val.jsonl, both
-interleaved by label so that any prefix covers every label.
+interleaved by label so that any prefix covers every label, and val.jsonl once more as it
+comes (its natural label distribution).
 
     python3 scripts/bench/heldout.py DATA WORK
 
-writes WORK/{svamp,emotion}-{pool,heldout}.jsonl.
+writes WORK/{svamp,emotion}-{pool,heldout}.jsonl and WORK/emotion-heldout-natural.jsonl.
 """
 import json
 import sys
@@ -39,3 +40,4 @@ write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0]
 write(f"{work}/svamp-heldout.jsonl", [r for i, r in enumerate(svamp) if i % 7 == 0])
 write(f"{work}/emotion-pool.jsonl", interleave(rows(f"{data}/tweeteval-emotion/train.jsonl")))
 write(f"{work}/emotion-heldout.jsonl", interleave(rows(f"{data}/tweeteval-emotion/val.jsonl")))
+write(f"{work}/emotion-heldout-natural.jsonl", rows(f"{data}/tweeteval-emotion/val.jsonl"))

@@ -5,18 +5,25 @@
 # TweetEval emotion (4 labels). Every row of the table is scored on the same held-back rows:
 #
 #   teacher few-shot (step-by-step prompt, greedy)   student before training (same prompt,
-#                                                     and the student's own zero-shot prompt)
-#   student label_only (gold labels)                  student distill (teacher labels)
-#   student step_by_step (rationales + labels)        step_by_step + KD term
+#     SVAMP: also with the calculator               and the student's own zero-shot prompt)
+#   student label_only (gold labels, all rows)       student distill (teacher labels, all rows:
+#                                                       [curate] gold = "flag")
+#   student step_by_step (rationales + labels)       step_by_step + KD term
 #
+# step_by_step trains on the rows curate keeps by default: for SVAMP only those whose answer
+# agrees with gold (gold = "auto" filters numeric tasks), and the table says so.
 # Students answer as `kdpipe eval` does by default ([eval] student_view = "auto"): in the
 # label view, except SVAMP's step-by-step students, which write a rationale first. SVAMP's
-# step-by-step students are also scored with [eval] calculator = true (kdpipe writes the
-# value of each equation they leave open), in extra rows.
+# step-by-step students and its teacher are also scored with [eval] calculator = true
+# (kdpipe writes the value of each equation they leave open), in extra rows.
 #
 # The held-back rows never reach generate: SVAMP keeps every 7th row of dev.jsonl back
 # (the rest is the training pool); emotion trains on train.jsonl and holds back val.jsonl.
-# Prints one table and writes it to bench-results/quality.md.
+# SVAMP's problems are templated, so curate also drops every training row sharing a
+# 13-word window with an eval file ([curate] decontaminate). Emotion is scored twice: on
+# held-back rows balanced across the labels, and on val.jsonl as it comes (its natural
+# label distribution, e.g. 43 / 26 / 23 / 8 in its first 100 rows).
+# Prints the tables and writes them to OUT (default bench-results/quality.md).
 #
 #   scripts/bench/quality.sh [SVAMP_EVAL_FILE] [EMOTION_EVAL_FILE]
 #
@@ -31,6 +38,7 @@
 #                soft labels for the KD term                               (default 2)
 #   TASKS        which tasks                                     (default "svamp emotion")
 #   WORK         where runs go                        (default ~/.cache/kdpipe/quality)
+#   OUT          the table's file                     (default bench-results/quality.md)
 # The paper's students see thousands of rows for many epochs; raise TRAIN_ROWS and EPOCHS
 # (and run on a GPU box) to get closer to its setting.
 set -euo pipefail
@@ -45,6 +53,8 @@ epochs="${EPOCHS:-2}"
 samples="${SAMPLES:-2}"
 tasks="${TASKS:-svamp emotion}"
 work="${WORK:-$HOME/.cache/kdpipe/quality}"
+out="${OUT:-bench-results/quality.md}"
+mkdir -p "$work"
 started=$(date +%s)
 
 . scripts/bench/binary.sh
@@ -53,10 +63,11 @@ started=$(date +%s)
 python3 scripts/bench/heldout.py "$data" "$work"
 
 # One config per task; variants differ only in [finetune] and the run name.
-write_config() { # task name objective kd_weight [calculator] [teacher model] [student view]
+# $decontaminate: the eval files of the task, as a TOML list (set per task below).
+write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold]
   local task=$1 name=$2 objective=$3 kd=$4 calculator=${5:-false}
   local teacher_model=${6:-$root/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf}
-  local view=${7:-auto}
+  local view=${7:-auto} gold=${8:-auto}
   local inputs fields taskdef teacher
   if [ "$task" = svamp ]; then
     inputs="$work/svamp-pool.jsonl"
@@ -96,6 +107,8 @@ $teacher
 $gen
 [curate]
 split = [0.9, 0.1, 0.0]
+gold = "$gold"
+decontaminate = $decontaminate
 [student]
 model = "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 [finetune]
@@ -111,6 +124,27 @@ student_view = "$view"
 EOF
 }
 
+# Score a run's models on the task's eval file, and emotion's also on the natural
+# distribution; keep the reports as $work/<tag>.json and <tag>-natural.json.
+score() { # config tag eval-args...
+  local config=$1 tag=$2 name
+  shift 2
+  name=$(basename "$config" .toml)
+  "$kdpipe" eval --config "$config" --file "$eval_file" "$@" >&2
+  cp "$work/runs/$name/eval/report.json" "$work/$tag.json"
+  if [ -n "$natural_file" ]; then
+    "$kdpipe" eval --config "$config" --file "$natural_file" "$@" >&2
+    cp "$work/runs/$name/eval/report.json" "$work/$tag-natural.json"
+  fi
+}
+
+# A run that trains on the curated rows of run $from (same teacher rows and curate).
+borrow_curate() { # from to
+  rm -rf "$work/runs/$2/curate"
+  mkdir -p "$work/runs/$2"
+  cp -r "$work/runs/$1/curate" "$work/runs/$2/curate"
+}
+
 for task in $tasks; do
   heldout="$work/$task-heldout.jsonl"
   [ "$task" = svamp ] && [ "$svamp_eval" != - ] && heldout="$(realpath "$svamp_eval")"
@@ -118,45 +152,55 @@ for task in $tasks; do
   # Score EVAL_ROWS of them; the same rows for every model.
   head -n "$eval_rows" "$heldout" >"$work/$task-eval.jsonl"
   eval_file="$work/$task-eval.jsonl"
+  natural_file=""
+  decontaminate="[\"$eval_file\"]"
+  if [ "$task" = emotion ] && [ "$emotion_eval" = - ]; then
+    head -n "$eval_rows" "$work/emotion-heldout-natural.jsonl" >"$work/emotion-eval-natural.jsonl"
+    natural_file="$work/emotion-eval-natural.jsonl"
+    decontaminate="[\"$eval_file\", \"$natural_file\"]"
+  fi
+  calculator=$([ "$task" = svamp ] && echo true || echo false)
 
-  echo "quality: $task: teacher rows, curation" >&2
+  echo "quality: $task: teacher rows, curation (default gold rule, and gold = flag)" >&2
   # The untrained student never learned the rationale view: it answers in the label view
   # here, and reasons with the few-shot prompt in the next row.
-  write_config "$task" "$task" step_by_step 0 false "" label
+  write_config "$task" "$task" step_by_step 0 "$calculator" "" label
   "$kdpipe" generate --config "$work/$task.toml" >&2
   "$kdpipe" curate --config "$work/$task.toml" >&2
-  echo "quality: $task: teacher and student before training on $eval_file" >&2
-  "$kdpipe" eval --config "$work/$task.toml" --file "$eval_file" --models teacher,base --teacher run >&2
-  cp "$work/runs/$task/eval/report.json" "$work/$task-reference.json"
+  write_config "$task" "$task-flag" step_by_step 0 false "" label flag
+  rm -rf "$work/runs/$task-flag"
+  mkdir -p "$work/runs/$task-flag"
+  cp -r "$work/runs/$task/generate" "$work/runs/$task-flag/generate"
+  "$kdpipe" curate --config "$work/$task-flag.toml" >&2
+  echo "quality: $task: teacher (SVAMP: also with the calculator) and student before training" >&2
+  score "$work/$task.toml" "$task-reference" --models teacher,base --teacher run
   # The student before training, asked exactly as the teacher is: the few-shot prompt.
   write_config "$task" "$task-base-fewshot" step_by_step 0 false "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-  "$kdpipe" eval --config "$work/$task-base-fewshot.toml" --file "$eval_file" --models teacher --teacher run >&2
-  cp "$work/runs/$task-base-fewshot/eval/report.json" "$work/$task-base-fewshot.json"
+  score "$work/$task-base-fewshot.toml" "$task-base-fewshot" --models teacher --teacher run
 
   for variant in label_only distill step_by_step step_by_step_kd; do
     objective=${variant%_kd}
     kd=$([ "$variant" = step_by_step_kd ] && echo 0.5 || echo 0)
     name="$task-$variant"
     write_config "$task" "$name" "$objective" "$kd"
-    # Every variant trains on the same curated rows.
-    rm -rf "$work/runs/$name/curate"
-    mkdir -p "$work/runs/$name"
-    cp -r "$work/runs/$task/curate" "$work/runs/$name/curate"
+    # Gold and teacher labels on every row; rationales on the rows curate keeps by default.
+    case "$variant" in
+      label_only | distill) borrow_curate "$task-flag" "$name" ;;
+      *) borrow_curate "$task" "$name" ;;
+    esac
     echo "quality: $task: training $variant" >&2
     "$kdpipe" finetune --config "$work/$name.toml" >&2
-    "$kdpipe" eval --config "$work/$name.toml" --file "$eval_file" --models student >&2
-    cp "$work/runs/$name/eval/report.json" "$work/$name.json"
+    score "$work/$name.toml" "$name" --models student
     if [ "$task" = svamp ] && [ "$objective" = step_by_step ]; then
       write_config "$task" "$name" "$objective" "$kd" true
-      "$kdpipe" eval --config "$work/$name.toml" --file "$eval_file" --models student >&2
-      cp "$work/runs/$name/eval/report.json" "$work/$name-calculator.json"
+      score "$work/$name.toml" "$name-calculator" --models student
     fi
   done
 done
 
-mkdir -p bench-results
+mkdir -p "$(dirname "$out")"
 elapsed=$(($(date +%s) - started))
-python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$epochs" "$samples" $tasks <<'PY' | tee bench-results/quality.md
+python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$epochs" "$samples" $tasks <<'PY' | tee "$out"
 import json, math, os, sys
 work, elapsed, train_rows, eval_rows, epochs, samples, *tasks = sys.argv[1:]
 
@@ -168,32 +212,60 @@ def wilson(p, n, z=1.96):
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return f"{100 * max(0, c - h):.0f}–{100 * min(1, c + h):.0f}"
 
+def load(tag, suffix):
+    path = f"{work}/{tag}{suffix}.json"
+    return json.load(open(path)) if os.path.exists(path) else None
+
+def train_rows_of(run):
+    cur = json.load(open(f"{work}/runs/{run}/curate/report.json"))
+    return cur.get("splits", {}).get("train", "")
+
+pick = lambda rep, key: next((m for m in rep["models"] if m["key"] == key), None)
+variants = [("label_only", "student label_only (gold labels, all rows)"),
+            ("distill", "student distill (teacher labels, all rows)"),
+            ("step_by_step", "student step_by_step"),
+            ("step_by_step_kd", "student step_by_step + KD")]
+
 print("# Quality: teacher Qwen2.5-Coder-0.5B-Instruct Q4_K_M, student SmolLM2-135M-Instruct\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
-      f"{epochs} epochs, SVAMP samples {samples}; wall time {int(elapsed) // 60} min on this machine.\n")
-print("| task | model | answers in | accuracy | 95 % CI | macro-F1 | no answer | train rows | s / example |")
-print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-for task in tasks:
-    ref = json.load(open(f"{work}/{task}-reference.json"))
-    fewshot = json.load(open(f"{work}/{task}-base-fewshot.json"))
-    cur = json.load(open(f"{work}/runs/{task}/curate/report.json"))
-    train = cur.get("splits", {}).get("train", "")
-    pick = lambda rep, key: next(m for m in rep["models"] if m["key"] == key)
-    rows = [("teacher few-shot", pick(ref, "teacher"), ""),
-            ("student before training, few-shot prompt", pick(fewshot, "teacher"), ""),
-            ("student before training, student prompt", pick(ref, "base"), "")]
-    for v, label in [("label_only", "student label_only (gold)"), ("distill", "student distill (teacher labels)"),
-                     ("step_by_step", "student step_by_step"), ("step_by_step_kd", "student step_by_step + KD")]:
-        rep = json.load(open(f"{work}/{task}-{v}.json"))
-        rows.append((label, rep["models"][0], train))
-        calc = f"{work}/{task}-{v}-calculator.json"
-        if os.path.exists(calc):
-            rows.append((label + ", calculator", json.load(open(calc))["models"][0], train))
-    for label, m, n in rows:
-        f1 = m.get("labels") or {}
-        f1 = f"{f1['macro_f1']:.3f}" if f1 else "—"
-        how = "rationale" if ("rationale" in m["decode"] or m["key"] == "teacher") else "label"
-        ci = wilson(m["accuracy"], ref["rows"])
-        print(f"| {task} | {label} | {how} | {100 * m['accuracy']:.1f} % | {ci} | {f1} | {100 * m['parse_failure_rate']:.1f} % | {n} | {m['seconds_per_example']:.2f} |")
-    print(f"| {task} | (rows scored: {ref['rows']}) | | | | | | | |")
+      f"{epochs} epochs, SVAMP samples {samples}; training rows decontaminated against the eval files; "
+      f"wall time {int(elapsed) // 60} min on this machine.\n")
+for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
+                      ("-natural", "emotion, val.jsonl's natural label distribution")]:
+    table = []
+    for task in tasks:
+        ref = load(f"{task}-reference", suffix)
+        if ref is None:
+            continue
+        fewshot = load(f"{task}-base-fewshot", suffix)
+        gold_filtered = task == "svamp"
+        rows = [("teacher few-shot", pick(ref, "teacher"), ""),
+                ("teacher few-shot, calculator", pick(ref, "teacher_calculator"), ""),
+                ("student before training, few-shot prompt", pick(fewshot, "teacher"), ""),
+                ("student before training, student prompt", pick(ref, "base"), "")]
+        for v, label in variants:
+            if v.startswith("step_by_step") and gold_filtered:
+                label += " (rows agreeing with gold)"
+            n = train_rows_of(f"{task}-{v}")
+            rows.append((label, load(f"{task}-{v}", suffix)["models"][0], n))
+            calc = load(f"{task}-{v}-calculator", suffix)
+            if calc:
+                rows.append((label + ", calculator", calc["models"][0], n))
+        for label, m, n in rows:
+            if m is None:
+                continue
+            f1 = m.get("labels") or {}
+            f1 = f"{f1['macro_f1']:.3f}" if f1 else "—"
+            how = "rationale" if ("rationale" in m["decode"] or m["key"].startswith("teacher")) else "label"
+            ci = wilson(m["accuracy"], ref["rows"])
+            table.append(f"| {task} | {label} | {how} | {100 * m['accuracy']:.1f} % | {ci} | {f1} | "
+                         f"{100 * m['parse_failure_rate']:.1f} % | {n} | {m['seconds_per_example']:.2f} |")
+        table.append(f"| {task} | (rows scored: {ref['rows']}) | | | | | | | |")
+    if not table:
+        continue
+    print(f"## {title}\n")
+    print("| task | model | answers in | accuracy | 95 % CI | macro-F1 | no answer | train rows | s / example |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(table))
+    print()
 PY

@@ -40,16 +40,26 @@ pub fn llama_cpp_replies(
     stop: &[u32],
 ) -> Vec<Vec<u32>> {
     let request = serde_json::json!({"prompts": prompts, "max_new": 64, "stop": stop});
+    serde_json::from_value(llama_cpp_script("llama_greedy.py", path, &request)).unwrap()
+}
+
+/// Run `scripts/<script>` (a llama-cpp-python script) on the GGUF at `path` with `request`
+/// on its stdin; its JSON answer.
+pub fn llama_cpp_script(
+    script: &str,
+    path: &std::path::Path,
+    request: &serde_json::Value,
+) -> serde_json::Value {
     let mut child = std::process::Command::new(server::python())
-        .arg(root().join("scripts/llama_greedy.py"))
+        .arg(root().join("scripts").join(script))
         .arg(path)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    serde_json::to_writer(child.stdin.take().unwrap(), &request).unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), request).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "llama_greedy.py failed");
+    assert!(out.status.success(), "{script} failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
