@@ -118,6 +118,9 @@ epochs = $epochs
 learning_rate = 1e-4
 batch_size = 4
 max_seq_len = 192
+# No resumable checkpoints: each is the weights and the optimizer state (~1.6 GB for
+# SmolLM2), and a benchmark's variants are rerun whole.
+checkpoint_every = 0
 [eval]
 calculator = $calculator
 student_view = "$view"
