@@ -46,14 +46,6 @@ objective = "step_by_step"
     std::fs::write(dir.join("c.toml"), text).unwrap();
 }
 
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,8 +79,8 @@ fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
         let rows = CuratedRow::from_frame(&kdpipe::io::parquet::read_frame(&path).unwrap(), &path)
             .unwrap();
         assert!(!rows.is_empty());
-        let trl = lines(&run.join(format!("export_data/trl/{split}.jsonl")));
-        let axolotl = lines(&run.join(format!("export_data/axolotl/{split}.jsonl")));
+        let trl = json_lines(&run.join(format!("export_data/trl/{split}.jsonl")));
+        let axolotl = json_lines(&run.join(format!("export_data/axolotl/{split}.jsonl")));
         assert_eq!(trl.len(), axolotl.len());
 
         // The examples of each row, by view, as finetune builds them.
@@ -181,7 +173,7 @@ fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
     eprintln!("TRL step: {result}");
     let loss = result["loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "{result}");
-    let train = lines(&run.join("export_data/trl/train.jsonl"));
+    let train = json_lines(&run.join("export_data/trl/train.jsonl"));
     let trainable = train.iter().filter(|l| l["view"] != "teacher").count();
     assert_eq!(result["trained_rows"].as_u64().unwrap() as usize, trainable);
     assert_eq!(

@@ -37,14 +37,6 @@ decontaminate = ["eval.jsonl"]
     std::fs::write(dir.join("c.toml"), text).unwrap();
 }
 
-fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
     let dir = tempfile::tempdir().unwrap();
@@ -89,7 +81,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
     );
     assert!(count("accepted") >= 1, "nothing accepted: {s}");
 
-    let rows = lines(&synth.join("inputs.jsonl"));
+    let rows = json_lines(&synth.join("inputs.jsonl"));
     assert_eq!(rows.len() as u64, count("accepted"));
     let seed_ids: Vec<String> = seeds
         .iter()
@@ -129,7 +121,7 @@ fn inputs_from_eight_seeds_pass_the_filters_and_feed_generate() {
     config(dir.path(), rows.len() + 1, count("requests") + 16);
     let out = kdpipe(&["synthesize", "--config", "c.toml"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
-    let more = lines(&synth.join("inputs.jsonl"));
+    let more = json_lines(&synth.join("inputs.jsonl"));
     assert_eq!(more.len(), rows.len() + 1, "the larger target was reached");
     assert_eq!(&more[..rows.len()], &rows[..]);
 

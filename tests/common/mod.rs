@@ -176,3 +176,12 @@ pub fn hf_python() -> String {
     assert!(out.status.success(), "scripts/setup-hf.sh failed");
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
+
+/// Every line of a JSONL file, parsed.
+pub fn json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
