@@ -3,11 +3,15 @@
 //! equations, answers and vote-share soft labels, plus an evaluation file that overlaps the
 //! inputs. Every rule has work to do: parse failures (3 %), minority answers (~20 % of
 //! samples), wrong arithmetic (5 %), exact duplicates (2 %), near duplicates (2 %),
-//! contaminated inputs (0.2 %), gold disagreement (5 %).
+//! contaminated inputs (0.2 %), gold disagreement (5 %). With TOPK > 0 every row also
+//! carries token top-k soft labels (one entry a completion token, TOPK alternatives each),
+//! the largest part of a real local teacher's row. Rows are written as shards of at most
+//! 200,000 rows, so the generator's memory stays flat.
 //!
-//! `cargo run --release --example synth_teacher_rows -- INPUTS K RUN_DIR EVAL_JSONL`
+//! `cargo run --release --example synth_teacher_rows -- INPUTS K RUN_DIR EVAL_JSONL [TOPK]`
 use kdpipe::io::manifest::{entry, Manifest};
 use kdpipe::io::parquet::write_frame;
+use kdpipe::io::shards::Shard;
 use kdpipe::records::{TeacherRow, TokenTopk};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -54,15 +58,21 @@ fn problem(rng: &mut ChaCha8Rng) -> (String, i64, i64, i64) {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     anyhow::ensure!(
-        args.len() == 5,
-        "usage: synth_teacher_rows INPUTS K RUN_DIR EVAL_JSONL"
+        args.len() == 5 || args.len() == 6,
+        "usage: synth_teacher_rows INPUTS K RUN_DIR EVAL_JSONL [TOPK]"
     );
     let (inputs, k): (usize, u32) = (args[1].parse()?, args[2].parse()?);
+    let topk: usize = args.get(5).map(|a| a.parse()).transpose()?.unwrap_or(0);
     let run_dir = std::path::Path::new(&args[3]);
+    let dir = run_dir.join("generate");
+    std::fs::create_dir_all(&dir)?;
+    let inputs_per_shard = (200_000 / k as usize).max(1);
+    let shards = inputs.div_ceil(inputs_per_shard).max(1);
     let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let mut rows = Vec::with_capacity(inputs * k as usize);
+    let mut rows = Vec::with_capacity(inputs_per_shard * k as usize);
     let mut texts: Vec<String> = Vec::with_capacity(inputs);
     let mut eval = std::fs::File::create(&args[4])?;
+    let mut written = 0;
     for i in 0..inputs {
         let (mut text, a, b, c) = problem(&mut rng);
         let roll: f64 = rng.random();
@@ -113,7 +123,7 @@ fn main() -> anyhow::Result<()> {
                 soft_coverage: None,
                 tokens: TokenTopk::default(),
                 prompt_tokens: 180,
-                completion_tokens: rng.random_range(30..60),
+                completion_tokens: rng.random_range(30..60u32),
                 finish_reason: "stop".into(),
                 latency_ms: 900.0,
                 backend: "openai".into(),
@@ -145,15 +155,60 @@ fn main() -> anyhow::Result<()> {
                 .collect();
             r.soft_coverage = Some(parsed.len() as f64 / k as f64);
         }
+        if topk > 0 {
+            for r in &mut rows[start..] {
+                r.tokens = token_topk(&mut rng, r.completion_tokens, topk);
+            }
+        }
+        if (i + 1) % inputs_per_shard == 0 || i + 1 == inputs {
+            write_shard(&dir, written, shards, &rows)?;
+            written += 1;
+            rows.clear();
+        }
     }
-    let dir = run_dir.join("generate");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("teacher-00000-of-00001.parquet");
-    let mut df = TeacherRow::to_frame(&rows)?;
+    anyhow::ensure!(written == shards, "wrote {written} of {shards} shards");
+    Ok(())
+}
+
+/// Token top-k soft labels for a row: one entry a completion token, `k` alternatives each
+/// with log-probabilities falling from the chosen token's.
+fn token_topk(rng: &mut ChaCha8Rng, tokens: u32, k: usize) -> TokenTopk {
+    let mut t = TokenTopk {
+        temperature: Some(1.0),
+        vocab: "synthetic".into(),
+        ..Default::default()
+    };
+    for _ in 0..tokens {
+        let id = rng.random_range(0..49_152u32);
+        let mut lp = -rng.random_range(0.0..0.5f32);
+        let (mut ids, mut lps) = (vec![id], vec![lp]);
+        for _ in 1..k {
+            lp -= rng.random_range(0.2..2.0f32);
+            ids.push(rng.random_range(0..49_152u32));
+            lps.push(lp);
+        }
+        t.ids.push(id);
+        t.logprobs.push(lps[0]);
+        t.top_ids.push(ids);
+        t.top_logprobs.push(lps);
+    }
+    t
+}
+
+/// Write one shard of rows (`index` of `count`) with its manifest.
+fn write_shard(
+    dir: &std::path::Path,
+    index: usize,
+    count: usize,
+    rows: &[TeacherRow],
+) -> anyhow::Result<()> {
+    let shard = Shard { index, count };
+    let path = shard.teacher_file(dir);
+    let mut df = TeacherRow::to_frame(rows)?;
     write_frame(&path, &mut df)?;
     let mut m = Manifest::new(kdpipe::config::Stage::Generate, "synthetic".into(), 0);
     m.outputs = vec![entry(&path, Some(rows.len()))?];
-    m.write(&dir)?;
+    m.write_as(dir, &shard.manifest_name())?;
     eprintln!(
         "synth_teacher_rows: {} rows → {}",
         rows.len(),

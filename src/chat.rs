@@ -70,6 +70,39 @@ impl ChatTemplate {
     }
 }
 
+/// A prompt's token ids followed by a reply's, fitted into `max_len` tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FittedReply {
+    pub ids: Vec<u32>,
+    /// 1 on the kept reply tokens, 0 on the prompt's.
+    pub target: Vec<u8>,
+    /// How many reply tokens were kept (from the first).
+    pub kept: usize,
+    /// Something was cut.
+    pub truncated: bool,
+}
+
+/// Fit `prompt` then `reply` into `max_len` tokens: the reply is kept up to all but 8
+/// tokens of the length, the prompt is cut from the left (its end, where the reply
+/// begins, matters most).
+pub fn fit_reply(mut prompt: Vec<u32>, reply: &[u32], max_len: usize) -> FittedReply {
+    let kept = reply.len().min(max_len.saturating_sub(8).max(1));
+    let truncated = prompt.len() + reply.len() > max_len;
+    let room = max_len.saturating_sub(kept);
+    if prompt.len() > room {
+        prompt.drain(..prompt.len() - room);
+    }
+    let mut target = vec![0u8; prompt.len()];
+    target.extend(std::iter::repeat_n(1u8, kept));
+    prompt.extend(&reply[..kept]);
+    FittedReply {
+        ids: prompt,
+        target,
+        kept,
+        truncated,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +116,18 @@ mod tests {
             out,
             "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
+    }
+
+    #[test]
+    fn a_reply_keeps_its_start_and_the_prompt_loses_its_start() {
+        let f = fit_reply(vec![1, 2, 3, 4], &[10, 11], 16);
+        assert_eq!(f.ids, [1, 2, 3, 4, 10, 11]);
+        assert_eq!(f.target, [0, 0, 0, 0, 1, 1]);
+        assert!(!f.truncated && f.kept == 2);
+        // 12 tokens: the reply keeps up to 12 - 8 = 4 tokens, the prompt its last 8.
+        let reply: Vec<u32> = (100..110).collect();
+        let f = fit_reply((0..10).collect(), &reply, 12);
+        assert_eq!(f.ids, [2, 3, 4, 5, 6, 7, 8, 9, 100, 101, 102, 103]);
+        assert!(f.truncated && f.kept == 4);
     }
 }

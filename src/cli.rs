@@ -48,8 +48,9 @@ pub enum Command {
 pub struct ExportDataArgs {
     #[command(flatten)]
     pub stage: StageArgs,
-    /// The trainer's layout: trl (prompt / completion chats) or axolotl (messages).
-    #[arg(long, value_parser = ["trl", "axolotl"])]
+    /// The trainer's layout: trl (prompt / completion chats), axolotl (messages) or
+    /// distillkit (the teacher's token top-k as DistillKit's offline teacher reads them).
+    #[arg(long, value_parser = ["trl", "axolotl", "distillkit"])]
     pub format: String,
 }
 

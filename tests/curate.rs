@@ -179,3 +179,75 @@ fn real_teacher_rows_go_through_every_rule_with_a_report() {
         "{plan}"
     );
 }
+
+/// curate judges rows by a few columns and streams the others (raw text, token top-k)
+/// from the teacher files into the splits: the split files must equal the rules' output
+/// computed the plain way, every column of every teacher row in memory at once.
+#[test]
+fn streamed_split_files_equal_the_rules_on_whole_rows_in_memory() {
+    use polars::prelude::*;
+    let dir = tempfile::tempdir().unwrap();
+    let svamp = root().join("tests/fixtures/svamp-dev-excerpt.jsonl");
+    let text = config(&svamp, "").replace(
+        "[generate]\nsamples = 2",
+        "[generate]\nsamples = 2\ntoken_topk = 3",
+    );
+    assert!(text.contains("token_topk = 3"));
+    let (config_path, runs) = (dir.path().join("c.toml"), dir.path().join("runs"));
+    std::fs::write(&config_path, text).unwrap();
+    for stage in ["generate", "curate"] {
+        let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
+        assert!(out.status.success(), "{stage}: {}", stderr(&out));
+    }
+
+    let overrides = kdpipe::config::Overrides {
+        runs_dir: Some(runs.clone()),
+        ..Default::default()
+    };
+    let cfg = kdpipe::config::Config::resolve(&config_path, &overrides).unwrap();
+    let files = kdpipe::curate::teacher_files(&runs.join("svamp/generate")).unwrap();
+    let whole: Vec<LazyFrame> = files
+        .iter()
+        .map(|f| kdpipe::io::parquet::read_frame(f).unwrap().lazy())
+        .collect();
+    let all = concat(whole, UnionArgs::default())
+        .unwrap()
+        .collect()
+        .unwrap();
+    let task = kdpipe::task::Task::from_config(&cfg.task);
+    let outcome = kdpipe::curate::rules::apply(all, &task, &cfg.curate, cfg.seed, None).unwrap();
+    let mut rows = 0;
+    for split in ["train", "val", "test"] {
+        let expected = outcome
+            .kept
+            .clone()
+            .lazy()
+            .filter(col("split").eq(lit(split)))
+            .select(
+                kdpipe::records::CURATED_COLUMNS
+                    .iter()
+                    .map(|c| col(*c))
+                    .collect::<Vec<_>>(),
+            )
+            .collect()
+            .unwrap();
+        let written =
+            kdpipe::io::parquet::read_frame(&runs.join(format!("svamp/curate/{split}.parquet")))
+                .unwrap();
+        assert!(
+            written.equals_missing(&expected),
+            "{split}: written\n{written}\nexpected\n{expected}"
+        );
+        rows += written.height();
+    }
+    assert!(rows >= 2, "{rows} rows kept");
+    let train = runs.join("svamp/curate/train.parquet");
+    let kept =
+        CuratedRow::from_frame(&kdpipe::io::parquet::read_frame(&train).unwrap(), &train).unwrap();
+    assert!(
+        kept.iter()
+            .all(|r| !r.raw.is_empty() && r.tokens.top_ids.len() == r.tokens.ids.len()),
+        "the streamed columns hold each row's raw text and token top-k"
+    );
+    assert!(kept.iter().any(|r| !r.tokens.ids.is_empty()));
+}

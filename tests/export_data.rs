@@ -2,7 +2,9 @@
 //! token's top-5) written for TRL and axolotl. Every row gives the examples finetune
 //! trains on, the teacher's token top-k come back within 1e-6 of what the curated split
 //! holds, both formats carry the same chats, and TRL (the Hugging Face venv) loads the
-//! files and trains one step on them.
+//! files and trains one step on them. The DistillKit layout: torch reads it as
+//! DistillKit's collator does, each KD position holds the next token's top-k (within 1e-6
+//! of the curated split), and one step of DistillKit's loss mix trains on it.
 
 mod common;
 use common::*;
@@ -179,5 +181,89 @@ fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
     assert_eq!(
         result["views"],
         serde_json::json!(["label", "rationale", "teacher"])
+    );
+
+    distillkit_layout_round_trips_and_trains(dir.path(), &run, &student);
+}
+
+fn distillkit_layout_round_trips_and_trains(dir: &Path, run: &Path, student: &Path) {
+    let out = kdpipe(
+        &[
+            "export-data",
+            "--config",
+            "c.toml",
+            "--format",
+            "distillkit",
+        ],
+        dir,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let data = run.join("export_data/distillkit");
+    let check = std::process::Command::new(hf_python())
+        .arg(root().join("scripts/distillkit_check.py"))
+        .arg(&data)
+        .arg(student)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "distillkit_check.py failed:\n{log}\n{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    // The split files load under the names a DistillKit config asks for.
+    assert_eq!(result["splits"], serde_json::json!(["train", "validation"]));
+    for (split, name) in [("train", "train"), ("val", "validation")] {
+        let path = run.join(format!("curate/{split}.parquet"));
+        let rows = CuratedRow::from_frame(&kdpipe::io::parquet::read_frame(&path).unwrap(), &path)
+            .unwrap();
+        let with_topk: Vec<&CuratedRow> =
+            rows.iter().filter(|r| !r.tokens.ids.is_empty()).collect();
+        let shapes = &result["shapes"][name];
+        let n = with_topk.len() as u64;
+        let length = shapes["input_ids"][1].as_u64().unwrap();
+        assert_eq!(shapes["input_ids"], serde_json::json!([n, length]));
+        assert_eq!(shapes["labels"], shapes["input_ids"]);
+        assert_eq!(shapes["token_ids"], serde_json::json!([n, length, 5]));
+        assert_eq!(shapes["top_values"], shapes["token_ids"]);
+        // Each row's KD positions, in order: the teacher's j-th token follows position j,
+        // with its top-5 as the curated split holds them.
+        let positions = result["positions"][name].as_array().unwrap();
+        let mut at = 0;
+        for (i, r) in with_topk.iter().enumerate() {
+            let mine: Vec<&serde_json::Value> = positions[at..]
+                .iter()
+                .take_while(|p| p["row"].as_u64() == Some(i as u64))
+                .collect();
+            at += mine.len();
+            assert_eq!(mine.len(), r.tokens.ids.len(), "row {}", r.id);
+            for (j, p) in mine.iter().enumerate() {
+                assert_eq!(p["next"].as_u64(), Some(r.tokens.ids[j] as u64));
+                let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
+                assert_eq!(ids, r.tokens.top_ids[j]);
+                let lps: Vec<f64> = serde_json::from_value(p["logprobs"].clone()).unwrap();
+                for (a, b) in lps.iter().zip(&r.tokens.top_logprobs[j]) {
+                    assert!((a - *b as f64).abs() <= 1e-6, "{a} vs {b}");
+                }
+            }
+        }
+        assert_eq!(
+            at,
+            positions.len(),
+            "KD positions outside the teacher's reply"
+        );
+    }
+    eprintln!(
+        "DistillKit layout, one step: loss {} → {}",
+        result["loss_before"], result["loss_after"]
+    );
+    let (before, after) = (
+        result["loss_before"].as_f64().unwrap(),
+        result["loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        before.is_finite() && after.is_finite() && after < before,
+        "{result}"
     );
 }

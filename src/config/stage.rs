@@ -97,9 +97,11 @@ impl Config {
             Stage::Export => {
                 json!({"student": self.student, "export": self.export.clone().unwrap_or_default()})
             }
-            // The curated splits are inputs; the prompt and objective decide the examples.
+            // The curated splits are inputs; the prompt and objective decide the examples;
+            // DistillKit's sequences are the student's tokens, cut to max_seq_len.
             Stage::ExportData => {
-                json!({"task": self.task, "objective": self.finetune.objective})
+                json!({"task": self.task, "objective": self.finetune.objective,
+                       "student": self.student.model, "max_seq_len": self.finetune.max_seq_len})
             }
         }
     }

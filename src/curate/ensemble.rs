@@ -3,37 +3,102 @@
 //! are averaged over the teachers that scored it, weighted the same way.
 
 use crate::config::Config;
-use crate::records::{TeacherRow, SOFT_ENSEMBLE_LABEL_SCORES, SOFT_LABEL_SCORES};
+use crate::records::{SOFT_ENSEMBLE_LABEL_SCORES, SOFT_LABEL_SCORES};
 use anyhow::Result;
 use polars::prelude::*;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
 
-pub fn prepare(cfg: &Config, df: DataFrame, files: &[PathBuf]) -> Result<DataFrame> {
+/// The parts of a teacher row the ensemble reads and rewrites.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    pub id: String,
+    pub teacher: String,
+    pub soft_kind: String,
+    pub soft_labels: Vec<String>,
+    pub soft_probs: Vec<f64>,
+    pub soft_coverage: Option<f64>,
+}
+
+fn strings(df: &DataFrame, name: &str) -> Result<Vec<String>> {
+    Ok(df
+        .column(name)?
+        .str()?
+        .iter()
+        .map(|s| s.unwrap_or("").to_string())
+        .collect())
+}
+
+fn read_scores(df: &DataFrame) -> Result<Vec<Scores>> {
+    let (ids, teachers, kinds) = (
+        strings(df, "id")?,
+        strings(df, "teacher")?,
+        strings(df, "soft_kind")?,
+    );
+    let labels = df.column("soft_labels")?.list()?;
+    let probs = df.column("soft_probs")?.list()?;
+    let coverage = df.column("soft_coverage")?.f64()?;
+    let mut out = Vec::with_capacity(df.height());
+    for (i, ((id, teacher), soft_kind)) in ids.into_iter().zip(teachers).zip(kinds).enumerate() {
+        let soft_labels = match labels.get_as_series(i) {
+            Some(s) => s
+                .str()?
+                .iter()
+                .map(|x| x.unwrap_or("").to_string())
+                .collect(),
+            None => vec![],
+        };
+        let soft_probs = match probs.get_as_series(i) {
+            Some(s) => s.f64()?.iter().map(|x| x.unwrap_or(0.0)).collect(),
+            None => vec![],
+        };
+        out.push(Scores {
+            id,
+            teacher,
+            soft_kind,
+            soft_labels,
+            soft_probs,
+            soft_coverage: coverage.get(i),
+        });
+    }
+    Ok(out)
+}
+
+pub fn prepare(cfg: &Config, mut df: DataFrame) -> Result<DataFrame> {
     let weights: HashMap<&str, f64> = cfg
         .teachers()
         .iter()
         .map(|t| (t.model.as_str(), t.weight))
         .collect();
-    let place = files.first().cloned().unwrap_or_default();
-    let mut rows = TeacherRow::from_frame(&df, &place)?;
+    let mut rows = read_scores(&df)?;
     average_label_scores(&mut rows, &weights, &cfg.task.labels);
     let w: Vec<f64> = rows
         .iter()
         .map(|r| weights.get(r.teacher.as_str()).copied().unwrap_or(1.0))
         .collect();
-    let mut out = TeacherRow::to_frame(&rows)?;
-    out.with_column(Column::new("_weight".into(), w))?;
-    Ok(out)
+    let probs: Vec<Series> = rows
+        .iter()
+        .map(|r| Series::new("".into(), &r.soft_probs))
+        .collect();
+    let probs = Column::new("soft_probs".into(), probs)
+        .cast(&DataType::List(Box::new(DataType::Float64)))?;
+    df.with_column(probs)?;
+    df.with_column(Column::new(
+        "soft_kind".into(),
+        rows.iter()
+            .map(|r| r.soft_kind.as_str())
+            .collect::<Vec<_>>(),
+    ))?;
+    df.with_column(Column::new(
+        "soft_coverage".into(),
+        rows.iter().map(|r| r.soft_coverage).collect::<Vec<_>>(),
+    ))?;
+    df.with_column(Column::new("_weight".into(), w))?;
+    Ok(df)
 }
 
 /// Replace each input's label-set scores by their weighted mean over its rows, when at
 /// least two teachers scored it (the kind then says `ensemble_label_scores`).
-pub fn average_label_scores(
-    rows: &mut [TeacherRow],
-    weights: &HashMap<&str, f64>,
-    labels: &[String],
-) {
+pub fn average_label_scores(rows: &mut [Scores], weights: &HashMap<&str, f64>, labels: &[String]) {
     let mut by_id: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         if r.soft_kind == SOFT_LABEL_SCORES && r.soft_labels == labels {
@@ -73,13 +138,15 @@ pub fn average_label_scores(
 mod tests {
     use super::*;
 
-    fn row(id: &str, teacher: &str, probs: &[f64]) -> TeacherRow {
-        let mut r = crate::records::tests_support::row(id, &["a", "b"]);
-        r.teacher = teacher.into();
-        r.soft_kind = SOFT_LABEL_SCORES.into();
-        r.soft_labels = vec!["a".into(), "b".into()];
-        r.soft_probs = probs.to_vec();
-        r
+    fn row(id: &str, teacher: &str, probs: &[f64]) -> Scores {
+        Scores {
+            id: id.into(),
+            teacher: teacher.into(),
+            soft_kind: SOFT_LABEL_SCORES.into(),
+            soft_labels: vec!["a".into(), "b".into()],
+            soft_probs: probs.to_vec(),
+            soft_coverage: None,
+        }
     }
 
     #[test]

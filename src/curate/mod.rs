@@ -1,20 +1,23 @@
 //! curate: teacher rows (all shards) → train / val / test Parquet, report.json,
-//! report.md and funnel.svg. The rules (rules.rs) are one Polars plan, each rule on/off
-//! and tuned in `[curate]`, each one's removals counted.
+//! report.md and funnel.svg. The rules (rules.rs) are one Polars plan over the columns
+//! they judge by, each rule on/off and tuned in `[curate]`, each one's removals counted;
+//! the kept rows' other columns (raw text, token top-k) stream from the teacher files to
+//! the split files (splits.rs).
 
 mod ensemble;
 mod report;
 pub mod rules;
+pub mod splits;
 
 use crate::config::{Config, DataConfig, Stage};
 use crate::dedup::Contamination;
 use crate::io::atomic::{write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
-use crate::io::parquet::{read_frame, write_frame};
+use crate::io::parquet::read_columns;
 use crate::io::shards::{complete_teacher_files, Shard};
-use crate::records::topk_store::{bytes_per_token, stored_tokens};
-use crate::records::{TeacherRow, CURATED_COLUMNS};
+use crate::records::topk_store::bytes_per_token;
+use crate::records::TeacherRow;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
@@ -40,7 +43,7 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
 }
 
 /// The n-grams of the evaluation files named in `[curate] decontaminate`.
-fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
+pub fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
     if cfg.curate.decontaminate.is_empty() {
         return Ok(None);
     }
@@ -73,16 +76,20 @@ fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
     )))
 }
 
-/// All teacher rows of the run, columns checked (naming the file), at least one row.
+/// The columns the rules read (`splits::RULE_COLUMNS`) of all teacher rows of the run, in
+/// file order with their index (`splits::ROW`), columns checked (naming the file), at
+/// least one row.
 fn teacher_rows(cfg: &Config) -> Result<(Vec<PathBuf>, DataFrame)> {
     let files = teacher_files(&cfg.stage_dir(Stage::Generate))?;
     let mut frames = Vec::new();
     for f in &files {
-        let df = read_frame(f)?;
+        let df = read_columns(f, &splits::RULE_COLUMNS)?;
         TeacherRow::check_columns(&df, f)?;
         frames.push(df.lazy());
     }
-    let all = concat(frames, UnionArgs::default())?.collect()?;
+    let all = concat(frames, UnionArgs::default())?
+        .with_row_index(splits::ROW, None)
+        .collect()?;
     if all.height() == 0 {
         bail!(
             "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
@@ -115,7 +122,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let all = if cfg.ensemble.is_empty() {
         all
     } else {
-        ensemble::prepare(cfg, all, &files)?
+        ensemble::prepare(cfg, all)?
     };
     let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed, contamination.as_ref())?;
 
@@ -124,22 +131,13 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let dir = staged.path();
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
-    let (mut split_files, mut topk_tokens) = (vec![], 0);
-    for split in SPLITS {
-        let mut part = outcome
-            .kept
-            .clone()
-            .lazy()
-            .filter(col("split").eq(lit(split)))
-            .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
-            .collect()?;
-        let path = dir.join(format!("{split}.parquet"));
-        write_frame(&path, &mut part)?;
-        topk_tokens += stored_tokens(&part);
-        split_files.push(path.clone());
-        split_rows.insert(split.to_string(), part.height().into());
-        outputs.push(staged_entry(&staged, &path, Some(part.height()))?);
+    let written = splits::write(&files, &outcome.kept, dir, SPLITS)?;
+    let topk_tokens: usize = written.iter().map(|w| w.topk_tokens).sum();
+    for w in &written {
+        split_rows.insert(w.split.to_string(), w.rows.into());
+        outputs.push(staged_entry(&staged, &w.path, Some(w.rows))?);
     }
+    let split_files: Vec<PathBuf> = written.into_iter().map(|w| w.path).collect();
     let mut summary = report::summary(&outcome, &split_rows)?;
     let split_paths: Vec<&Path> = split_files.iter().map(PathBuf::as_path).collect();
     if let Some(bytes) = bytes_per_token(&split_paths, topk_tokens)? {

@@ -10,14 +10,17 @@
 //!   texts) with their natural-log probabilities (temperature 1), for a token-level KD loss.
 //!
 //! Formats: `trl` (TRL's conversational prompt / completion columns: SFTTrainer trains on
-//! the completion only) and `axolotl` (a `messages` list, axolotl's `chat_template` type).
-//! Both carry the same id, view and teacher columns. Output: `<run>/export_data/<format>/`
-//! with train/val/test.jsonl, a README.md on loading them, and a manifest.
+//! the completion only) and `axolotl` (a `messages` list, axolotl's `chat_template` type),
+//! both JSON lines with the same id, view and teacher columns; and `distillkit`
+//! (`distillkit.rs`: the teacher view alone, tokenized by the student, as DistillKit's
+//! offline-teacher Parquet). Output: `<run>/export_data/<format>/` with one file a split,
+//! a README.md on loading them, and a manifest.
 
+use super::distillkit;
 use crate::config::{Config, Objective, Stage};
 use crate::io::atomic::{write_bytes, write_with, StagedDir};
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
-use crate::io::parquet::read_frame;
+use crate::io::parquet::{read_frame, write_frame};
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
 use crate::task::ANSWER_MARKER;
@@ -34,6 +37,7 @@ const SPLITS: [&str; 3] = ["train", "val", "test"];
 pub enum DataFormat {
     Trl,
     Axolotl,
+    DistillKit,
 }
 
 impl DataFormat {
@@ -41,7 +45,10 @@ impl DataFormat {
         match name {
             "trl" => Ok(DataFormat::Trl),
             "axolotl" => Ok(DataFormat::Axolotl),
-            other => bail!("unknown data format {other:?}\nhint: --format trl or --format axolotl"),
+            "distillkit" => Ok(DataFormat::DistillKit),
+            other => {
+                bail!("unknown data format {other:?}\nhint: --format trl, axolotl or distillkit")
+            }
         }
     }
 
@@ -49,6 +56,7 @@ impl DataFormat {
         match self {
             DataFormat::Trl => "trl",
             DataFormat::Axolotl => "axolotl",
+            DataFormat::DistillKit => "distillkit",
         }
     }
 
@@ -63,7 +71,7 @@ impl DataFormat {
                 chat.insert("prompt".into(), json!([user]));
                 chat.insert("completion".into(), json!([assistant]));
             }
-            DataFormat::Axolotl => {
+            DataFormat::Axolotl | DataFormat::DistillKit => {
                 chat.insert("messages".into(), json!([user, assistant]));
             }
         }
@@ -169,11 +177,16 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
 pub fn run(cfg: &Config, format: DataFormat) -> Result<PathBuf> {
     let inputs = input_entries(cfg)?;
     let prompt = Prompt::load(cfg)?;
-    let objective = cfg.finetune.objective;
     let out = out_dir(cfg, format);
+    // DistillKit's rows are the student's token ids: its tokenizer and chat template.
+    let student = match format {
+        DataFormat::DistillKit => Some(crate::llama::load_for_inference(&cfg.student.model)?),
+        _ => None,
+    };
     let staged = StagedDir::begin(&out)?;
     let mut outputs = Vec::new();
     let mut counts = serde_json::Map::new();
+    let mut shape = (0, 0);
     for split in SPLITS {
         let path = cfg
             .stage_dir(Stage::Curate)
@@ -182,36 +195,65 @@ pub fn run(cfg: &Config, format: DataFormat) -> Result<PathBuf> {
             continue;
         }
         let rows = CuratedRow::from_frame(&read_frame(&path)?, &path)?;
-        let file = staged.path().join(format!("{split}.jsonl"));
-        let mut views: std::collections::BTreeMap<&str, usize> = Default::default();
-        let mut lines = 0usize;
-        write_with(&file, |f| {
-            let mut w = std::io::BufWriter::new(f);
-            for row in &rows {
-                for ex in examples(&prompt, objective, row) {
-                    serde_json::to_writer(&mut w, &line(format, row, &ex))?;
-                    w.write_all(b"\n")?;
-                    *views.entry(ex.view).or_default() += 1;
-                    lines += 1;
+        let (file, summary) = match &student {
+            Some(model) => {
+                let file = staged.path().join(format!("{split}.parquet"));
+                let max_len = cfg.finetune.max_seq_len;
+                let (seqs, c) = distillkit::sequences(model, &prompt, &rows, max_len)?;
+                if seqs.is_empty() && split == "train" {
+                    bail!("no train row of {} kept the teacher's token ids and top-k, which DistillKit trains on\nhint: generate with a local teacher and [generate] token_topk = 20, then curate again", path.display());
                 }
+                if seqs.is_empty() {
+                    // `datasets` refuses a split file without rows: leave it out.
+                    eprintln!("export-data: {split}: 0 sequences of {} rows, no file (datasets refuses an empty split)", c.rows);
+                    counts.insert(split.into(), json!({"rows": c.rows, "sequences": 0}));
+                    continue;
+                }
+                let mut df = distillkit::frame(&seqs, c.length, c.k, model.eos_token_id)?;
+                write_frame(&file, &mut df)?;
+                eprintln!(
+                    "export-data: {split}: {} rows → {} sequences of {} tokens, top-{} ({} without the teacher's top-k, {} cut to max_seq_len {max_len})",
+                    c.rows, seqs.len(), c.length, c.k, c.without_topk, c.truncated
+                );
+                shape = (shape.0.max(c.length), shape.1.max(c.k));
+                let summary = json!({"rows": c.rows, "sequences": seqs.len(), "length": c.length,
+                    "k": c.k, "without_topk": c.without_topk, "truncated": c.truncated});
+                (file, (seqs.len(), summary))
             }
-            w.flush()?;
-            Ok(())
-        })?;
-        let shown: Vec<String> = views.iter().map(|(v, n)| format!("{n} {v}")).collect();
-        eprintln!(
-            "export-data: {split}: {} rows → {lines} examples ({})",
-            rows.len(),
-            shown.join(", ")
-        );
-        outputs.push(staged_entry(&staged, &file, Some(lines))?);
-        counts.insert(
-            split.into(),
-            json!({"rows": rows.len(), "examples": lines, "views": views}),
-        );
+            None => {
+                let file = staged.path().join(format!("{split}.jsonl"));
+                let (lines, views) =
+                    write_chats(&file, &prompt, cfg.finetune.objective, format, &rows)?;
+                let shown: Vec<String> = views.iter().map(|(v, n)| format!("{n} {v}")).collect();
+                eprintln!(
+                    "export-data: {split}: {} rows → {lines} examples ({})",
+                    rows.len(),
+                    shown.join(", ")
+                );
+                (
+                    file,
+                    (
+                        lines,
+                        json!({"rows": rows.len(), "examples": lines, "views": views}),
+                    ),
+                )
+            }
+        };
+        outputs.push(staged_entry(&staged, &file, Some(summary.0))?);
+        counts.insert(split.into(), summary.1);
     }
     let readme = staged.path().join("README.md");
-    write_bytes(&readme, readme_text(cfg, format, &out).as_bytes())?;
+    let text = match &student {
+        Some(model) => distillkit::readme(
+            cfg,
+            &out.display().to_string(),
+            shape.0,
+            shape.1,
+            model.shape.vocab_size,
+        ),
+        None => readme_text(cfg, format, &out),
+    };
+    write_bytes(&readme, text.as_bytes())?;
     outputs.push(staged_entry(&staged, &readme, None)?);
     let mut m = Manifest::new(
         Stage::ExportData,
@@ -227,6 +269,32 @@ pub fn run(cfg: &Config, format: DataFormat) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// One split's chats as JSON lines: how many, and how many of each view.
+fn write_chats(
+    file: &Path,
+    prompt: &Prompt,
+    objective: Objective,
+    format: DataFormat,
+    rows: &[CuratedRow],
+) -> Result<(usize, std::collections::BTreeMap<&'static str, usize>)> {
+    let mut views: std::collections::BTreeMap<&'static str, usize> = Default::default();
+    let mut lines = 0usize;
+    write_with(file, |f| {
+        let mut w = std::io::BufWriter::new(f);
+        for row in rows {
+            for ex in examples(prompt, objective, row) {
+                serde_json::to_writer(&mut w, &line(format, row, &ex))?;
+                w.write_all(b"\n")?;
+                *views.entry(ex.view).or_default() += 1;
+                lines += 1;
+            }
+        }
+        w.flush()?;
+        Ok(())
+    })?;
+    Ok((lines, views))
+}
+
 /// How to load the files in the trainer they are for.
 fn readme_text(cfg: &Config, format: DataFormat, out: &Path) -> String {
     let dir = out.display();
@@ -234,7 +302,7 @@ fn readme_text(cfg: &Config, format: DataFormat, out: &Path) -> String {
         DataFormat::Trl => format!(
             "```python\nfrom datasets import load_dataset\nfrom trl import SFTConfig, SFTTrainer\n\ndata = load_dataset(\"json\", data_files={{\"train\": \"{dir}/train.jsonl\", \"validation\": \"{dir}/val.jsonl\"}})\n# Views to train on: label and rationale are step-by-step's two tasks; teacher is the\n# teacher's own reply, for a token-level KD loss on teacher_topk_*.\ntrain = data[\"train\"].filter(lambda r: r[\"view\"] != \"teacher\")\ntrainer = SFTTrainer(model=\"<student>\", train_dataset=train, args=SFTConfig(output_dir=\"out\"))\ntrainer.train()\n```\n"
         ),
-        DataFormat::Axolotl => format!(
+        DataFormat::Axolotl | DataFormat::DistillKit => format!(
             "```yaml\ndatasets:\n  - path: {dir}/train.jsonl\n    ds_type: json\n    type: chat_template\n    field_messages: messages\n    roles_to_train: [\"assistant\"]\ntest_datasets:\n  - path: {dir}/val.jsonl\n    ds_type: json\n    type: chat_template\n    field_messages: messages\n    split: train\n```\n"
         ),
     };

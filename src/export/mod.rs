@@ -8,6 +8,7 @@
 
 pub mod card;
 pub mod data;
+pub mod distillkit;
 
 use crate::config::{Config, Stage};
 use crate::io::atomic::{write_bytes, StagedDir};

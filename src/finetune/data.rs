@@ -67,25 +67,16 @@ fn example(
         ExampleKind::Rationale | ExampleKind::TokenKd | ExampleKind::OnPolicy => View::Rationale,
         ExampleKind::Label | ExampleKind::Kd => View::Label,
     };
-    let mut ids = model.chat_ids(&prompt.student_chat(view, input))?;
+    let ids = model.chat_ids(&prompt.student_chat(view, input))?;
     let mut reply_ids = model.encode(reply)?;
     reply_ids.push(model.eos_token_id);
-    let truncated = ids.len() + reply_ids.len() > max_len;
-    // Keep the reply (up to all but 8 tokens of the length); cut the prompt from the left.
-    reply_ids.truncate(max_len.saturating_sub(8).max(1));
-    let room = max_len.saturating_sub(reply_ids.len());
-    if ids.len() > room {
-        ids.drain(..ids.len() - room);
-    }
-    let mut target = vec![0u8; ids.len()];
-    target.extend(std::iter::repeat_n(1u8, reply_ids.len()));
-    ids.extend(reply_ids);
+    let fitted = crate::chat::fit_reply(ids, &reply_ids, max_len);
     Ok(Example {
         kind,
-        ids,
-        target,
+        ids: fitted.ids,
+        target: fitted.target,
         kd: None,
-        truncated,
+        truncated: fitted.truncated,
         token_topk: vec![],
         token_uld: vec![],
         row: 0,
@@ -135,17 +126,9 @@ pub(super) fn rationale_with_reply(
     reply: &[u32],
     max_len: usize,
 ) -> Result<(Vec<u32>, Vec<u8>, usize, bool)> {
-    let mut ids = model.chat_ids(&prompt.student_chat(View::Rationale, input))?;
-    let keep = reply.len().min(max_len.saturating_sub(8).max(1));
-    let truncated = ids.len() + reply.len() > max_len;
-    let room = max_len.saturating_sub(keep);
-    if ids.len() > room {
-        ids.drain(..ids.len() - room);
-    }
-    let mut target = vec![0u8; ids.len()];
-    target.extend(std::iter::repeat_n(1u8, keep));
-    ids.extend(&reply[..keep]);
-    Ok((ids, target, keep, truncated))
+    let ids = model.chat_ids(&prompt.student_chat(View::Rationale, input))?;
+    let f = crate::chat::fit_reply(ids, reply, max_len);
+    Ok((f.ids, f.target, f.kept, f.truncated))
 }
 
 /// Token-level KD needs the teacher's vocabulary: the student's tokenizer must turn the

@@ -29,6 +29,25 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
     })
 }
 
+/// The named columns of a Parquet file, those it has (the others are left out: the
+/// caller's column check names what is missing).
+pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = ParquetReader::new(file);
+    let schema = anyhow::Context::with_context(reader.schema(), || {
+        format!("{} is not a readable Parquet file", path.display())
+    })?;
+    let present: Vec<String> = wanted
+        .iter()
+        .filter(|c| schema.contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    anyhow::Context::with_context(reader.with_columns(Some(present)).finish(), || {
+        format!("{} is not a readable Parquet file", path.display())
+    })
+}
+
 /// Rows as JSON objects, for `kdpipe show`.
 pub fn rows_as_json(df: &DataFrame, limit: usize) -> Result<Vec<serde_json::Value>> {
     let n = df.height().min(limit);
