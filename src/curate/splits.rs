@@ -106,6 +106,7 @@ pub fn write(
         let file = std::fs::File::create(&path)?;
         let inner = ParquetWriter::new(file)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_row_group_size(Some(crate::io::parquet::ROW_GROUP_ROWS))
             .batched(&schema)?;
         writers.push(Writer {
             split,
@@ -136,13 +137,16 @@ pub fn write(
             whole.with_column(c.clone())?;
         }
         for w in writers.iter_mut() {
-            let part = whole
+            let mut part = whole
                 .clone()
                 .lazy()
                 .filter(col("split").eq(lit(w.split)))
                 .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
                 .collect()?;
             if part.height() > 0 {
+                // The rule columns and the streamed ones come chunked differently; a
+                // Parquet row group needs them aligned.
+                part.align_chunks();
                 w.topk_tokens += stored_tokens(&part);
                 w.rows += part.height();
                 w.inner.write_batch(&part)?;

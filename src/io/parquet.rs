@@ -6,10 +6,15 @@ use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::Path;
 
+/// Rows in a Parquet row group: readers that stream (curate's second pass) hold a row
+/// group's columns decoded at once, and a teacher row with token top-k is a few KB.
+pub const ROW_GROUP_ROWS: usize = 16_384;
+
 pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
     write_with(path, |file| {
         let written = ParquetWriter::new(file)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_row_group_size(Some(ROW_GROUP_ROWS))
             .finish(df);
         anyhow::Context::with_context(written, || {
             format!("cannot write Parquet {}", path.display())
@@ -30,22 +35,26 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
 }
 
 /// The named columns of a Parquet file, those it has (the others are left out: the
-/// caller's column check names what is missing).
+/// caller's column check names what is missing). Only those columns are read.
 pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut reader = ParquetReader::new(file);
-    let schema = anyhow::Context::with_context(reader.schema(), || {
-        format!("{} is not a readable Parquet file", path.display())
-    })?;
-    let present: Vec<String> = wanted
+    if !path.exists() {
+        bail!("{} does not exist", path.display());
+    }
+    let unreadable = || format!("{} is not a readable Parquet file", path.display());
+    let scan = anyhow::Context::with_context(
+        LazyFrame::scan_parquet(
+            PlRefPath::new(path.to_string_lossy().as_ref()),
+            ScanArgsParquet::default(),
+        ),
+        unreadable,
+    )?;
+    let schema = anyhow::Context::with_context(scan.clone().collect_schema(), unreadable)?;
+    let present: Vec<Expr> = wanted
         .iter()
         .filter(|c| schema.contains(c))
-        .map(|c| c.to_string())
+        .map(|c| col(*c))
         .collect();
-    anyhow::Context::with_context(reader.with_columns(Some(present)).finish(), || {
-        format!("{} is not a readable Parquet file", path.display())
-    })
+    anyhow::Context::with_context(scan.select(present).collect(), unreadable)
 }
 
 /// Rows as JSON objects, for `kdpipe show`.
