@@ -11,7 +11,7 @@ pub mod splits;
 
 use crate::config::{Config, DataConfig, Stage};
 use crate::dedup::Contamination;
-use crate::io::atomic::{write_bytes, write_json, StagedDir};
+use crate::io::atomic::{with_storage_hint, write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::read_columns;
@@ -131,7 +131,8 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let dir = staged.path();
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
-    let written = splits::write(&files, &outcome.kept, dir, SPLITS)?;
+    let written = splits::write(&files, &outcome.kept, dir, SPLITS)
+        .map_err(|e| with_storage_hint(e, &dir.join("train.parquet")))?;
     let topk_tokens: usize = written.iter().map(|w| w.topk_tokens).sum();
     for w in &written {
         split_rows.insert(w.split.to_string(), w.rows.into());
