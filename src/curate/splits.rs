@@ -63,12 +63,7 @@ fn carried_columns(kept: &DataFrame) -> Vec<&'static str> {
 fn teacher_scan(files: &[PathBuf]) -> Result<LazyFrame> {
     let scans = files
         .iter()
-        .map(|f| {
-            LazyFrame::scan_parquet(
-                PlRefPath::new(f.to_string_lossy().as_ref()),
-                ScanArgsParquet::default(),
-            )
-        })
+        .map(|f| crate::io::parquet::scan(f))
         .collect::<PolarsResult<Vec<_>>>()?;
     Ok(concat(scans, UnionArgs::default())?.with_row_index(ROW, None))
 }

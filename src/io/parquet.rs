@@ -34,6 +34,14 @@ pub fn read_frame(path: &Path) -> Result<DataFrame> {
     })
 }
 
+/// A lazy scan of a Parquet file (reads only what the plan selects).
+pub fn scan(path: &Path) -> PolarsResult<LazyFrame> {
+    LazyFrame::scan_parquet(
+        PlRefPath::new(path.to_string_lossy().as_ref()),
+        ScanArgsParquet::default(),
+    )
+}
+
 /// The named columns of a Parquet file, those it has (the others are left out: the
 /// caller's column check names what is missing). Only those columns are read.
 pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
@@ -41,13 +49,7 @@ pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
         bail!("{} does not exist", path.display());
     }
     let unreadable = || format!("{} is not a readable Parquet file", path.display());
-    let scan = anyhow::Context::with_context(
-        LazyFrame::scan_parquet(
-            PlRefPath::new(path.to_string_lossy().as_ref()),
-            ScanArgsParquet::default(),
-        ),
-        unreadable,
-    )?;
+    let scan = anyhow::Context::with_context(scan(path), unreadable)?;
     let schema = anyhow::Context::with_context(scan.clone().collect_schema(), unreadable)?;
     let present: Vec<Expr> = wanted
         .iter()
