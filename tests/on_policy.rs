@@ -26,10 +26,12 @@ fn samples_from_the_q8_0_copy_come_from_the_current_weights() {
     samples_follow_the_weights(Decoder::quantized_copy);
 }
 
-/// The Q8_0 copy computes what the f32 copy does, up to Q8_0's rounding: the same next
-/// token after a real prompt and every probability within 0.02 (the quantized engine's
-/// tolerance for label scores; measured 0.015 on SmolLM2-135M, and 0.005 between the
-/// log-probabilities of tokens above e⁻²).
+/// The Q8_0 copy computes what the f32 copy does, up to Q8_0's rounding, measured on
+/// the distributions it samples from: after each of a real prompt's 42 tokens,
+/// KL(f32 ‖ Q8_0). Activations are rounded to 8 bits per 32 values, so a tiny change
+/// upstream (another kernel's order of sums) flips some codes: one token's log-probability
+/// moved by 0.06 nats between the AVX2 and portable kernels on SmolLM2 while the mean KL
+/// was 0.010 and 0.008 (docs/PERFORMANCE.md). The bound is twice the larger.
 #[test]
 fn the_q8_0_copy_matches_the_f32_copy() {
     let dev = candle_core::Device::Cpu;
@@ -41,35 +43,58 @@ fn the_q8_0_copy_matches_the_f32_copy() {
             "What is the capital of France? Answer in one word.",
         )])
         .unwrap();
-    let next = |copy: &Decoder| {
+    let every_next = |copy: &Decoder| -> Vec<Vec<f32>> {
         let mut cache = SeqCache::new(copy, prompt.len());
         let logits = copy
             .forward_step(&mut [StepInput {
                 cache: &mut cache,
                 tokens: &prompt,
-                all_logits: false,
+                all_logits: true,
             }])
             .unwrap()
             .remove(0);
-        log_softmax(&logits)
+        logits
+            .chunks_exact(logits.len() / prompt.len())
+            .map(log_softmax)
+            .collect()
     };
-    let exact = next(&model.inference_copy().unwrap());
-    let q8 = next(&model.quantized_copy().unwrap());
+    let exact = every_next(&model.inference_copy().unwrap());
+    let q8 = every_next(&model.quantized_copy().unwrap());
     let argmax = |v: &[f32]| (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
-    assert_eq!(argmax(&exact), argmax(&q8));
-    let worst = exact
+    let kl: Vec<f64> = exact
         .iter()
         .zip(&q8)
-        .map(|(e, q)| (e.exp() - q.exp()).abs())
-        .fold(0f32, f32::max);
-    let top = exact
+        .map(|(e, q)| {
+            e.iter()
+                .zip(q)
+                .map(|(&e, &q)| f64::from(e.exp()) * f64::from(e - q))
+                .sum()
+        })
+        .collect();
+    let mean = kl.iter().sum::<f64>() / kl.len() as f64;
+    let worst = kl.iter().copied().fold(0f64, f64::max);
+    let same = exact
         .iter()
         .zip(&q8)
-        .filter(|(e, _)| **e > -2.0)
-        .map(|(e, q)| (e - q).abs())
-        .fold(0f32, f32::max);
-    assert!(worst < 0.02, "largest probability gap {worst}");
-    assert!(top < 0.02, "log-probability gap above -2: {top}");
+        .filter(|(e, q)| argmax(e) == argmax(q))
+        .count();
+    eprintln!(
+        "KL(f32 ‖ Q8_0) per position: mean {mean:.4}, largest {worst:.4}; same most likely \
+         next token at {same} of {} positions",
+        kl.len()
+    );
+    assert_eq!(
+        argmax(exact.last().unwrap()),
+        argmax(q8.last().unwrap()),
+        "the reply's first token"
+    );
+    assert!(mean < 0.02, "mean KL(f32 ‖ Q8_0) {mean}");
+    assert!(
+        same * 10 >= kl.len() * 9,
+        "the most likely next token differs at {} of {} positions",
+        kl.len() - same,
+        kl.len()
+    );
 }
 
 /// Samples drawn from `snapshot`'s copy follow the weights: one seed gives one sample, two
