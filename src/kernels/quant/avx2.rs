@@ -1,6 +1,7 @@
 //! The AVX2 product kernel, for x86-64 CPUs without AVX-512 VNNI (Intel Haswell to the
 //! client cores without AVX-512, AMD Zen 1 to 3): the AVX-512 kernel's order with each
-//! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile), and
+//! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile, each
+//! half a pass over the tile), and
 //! each `vpdpbusd` replaced by `vpmaddubsw` (pairs of u8 code × i8 byte summed into i16,
 //! saturating) then `vpmaddwd` against ones (pairs of i16 into i32).
 //!
@@ -42,10 +43,7 @@ pub fn tiles(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]])
     }
 }
 
-/// A 16-lane value as two registers: rows 0–7, rows 8–15.
-type Halves = [__m256; 2];
-
-/// The 16 rows' scales and offsets of each group of the block at `block`, from its
+/// Half `h`'s 8 rows' scales and offsets of each group of the block at `block`, from its
 /// header, computed as `Format::group_scale` computes them, except Q8_0's offset: 0, as
 /// its codes are made signed.
 ///
@@ -56,15 +54,13 @@ type Halves = [__m256; 2];
 unsafe fn block_scales(
     l: &Layout,
     block: *const u8,
-    scale: &mut [Halves; 16],
-    offset: &mut [Halves; 16],
+    h: usize,
+    scale: &mut [__m256; 16],
+    offset: &mut [__m256; 16],
 ) {
-    let f16s = |at: usize| -> Halves {
-        let half = |h: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
-        [half(0), half(1)]
-    };
-    // Half h's 8 bytes of the run of 16 at `at`.
-    let bytes = |at: usize, h: usize| _mm_loadl_epi64(block.add(at + 8 * h) as *const _);
+    // Half h's 8 values of the run of 16 at `at`: f16s, or bytes.
+    let f16s = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
+    let bytes = |at: usize| _mm_loadl_epi64(block.add(at + 8 * h) as *const _);
     let d = f16s(0);
     match l.format {
         Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
@@ -73,35 +69,28 @@ unsafe fn block_scales(
                 Format::Q5_0 => 16.0,
                 _ => 0.0,
             };
-            let o = d.map(|d| _mm256_mul_ps(_mm256_set1_ps(k), d));
+            let o = _mm256_mul_ps(_mm256_set1_ps(k), d);
             (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
         }
         Format::Q4_1 | Format::Q5_1 => {
-            let o = f16s(l.min_at).map(|m| _mm256_xor_ps(m, _mm256_set1_ps(-0.0)));
+            let o = _mm256_xor_ps(f16s(l.min_at), _mm256_set1_ps(-0.0));
             (scale[0], scale[1], offset[0], offset[1]) = (d, d, o, o);
         }
         Format::Q4K => {
             let dmin = f16s(l.min_at);
             for j in 0..8 {
-                for h in 0..2 {
-                    let s =
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_scale_at + 16 * j, h)));
-                    let m =
-                        _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_min_at + 16 * j, h)));
-                    let (s, m) = (_mm256_mul_ps(d[h], s), _mm256_mul_ps(dmin[h], m));
-                    (scale[2 * j][h], scale[2 * j + 1][h]) = (s, s);
-                    (offset[2 * j][h], offset[2 * j + 1][h]) = (m, m);
-                }
+                let s = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_scale_at + 16 * j)));
+                let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes(l.sub_min_at + 16 * j)));
+                let (s, m) = (_mm256_mul_ps(d, s), _mm256_mul_ps(dmin, m));
+                (scale[2 * j], scale[2 * j + 1]) = (s, s);
+                (offset[2 * j], offset[2 * j + 1]) = (m, m);
             }
         }
         Format::Q6K => {
             for g in 0..16 {
-                for h in 0..2 {
-                    let s =
-                        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes(l.sub_scale_at + 16 * g, h)));
-                    scale[g][h] = _mm256_mul_ps(d[h], s);
-                    offset[g][h] = _mm256_mul_ps(_mm256_set1_ps(32.0), scale[g][h]);
-                }
+                let s = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes(l.sub_scale_at + 16 * g)));
+                scale[g] = _mm256_mul_ps(d, s);
+                offset[g] = _mm256_mul_ps(_mm256_set1_ps(32.0), scale[g]);
             }
         }
     }
@@ -189,10 +178,11 @@ unsafe fn group_dot<const BITS: u8>(c: &[__m256i; 4], x: [__m256i; 4]) -> __m256
     }
 }
 
-/// The tile at `tile`'s 16 rows against R activation rows, half a tile at a time: per
-/// group, the 8 rows' integer sums converted once and scaled by their scales times the
-/// activation scale; the offsets times the activations' group sums in a second f32
-/// accumulator.
+/// The tile at `tile`'s 16 rows against R activation rows, one half of 8 rows at a time
+/// over the whole tile (so that the R rows' two accumulators of a half, its codes and
+/// the activation bytes fit AVX2's 16 registers): per group, the 8 rows' integer sums
+/// converted once and scaled by their scales times the activation scale; the offsets
+/// times the activations' group sums in a second f32 accumulator.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C (`available`); `tile` is a whole tile laid out by `l`
@@ -206,36 +196,33 @@ unsafe fn rows<const R: usize, const BITS: u8>(
     debug_assert!(a
         .iter()
         .all(|a| a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP));
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut off = [[_mm256_setzero_ps(); 2]; R];
-    let mut scale = [[_mm256_setzero_ps(); 2]; 16];
-    let mut offset = [[_mm256_setzero_ps(); 2]; 16];
-    for b in 0..l.blocks {
-        let block = tile.add(b * l.block_bytes);
-        block_scales(l, block, &mut scale, &mut offset);
-        let codes = block.add(l.header_bytes);
-        for gb in 0..l.groups_per_block {
-            let g = b * l.groups_per_block + gb;
-            let group = codes.add(gb * l.group_bytes);
-            for h in 0..2 {
-                let c = group_codes::<BITS>(group, h);
-                let (ws, wo) = (scale[gb][h], offset[gb][h]);
+    let mut out = [[0f32; TILE]; R];
+    let mut scale = [_mm256_setzero_ps(); 16];
+    let mut offset = [_mm256_setzero_ps(); 16];
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut off = [_mm256_setzero_ps(); R];
+        for b in 0..l.blocks {
+            let block = tile.add(b * l.block_bytes);
+            block_scales(l, block, h, &mut scale, &mut offset);
+            let codes = block.add(l.header_bytes);
+            for gb in 0..l.groups_per_block {
+                let g = b * l.groups_per_block + gb;
+                let c = group_codes::<BITS>(codes.add(gb * l.group_bytes), h);
+                let (ws, wo) = (scale[gb], offset[gb]);
                 for r in 0..R {
                     let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
                     let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
                     let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x));
                     let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[r].scale.get_unchecked(g)));
-                    acc[r][h] = _mm256_fmadd_ps(sums, s, acc[r][h]);
+                    acc[r] = _mm256_fmadd_ps(sums, s, acc[r]);
                     let sum = _mm256_set1_ps(*a[r].sum.get_unchecked(g));
-                    off[r][h] = _mm256_fmadd_ps(wo, sum, off[r][h]);
+                    off[r] = _mm256_fmadd_ps(wo, sum, off[r]);
                 }
             }
         }
-    }
-    let mut out = [[0f32; TILE]; R];
-    for r in 0..R {
-        for h in 0..2 {
-            let y = _mm256_sub_ps(acc[r][h], off[r][h]);
+        for r in 0..R {
+            let y = _mm256_sub_ps(acc[r], off[r]);
             _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), y);
         }
     }
