@@ -163,6 +163,29 @@ class Bench:
         print(text)
 
 
+def cpu_description():
+    """The CPU's model name and which of the SIMD extensions kdpipe's kernels pick between
+    it has (the kernels, and llama.cpp's native build, differ by them)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16"]
+    have = [f for f in wanted if f in flags]
+    lacks = [f for f in wanted if f not in flags]
+    return f"{model}; has {', '.join(have) or 'none of ' + ', '.join(wanted)}" + (
+        f"; lacks {', '.join(lacks)}" if lacks else ""
+    )
+
+
 def command_args():
     """The arguments the user gave the bench's shell script (it passes them in
     KDPIPE_BENCH_ARGS), for the table's command line."""

@@ -162,6 +162,7 @@ def write_table(sections, still_to_run):
         f"{threads} threads on {threads} cores ({os.uname().machine}), llama.cpp from llama-cpp-python {a.llama_version}'s "
         "vendored source (native flags, OpenMP), kdpipe's batched engine on the GGUF's block formats (`kernels::quant`; before 2026-12-02: f32 weights dequantized from the GGUF). "
         f"{a.reps} runs a side, interleaved.\n",
+        f"CPU: {harness.cpu_description()}.\n",
         "Command: `scripts/bench/teacher.sh" + harness.command_args() + "`\n",
         harness.median_range_header() + "\n",
         "kdpipe's engine computes the few-shot prefix that consecutive prompts share once and copies it; "
