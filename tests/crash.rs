@@ -18,9 +18,18 @@ use std::time::{Duration, Instant};
 /// Kill points per stage: 8 × 3 = 24.
 const KILLS: usize = 8;
 
-/// Run `args` in `dir` and SIGKILL it after `delay`. None when it was killed; the time it
-/// took when it finished first.
-fn kill_after(args: &[&str], dir: &Path, delay: Duration) -> Option<Duration> {
+/// When `kill_when` kills a run.
+#[derive(Clone, Copy)]
+enum KillAt {
+    /// This long after it started.
+    After(Duration),
+    /// Once generate has flushed at least this many rows to its parts folder.
+    Flushed(usize),
+}
+
+/// Run `args` in `dir` and SIGKILL it at `at`. None when it was killed; the time it took
+/// when it finished first.
+fn kill_when(args: &[&str], dir: &Path, at: KillAt) -> Option<Duration> {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kdpipe"))
         .args(args)
@@ -29,16 +38,27 @@ fn kill_after(args: &[&str], dir: &Path, delay: Duration) -> Option<Duration> {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = started + delay;
-    while Instant::now() < deadline {
+    loop {
         if child.try_wait().unwrap().is_some() {
             return Some(started.elapsed());
+        }
+        let due = match at {
+            KillAt::After(delay) => started.elapsed() >= delay,
+            KillAt::Flushed(rows) => flushed_rows(dir) >= rows,
+        };
+        if due {
+            break;
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
     None
+}
+
+/// Run `args` in `dir` and SIGKILL it after `delay` (`kill_when`).
+fn kill_after(args: &[&str], dir: &Path, delay: Duration) -> Option<Duration> {
+    kill_when(args, dir, KillAt::After(delay))
 }
 
 /// Kill a run at seeded moments over `span` (an uninterrupted run's length) until `KILLS`
@@ -161,16 +181,16 @@ flush_rows = 1
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("c.toml"), &config).unwrap();
-    let mut after_a_flush = 0;
-    let tries = kill_points(11, span, |i, delay| {
-        // Each kill interrupts a fresh attempt at the same job, resumed from what the
-        // earlier attempts left.
+    // Each kill interrupts a fresh attempt at the same job, resumed from what the earlier
+    // attempts left; the rerun must give the uninterrupted rows. Returns the rows the
+    // killed run had flushed, and whether it finished before the kill.
+    let attempt = |i: usize, at: KillAt| -> (usize, Option<Duration>) {
         let _ = std::fs::remove_file(dir.path().join("runs/t/generate/manifest.json"));
         let _ = std::fs::remove_file(
             dir.path()
                 .join("runs/t/generate/teacher-00000-of-00001.parquet"),
         );
-        let finished = kill_after(&args, dir.path(), delay);
+        let finished = kill_when(&args, dir.path(), at);
         assert_no_half_written_file(dir.path(), "generate", i);
         let flushed = flushed_rows(dir.path());
         let complete = dir.path().join("runs/t/generate/manifest.json").exists();
@@ -182,9 +202,6 @@ flush_rows = 1
             "kill {i}: {flushed} rows were flushed: {}",
             stderr(&out)
         );
-        if finished.is_none() && (1..want.len()).contains(&flushed) {
-            after_a_flush += 1;
-        }
         let got = teacher_rows(dir.path());
         assert_eq!(got.len(), want.len(), "kill {i}: rows doubled or lost");
         for (g, w) in got.iter().zip(&want) {
@@ -192,16 +209,37 @@ flush_rows = 1
             assert_eq!(g.raw, w.raw, "kill {i}: row {} differs", g.id);
             assert_eq!(g.answer, w.answer, "kill {i}");
         }
-        finished
+        (flushed, finished)
+    };
+    let mid_run = |(flushed, finished): (usize, Option<Duration>)| {
+        finished.is_none() && (1..want.len()).contains(&flushed)
+    };
+    // Kills at random moments land anywhere, mostly while the model loads on a fast
+    // machine; kills once 1 and then 3 of the 6 rows are flushed make sure resuming from
+    // flushed parts is exercised every run.
+    let mut after_a_flush = 0;
+    let tries = kill_points(11, span, |i, delay| {
+        let result = attempt(i, KillAt::After(delay));
+        after_a_flush += usize::from(mid_run(result));
+        result.1
     });
-    assert!(
-        after_a_flush >= KILLS / 4,
-        "only {after_a_flush} kills landed between the first and the last flushed row: \
-         resuming from flushed parts was hardly exercised"
-    );
+    for (i, rows) in [(KILLS, 1), (KILLS + 1, 3)] {
+        let result = attempt(i, KillAt::Flushed(rows));
+        assert!(
+            mid_run(result),
+            "kill {i}, once {rows} rows were flushed: the run had flushed {} of {} and {}",
+            result.0,
+            want.len(),
+            if result.1.is_some() {
+                "finished"
+            } else {
+                "was killed"
+            }
+        );
+    }
     record_suite(
         "crash-generate",
-        &format!("crash suite, generate: {KILLS} runs killed mid-run ({tries} tries; {after_a_flush} after some rows were flushed and before the last), each resumed to the uninterrupted rows"),
+        &format!("crash suite, generate: {KILLS} runs killed at random moments ({tries} tries; {after_a_flush} after some rows were flushed and before the last) and 2 once 1 and 3 rows were flushed, each resumed to the uninterrupted rows"),
     );
 }
 

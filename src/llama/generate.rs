@@ -79,7 +79,8 @@ impl Finish {
 
 pub trait Hooks<T> {
     /// The token just appended to `seq.generated` was chosen from `logits`; returns tokens
-    /// to write after it (the model reads them next, they count towards `max_new`).
+    /// to write after it (the model reads them next, they count towards `max_new`; when
+    /// they do not all fit, the sequence ends there, at its length limit).
     fn after_token(&mut self, _seq: &Sequence<T>, _logits: &[f32]) -> Result<Vec<u32>> {
         Ok(vec![])
     }
@@ -216,11 +217,16 @@ impl Generator<'_> {
         }
         seq.generated.push(token);
         let inserted = hooks.after_token(seq, &seq.logits)?;
-        let room = seq.max_new.saturating_sub(seq.generated.len());
         seq.feed.clear();
         seq.feed.push(token);
-        seq.feed.extend(inserted.iter().take(room));
-        seq.generated.extend(inserted.iter().take(room));
+        // An insertion is written whole, or the reply ends at the token limit: the
+        // calculator's ` 19.5` cut to ` 19`, or left for the model to write, would read as
+        // the model's own value.
+        if inserted.len() > seq.max_new.saturating_sub(seq.generated.len()) {
+            return Ok(Some(Finish::Length));
+        }
+        seq.feed.extend(&inserted);
+        seq.generated.extend(&inserted);
         let full = seq.generated.len() >= seq.max_new
             || seq.cache.len() + seq.feed.len() >= self.model.context_len();
         Ok(full.then_some(Finish::Length))

@@ -454,12 +454,12 @@ fn continuations_score_like_the_training_forward_and_insertions_are_read() {
         assert!((lp - want).abs() < 1e-4, "{c:?}: {lp} vs {want}");
     }
 
-    // A hook that writes token 9 after every chosen token: the model reads it, so the next
-    // choice follows the sequence with the 9 in it.
-    struct Insert(Vec<u32>);
+    // A hook that writes its tokens (`.1`) after every chosen token: the model reads it, so the next
+    // choice follows the sequence with the insertion in it.
+    struct Insert(Vec<u32>, Vec<u32>);
     impl Hooks<()> for Insert {
         fn after_token(&mut self, _: &Sequence<()>, _: &[f32]) -> anyhow::Result<Vec<u32>> {
-            Ok(vec![9])
+            Ok(self.1.clone())
         }
         fn finished(&mut self, seq: Sequence<()>, _: Finish) -> anyhow::Result<()> {
             self.0 = seq.generated;
@@ -475,14 +475,14 @@ fn continuations_score_like_the_training_forward_and_insertions_are_read() {
         stop: vec![],
         sampling: Sampling::Greedy,
     };
-    let mut hook = Insert(vec![]);
-    let request = Request {
+    let request = |max_new| Request {
         tag: (),
         prompt: prompt.to_vec(),
-        max_new: 6,
+        max_new,
         seed: 0,
     };
-    generator.run([Ok(request)], &mut hook).unwrap();
+    let mut hook = Insert(vec![], vec![9]);
+    generator.run([Ok(request(6))], &mut hook).unwrap();
     let out = hook.0;
     assert_eq!(out.len(), 6, "inserted tokens count towards max_new");
     assert!(out.iter().skip(1).step_by(2).all(|t| *t == 9), "{out:?}");
@@ -491,6 +491,23 @@ fn continuations_score_like_the_training_forward_and_insertions_are_read() {
         let logits = full_logits(&reference, &seq);
         assert!(is_argmax(pair[0], logits.last().unwrap()), "{out:?}");
         seq.extend(pair);
+    }
+
+    // Two tokens at a time with room for one: the sequence ends before the insertion
+    // (model, 9, 9, model), at its length limit, rather than write half of it.
+    let mut hook = Insert(vec![], vec![9, 9]);
+    generator.run([Ok(request(5))], &mut hook).unwrap();
+    let out = hook.0;
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert_eq!(out[1..3], [9, 9], "{out:?}");
+    for chosen in [0, 3] {
+        let mut seq = prompt.to_vec();
+        seq.extend(&out[..chosen]);
+        let logits = full_logits(&reference, &seq);
+        assert!(
+            is_argmax(out[chosen], logits.last().unwrap()),
+            "{out:?} at {chosen}"
+        );
     }
 }
 
