@@ -70,17 +70,23 @@ pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
 
 /// Σ a·b over two slices of the same length.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_with(a, b, |y| y)
+}
+
+/// Σ a·value(b) over two slices of the same length (b in another number type, e.g. a
+/// cached f16 row), in `LANES` independent sums, so that they vectorize.
+pub fn dot_with<T: Copy>(a: &[f32], b: &[T], value: impl Fn(T) -> f32) -> f32 {
     let mut lanes = [0f32; LANES];
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f32 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, &y)| x * value(y))
         .sum();
     for (x, y) in ca.zip(cb) {
-        for ((s, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+        for ((s, x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *s += x * value(y);
         }
     }
     tail + lanes.iter().sum::<f32>()

@@ -7,7 +7,7 @@
 //! a long context's decoding step; llama.cpp's default too) or f32; rows are converted to
 //! f32 as they are read, and every product and sum is in f32.
 
-use super::fastmath::dot;
+use super::fastmath::{dot, dot_with};
 use half::f16;
 use rayon::prelude::*;
 
@@ -55,55 +55,64 @@ impl Cached for f32 {
 
 impl Cached for f16 {
     fn dot(q: &[f32], row: &[f16]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512 F.
-                return unsafe { dot_f16_avx512(q, row) };
-            }
-            if has_avx2_f16c() {
-                // SAFETY: the CPU has AVX2, FMA and F16C.
-                return unsafe { dot_f16_avx2(q, row) };
-            }
+        match F16Simd::get() {
+            // SAFETY: `get` picked it because the CPU has AVX-512 F.
+            #[cfg(target_arch = "x86_64")]
+            F16Simd::Avx512 => unsafe { dot_f16_avx512(q, row) },
+            // SAFETY: `get` picked it because the CPU has AVX2, FMA and F16C.
+            #[cfg(target_arch = "x86_64")]
+            F16Simd::Avx2 => unsafe { dot_f16_avx2(q, row) },
+            F16Simd::Portable => dot_f16_portable(q, row),
         }
-        dot_f16_portable(q, row)
     }
 
     fn add_scaled(out: &mut [f32], w: f32, row: &[f16]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512 F.
-                return unsafe { add_scaled_f16_avx512(out, w, row) };
-            }
-            if has_avx2_f16c() {
-                // SAFETY: the CPU has AVX2, FMA and F16C.
-                return unsafe { add_scaled_f16_avx2(out, w, row) };
-            }
+        match F16Simd::get() {
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            F16Simd::Avx512 => unsafe { add_scaled_f16_avx512(out, w, row) },
+            // SAFETY: as in `dot`.
+            #[cfg(target_arch = "x86_64")]
+            F16Simd::Avx2 => unsafe { add_scaled_f16_avx2(out, w, row) },
+            F16Simd::Portable => add_scaled_f16_portable(out, w, row),
         }
-        add_scaled_f16_portable(out, w, row)
     }
 }
 
-/// `Cached::dot` for f16 rows on any CPU: 8 independent sums, so that the compiler can
-/// keep them in one vector register (a single running sum is a chain of dependent adds,
-/// which took a quarter of a prompt step on an AVX2 CPU before the AVX2 path).
-fn dot_f16_portable(q: &[f32], row: &[f16]) -> f32 {
-    const LANES: usize = 8;
-    let mut lanes = [0f32; LANES];
-    let (cq, cr) = (q.chunks_exact(LANES), row.chunks_exact(LANES));
-    let tail: f32 = cq
-        .remainder()
-        .iter()
-        .zip(cr.remainder())
-        .map(|(q, k)| q * k.to_f32())
-        .sum();
-    for (q, k) in cq.zip(cr) {
-        for ((s, q), k) in lanes.iter_mut().zip(q).zip(k) {
-            *s += q * k.to_f32();
-        }
+/// The widest vector path this CPU has for f16 rows, decided once (the products are
+/// called for every cached position of every head).
+#[derive(Clone, Copy)]
+enum F16Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl F16Simd {
+    fn get() -> F16Simd {
+        static PICKED: std::sync::OnceLock<F16Simd> = std::sync::OnceLock::new();
+        *PICKED.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx512f") {
+                    return F16Simd::Avx512;
+                }
+                if has_avx2_f16c() {
+                    return F16Simd::Avx2;
+                }
+            }
+            F16Simd::Portable
+        })
     }
-    tail + lanes.iter().sum::<f32>()
+}
+
+/// `Cached::dot` for f16 rows on any CPU, in independent sums (a single running sum is a
+/// chain of dependent adds, which took a quarter of a prompt step on an AVX2 CPU before
+/// the AVX2 path).
+fn dot_f16_portable(q: &[f32], row: &[f16]) -> f32 {
+    dot_with(q, row, f16::to_f32)
 }
 
 fn add_scaled_f16_portable(out: &mut [f32], w: f32, row: &[f16]) {
