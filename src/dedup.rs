@@ -20,7 +20,7 @@ pub fn normalize(text: &str) -> String {
     words(text).join(" ")
 }
 
-fn hash64<T: Hash + ?Sized>(value: &T) -> u64 {
+pub fn hash64<T: Hash + ?Sized>(value: &T) -> u64 {
     // std's SipHash with fixed keys: stable within a build, which is all a run needs.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     value.hash(&mut h);
@@ -62,7 +62,8 @@ impl NearDup {
         }
     }
 
-    fn signature(&self, text: &str) -> Vec<u64> {
+    /// The MinHash signature of a text: `bands × rows` minimums.
+    pub fn signature(&self, text: &str) -> Vec<u64> {
         let sh = shingles(&words(text), self.shingle_words);
         let n = self.bands * self.rows;
         // Hash function i: a multiply-xorshift of the shingle hash with seed i.
@@ -83,10 +84,33 @@ impl NearDup {
             .collect()
     }
 
+    /// The LSH key of one band of a signature: texts with equal keys in a band are
+    /// candidates.
+    pub fn band_key(&self, signature: &[u64], band: usize) -> u64 {
+        hash64(&signature[band * self.rows..(band + 1) * self.rows])
+    }
+
+    /// What the verification of a candidate pair compares: the low 32 bits of each
+    /// minimum (a false match has odds 2⁻³², and a signature stored for verification is
+    /// half the size).
+    pub fn short(signature: &[u64]) -> Vec<u32> {
+        signature.iter().map(|&v| v as u32).collect()
+    }
+
+    /// Whether two short signatures estimate a Jaccard similarity of at least the
+    /// threshold.
+    pub fn similar(&self, a: &[u32], b: &[u32]) -> bool {
+        let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+        same as f64 / a.len() as f64 >= self.threshold
+    }
+
     /// For each text, the index of its cluster's first member (itself when it has no
-    /// near-duplicate before it).
+    /// near-duplicate before it). In each band a text is compared with the first text
+    /// that had its key; a similar pair joins their clusters. (`curate::clusters` does
+    /// the same over texts on disk.)
     pub fn clusters(&self, texts: &[&str]) -> Vec<usize> {
         let sigs: Vec<Vec<u64>> = texts.iter().map(|t| self.signature(t)).collect();
+        let shorts: Vec<Vec<u32>> = sigs.iter().map(|s| Self::short(s)).collect();
         let mut parent: Vec<usize> = (0..texts.len()).collect();
         fn root(parent: &mut [usize], mut i: usize) -> usize {
             while parent[i] != i {
@@ -98,14 +122,13 @@ impl NearDup {
         for band in 0..self.bands {
             let mut buckets: HashMap<u64, usize> = HashMap::new();
             for (i, sig) in sigs.iter().enumerate() {
-                let key = hash64(&sig[band * self.rows..(band + 1) * self.rows]);
+                let key = self.band_key(sig, band);
                 match buckets.get(&key) {
                     None => {
                         buckets.insert(key, i);
                     }
                     Some(&j) => {
-                        let same = sig.iter().zip(&sigs[j]).filter(|(a, b)| a == b).count();
-                        if same as f64 / sig.len() as f64 >= self.threshold {
+                        if self.similar(&shorts[i], &shorts[j]) {
                             let (ri, rj) = (root(&mut parent, i), root(&mut parent, j));
                             // The earlier text leads the cluster.
                             let (lo, hi) = (ri.min(rj), ri.max(rj));

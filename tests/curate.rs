@@ -188,10 +188,14 @@ fn streamed_split_files_equal_the_rules_on_whole_rows_in_memory() {
     use polars::prelude::*;
     let dir = tempfile::tempdir().unwrap();
     let svamp = root().join("tests/fixtures/svamp-dev-excerpt.jsonl");
-    let text = config(&svamp, "").replace(
-        "[generate]\nsamples = 2",
-        "[generate]\nsamples = 2\ntoken_topk = 3",
-    );
+    let text = config(&svamp, "")
+        .replace(
+            "[generate]\nsamples = 2",
+            "[generate]\nsamples = 2\ntoken_topk = 3",
+        )
+        // Parts of 5 rows: the rows are judged part by part, the reference all at once.
+        .replace("[curate]\n", "[curate]\npart_rows = 5\n");
+    assert!(text.contains("part_rows = 5"));
     assert!(text.contains("token_topk = 3"));
     let (config_path, runs) = (dir.path().join("c.toml"), dir.path().join("runs"));
     std::fs::write(&config_path, text).unwrap();

@@ -110,12 +110,21 @@ pub struct CurateConfig {
     /// Shares of train / val / test, by a hash of the input's near-duplicate cluster.
     #[serde(default = "d_split")]
     pub split: [f64; 3],
+    /// Teacher rows a part holds: curate judges the rows a part at a time (each part holds
+    /// whole inputs), so its memory follows this, not the number of rows. The result does
+    /// not depend on it.
+    #[serde(default = "d_part_rows")]
+    pub part_rows: usize,
 }
 
 impl Default for CurateConfig {
     fn default() -> Self {
         toml::from_str("").expect("every curate field has a default")
     }
+}
+
+fn d_part_rows() -> usize {
+    500_000
 }
 
 fn d_keep_rationales() -> KeepRationales {

@@ -82,7 +82,12 @@ impl Config {
                     .iter()
                     .map(|t| (&t.model, t.weight))
                     .collect();
-                json!({"seed": self.seed, "task": self.task, "curate": self.curate,
+                // How many rows a part holds does not change what curate writes.
+                let mut curate = json!(self.curate);
+                if let Some(fields) = curate.as_object_mut() {
+                    fields.remove("part_rows");
+                }
+                json!({"seed": self.seed, "task": self.task, "curate": curate,
                        "input_field": self.data.input_field, "weights": weights})
             }
             Stage::Finetune => {

@@ -1,16 +1,31 @@
 //! curate: teacher rows (all shards) → train / val / test Parquet, report.json,
-//! report.md and funnel.svg. The rules (rules.rs) are one Polars plan over the columns
-//! they judge by, each rule on/off and tuned in `[curate]`, each one's removals counted;
-//! the kept rows' other columns (raw text, token top-k) stream from the teacher files to
-//! the split files (splits.rs).
+//! report.md and funnel.svg, in memory that follows `[curate] part_rows`, not the number
+//! of rows:
+//!
+//! 1. parts.rs spreads the rule columns of all teacher rows over part files by a hash of
+//!    the normalized input, so each part holds whole inputs and exact-duplicate groups;
+//! 2. the head rules (rules.rs: parse, gold, votes, confidence, length, arithmetic, exact
+//!    duplicates; one Polars plan) run on one part at a time, which leaves its kept rows
+//!    on disk and its distinct inputs in clusters.rs's MinHash index;
+//! 3. clusters.rs finds the near-duplicate clusters over all parts' inputs, a bucket
+//!    file of band keys at a time;
+//! 4. splits.rs reads the teacher files again in row order, merges the parts' kept rows
+//!    into that order, judges them by the late rules (near duplicates, contamination, the
+//!    label cap: `rules::LateRules`) and writes each with its other columns (raw text,
+//!    token top-k) to its split.
+//!
+//! `rules::apply` is every rule on all rows in memory at once: the reference the
+//! part-by-part path is tested against (same files, same counts) and `--explain`'s plan.
 
+mod clusters;
 mod ensemble;
+pub mod parts;
 mod report;
 pub mod rules;
 pub mod splits;
 
 use crate::config::{Config, DataConfig, Stage};
-use crate::dedup::Contamination;
+use crate::dedup::{Contamination, NearDup};
 use crate::io::atomic::{with_storage_hint, write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
@@ -20,7 +35,11 @@ use crate::records::topk_store::bytes_per_token;
 use crate::records::TeacherRow;
 use crate::task::Task;
 use anyhow::{bail, Context, Result};
+use clusters::ClusterIndex;
 use polars::prelude::*;
+use report::KeptStats;
+use rules::{Counts, LateRules, PartRules, TeacherTally};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const SPLITS: [&str; 3] = ["train", "val", "test"];
@@ -113,33 +132,164 @@ pub fn explain(cfg: &Config) -> Result<String> {
     Ok(rules::plan(df, &task, &cfg.curate)?.explain(true)?)
 }
 
+/// What the head rules of all parts counted.
+#[derive(Default)]
+struct HeadCounts {
+    removed: Vec<usize>,
+    parse_reasons: BTreeMap<String, usize>,
+    agreement_histogram: Option<Vec<usize>>,
+    teachers: BTreeMap<String, TeacherTally>,
+}
+
+impl HeadCounts {
+    fn add(&mut self, part: &PartRules) {
+        self.removed.resize(part.removed.len(), 0);
+        for (total, n) in self.removed.iter_mut().zip(&part.removed) {
+            *total += n;
+        }
+        for (reason, n) in &part.parse_reasons {
+            *self.parse_reasons.entry(reason.clone()).or_default() += n;
+        }
+        if let Some(hist) = &part.agreement_histogram {
+            let total = self
+                .agreement_histogram
+                .get_or_insert_with(|| vec![0; hist.len()]);
+            for (t, n) in total.iter_mut().zip(hist) {
+                *t += n;
+            }
+        }
+        for (teacher, tally) in &part.teachers {
+            self.teachers.entry(teacher.clone()).or_default().add(tally);
+        }
+    }
+}
+
+/// What curate keeps of each distinct normalized input, over all parts (by gid).
+#[derive(Default)]
+struct Inputs {
+    kept_row: Vec<u32>,
+    contaminated: Vec<bool>,
+    split: Vec<u8>,
+}
+
+/// The rules, part by part: the head rules on each part (kept rows to `work`), the
+/// near-duplicate clusters over all parts' inputs, then the late rules as the kept rows
+/// are merged in row order into the split files in `dir`.
+fn curate_in_parts(
+    cfg: &Config,
+    files: &[PathBuf],
+    contamination: Option<&Contamination>,
+    work: &Path,
+    dir: &Path,
+) -> Result<(Counts, Vec<splits::SplitFile>, KeptStats)> {
+    let task = Task::from_config(&cfg.task);
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(work)?;
+    let partition = parts::partition(files, work, cfg.curate.part_rows)?;
+    let n_parts = partition.parts.len();
+    if n_parts > 1 {
+        eprintln!(
+            "curate: {} rows in {n_parts} parts ({:.0} s)",
+            partition.rows_in,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let mut index = if cfg.curate.near_dup_threshold > 0.0 {
+        let near = NearDup::new(cfg.curate.near_dup_threshold, cfg.curate.shingle_words);
+        let buckets = partition.rows_in.div_ceil(1_000_000);
+        Some(ClusterIndex::new(near, &work.join("clusters"), buckets)?)
+    } else {
+        None
+    };
+    // Each part's kept rows are read back this many at a time.
+    let slice_rows = (parts::HELD_ROWS / n_parts).clamp(256, crate::io::parquet::ROW_GROUP_ROWS);
+    let mut head = HeadCounts::default();
+    let mut inputs = Inputs::default();
+    let mut kept_files = vec![];
+    let rules_started = std::time::Instant::now();
+    let mut rows_done = 0;
+    for (p, part) in partition.parts.into_iter().enumerate() {
+        let mut rows = part.take()?;
+        if !cfg.ensemble.is_empty() {
+            rows = ensemble::prepare(cfg, rows)?;
+        }
+        let part = rules::part_rules(rows, &task, &cfg.curate, cfg.seed, contamination)?;
+        rows_done += part.rows;
+        head.add(&part);
+        let offset = inputs.kept_row.len() as u32;
+        for norm in &part.norms {
+            if let Some(index) = index.as_mut() {
+                index.add(&norm.text, norm.first_row)?;
+            }
+            inputs.kept_row.push(norm.kept_row.unwrap_or(u32::MAX));
+            inputs.contaminated.push(norm.contaminated);
+            inputs.split.push(norm.split);
+        }
+        let mut kept = part
+            .kept
+            .lazy()
+            .with_column((col("_norm") + lit(offset)).alias("_gid"))
+            .drop(by_name(["_norm"], true, false))
+            .collect()?;
+        let path = work.join(format!("kept-{p:05}.parquet"));
+        parts::write_kept(&path, &mut kept, slice_rows)?;
+        kept_files.push(path);
+        if n_parts > 1 {
+            let done = p + 1;
+            let secs = rules_started.elapsed().as_secs_f64();
+            eprintln!(
+                "curate: rules on part {done}/{n_parts}, {:.0} rows/s, eta {:.0} s",
+                rows_done as f64 / secs.max(1e-9),
+                secs / done as f64 * (n_parts - done) as f64
+            );
+        }
+    }
+    let roots: Vec<u32> = match index {
+        Some(index) => index.roots()?,
+        None => (0..inputs.kept_row.len() as u32).collect(),
+    };
+    let leaders = clusters::leaders(&roots, &inputs.kept_row);
+    let split = roots.iter().map(|&r| inputs.split[r as usize]).collect();
+    let late = LateRules::new(leaders, inputs.contaminated, split, &task, &cfg.curate);
+    let source = parts::PartsKept::new(kept_files, slice_rows, late)?;
+    let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)
+        .map_err(|e| with_storage_hint(e, &dir.join("train.parquet")))?;
+    let funnel = rules::RULES
+        .iter()
+        .copied()
+        .zip(head.removed.iter().chain(&source.late.removed).copied())
+        .collect();
+    let counts = Counts {
+        rows_in: partition.rows_in,
+        funnel,
+        parse_reasons: head.parse_reasons,
+        agreement_histogram: head.agreement_histogram,
+        teachers: rules::teachers_json(&head.teachers),
+    };
+    Ok((counts, written, stats))
+}
+
 pub fn run(cfg: &Config) -> Result<PathBuf> {
     let started = std::time::Instant::now();
     let out_dir = cfg.stage_dir(Stage::Curate);
-    let task = Task::from_config(&cfg.task);
-    let (files, all) = teacher_rows(cfg)?;
+    let files = teacher_files(&cfg.stage_dir(Stage::Generate))?;
     let contamination = contamination(cfg)?;
-    let all = if cfg.ensemble.is_empty() {
-        all
-    } else {
-        ensemble::prepare(cfg, all)?
-    };
-    let outcome = rules::apply(all, &task, &cfg.curate, cfg.seed, contamination.as_ref())?;
 
     // Written beside the earlier output, which stays complete until the swap.
     let staged = StagedDir::begin(&out_dir)?;
     let dir = staged.path();
+    let work = dir.join("parts");
+    let (counts, written, kept) = curate_in_parts(cfg, &files, contamination.as_ref(), &work, dir)?;
+    std::fs::remove_dir_all(&work)?;
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
-    let written = splits::write(&files, &outcome.kept, dir, SPLITS)
-        .map_err(|e| with_storage_hint(e, &dir.join("train.parquet")))?;
     let topk_tokens: usize = written.iter().map(|w| w.topk_tokens).sum();
     for w in &written {
         split_rows.insert(w.split.to_string(), w.rows.into());
         outputs.push(staged_entry(&staged, &w.path, Some(w.rows))?);
     }
     let split_files: Vec<PathBuf> = written.into_iter().map(|w| w.path).collect();
-    let mut summary = report::summary(&outcome, &split_rows)?;
+    let mut summary = report::summary(&counts, &kept, &split_rows)?;
     let split_paths: Vec<&Path> = split_files.iter().map(PathBuf::as_path).collect();
     if let Some(bytes) = bytes_per_token(&split_paths, topk_tokens)? {
         summary["topk_tokens"] = topk_tokens.into();
@@ -171,11 +321,200 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     staged.commit()?;
     eprintln!(
         "curate: {} rows in, {} out {} in {:.1} s → {}",
-        outcome.rows_in,
-        outcome.kept.height(),
+        counts.rows_in,
+        kept.rows(),
         serde_json::Value::Object(split_rows),
         started.elapsed().as_secs_f64(),
         out_dir.display()
     );
     Ok(out_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{TeacherRow, TokenTopk, CURATED_COLUMNS};
+
+    /// Teacher rows where every rule has work: 4 samples an input, minority answers,
+    /// parse failures, wrong arithmetic, gold disagreement, exact duplicates (other ids,
+    /// other case and punctuation), near duplicates (a word added) far apart in row
+    /// order, soft labels; label answers for a labels task.
+    fn rows(labels: bool) -> Vec<TeacherRow> {
+        const NAMES: [&str; 7] = ["Paco", "Hana", "Gus", "Maria", "Tom", "Aisha", "Liam"];
+        const ITEMS: [&str; 5] = ["apples", "marbles", "stickers", "cookies", "books"];
+        const LABELS: [&str; 3] = ["joy", "anger", "sadness"];
+        let mut out = vec![];
+        for i in 0..240u64 {
+            let (a, b) = (i * 7 % 53 + 2, i * 11 % 47 + 3);
+            let (name, item) = (NAMES[(i % 7) as usize], ITEMS[(i / 7 % 5) as usize]);
+            let mut input = format!(
+                "{name} had {a} {item} in box {i} and then found {b} more {item} near the old mill by the river today. How many {item} does {name} have now?"
+            );
+            if i % 17 == 16 {
+                // The previous input again, shouted.
+                let prev = &out[out.len() - 1];
+                input = format!("{}!!", TeacherRow::clone(prev).input.to_uppercase());
+            } else if i % 13 == 12 && i > 100 {
+                // An input from much earlier with one word added: a near duplicate.
+                input = format!("{} please", out[((i - 100) * 4) as usize].input);
+            }
+            for s in 0..4u32 {
+                let right = a + b;
+                let answer = if labels {
+                    LABELS[((i + s as u64 * (i % 3)) % 3) as usize].to_string()
+                } else if i % 5 == 0 && s == 3 {
+                    (right + 1).to_string()
+                } else {
+                    right.to_string()
+                };
+                let shown = if i % 11 == 0 { right + 2 } else { right };
+                let failed = (i + s as u64).is_multiple_of(23);
+                let mut r = TeacherRow {
+                    id: format!("q{i}"),
+                    sample: s,
+                    input: input.clone(),
+                    gold: Some(if i % 19 == 0 {
+                        "1".into()
+                    } else {
+                        right.to_string()
+                    }),
+                    raw: format!("raw {i}/{s}"),
+                    rationale: Some(format!("{a} + {b} = {shown}. The answer is {answer}.")),
+                    answer: (!failed).then(|| answer.clone()),
+                    status: if failed { "no_answer" } else { "ok" }.into(),
+                    soft_kind: "none".into(),
+                    soft_labels: vec![],
+                    soft_probs: vec![],
+                    soft_coverage: None,
+                    tokens: TokenTopk::default(),
+                    prompt_tokens: 10,
+                    completion_tokens: 20 + (i % 9) as u32 + s,
+                    finish_reason: "stop".into(),
+                    latency_ms: 1.0,
+                    backend: "local".into(),
+                    teacher: if s % 2 == 0 { "t0" } else { "t1" }.into(),
+                    prompt_name: "p".into(),
+                    prompt_hash: "h".into(),
+                    temperature: 0.7,
+                    max_tokens: 64,
+                    seed: None,
+                    created_unix_ms: 0,
+                };
+                if labels {
+                    r.gold = Some(LABELS[(i % 3) as usize].into());
+                    r.soft_kind = "label_scores".into();
+                    r.soft_labels = LABELS.iter().map(|l| l.to_string()).collect();
+                    let p = (i % 10) as f64 / 10.0;
+                    r.soft_probs = vec![p, 1.0 - p, 0.0];
+                }
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Curate part by part (`part_rows` rows a part) against every rule on all rows in
+    /// memory: the same split files, frame-equal, and the same counts (returned).
+    fn parts_equal_memory(
+        labels: bool,
+        tweak: impl Fn(&mut Config),
+    ) -> BTreeMap<&'static str, usize> {
+        let dir = tempfile::tempdir().unwrap();
+        let teacher_rows = rows(labels);
+        let file = dir.path().join("teacher-00000-of-00001.parquet");
+        let mut frame = TeacherRow::to_frame(&teacher_rows).unwrap();
+        crate::io::parquet::write_frame(&file, &mut frame).unwrap();
+        let kind = if labels {
+            "kind = \"labels\"\nlabels = [\"joy\", \"anger\", \"sadness\"]"
+        } else {
+            "kind = \"numeric\""
+        };
+        let mut cfg: Config = toml::from_str(&format!(
+            "name = \"t\"\n[data]\ninputs = [\"x\"]\ninput_field = \"q\"\n[task]\n{kind}\n[teacher]\nmodel = \"m\"\n[student]\nmodel = \"m\"\n"
+        ))
+        .unwrap();
+        cfg.curate.near_dup_threshold = 0.8;
+        cfg.curate.min_agreement = 0.5;
+        cfg.curate.part_rows = 97;
+        tweak(&mut cfg);
+        let eval = [
+            teacher_rows[20].input.as_str(),
+            teacher_rows[400].input.as_str(),
+        ];
+        let contamination = Contamination::new(eval.into_iter(), 13);
+        let task = Task::from_config(&cfg.task);
+
+        let out = dir.path().join("out");
+        std::fs::create_dir_all(&out).unwrap();
+        let (counts, written, kept) = curate_in_parts(
+            &cfg,
+            std::slice::from_ref(&file),
+            Some(&contamination),
+            &dir.path().join("work"),
+            &out,
+        )
+        .unwrap();
+        let reference =
+            rules::apply(frame, &task, &cfg.curate, cfg.seed, Some(&contamination)).unwrap();
+        assert_eq!(counts, reference.counts);
+        assert_eq!(kept.rows(), reference.kept.height());
+        for w in written {
+            let expected = reference
+                .kept
+                .clone()
+                .lazy()
+                .filter(col("split").eq(lit(w.split)))
+                .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
+                .collect()
+                .unwrap();
+            let got = crate::io::parquet::read_frame(&w.path).unwrap();
+            assert!(
+                got.equals_missing(&expected),
+                "{}: part by part\n{got}\nall at once\n{expected}",
+                w.split
+            );
+        }
+        counts.funnel.into_iter().collect()
+    }
+
+    #[test]
+    fn part_by_part_equals_all_rows_in_memory_on_a_numeric_task() {
+        let removed = parts_equal_memory(false, |_| {});
+        for rule in [
+            "parse_failure",
+            "disagrees_with_gold",
+            "wrong_arithmetic",
+            "duplicate_input",
+            "near_duplicate_input",
+            "contaminated",
+        ] {
+            assert!(removed[rule] > 0, "{rule} had nothing to do: {removed:?}");
+        }
+    }
+
+    #[test]
+    fn part_by_part_equals_all_rows_in_memory_with_gold_flagged_and_one_rationale() {
+        let removed = parts_equal_memory(false, |cfg| {
+            cfg.curate.gold = crate::config::GoldRule::Flag;
+            cfg.curate.keep_rationales = crate::config::KeepRationales::One;
+        });
+        assert!(removed["extra_rationale"] > 0, "{removed:?}");
+    }
+
+    #[test]
+    fn part_by_part_equals_all_rows_in_memory_with_a_label_cap_and_without_dedup() {
+        let removed = parts_equal_memory(true, |cfg| {
+            cfg.curate.max_per_label = Some(60);
+            cfg.curate.min_confidence = 0.3;
+            cfg.curate.dedup_inputs = false;
+        });
+        for rule in [
+            "minority_answer",
+            "low_confidence",
+            "near_duplicate_input",
+            "label_cap",
+        ] {
+            assert!(removed[rule] > 0, "{rule} had nothing to do: {removed:?}");
+        }
+    }
 }

@@ -1,17 +1,69 @@
 //! What curate did, for people: report.json (every count), report.md (the funnel, label
 //! distribution, agreement histogram, rationale lengths) and funnel.svg.
 
-use super::rules::Outcome;
+use super::rules::Counts;
 use anyhow::Result;
 use polars::prelude::*;
 use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// The figures of the kept rows the report shows, gathered batch by batch as the split
+/// files are written.
+#[derive(Debug, Default)]
+pub struct KeptStats {
+    rows: usize,
+    labels: HashMap<Option<String>, usize>,
+    rationale_chars: Vec<u32>,
+    completion_tokens: Vec<u32>,
+    /// Rows that agree with gold, disagree, have no verdict.
+    gold: [usize; 3],
+}
+
+impl KeptStats {
+    /// Count a batch of kept rows (`answer`, `rationale`, `completion_tokens`,
+    /// `agrees_with_gold`).
+    pub fn add(&mut self, kept: &DataFrame) -> Result<()> {
+        self.rows += kept.height();
+        for a in kept.column("answer")?.str()?.iter() {
+            *self.labels.entry(a.map(str::to_string)).or_default() += 1;
+        }
+        self.rationale_chars.extend(
+            kept.column("rationale")?
+                .str()?
+                .iter()
+                .map(|r| r.map_or(0, |r| r.chars().count() as u32)),
+        );
+        self.completion_tokens.extend(
+            kept.column("completion_tokens")?
+                .cast(&DataType::UInt32)?
+                .u32()?
+                .iter()
+                .map(|t| t.unwrap_or(0)),
+        );
+        for g in kept.column("agrees_with_gold")?.bool()?.iter() {
+            self.gold[match g {
+                Some(true) => 0,
+                Some(false) => 1,
+                None => 2,
+            }] += 1;
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
 
 /// Everything the report shows, as JSON.
-pub fn summary(outcome: &Outcome, splits: &serde_json::Map<String, Value>) -> Result<Value> {
-    let kept = &outcome.kept;
+pub fn summary(
+    counts: &Counts,
+    kept: &KeptStats,
+    splits: &serde_json::Map<String, Value>,
+) -> Result<Value> {
     let funnel: Vec<Value> = {
-        let mut rows = outcome.rows_in;
-        outcome
+        let mut rows = counts.rows_in;
+        counts
             .funnel
             .iter()
             .map(|(rule, removed)| {
@@ -20,53 +72,44 @@ pub fn summary(outcome: &Outcome, splits: &serde_json::Map<String, Value>) -> Re
             })
             .collect()
     };
-    let removed: serde_json::Map<String, Value> = outcome
+    let removed: serde_json::Map<String, Value> = counts
         .funnel
         .iter()
         .map(|(r, n)| (r.to_string(), (*n).into()))
         .collect();
     Ok(json!({
-        "rows_in": outcome.rows_in,
+        "rows_in": counts.rows_in,
         "funnel": funnel,
         "removed": removed,
-        "removed_parse_by_reason": outcome.parse_reasons,
-        "rows_out": kept.height(),
+        "removed_parse_by_reason": counts.parse_reasons,
+        "rows_out": kept.rows,
         "splits": splits,
-        "labels": label_counts(kept)?,
-        "agreement_histogram": outcome.agreement_histogram,
-        "rationale_chars": stats(kept, col("rationale").str().len_chars().cast(DataType::Float64))?,
-        "completion_tokens": stats(kept, col("completion_tokens").cast(DataType::Float64))?,
-        "agrees_with_gold": gold_counts(kept)?,
-        "teachers": outcome.teachers,
+        "labels": label_counts(kept),
+        "agreement_histogram": counts.agreement_histogram,
+        "rationale_chars": stats(&kept.rationale_chars)?,
+        "completion_tokens": stats(&kept.completion_tokens)?,
+        "agrees_with_gold": json!({"agree": kept.gold[0], "disagree": kept.gold[1], "unknown": kept.gold[2]}),
+        "teachers": counts.teachers,
     }))
 }
 
 /// Answer counts of the kept rows, most frequent first (top 20).
-fn label_counts(kept: &DataFrame) -> Result<Vec<Value>> {
-    let counts = kept
-        .clone()
-        .lazy()
-        .group_by([col("answer")])
-        .agg([len().alias("n")])
-        .sort_by_exprs(
-            [col("n"), col("answer")],
-            SortMultipleOptions::default().with_order_descending_multi([true, false]),
-        )
-        .limit(20)
-        .collect()?;
-    let (a, n) = (counts.column("answer")?.str()?, counts.column("n")?.u32()?);
-    Ok(a.iter()
-        .zip(n.iter())
+fn label_counts(kept: &KeptStats) -> Vec<Value> {
+    let mut counts: Vec<(&Option<String>, &usize)> = kept.labels.iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(a.1).then_with(|| a.0.cmp(b.0)));
+    counts
+        .into_iter()
+        .take(20)
         .map(|(a, n)| json!({"answer": a, "rows": n}))
-        .collect())
+        .collect()
 }
 
-fn stats(kept: &DataFrame, e: Expr) -> Result<Value> {
-    if kept.height() == 0 {
+fn stats(values: &[u32]) -> Result<Value> {
+    if values.is_empty() {
         return Ok(Value::Null);
     }
-    let s = kept
-        .clone()
+    let e = col("v").cast(DataType::Float64);
+    let s = DataFrame::new(values.len(), vec![Column::new("v".into(), values)])?
         .lazy()
         .select([
             e.clone().min().alias("min"),
@@ -82,13 +125,6 @@ fn stats(kept: &DataFrame, e: Expr) -> Result<Value> {
     Ok(
         json!({"min": get("min")?, "mean": get("mean")?, "median": get("median")?, "p90": get("p90")?, "max": get("max")?}),
     )
-}
-
-fn gold_counts(kept: &DataFrame) -> Result<Value> {
-    let a = kept.column("agrees_with_gold")?.bool()?;
-    let yes = a.iter().filter(|v| *v == Some(true)).count();
-    let no = a.iter().filter(|v| *v == Some(false)).count();
-    Ok(json!({"agree": yes, "disagree": no, "unknown": kept.height() - yes - no}))
 }
 
 /// report.md: the same facts, readable.

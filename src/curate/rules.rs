@@ -8,6 +8,7 @@
 //! it can be (text.rs: normalization, near-duplicate clusters, contamination; arith.rs:
 //! rationale checks), and joined in as plain columns.
 
+use super::splits;
 use crate::config::{CurateConfig, GoldRule, KeepRationales, TaskKind};
 use crate::dedup::{normalize, Contamination, NearDup};
 use crate::task::arith;
@@ -17,7 +18,10 @@ use polars::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 
-pub struct Outcome {
+/// What the rules did, counted: the same whether the rows were judged all at once
+/// (`apply`) or part by part (`part_rules`, then `LateRules`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Counts {
     pub rows_in: usize,
     /// (rule, rows removed), in the order the rules ran.
     pub funnel: Vec<(&'static str, usize)>,
@@ -27,10 +31,15 @@ pub struct Outcome {
     /// gold = filter, a sample that missed gold is not usable: the share is then of the
     /// samples that reached gold).
     pub agreement_histogram: Option<Vec<usize>>,
-    /// Kept rows with a `split` column.
-    pub kept: DataFrame,
     /// With several teachers (an ensemble): each one's agreement with the vote and gold.
     pub teachers: Vec<serde_json::Value>,
+}
+
+/// The rules on all rows in memory.
+pub struct Outcome {
+    pub counts: Counts,
+    /// Kept rows with a `split` column.
+    pub kept: DataFrame,
 }
 
 /// The rules, in the order they run (each one's keep column is `_keep_<rule>`).
@@ -50,11 +59,49 @@ pub const RULES: [&str; 13] = [
     "label_cap",
 ];
 
+/// How many of `RULES` judge a row only among rows of its own normalized input (up to
+/// duplicate_input): `plan_head`'s rules.
+pub const HEAD_RULES: usize = 10;
+
 fn keep_col(rule: &str) -> String {
     format!("_keep_{rule}")
 }
 
-/// Columns computed in Rust, one value a row.
+/// Distinct inputs by their normalized text (rows with the same text are exact
+/// duplicates): the texts in order of first appearance, and each row's index among them.
+pub struct NormGroups {
+    pub texts: Vec<String>,
+    pub of_row: Vec<u32>,
+}
+
+pub fn norm_groups(df: &DataFrame) -> Result<NormGroups> {
+    let inputs = df.column("input")?.str()?;
+    // An input's samples repeat its text: normalize each distinct raw text once.
+    let mut by_input: HashMap<&str, u32> = HashMap::new();
+    let mut by_norm: HashMap<String, u32> = HashMap::new();
+    let mut texts: Vec<String> = vec![];
+    let of_row = inputs
+        .iter()
+        .map(|t| {
+            let t = t.unwrap_or("");
+            if let Some(&i) = by_input.get(t) {
+                return i;
+            }
+            let norm = normalize(t);
+            let i = *by_norm.entry(norm.clone()).or_insert_with(|| {
+                texts.push(norm);
+                texts.len() as u32 - 1
+            });
+            by_input.insert(t, i);
+            i
+        })
+        .collect();
+    Ok(NormGroups { texts, of_row })
+}
+
+/// Columns computed in Rust, one value a row, for the rules on all rows in memory
+/// (`apply`): exact- and near-duplicate groups, contamination, the split, and the row
+/// checks.
 fn add_rust_columns(
     df: &mut DataFrame,
     task: &Task,
@@ -62,72 +109,46 @@ fn add_rust_columns(
     seed: u64,
     contamination: Option<&Contamination>,
 ) -> Result<()> {
-    let inputs = df.column("input")?.str()?.clone();
-    // Distinct inputs in order of first appearance, and each row's index among them.
-    let mut index: HashMap<&str, u32> = HashMap::new();
-    let mut distinct: Vec<&str> = vec![];
-    let row_input: Vec<u32> = inputs
-        .iter()
-        .map(|t| {
-            let t = t.unwrap_or("");
-            *index.entry(t).or_insert_with(|| {
-                distinct.push(t);
-                distinct.len() as u32 - 1
-            })
-        })
-        .collect();
-    // Normalized text; identical normalized texts are one exact-duplicate group.
-    let norms: Vec<String> = distinct.iter().map(|t| normalize(t)).collect();
-    let mut norm_index: HashMap<&str, u32> = HashMap::new();
-    let mut distinct_norms: Vec<&str> = vec![];
-    let input_norm: Vec<u32> = norms
-        .iter()
-        .map(|n| {
-            *norm_index.entry(n).or_insert_with(|| {
-                distinct_norms.push(n);
-                distinct_norms.len() as u32 - 1
-            })
-        })
-        .collect();
-    // Near-duplicate clusters over distinct normalized texts; without the rule each text is
-    // its own cluster.
-    let cluster_of_norm: Vec<usize> = if cfg.near_dup_threshold > 0.0 {
-        NearDup::new(cfg.near_dup_threshold, cfg.shingle_words).clusters(&distinct_norms)
+    let groups = norm_groups(df)?;
+    let texts: Vec<&str> = groups.texts.iter().map(String::as_str).collect();
+    // Near-duplicate clusters over distinct normalized texts; without the rule each text
+    // is its own cluster.
+    let cluster: Vec<usize> = if cfg.near_dup_threshold > 0.0 {
+        NearDup::new(cfg.near_dup_threshold, cfg.shingle_words).clusters(&texts)
     } else {
-        (0..distinct_norms.len()).collect()
+        (0..texts.len()).collect()
     };
-    let split_of_cluster: HashMap<usize, &'static str> = cluster_of_norm
+    let split_of_text: Vec<&'static str> =
+        texts.iter().map(|t| split_of(t, seed, cfg.split)).collect();
+    let contaminated: Vec<bool> = texts
         .iter()
-        .map(|&c| (c, split_of(distinct_norms[c], seed, cfg.split)))
+        .map(|t| contamination.is_some_and(|c| c.contaminated(t)))
         .collect();
-    let contaminated_norm: Vec<bool> = distinct_norms
-        .iter()
-        .map(|n| contamination.is_some_and(|c| c.contaminated(n)))
-        .collect();
-
-    let norm_of_row = |r: usize| input_norm[row_input[r] as usize] as usize;
+    let norm = |r: usize| groups.of_row[r] as usize;
     let n = df.height();
-    let col_u32 = |name: &str, f: &dyn Fn(usize) -> u32| {
-        Column::new(name.into(), (0..n).map(f).collect::<Vec<u32>>())
-    };
-    df.with_column(col_u32("_norm", &|r| norm_of_row(r) as u32))?;
-    df.with_column(col_u32("_cluster", &|r| {
-        cluster_of_norm[norm_of_row(r)] as u32
-    }))?;
+    df.with_column(Column::new("_norm".into(), groups.of_row.clone()))?;
+    df.with_column(Column::new(
+        "_cluster".into(),
+        (0..n)
+            .map(|r| cluster[norm(r)] as u32)
+            .collect::<Vec<u32>>(),
+    ))?;
     df.with_column(Column::new(
         "_contaminated".into(),
-        (0..n)
-            .map(|r| contaminated_norm[norm_of_row(r)])
-            .collect::<Vec<bool>>(),
+        (0..n).map(|r| contaminated[norm(r)]).collect::<Vec<bool>>(),
     ))?;
     df.with_column(Column::new(
         "split".into(),
         (0..n)
-            .map(|r| split_of_cluster[&cluster_of_norm[norm_of_row(r)]])
+            .map(|r| split_of_text[cluster[norm(r)]])
             .collect::<Vec<&str>>(),
     ))?;
+    add_row_checks(df, task, cfg)
+}
 
-    // Rationale checks (numeric tasks).
+/// The checks of one row on its own, computed in Rust: the rationale states the answer
+/// and its arithmetic holds (numeric tasks), and the confidence of the answer.
+fn add_row_checks(df: &mut DataFrame, task: &Task, cfg: &CurateConfig) -> Result<()> {
     let (rationale, answer) = (df.column("rationale")?.str()?, df.column("answer")?.str()?);
     let numeric = task.kind == TaskKind::Numeric;
     let pairs = || rationale.iter().zip(answer.iter());
@@ -197,8 +218,23 @@ fn first_kept_in_group(prev: &str, group: &str, key: Expr) -> Result<Expr> {
     Ok(key.eq(first).fill_null(lit(false)))
 }
 
-/// The lazy plan: every rule's keep column, the agreement and gold columns.
-pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame> {
+/// Add rule `name`: a row is kept by it when the previous rule kept it and it passes.
+fn add_rule(lf: LazyFrame, prev: &mut String, name: &str, pass: Expr) -> LazyFrame {
+    let next = keep_col(name);
+    let lf = lf.with_column(
+        col(prev.as_str())
+            .and(pass.fill_null(lit(false)))
+            .alias(&next),
+    );
+    *prev = next;
+    lf
+}
+
+/// The rules that judge a row among the rows of its own input or normalized input
+/// (`HEAD_RULES`: up to duplicate_input), so they can run on one part of the rows at a
+/// time when parts hold whole normalized inputs; also the agreement and gold columns.
+/// Returns the plan and the keep column of its last rule.
+pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(LazyFrame, String)> {
     let usable = col("status")
         .eq(lit(ParseStatus::Ok.as_str()))
         .or(col("status").eq(lit(ParseStatus::Rescued.as_str())));
@@ -215,16 +251,7 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
     let mut prev = keep_col("parse_failure");
     lf = lf.with_column(on(cfg.drop_parse_failures, usable).alias(&prev));
 
-    let rule = |lf: LazyFrame, prev: &mut String, name: &str, pass: Expr| {
-        let next = keep_col(name);
-        let lf = lf.with_column(
-            col(prev.as_str())
-                .and(pass.fill_null(lit(false)))
-                .alias(&next),
-        );
-        *prev = next;
-        lf
-    };
+    let rule = add_rule;
     // Gold before the vote: with gold = filter, the samples that reached the gold answer
     // are kept even where most samples missed it, as in rejection sampling (STaR,
     // Zelikman et al. 2022), and the vote below runs among them.
@@ -337,14 +364,24 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
         "duplicate_input",
         on(cfg.dedup_inputs, exact),
     );
+    Ok((lf, prev))
+}
+
+/// The lazy plan of every rule on all rows in memory: the head rules, then the rules
+/// that judge across normalized inputs (near-duplicate clusters, contamination, the label
+/// cap over all rows in order). `LateRules` is the same tail for rows that come part by
+/// part.
+pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame> {
+    let (mut lf, mut prev) = plan_head(df, task, cfg)?;
+    let on = |enabled: bool, pass: Expr| if enabled { pass } else { lit(true) };
     let near = first_kept_in_group(&prev, "_cluster", col("id"))?;
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "near_duplicate_input",
         on(cfg.near_dup_threshold > 0.0, near),
     );
-    lf = rule(lf, &mut prev, "contaminated", col("_contaminated").not());
+    lf = add_rule(lf, &mut prev, "contaminated", col("_contaminated").not());
     let cap = match (cfg.max_per_label, task.kind) {
         (Some(cap), TaskKind::Labels) => col(prev.as_str())
             .cast(DataType::UInt32)
@@ -353,7 +390,7 @@ pub fn plan(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<LazyFrame>
             .lt_eq(lit(cap as u32)),
         _ => lit(true),
     };
-    Ok(rule(lf, &mut prev, "label_cap", cap))
+    Ok(add_rule(lf, &mut prev, "label_cap", cap))
 }
 
 /// The teacher rows with the Rust-computed columns, ready for `plan`.
@@ -368,6 +405,46 @@ pub fn prepare(
     Ok(df)
 }
 
+/// The columns the split files take from the rules' output (the others are read again
+/// from the teacher files), the agreement filled in where an input has several samples.
+pub const KEPT_COLUMNS: [&str; 11] = [
+    "id",
+    "sample",
+    "input",
+    "gold",
+    "rationale",
+    "answer",
+    "soft_kind",
+    "soft_labels",
+    "soft_probs",
+    "agreement",
+    "agrees_with_gold",
+];
+
+fn with_kept_columns(lf: LazyFrame) -> LazyFrame {
+    lf.with_column(col("rationale").fill_null(lit("")))
+        .with_column(
+            when(col("_samples").gt(lit(1)))
+                .then(col("_agreement"))
+                .otherwise(lit(NULL).cast(DataType::Float64))
+                .alias("agreement"),
+        )
+}
+
+/// Rows each rule of `names` removed, from their keep columns.
+fn removed_by(all: &DataFrame, names: &[&'static str], rows: usize) -> Result<Vec<usize>> {
+    let mut before = rows;
+    let mut removed = vec![];
+    for name in names {
+        let after = all.column(&keep_col(name))?.bool()?.sum().unwrap_or(0) as usize;
+        removed.push(before - after);
+        before = after;
+    }
+    Ok(removed)
+}
+
+/// Every rule on all rows at once: the reference the part-by-part curate is tested
+/// against, and `--explain`'s plan.
 pub fn apply(
     df: DataFrame,
     task: &Task,
@@ -379,73 +456,286 @@ pub fn apply(
     let parse_reasons = parse_reasons(&df)?;
     let df = prepare(df, task, cfg, seed, contamination)?;
     let all = plan(df, task, cfg)?.collect()?;
-
-    let mut funnel = vec![];
-    let mut before = rows_in;
-    for name in RULES {
-        let after = all.column(&keep_col(name))?.bool()?.sum().unwrap_or(0) as usize;
-        funnel.push((name, before - after));
-        before = after;
-    }
+    let funnel = RULES
+        .iter()
+        .copied()
+        .zip(removed_by(&all, &RULES, rows_in)?)
+        .collect();
     let agreement_histogram = agreement_histogram(&all)?;
-    let teachers = teacher_agreement(&all, task)?;
+    let teachers = teachers_json(&teacher_tallies(&all, task)?);
     let last = keep_col(RULES[RULES.len() - 1]);
-    let kept = all
-        .lazy()
-        .filter(col(&last))
-        .with_column(col("rationale").fill_null(lit("")))
-        .with_column(
-            when(col("_samples").gt(lit(1)))
-                .then(col("_agreement"))
-                .otherwise(lit(NULL).cast(DataType::Float64))
-                .alias("agreement"),
-        )
-        .collect()?;
+    let kept = with_kept_columns(all.lazy().filter(col(&last))).collect()?;
     Ok(Outcome {
-        rows_in,
-        funnel,
-        parse_reasons,
-        agreement_histogram,
+        counts: Counts {
+            rows_in,
+            funnel,
+            parse_reasons,
+            agreement_histogram,
+            teachers,
+        },
         kept,
-        teachers,
     })
 }
 
-/// Per teacher, when rows come from more than one: rows, usable answers, and how often a
-/// usable answer matches the input's (weighted) vote and, where there is gold, the gold.
-fn teacher_agreement(all: &DataFrame, task: &Task) -> Result<Vec<serde_json::Value>> {
-    let distinct = all.column("teacher")?.n_unique()?;
-    if distinct < 2 {
-        return Ok(vec![]);
+/// A distinct normalized input of one part.
+pub struct PartNorm {
+    pub text: String,
+    /// Its first row (the order of inputs: the earlier input leads a cluster).
+    pub first_row: u32,
+    /// Its first row the head rules kept.
+    pub kept_row: Option<u32>,
+    pub contaminated: bool,
+    /// Its own split (index into `SPLITS`); a cluster's rows go to its first input's.
+    pub split: u8,
+}
+
+/// One part's rows through the head rules.
+pub struct PartRules {
+    pub rows: usize,
+    /// Rows each of the head rules removed.
+    pub removed: Vec<usize>,
+    pub parse_reasons: BTreeMap<String, usize>,
+    pub agreement_histogram: Option<Vec<usize>>,
+    pub teachers: BTreeMap<String, TeacherTally>,
+    pub norms: Vec<PartNorm>,
+    /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ROW`,
+    /// `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's id is
+    /// the first kept id of its normalized input, which the near-duplicate rule keeps).
+    pub kept: DataFrame,
+}
+
+/// The head rules on one part of the rows, which must hold every row of each of its
+/// normalized inputs (and so of each of its inputs' ids), in row order with `ROW`.
+pub fn part_rules(
+    mut df: DataFrame,
+    task: &Task,
+    cfg: &CurateConfig,
+    seed: u64,
+    contamination: Option<&Contamination>,
+) -> Result<PartRules> {
+    let rows = df.height();
+    let parse_reasons = parse_reasons(&df)?;
+    let groups = norm_groups(&df)?;
+    df.with_column(Column::new("_norm".into(), groups.of_row.clone()))?;
+    add_row_checks(&mut df, task, cfg)?;
+    let (lf, last) = plan_head(df, task, cfg)?;
+    let all = lf.collect()?;
+    let removed = removed_by(&all, &RULES[..HEAD_RULES], rows)?;
+    let agreement_histogram = agreement_histogram(&all)?;
+    let teachers = teacher_tallies(&all, task)?;
+    let mut columns: Vec<Expr> = KEPT_COLUMNS.iter().map(|c| col(*c)).collect();
+    columns.extend([
+        col(splits::ROW),
+        col("completion_tokens"),
+        col("_norm"),
+        col("_first_id"),
+    ]);
+    let kept = with_kept_columns(all.clone().lazy().filter(col(&last)))
+        .with_column(
+            col("id")
+                .eq(col("id").first().over([col("_norm")])?)
+                .alias("_first_id"),
+        )
+        .select(columns)
+        .collect()?;
+
+    let first = |df: &DataFrame| -> Result<Vec<Option<u32>>> {
+        let mut first = vec![None; groups.texts.len()];
+        let rows = df.column(splits::ROW)?.cast(&DataType::UInt32)?;
+        let norms = df.column("_norm")?.u32()?.clone();
+        for (row, norm) in rows.u32()?.iter().zip(norms.iter()) {
+            let (Some(row), Some(norm)) = (row, norm) else {
+                continue;
+            };
+            first[norm as usize].get_or_insert(row);
+        }
+        Ok(first)
+    };
+    let (first_row, kept_row) = (first(&all)?, first(&kept)?);
+    let split_index = |text: &str| {
+        let split = split_of(text, seed, cfg.split);
+        super::SPLITS.iter().position(|s| *s == split).unwrap_or(0) as u8
+    };
+    let norms = groups
+        .texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| PartNorm {
+            first_row: first_row[i].unwrap_or(u32::MAX),
+            kept_row: kept_row[i],
+            contaminated: contamination.is_some_and(|c| c.contaminated(&text)),
+            split: split_index(&text),
+            text,
+        })
+        .collect();
+    Ok(PartRules {
+        rows,
+        removed,
+        parse_reasons,
+        agreement_histogram,
+        teachers,
+        norms,
+        kept,
+    })
+}
+
+/// The rules after the head (near_duplicate_input, contaminated, label_cap) for rows
+/// that come part by part: what they need of each normalized input (by its index among
+/// all parts' inputs), applied to the head-kept rows in row order, as `plan` applies them
+/// to all rows at once.
+pub struct LateRules {
+    near_on: bool,
+    /// Whether the input is its near-duplicate cluster's first input with a kept row.
+    cluster_leader: Vec<bool>,
+    contaminated: Vec<bool>,
+    /// The split of the input's cluster (index into `SPLITS`).
+    split: Vec<u8>,
+    cap: Option<usize>,
+    per_label: HashMap<Option<String>, usize>,
+    /// Rows each late rule removed, in `RULES` order.
+    pub removed: [usize; 3],
+}
+
+impl LateRules {
+    pub fn new(
+        cluster_leader: Vec<bool>,
+        contaminated: Vec<bool>,
+        split: Vec<u8>,
+        task: &Task,
+        cfg: &CurateConfig,
+    ) -> Self {
+        LateRules {
+            near_on: cfg.near_dup_threshold > 0.0,
+            cluster_leader,
+            contaminated,
+            split,
+            cap: cfg.max_per_label.filter(|_| task.kind == TaskKind::Labels),
+            per_label: HashMap::new(),
+            removed: [0; 3],
+        }
     }
+
+    /// Judge head-kept rows, given in row order (`_gid`: the input's index among all
+    /// inputs, `_first_id`, `answer`): whether each is kept, and its split.
+    pub fn judge(&mut self, rows: &DataFrame) -> Result<(Vec<bool>, Vec<&'static str>)> {
+        let gids = rows.column("_gid")?.u32()?;
+        let first_id = rows.column("_first_id")?.bool()?;
+        let answers = rows.column("answer")?.str()?;
+        let mut keep = Vec::with_capacity(rows.height());
+        let mut split = Vec::with_capacity(rows.height());
+        for ((gid, first_id), answer) in gids.iter().zip(first_id.iter()).zip(answers.iter()) {
+            let g = gid.ok_or_else(|| anyhow::anyhow!("a kept row has no input index"))? as usize;
+            split.push(super::SPLITS[self.split[g] as usize]);
+            let leader = !self.near_on || (self.cluster_leader[g] && first_id == Some(true));
+            let kept = if !leader {
+                self.removed[0] += 1;
+                false
+            } else if self.contaminated[g] {
+                self.removed[1] += 1;
+                false
+            } else if let Some(cap) = self.cap {
+                let n = self
+                    .per_label
+                    .entry(answer.map(str::to_string))
+                    .or_default();
+                *n += 1;
+                let under = *n <= cap;
+                if !under {
+                    self.removed[2] += 1;
+                }
+                under
+            } else {
+                true
+            };
+            keep.push(kept);
+        }
+        Ok((keep, split))
+    }
+}
+
+/// One teacher's rows, for the ensemble's agreement figures.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TeacherTally {
+    pub rows: u64,
+    pub usable: u64,
+    pub agrees_with_vote: u64,
+    pub with_gold: u64,
+    pub agrees_with_gold: u64,
+}
+
+impl TeacherTally {
+    pub fn add(&mut self, other: &TeacherTally) {
+        self.rows += other.rows;
+        self.usable += other.usable;
+        self.agrees_with_vote += other.agrees_with_vote;
+        self.with_gold += other.with_gold;
+        self.agrees_with_gold += other.agrees_with_gold;
+    }
+}
+
+/// Per teacher: rows, usable answers, usable answers that match the input's (weighted)
+/// vote, usable answers with gold and those that match it.
+fn teacher_tallies(all: &DataFrame, task: &Task) -> Result<BTreeMap<String, TeacherTally>> {
     let usable = col("status")
         .eq(lit(ParseStatus::Ok.as_str()))
         .or(col("status").eq(lit(ParseStatus::Rescued.as_str())));
-    let share = |hit: Expr, of: Expr| {
-        hit.and(of.clone()).cast(DataType::Float64).sum() / of.cast(DataType::Float64).sum()
-    };
+    let count = |e: Expr| e.cast(DataType::UInt64).sum();
     let with_gold = usable.clone().and(col("gold").is_not_null());
     let per = all
         .clone()
         .lazy()
         .group_by([col("teacher")])
         .agg([
-            len().alias("rows"),
-            usable.clone().cast(DataType::UInt32).sum().alias("usable"),
-            share(
-                col("answer").eq(col("_majority")).fill_null(lit(false)),
-                usable.clone(),
+            len().cast(DataType::UInt64).alias("rows"),
+            count(usable.clone()).alias("usable"),
+            count(
+                usable
+                    .clone()
+                    .and(col("answer").eq(col("_majority")).fill_null(lit(false))),
             )
             .alias("agrees_with_vote"),
-            share(
-                gold_agreement(task).fill_null(lit(false)),
-                with_gold.clone(),
-            )
-            .alias("agrees_with_gold"),
+            count(with_gold.clone()).alias("with_gold"),
+            count(with_gold.and(gold_agreement(task).fill_null(lit(false))))
+                .alias("agrees_with_gold"),
         ])
-        .sort(["teacher"], Default::default())
         .collect()?;
-    crate::io::parquet::rows_as_json(&per, usize::MAX)
+    let get =
+        |name: &str, i: usize| -> Result<u64> { Ok(per.column(name)?.u64()?.get(i).unwrap_or(0)) };
+    let teachers = per.column("teacher")?.str()?;
+    let mut out = BTreeMap::new();
+    for i in 0..per.height() {
+        out.insert(
+            teachers.get(i).unwrap_or("").to_string(),
+            TeacherTally {
+                rows: get("rows", i)?,
+                usable: get("usable", i)?,
+                agrees_with_vote: get("agrees_with_vote", i)?,
+                with_gold: get("with_gold", i)?,
+                agrees_with_gold: get("agrees_with_gold", i)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The teachers' figures for the report, when rows come from more than one.
+pub fn teachers_json(tallies: &BTreeMap<String, TeacherTally>) -> Vec<serde_json::Value> {
+    if tallies.len() < 2 {
+        return vec![];
+    }
+    let share = |hit: u64, of: u64| (of > 0).then(|| hit as f64 / of as f64);
+    tallies
+        .iter()
+        .map(|(teacher, t)| {
+            serde_json::json!({
+                "teacher": teacher,
+                "rows": t.rows,
+                "usable": t.usable,
+                "agrees_with_vote": share(t.agrees_with_vote, t.usable),
+                "agrees_with_gold": share(t.agrees_with_gold, t.with_gold),
+            })
+        })
+        .collect()
 }
 
 fn parse_reasons(df: &DataFrame) -> Result<BTreeMap<String, usize>> {
@@ -553,7 +843,7 @@ mod tests {
     }
 
     fn removed(o: &Outcome, rule: &str) -> usize {
-        o.funnel.iter().find(|(r, _)| *r == rule).unwrap().1
+        o.counts.funnel.iter().find(|(r, _)| *r == rule).unwrap().1
     }
 
     fn kept_keys(o: &Outcome) -> Vec<(String, u32)> {
@@ -600,7 +890,7 @@ mod tests {
         };
         let o = run(&rows, &task(TaskKind::Numeric), &cfg);
         assert_eq!(removed(&o, "parse_failure"), 1);
-        assert_eq!(o.parse_reasons["no_answer"], 1);
+        assert_eq!(o.counts.parse_reasons["no_answer"], 1);
         assert_eq!(removed(&o, "disagrees_with_gold"), 1);
         assert_eq!(removed(&o, "duplicate_input"), 1);
         assert_eq!(kept_keys(&o), [("a".into(), 0), ("d".into(), 0)]);
@@ -683,8 +973,8 @@ mod tests {
             .iter()
             .collect();
         assert_eq!(agreement, [Some(0.5), Some(1.0)]);
-        assert_eq!(o.agreement_histogram.as_ref().unwrap()[5], 1);
-        assert_eq!(o.agreement_histogram.as_ref().unwrap()[9], 1);
+        assert_eq!(o.counts.agreement_histogram.as_ref().unwrap()[5], 1);
+        assert_eq!(o.counts.agreement_histogram.as_ref().unwrap()[9], 1);
 
         let strict = CurateConfig {
             min_agreement: 0.6,

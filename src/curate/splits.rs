@@ -1,9 +1,10 @@
 //! Writing the kept rows to the split files without holding them whole. The rules read
 //! only the columns they judge by (`RULE_COLUMNS`); a teacher row's other columns (its raw
-//! text and token top-k: most of its bytes) are read again here, for the kept rows only,
-//! by Polars' streaming engine a batch at a time, put beside the kept rows' rule columns
-//! (both in teacher-file order) and appended to the split they belong to.
+//! text and token top-k: most of its bytes) are read again here by Polars' streaming
+//! engine, all rows in order a batch at a time; the kept rows among a batch (from a
+//! `KeptRows` source, also in row order) get them and are appended to their split's file.
 
+use super::report::KeptStats;
 use crate::records::topk_store::stored_tokens;
 use crate::records::CURATED_COLUMNS;
 use anyhow::{anyhow, Result};
@@ -50,12 +51,21 @@ struct Writer {
     topk_tokens: usize,
 }
 
+/// Kept rows, in row order, each with the rules' columns (`rules::KEPT_COLUMNS`), `ROW`,
+/// `completion_tokens` and its `split`.
+pub trait KeptRows: Send + 'static {
+    /// The types of the rules' columns (and `split`).
+    fn schema(&self) -> Schema;
+    /// The kept rows not given before whose `ROW` is below `below`.
+    fn take_below(&mut self, below: u32) -> Result<DataFrame>;
+}
+
 /// The curated columns that come from the teacher files rather than the rules' output.
-fn carried_columns(kept: &DataFrame) -> Vec<&'static str> {
+fn carried_columns(kept: &Schema) -> Vec<&'static str> {
     CURATED_COLUMNS
         .iter()
         .copied()
-        .filter(|c| kept.column(c).is_err())
+        .filter(|c| !kept.contains(c))
         .collect()
 }
 
@@ -68,16 +78,109 @@ fn teacher_scan(files: &[PathBuf]) -> Result<LazyFrame> {
     Ok(concat(scans, UnionArgs::default())?.with_row_index(ROW, None))
 }
 
-/// Write `kept` (the rules' output: rule columns, `ROW`, `split`, in row order) with the
-/// rest of each row's curated columns to `<dir>/<split>.parquet`, one file per split
-/// (empty when no row went there).
-pub fn write(
+struct Sink<K> {
+    kept: K,
+    writers: Vec<Writer>,
+    stats: KeptStats,
+    /// The row index the next teacher batch must start at.
+    next_row: u64,
+    progress: Progress,
+}
+
+/// A line on stderr each tenth of the teacher rows, when there are many.
+struct Progress {
+    rows_in: u64,
+    started: std::time::Instant,
+    shown: u64,
+}
+
+impl Progress {
+    fn show(&mut self, done: u64) {
+        let tenth = self.rows_in / 10;
+        if self.rows_in < 1_000_000 || done < self.shown + tenth {
+            return;
+        }
+        self.shown = done;
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = done as f64 / secs.max(1e-9);
+        eprintln!(
+            "curate: split files, {done}/{} rows read again, {rate:.0} rows/s, eta {:.0} s",
+            self.rows_in,
+            (self.rows_in - done) as f64 / rate
+        );
+    }
+}
+
+impl<K: KeptRows> Sink<K> {
+    /// A batch of teacher rows (`ROW` and the carried columns), the next ones in order:
+    /// the kept rows among them, completed with those columns, go to their split files.
+    fn take(&mut self, batch: DataFrame) -> Result<()> {
+        let rows = batch.column(ROW)?.cast(&DataType::UInt64)?;
+        let rows = rows.u64()?;
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(());
+        };
+        anyhow::ensure!(
+            first == self.next_row && last + 1 - first == batch.height() as u64,
+            "the teacher rows were read again out of order (rows {first}–{last}, expected from {})",
+            self.next_row
+        );
+        self.next_row = last + 1;
+        self.progress.show(self.next_row);
+        let kept = self.kept.take_below((last + 1) as u32)?;
+        if kept.height() == 0 {
+            return Ok(());
+        }
+        let at: Vec<IdxSize> = kept
+            .column(ROW)?
+            .cast(&DataType::UInt64)?
+            .u64()?
+            .into_no_null_iter()
+            .map(|r| (r - first) as IdxSize)
+            .collect();
+        let carried = batch.take(&IdxCa::from_vec("".into(), at))?;
+        let mut whole = kept;
+        for c in carried
+            .columns()
+            .iter()
+            .filter(|c| c.name().as_str() != ROW)
+        {
+            whole.with_column(c.clone())?;
+        }
+        self.stats.add(&whole)?;
+        for w in self.writers.iter_mut() {
+            let mut part = whole
+                .clone()
+                .lazy()
+                .filter(col("split").eq(lit(w.split)))
+                .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
+                .collect()?;
+            if part.height() > 0 {
+                // The rule columns and the streamed ones come chunked differently; a
+                // Parquet row group needs them aligned.
+                part.align_chunks();
+                w.topk_tokens += stored_tokens(&part);
+                w.rows += part.height();
+                w.inner.write_batch(&part)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Write the kept rows with the rest of each row's curated columns, read again from the
+/// teacher files (all rows, in order, a batch at a time), to `<dir>/<split>.parquet`, one
+/// file per split (empty when no row went there). Returns the files, the kept rows'
+/// figures for the report and the source of kept rows, drained.
+pub fn write<K: KeptRows>(
     files: &[PathBuf],
-    kept: &DataFrame,
+    rows_in: usize,
+    kept: K,
     dir: &Path,
     splits: [&'static str; 3],
-) -> Result<Vec<SplitFile>> {
-    let carried = carried_columns(kept);
+) -> Result<(Vec<SplitFile>, KeptStats, K)> {
+    let kept_schema = kept.schema();
+    let carried = carried_columns(&kept_schema);
     let source = teacher_scan(files)?.select(
         std::iter::once(col(ROW))
             .chain(carried.iter().map(|c| col(*c)))
@@ -86,7 +189,7 @@ pub fn write(
     let mut schema = Schema::default();
     let carried_schema = source.clone().collect_schema()?;
     for name in CURATED_COLUMNS {
-        let dtype = match kept.schema().get(name) {
+        let dtype = match kept_schema.get(name) {
             Some(t) => t.clone(),
             None => carried_schema
                 .get(name)
@@ -112,45 +215,30 @@ pub fn write(
         });
     }
 
-    let rows = kept.column(ROW)?.as_materialized_series().clone();
-    let state = Arc::new(Mutex::new((writers, 0usize)));
+    let state = Arc::new(Mutex::new(Some(Sink {
+        kept,
+        writers,
+        stats: KeptStats::default(),
+        next_row: 0,
+        progress: Progress {
+            rows_in: rows_in as u64,
+            started: std::time::Instant::now(),
+            shown: 0,
+        },
+    })));
     let sink_state = Arc::clone(&state);
-    let kept_rules = kept.clone();
     let sink = move |batch: DataFrame| -> PolarsResult<bool> {
         let mut guard = sink_state
             .lock()
             .map_err(|_| polars_err!(ComputeError: "a split writer panicked"))?;
-        let (writers, at) = &mut *guard;
-        let rules = kept_rules.slice(*at as i64, batch.height());
-        *at += batch.height();
-        // Both sides are the kept rows in file order: the same row at each position.
-        if !rules.column(ROW)?.equals(batch.column(ROW)?) {
-            polars_bail!(ComputeError: "the kept rows and the teacher rows read again are not in the same order");
-        }
-        let mut whole = rules;
-        for c in batch.columns().iter().filter(|c| c.name().as_str() != ROW) {
-            whole.with_column(c.clone())?;
-        }
-        for w in writers.iter_mut() {
-            let mut part = whole
-                .clone()
-                .lazy()
-                .filter(col("split").eq(lit(w.split)))
-                .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
-                .collect()?;
-            if part.height() > 0 {
-                // The rule columns and the streamed ones come chunked differently; a
-                // Parquet row group needs them aligned.
-                part.align_chunks();
-                w.topk_tokens += stored_tokens(&part);
-                w.rows += part.height();
-                w.inner.write_batch(&part)?;
-            }
-        }
+        let sink = guard
+            .as_mut()
+            .ok_or_else(|| polars_err!(ComputeError: "the split writers are closed"))?;
+        sink.take(batch)
+            .map_err(|e| polars_err!(ComputeError: "{e:#}"))?;
         Ok(false)
     };
     source
-        .filter(col(ROW).is_in(lit(rows), false))
         .sink_batches(
             PlanCallback::new(sink),
             true,
@@ -158,17 +246,18 @@ pub fn write(
         )?
         .collect_with_engine(Engine::Streaming)?;
 
-    let (writers, written) = std::mem::take(
-        &mut *state
-            .lock()
-            .map_err(|_| anyhow!("a split writer panicked"))?,
-    );
+    let mut sink = state
+        .lock()
+        .map_err(|_| anyhow!("a split writer panicked"))?
+        .take()
+        .ok_or_else(|| anyhow!("the split writers are gone"))?;
+    let left = sink.kept.take_below(u32::MAX)?.height();
     anyhow::ensure!(
-        written == kept.height(),
-        "{written} of the {} kept rows were found again in the teacher files (were they changed during curate?)",
-        kept.height()
+        left == 0,
+        "{left} kept rows were not found again in the teacher files (were they changed during curate?)"
     );
-    writers
+    let written = sink
+        .writers
         .into_iter()
         .map(|w| {
             w.inner.finish()?;
@@ -179,5 +268,6 @@ pub fn write(
                 topk_tokens: w.topk_tokens,
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok((written, sink.stats, sink.kept))
 }

@@ -1,0 +1,260 @@
+//! Near-duplicate clusters over every distinct normalized input of a curate, with the
+//! signatures on disk rather than in memory: `dedup::NearDup::clusters`' result for
+//! inputs that come part by part.
+//!
+//! Each input (`gid`: its index among all parts' inputs) leaves its short signature in
+//! one file (fixed-size records, read back by offset) and one record a band in a bucket
+//! file chosen by the band's key. A bucket file then holds every input that shares a key
+//! with any other, so the buckets are clustered one at a time: inputs with equal (band,
+//! key) are compared with the earliest of them (by first row, the order `NearDup` sees
+//! them in), and a similar pair joins their clusters in a union-find whose root is each
+//! cluster's earliest input. Memory: 4 bytes an input for the union-find, 4 for the first
+//! rows, and one bucket file's records (16 bytes each) at a time.
+
+use crate::dedup::NearDup;
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Bytes of one bucket record: band (1), key (8), gid (4).
+const RECORD: usize = 13;
+
+pub struct ClusterIndex {
+    near: NearDup,
+    signatures_path: PathBuf,
+    signatures: BufWriter<File>,
+    bucket_paths: Vec<PathBuf>,
+    buckets: Vec<BufWriter<File>>,
+    first_row: Vec<u32>,
+}
+
+impl ClusterIndex {
+    /// An index writing its files in `dir`, spread over `buckets` bucket files (each holds
+    /// about 1 / buckets of the 16 records an input leaves).
+    pub fn new(near: NearDup, dir: &Path, buckets: usize) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let create = |path: &Path| -> Result<BufWriter<File>> {
+            let file =
+                File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            Ok(BufWriter::with_capacity(1 << 16, file))
+        };
+        let signatures_path = dir.join("signatures.bin");
+        let bucket_paths: Vec<PathBuf> = (0..buckets.max(1))
+            .map(|b| dir.join(format!("bucket-{b:05}.bin")))
+            .collect();
+        Ok(ClusterIndex {
+            signatures: create(&signatures_path)?,
+            buckets: bucket_paths
+                .iter()
+                .map(|p| create(p))
+                .collect::<Result<_>>()?,
+            signatures_path,
+            bucket_paths,
+            near,
+            first_row: vec![],
+        })
+    }
+
+    /// Add the next input (its gid is the number added before it), with its first row.
+    pub fn add(&mut self, text: &str, first_row: u32) -> Result<()> {
+        let gid = self.first_row.len() as u32;
+        self.first_row.push(first_row);
+        let signature = self.near.signature(text);
+        for v in NearDup::short(&signature) {
+            self.signatures.write_all(&v.to_le_bytes())?;
+        }
+        let n = self.buckets.len() as u64;
+        for band in 0..self.near.bands {
+            let key = self.near.band_key(&signature, band);
+            let mut record = [0u8; RECORD];
+            record[0] = band as u8;
+            record[1..9].copy_from_slice(&key.to_le_bytes());
+            record[9..].copy_from_slice(&gid.to_le_bytes());
+            self.buckets[(key % n) as usize].write_all(&record)?;
+        }
+        Ok(())
+    }
+
+    /// Each input's cluster: the gid of the cluster's earliest input.
+    pub fn roots(self) -> Result<Vec<u32>> {
+        let ClusterIndex {
+            near,
+            signatures_path,
+            mut signatures,
+            bucket_paths,
+            buckets,
+            first_row,
+        } = self;
+        signatures.flush()?;
+        drop(signatures);
+        for mut b in buckets {
+            b.flush()?;
+        }
+        let mut stored = Signatures::open(&signatures_path, near.bands * near.rows)?;
+        let mut parent: Vec<u32> = (0..first_row.len() as u32).collect();
+        for path in &bucket_paths {
+            let mut records = read_records(path)?;
+            std::fs::remove_file(path)?;
+            // Equal (band, key) together, the earliest input of each first.
+            records.sort_unstable_by_key(|&(band, key, gid)| (band, key, first_row[gid as usize]));
+            for group in records.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+                let Some(((_, _, lead), rest)) = group.split_first() else {
+                    continue;
+                };
+                if rest.is_empty() {
+                    continue;
+                }
+                let lead_signature = stored.get(*lead)?;
+                for &(_, _, gid) in rest {
+                    if near.similar(&stored.get(gid)?, &lead_signature) {
+                        union(&mut parent, &first_row, gid, *lead);
+                    }
+                }
+            }
+        }
+        drop(stored);
+        std::fs::remove_file(&signatures_path)?;
+        Ok((0..parent.len() as u32)
+            .map(|i| root(&mut parent, i))
+            .collect())
+    }
+}
+
+fn root(parent: &mut [u32], mut i: u32) -> u32 {
+    while parent[i as usize] != i {
+        parent[i as usize] = parent[parent[i as usize] as usize];
+        i = parent[i as usize];
+    }
+    i
+}
+
+/// Join the clusters of a and b under the earlier of their roots.
+fn union(parent: &mut [u32], first_row: &[u32], a: u32, b: u32) {
+    let (ra, rb) = (root(parent, a), root(parent, b));
+    if ra == rb {
+        return;
+    }
+    let key = |r: u32| (first_row[r as usize], r);
+    let (lo, hi) = if key(ra) < key(rb) {
+        (ra, rb)
+    } else {
+        (rb, ra)
+    };
+    parent[hi as usize] = lo;
+}
+
+fn read_records(path: &Path) -> Result<Vec<(u8, u64, u32)>> {
+    let mut bytes = vec![];
+    File::open(path)
+        .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(bytes
+        .chunks_exact(RECORD)
+        .map(|r| {
+            let mut key = [0u8; 8];
+            key.copy_from_slice(&r[1..9]);
+            let mut gid = [0u8; 4];
+            gid.copy_from_slice(&r[9..]);
+            (r[0], u64::from_le_bytes(key), u32::from_le_bytes(gid))
+        })
+        .collect())
+}
+
+/// The short signatures file, read by gid.
+struct Signatures {
+    file: File,
+    len: usize,
+}
+
+impl Signatures {
+    fn open(path: &Path, len: usize) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(Signatures { file, len })
+    }
+
+    fn get(&mut self, gid: u32) -> Result<Vec<u32>> {
+        let mut bytes = vec![0u8; self.len * 4];
+        self.file
+            .seek(SeekFrom::Start(gid as u64 * bytes.len() as u64))?;
+        self.file.read_exact(&mut bytes)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+}
+
+/// Whether each input leads the near-duplicate rule's choice in its cluster: among the
+/// cluster's inputs with a row the head rules kept, the one whose kept row comes first.
+pub fn leaders(roots: &[u32], kept_row: &[u32]) -> Vec<bool> {
+    // Per root: the earliest kept row of its cluster and the input it belongs to.
+    let mut best: Vec<(u32, u32)> = vec![(u32::MAX, u32::MAX); roots.len()];
+    for (gid, (&r, &row)) in roots.iter().zip(kept_row).enumerate() {
+        if row < best[r as usize].0 {
+            best[r as usize] = (row, gid as u32);
+        }
+    }
+    roots
+        .iter()
+        .enumerate()
+        .map(|(gid, &r)| kept_row[gid] != u32::MAX && best[r as usize].1 == gid as u32)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clusters_from_disk_equal_the_in_memory_clusters() {
+        // 300 texts: 100 bases, each followed later by one or two variants with a word
+        // changed, in a shuffled order, so clusters span buckets and first rows.
+        let mut texts: Vec<String> = vec![];
+        for i in 0..100u64 {
+            let words: Vec<String> = (0..20)
+                .map(|j| format!("w{}", (i * 37 + j * 11) * 7919 % 100_003))
+                .collect();
+            texts.push(words.join(" "));
+            texts.push(format!("{} changed", words[..19].join(" ")));
+            if i % 3 == 0 {
+                texts.push(format!("x {}", words[1..].join(" ")));
+            }
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40);
+        let texts: Vec<&str> = order.iter().map(|&i| texts[i].as_str()).collect();
+        let expected = NearDup::new(0.7, 3).clusters(&texts);
+        assert!(
+            expected
+                .iter()
+                .enumerate()
+                .filter(|(i, c)| *i != **c)
+                .count()
+                > 50,
+            "the test has near-duplicates"
+        );
+
+        // The same texts added in another order (as parts would), each with its row.
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = ClusterIndex::new(NearDup::new(0.7, 3), dir.path(), 7).unwrap();
+        let added: Vec<usize> = (0..texts.len()).rev().collect();
+        for &i in &added {
+            index.add(texts[i], i as u32 * 2).unwrap();
+        }
+        let roots = index.roots().unwrap();
+        for (gid, &i) in added.iter().enumerate() {
+            let root_text = added[roots[gid] as usize];
+            assert_eq!(root_text, expected[i], "text {i}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_leader_is_the_cluster_input_kept_first() {
+        // Inputs 0, 1, 2 one cluster (root 0); 0 kept nothing, 2 kept row 5, 1 row 9.
+        let roots = [0, 0, 0, 3];
+        let kept = [u32::MAX, 9, 5, 7];
+        assert_eq!(leaders(&roots, &kept), [false, false, true, true]);
+    }
+}
