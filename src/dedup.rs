@@ -109,7 +109,8 @@ impl NearDup {
     /// that had its key; a similar pair joins their clusters. (`curate::clusters` does
     /// the same over texts on disk.)
     pub fn clusters(&self, texts: &[&str]) -> Vec<usize> {
-        let sigs: Vec<Vec<u64>> = texts.iter().map(|t| self.signature(t)).collect();
+        use rayon::prelude::*;
+        let sigs: Vec<Vec<u64>> = texts.par_iter().map(|t| self.signature(t)).collect();
         let shorts: Vec<Vec<u32>> = sigs.iter().map(|s| Self::short(s)).collect();
         let mut parent: Vec<usize> = (0..texts.len()).collect();
         fn root(parent: &mut [usize], mut i: usize) -> usize {

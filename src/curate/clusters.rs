@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 /// Bytes of one bucket record: band (1), key (8), gid (4).
 const RECORD: usize = 13;
 
+/// Inputs whose signatures are computed together (1 KB each).
+const BLOCK: usize = 4096;
+
 pub struct ClusterIndex {
     near: NearDup,
     signatures_path: PathBuf,
@@ -56,17 +59,35 @@ impl ClusterIndex {
         })
     }
 
-    /// Add the next input (its gid is the number added before it), with its first row.
-    pub fn add(&mut self, text: &str, first_row: u32) -> Result<()> {
+    /// Add the next inputs (each one's gid is the number added before it), with their
+    /// first rows. Signatures are computed across the cores, a block of inputs at a time.
+    pub fn add_all<'a>(&mut self, inputs: impl IntoIterator<Item = (&'a str, u32)>) -> Result<()> {
+        use rayon::prelude::*;
+        let mut block: Vec<(&str, u32)> = Vec::with_capacity(BLOCK);
+        let mut inputs = inputs.into_iter().peekable();
+        while inputs.peek().is_some() {
+            block.clear();
+            block.extend(inputs.by_ref().take(BLOCK));
+            let signatures: Vec<Vec<u64>> = block
+                .par_iter()
+                .map(|(text, _)| self.near.signature(text))
+                .collect();
+            for ((_, first_row), signature) in block.iter().zip(&signatures) {
+                self.write(signature, *first_row)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, signature: &[u64], first_row: u32) -> Result<()> {
         let gid = self.first_row.len() as u32;
         self.first_row.push(first_row);
-        let signature = self.near.signature(text);
-        for v in NearDup::short(&signature) {
+        for v in NearDup::short(signature) {
             self.signatures.write_all(&v.to_le_bytes())?;
         }
         let n = self.buckets.len() as u64;
         for band in 0..self.near.bands {
-            let key = self.near.band_key(&signature, band);
+            let key = self.near.band_key(signature, band);
             let mut record = [0u8; RECORD];
             record[0] = band as u8;
             record[1..9].copy_from_slice(&key.to_le_bytes());
@@ -239,9 +260,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut index = ClusterIndex::new(NearDup::new(0.7, 3), dir.path(), 7).unwrap();
         let added: Vec<usize> = (0..texts.len()).rev().collect();
-        for &i in &added {
-            index.add(texts[i], i as u32 * 2).unwrap();
-        }
+        index
+            .add_all(added.iter().map(|&i| (texts[i], i as u32 * 2)))
+            .unwrap();
         let roots = index.roots().unwrap();
         for (gid, &i) in added.iter().enumerate() {
             let root_text = added[roots[gid] as usize];

@@ -217,10 +217,10 @@ fn curate_in_parts(
         rows_done += part.rows;
         head.add(&part);
         let offset = inputs.kept_row.len() as u32;
+        if let Some(index) = index.as_mut() {
+            index.add_all(part.norms.iter().map(|n| (n.text.as_str(), n.first_row)))?;
+        }
         for norm in &part.norms {
-            if let Some(index) = index.as_mut() {
-                index.add(&norm.text, norm.first_row)?;
-            }
             inputs.kept_row.push(norm.kept_row.unwrap_or(u32::MAX));
             inputs.contaminated.push(norm.contaminated);
             inputs.split.push(norm.split);
@@ -252,8 +252,7 @@ fn curate_in_parts(
     let split = roots.iter().map(|&r| inputs.split[r as usize]).collect();
     let late = LateRules::new(leaders, inputs.contaminated, split, &task, &cfg.curate);
     let source = parts::PartsKept::new(kept_files, slice_rows, late)?;
-    let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)
-        .map_err(|e| with_storage_hint(e, &dir.join("train.parquet")))?;
+    let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)?;
     let funnel = rules::RULES
         .iter()
         .copied()
@@ -279,7 +278,10 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let staged = StagedDir::begin(&out_dir)?;
     let dir = staged.path();
     let work = dir.join("parts");
-    let (counts, written, kept) = curate_in_parts(cfg, &files, contamination.as_ref(), &work, dir)?;
+    // The part files, the cluster index and the split files all go to the staging folder:
+    // a full disk anywhere in them is the same clear error, the earlier output untouched.
+    let (counts, written, kept) = curate_in_parts(cfg, &files, contamination.as_ref(), &work, dir)
+        .map_err(|e| with_storage_hint(e, &dir.join("train.parquet")))?;
     std::fs::remove_dir_all(&work)?;
     let mut outputs = Vec::new();
     let mut split_rows = serde_json::Map::new();
@@ -333,7 +335,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::records::{TeacherRow, TokenTopk, CURATED_COLUMNS};
+    use crate::records::{TeacherRow, CURATED_COLUMNS};
 
     /// Teacher rows where every rule has work: 4 samples an input, minority answers,
     /// parse failures, wrong arithmetic, gold disagreement, exact duplicates (other ids,
@@ -369,37 +371,22 @@ mod tests {
                 };
                 let shown = if i % 11 == 0 { right + 2 } else { right };
                 let failed = (i + s as u64).is_multiple_of(23);
-                let mut r = TeacherRow {
-                    id: format!("q{i}"),
-                    sample: s,
-                    input: input.clone(),
-                    gold: Some(if i % 19 == 0 {
-                        "1".into()
-                    } else {
-                        right.to_string()
-                    }),
-                    raw: format!("raw {i}/{s}"),
-                    rationale: Some(format!("{a} + {b} = {shown}. The answer is {answer}.")),
-                    answer: (!failed).then(|| answer.clone()),
-                    status: if failed { "no_answer" } else { "ok" }.into(),
-                    soft_kind: "none".into(),
-                    soft_labels: vec![],
-                    soft_probs: vec![],
-                    soft_coverage: None,
-                    tokens: TokenTopk::default(),
-                    prompt_tokens: 10,
-                    completion_tokens: 20 + (i % 9) as u32 + s,
-                    finish_reason: "stop".into(),
-                    latency_ms: 1.0,
-                    backend: "local".into(),
-                    teacher: if s % 2 == 0 { "t0" } else { "t1" }.into(),
-                    prompt_name: "p".into(),
-                    prompt_hash: "h".into(),
-                    temperature: 0.7,
-                    max_tokens: 64,
-                    seed: None,
-                    created_unix_ms: 0,
-                };
+                let rationale = format!("{a} + {b} = {shown}. The answer is {answer}.");
+                let mut r = rules::tests::row(
+                    &format!("q{i}"),
+                    s,
+                    &input,
+                    (!failed).then_some(answer.as_str()),
+                    &rationale,
+                );
+                r.gold = Some(if i % 19 == 0 {
+                    "1".into()
+                } else {
+                    right.to_string()
+                });
+                r.raw = format!("raw {i}/{s}");
+                r.completion_tokens = 20 + (i % 9) as u32 + s;
+                r.teacher = if s % 2 == 0 { "t0" } else { "t1" }.into();
                 if labels {
                     r.gold = Some(LABELS[(i % 3) as usize].into());
                     r.soft_kind = "label_scores".into();

@@ -47,6 +47,13 @@ pub fn rule_scan(files: &[PathBuf]) -> Result<LazyFrame> {
     Ok(concat(scans, UnionArgs::default())?.with_row_index(ROW, None))
 }
 
+/// The rows of a scan (from the Parquet footers).
+fn row_count(scan: LazyFrame) -> Result<usize> {
+    let counted = scan.select([len()]).collect()?;
+    let n = counted.column("len")?.cast(&DataType::UInt64)?;
+    Ok(n.u64()?.get(0).unwrap_or(0) as usize)
+}
+
 /// The parts the teacher rows were spread over.
 pub struct Partition {
     pub parts: Vec<Part>,
@@ -77,14 +84,7 @@ impl Part {
 /// Spread the rule columns of all teacher rows over ⌈rows / part_rows⌉ part files in
 /// `dir`, each in row order.
 pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Partition> {
-    let rows_in = rule_scan(files)?
-        .select([len()])
-        .collect()?
-        .column("len")?
-        .cast(&DataType::UInt64)?
-        .u64()?
-        .get(0)
-        .unwrap_or(0) as usize;
+    let rows_in = row_count(rule_scan(files)?)?;
     if rows_in == 0 {
         bail!(
             "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
@@ -118,7 +118,7 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
         writers,
         buffered: (0..parts).map(|_| vec![]).collect(),
         flush_rows,
-        last_input: None,
+        next_row: 0,
     }));
     let sink_state = Arc::clone(&state);
     let sink = move |batch: DataFrame| -> PolarsResult<bool> {
@@ -157,25 +157,40 @@ struct Spread {
     writers: Vec<polars::io::parquet::write::BatchedWriter<std::fs::File>>,
     buffered: Vec<Vec<DataFrame>>,
     flush_rows: usize,
-    /// The previous row's input and its part: an input's samples come one after another.
-    last_input: Option<(String, usize)>,
+    /// The row the next batch must start at: parts are written in row order.
+    next_row: u64,
 }
 
 impl Spread {
     fn add(&mut self, batch: DataFrame) -> PolarsResult<()> {
+        use rayon::prelude::*;
+        let rows = batch.column(ROW)?.cast(&DataType::UInt64)?;
+        if let Some(first) = rows.u64()?.first() {
+            if first != self.next_row {
+                polars_bail!(ComputeError: "the teacher rows came out of order (row {first}, expected {})", self.next_row);
+            }
+            self.next_row += batch.height() as u64;
+        }
         let parts = self.writers.len();
+        let inputs: Vec<&str> = batch
+            .column("input")?
+            .str()?
+            .iter()
+            .map(|t| t.unwrap_or(""))
+            .collect();
+        // An input's samples come one after another: hash each run of equal inputs once,
+        // the runs across the cores.
+        let starts: Vec<usize> = (0..inputs.len())
+            .filter(|&i| i == 0 || inputs[i] != inputs[i - 1])
+            .collect();
+        let part_of_run: Vec<usize> = starts
+            .par_iter()
+            .map(|&i| (hash64(&normalize(inputs[i])) % parts as u64) as usize)
+            .collect();
         let mut rows_of: Vec<Vec<IdxSize>> = vec![vec![]; parts];
-        for (i, input) in batch.column("input")?.str()?.iter().enumerate() {
-            let input = input.unwrap_or("");
-            let part = match &self.last_input {
-                Some((last, part)) if last == input => *part,
-                _ => {
-                    let part = (hash64(&normalize(input)) % parts as u64) as usize;
-                    self.last_input = Some((input.to_string(), part));
-                    part
-                }
-            };
-            rows_of[part].push(i as IdxSize);
+        for (run, &start) in starts.iter().enumerate() {
+            let end = starts.get(run + 1).copied().unwrap_or(inputs.len());
+            rows_of[part_of_run[run]].extend((start..end).map(|i| i as IdxSize));
         }
         for (p, rows) in rows_of.into_iter().enumerate() {
             if rows.is_empty() {
@@ -239,14 +254,7 @@ struct Cursor {
 
 impl Cursor {
     fn open(path: PathBuf, slice_rows: usize) -> Result<Cursor> {
-        let rows = scan(&path)?
-            .select([len()])
-            .collect()?
-            .column("len")?
-            .cast(&DataType::UInt64)?
-            .u64()?
-            .get(0)
-            .unwrap_or(0) as usize;
+        let rows = row_count(scan(&path)?)?;
         Ok(Cursor {
             path,
             rows,

@@ -11,6 +11,7 @@
 use super::splits;
 use crate::config::{CurateConfig, GoldRule, KeepRationales, TaskKind};
 use crate::dedup::{normalize, Contamination, NearDup};
+use crate::records::CURATED_COLUMNS;
 use crate::task::arith;
 use crate::task::{ParseStatus, Task};
 use anyhow::Result;
@@ -149,23 +150,33 @@ fn add_rust_columns(
 /// The checks of one row on its own, computed in Rust: the rationale states the answer
 /// and its arithmetic holds (numeric tasks), and the confidence of the answer.
 fn add_row_checks(df: &mut DataFrame, task: &Task, cfg: &CurateConfig) -> Result<()> {
-    let (rationale, answer) = (df.column("rationale")?.str()?, df.column("answer")?.str()?);
+    use rayon::prelude::*;
+    let rationale: Vec<&str> = df
+        .column("rationale")?
+        .str()?
+        .iter()
+        .map(|r| r.unwrap_or(""))
+        .collect();
+    let answer: Vec<&str> = df
+        .column("answer")?
+        .str()?
+        .iter()
+        .map(|a| a.unwrap_or(""))
+        .collect();
     let numeric = task.kind == TaskKind::Numeric;
-    let pairs = || rationale.iter().zip(answer.iter());
-    let states: Vec<bool> = pairs()
+    // Each row on its own (a few regex searches and an evaluator): across the cores.
+    let (states, arith_ok): (Vec<bool>, Vec<bool>) = rationale
+        .par_iter()
+        .zip(answer.par_iter())
         .map(|(r, a)| {
-            !numeric
+            let states = !numeric
                 || !cfg.require_answer_in_rationale
-                || arith::states_answer(r.unwrap_or(""), a.unwrap_or(""), task.tolerance)
+                || arith::states_answer(r, a, task.tolerance);
+            let holds =
+                !numeric || !cfg.check_arithmetic || arith::arithmetic_holds(r, task.tolerance);
+            (states, holds)
         })
-        .collect();
-    let arith_ok: Vec<bool> = pairs()
-        .map(|(r, _)| {
-            !numeric
-                || !cfg.check_arithmetic
-                || arith::arithmetic_holds(r.unwrap_or(""), task.tolerance)
-        })
-        .collect();
+        .unzip();
     df.with_column(Column::new("_states_answer".into(), states))?;
     df.with_column(Column::new("_arith_ok".into(), arith_ok))?;
     df.with_column(confidence(df)?)?;
@@ -406,20 +417,9 @@ pub fn prepare(
 }
 
 /// The columns the split files take from the rules' output (the others are read again
-/// from the teacher files), the agreement filled in where an input has several samples.
-pub const KEPT_COLUMNS: [&str; 11] = [
-    "id",
-    "sample",
-    "input",
-    "gold",
-    "rationale",
-    "answer",
-    "soft_kind",
-    "soft_labels",
-    "soft_probs",
-    "agreement",
-    "agrees_with_gold",
-];
+/// from the teacher files): the curated columns up to `agrees_with_gold`, the agreement
+/// filled in where an input has several samples.
+pub const KEPT_COLUMNS: &[&str] = CURATED_COLUMNS.split_at(11).0;
 
 fn with_kept_columns(lf: LazyFrame) -> LazyFrame {
     lf.with_column(col("rationale").fill_null(lit("")))
@@ -556,9 +556,10 @@ pub fn part_rules(
         let split = split_of(text, seed, cfg.split);
         super::SPLITS.iter().position(|s| *s == split).unwrap_or(0) as u8
     };
+    use rayon::prelude::*;
     let norms = groups
         .texts
-        .into_iter()
+        .into_par_iter()
         .enumerate()
         .map(|(i, text)| PartNorm {
             first_row: first_row[i].unwrap_or(u32::MAX),
@@ -789,12 +790,12 @@ pub fn split_of(key: &str, seed: u64, shares: [f64; 3]) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::records::{TeacherRow, TokenTopk};
 
     /// A teacher row; `answer` None means a parse failure.
-    fn row(
+    pub(in crate::curate) fn row(
         id: &str,
         sample: u32,
         input: &str,
