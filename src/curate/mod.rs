@@ -29,12 +29,10 @@ use crate::dedup::{Contamination, NearDup};
 use crate::io::atomic::{with_storage_hint, write_bytes, write_json, StagedDir};
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
-use crate::io::parquet::read_columns;
 use crate::io::shards::{complete_teacher_files, Shard};
 use crate::records::topk_store::bytes_per_token;
-use crate::records::TeacherRow;
 use crate::task::Task;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clusters::ClusterIndex;
 use polars::prelude::*;
 use report::KeptStats;
@@ -95,33 +93,10 @@ pub fn contamination(cfg: &Config) -> Result<Option<Contamination>> {
     )))
 }
 
-/// The columns the rules read (`splits::RULE_COLUMNS`) of all teacher rows of the run, in
-/// file order with their index (`splits::ROW`), columns checked (naming the file), at
-/// least one row.
-fn teacher_rows(cfg: &Config) -> Result<(Vec<PathBuf>, DataFrame)> {
-    let files = teacher_files(&cfg.stage_dir(Stage::Generate))?;
-    let mut frames = Vec::new();
-    for f in &files {
-        let df = read_columns(f, &splits::RULE_COLUMNS)?;
-        TeacherRow::check_columns(&df, f)?;
-        frames.push(df.lazy());
-    }
-    let all = concat(frames, UnionArgs::default())?
-        .with_row_index(splits::ROW, None)
-        .collect()?;
-    if all.height() == 0 {
-        bail!(
-            "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
-    }
-    Ok((files, all))
-}
-
 /// `kdpipe curate --explain`: the Polars plan of the rules, optimized.
 pub fn explain(cfg: &Config) -> Result<String> {
     let task = Task::from_config(&cfg.task);
-    let (_, all) = teacher_rows(cfg)?;
+    let all = parts::all_rows(&teacher_files(&cfg.stage_dir(Stage::Generate))?)?;
     let df = rules::prepare(
         all,
         &task,

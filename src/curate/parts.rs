@@ -47,6 +47,23 @@ pub fn rule_scan(files: &[PathBuf]) -> Result<LazyFrame> {
     Ok(concat(scans, UnionArgs::default())?.with_row_index(ROW, None))
 }
 
+fn no_rows(files: &[PathBuf]) -> anyhow::Error {
+    anyhow!(
+        "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// The rule columns of all teacher rows in memory at once (at least one row), for the
+/// rules on all rows (`kdpipe curate --explain`).
+pub fn all_rows(files: &[PathBuf]) -> Result<DataFrame> {
+    let all = rule_scan(files)?.collect()?;
+    if all.height() == 0 {
+        return Err(no_rows(files));
+    }
+    Ok(all)
+}
+
 /// The rows of a scan (from the Parquet footers).
 fn row_count(scan: LazyFrame) -> Result<usize> {
     let counted = scan.select([len()]).collect()?;
@@ -84,18 +101,15 @@ impl Part {
 /// Spread the rule columns of all teacher rows over ⌈rows / part_rows⌉ part files in
 /// `dir`, each in row order.
 pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Partition> {
-    let rows_in = row_count(rule_scan(files)?)?;
+    let source = rule_scan(files)?;
+    let rows_in = row_count(source.clone())?;
     if rows_in == 0 {
-        bail!(
-            "{} hold no teacher rows\nhint: check [data] inputs and --limit, then re-run kdpipe generate",
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        return Err(no_rows(files));
     }
     if rows_in > u32::MAX as usize {
         bail!("{rows_in} teacher rows: curate takes at most {} in one run\nhint: curate the shards in groups", u32::MAX);
     }
     let parts = rows_in.div_ceil(part_rows.max(1)).max(1);
-    let source = rule_scan(files)?;
     if parts == 1 {
         return Ok(Partition {
             parts: vec![Part::Whole(Box::new(source))],

@@ -1,8 +1,10 @@
-//! The curation rules as one Polars plan. Each rule is a boolean "passes" column; a row
+//! The curation rules as a Polars plan. Each rule is a boolean "passes" column; a row
 //! is kept by rule k when it was kept by rule k − 1 and passes rule k, so the rows each
 //! rule removed are the difference of two sums, all counted from one collect. Rules that
 //! pick a representative (self-consistency, dedup, label cap) choose among the rows still
-//! kept at that point.
+//! kept at that point. `plan` is every rule on all rows at once; curate itself runs
+//! `plan_head` on one part of the rows at a time (`part_rules`) and the rules that look
+//! across parts in `LateRules`.
 //!
 //! Work Polars has no expression for is done in Rust first, on the distinct inputs where
 //! it can be (text.rs: normalization, near-duplicate clusters, contamination; arith.rs:
@@ -262,7 +264,6 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
     let mut prev = keep_col("parse_failure");
     lf = lf.with_column(on(cfg.drop_parse_failures, usable).alias(&prev));
 
-    let rule = add_rule;
     // Gold before the vote: with gold = filter, the samples that reached the gold answer
     // are kept even where most samples missed it, as in rejection sampling (STaR,
     // Zelikman et al. 2022), and the vote below runs among them.
@@ -275,7 +276,7 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
         .alias("agrees_with_gold"),
     );
     let gold_pass = col("gold").is_null().or(col("agrees_with_gold"));
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "disagrees_with_gold",
@@ -323,7 +324,7 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
             .alias("_agreement"),
         );
     let multi = col("_samples").gt(lit(1));
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "low_agreement",
@@ -332,7 +333,7 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
             .not()
             .or(col("_agreement").gt_eq(lit(cfg.min_agreement))),
     );
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "minority_answer",
@@ -340,9 +341,9 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
     );
     let one = cfg.keep_rationales == KeepRationales::One;
     let first_sample = first_kept_in_group(&prev, "id", col("sample"))?;
-    lf = rule(lf, &mut prev, "extra_rationale", on(one, first_sample));
+    lf = add_rule(lf, &mut prev, "extra_rationale", on(one, first_sample));
 
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "low_confidence",
@@ -358,18 +359,18 @@ pub fn plan_head(df: DataFrame, task: &Task, cfg: &CurateConfig) -> Result<(Lazy
     if let Some(max) = cfg.max_completion_tokens {
         length_ok = length_ok.and(col("completion_tokens").lt_eq(lit(max)));
     }
-    lf = rule(lf, &mut prev, "rationale_length", length_ok);
-    lf = rule(
+    lf = add_rule(lf, &mut prev, "rationale_length", length_ok);
+    lf = add_rule(
         lf,
         &mut prev,
         "answer_not_in_rationale",
         col("_states_answer"),
     );
-    lf = rule(lf, &mut prev, "wrong_arithmetic", col("_arith_ok"));
+    lf = add_rule(lf, &mut prev, "wrong_arithmetic", col("_arith_ok"));
     // Exact and near duplicates: keep the inputs (all their kept samples) of the first id
     // in each group.
     let exact = first_kept_in_group(&prev, "_norm", col("id"))?;
-    lf = rule(
+    lf = add_rule(
         lf,
         &mut prev,
         "duplicate_input",

@@ -42,23 +42,6 @@ pub fn scan(path: &Path) -> PolarsResult<LazyFrame> {
     )
 }
 
-/// The named columns of a Parquet file, those it has (the others are left out: the
-/// caller's column check names what is missing). Only those columns are read.
-pub fn read_columns(path: &Path, wanted: &[&str]) -> Result<DataFrame> {
-    if !path.exists() {
-        bail!("{} does not exist", path.display());
-    }
-    let unreadable = || format!("{} is not a readable Parquet file", path.display());
-    let scan = anyhow::Context::with_context(scan(path), unreadable)?;
-    let schema = anyhow::Context::with_context(scan.clone().collect_schema(), unreadable)?;
-    let present: Vec<Expr> = wanted
-        .iter()
-        .filter(|c| schema.contains(c))
-        .map(|c| col(*c))
-        .collect();
-    anyhow::Context::with_context(scan.select(present).collect(), unreadable)
-}
-
 /// Rows as JSON objects, for `kdpipe show`.
 pub fn rows_as_json(df: &DataFrame, limit: usize) -> Result<Vec<serde_json::Value>> {
     let n = df.height().min(limit);
