@@ -17,38 +17,92 @@ sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(1 2 4)
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
 cargo build --release --locked --bin kdpipe --example synth_teacher_rows >&2
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
 echo "| binary | teacher rows | top-k | teacher files MB | curate s | peak RSS MB | rows / s | rows out |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for m in "${sizes[@]}"; do
-  rm -rf "$work/runs"
-  inputs=$(python3 -c "print(int($m * 1e6 / 4))")
-  "$CARGO_TARGET_DIR/release/examples/synth_teacher_rows" "$inputs" 4 "$work/runs/bench" "$work/eval.jsonl" "${TOPK:-0}" >&2
+  if [ -n "${ROWS_CACHE:-}" ]; then
+    work="$ROWS_CACHE/${m}M-topk${TOPK:-0}"
+  else
+    work="$tmp/rows"
+    rm -rf "$work"
+  fi
+  if [ ! -e "$work/rows-complete" ]; then
+    rm -rf "$work/runs"
+    mkdir -p "$work"
+    inputs=$(python3 -c "print(int($m * 1e6 / 4))")
+    "$CARGO_TARGET_DIR/release/examples/synth_teacher_rows" "$inputs" 4 "$work/runs/bench" "$work/eval.jsonl" "${TOPK:-0}" >&2
+    touch "$work/rows-complete"
+  fi
   write_curate_bench_config "$work/bench.toml"
-  python3 - "$CARGO_TARGET_DIR/release/kdpipe" "$work" "${BASELINE:-}" "${REPS:-1}" "${TOPK:-0}" <<'PY'
-import json, os, resource, statistics, subprocess, sys, time
+  python3 - "${CURRENT:-$CARGO_TARGET_DIR/release/kdpipe}" "$work" "${BASELINE:-}" "${REPS:-1}" "${TOPK:-0}" 3>>"$tmp/phases" <<'PY'
+import json, os, re, statistics, subprocess, sys, threading, time
 current, work, baseline, reps, topk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 sides = [("this", current)] + ([("baseline", baseline)] if baseline else [])
 runs = {name: [] for name, _ in sides}
 rows_out = set()
+PASSES = ["partition", "head rules", "clusters", "split files"]
+
+
+def pass_after(line, now):
+    """The pass curate is in after printing `line` (its progress lines name them)."""
+    if re.search(r"rows in \d+ parts", line):
+        return "head rules"
+    m = re.search(r"(rules on part|clusters, bucket) (\d+)/(\d+)", line)
+    if m:
+        last = m.group(2) == m.group(3)
+        if m.group(1) == "rules on part":
+            return "clusters" if last else "head rules"
+        return "split files" if last else "clusters"
+    if "split files" in line:
+        return "split files"
+    return now
+
+
+def rss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def curate(binary):
-    """Wall seconds and peak RSS (MB, from wait4's rusage of this one child)."""
+    """Wall seconds, peak RSS (MB, from wait4's rusage of this one child) and the peak
+    RSS sampled in each pass."""
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "curate", "--config", "bench.toml"], cwd=work,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = {"pass": "partition", "err": []}
+
+    def follow():
+        for line in p.stderr:
+            state["err"].append(line)
+            state["pass"] = pass_after(line, state["pass"])
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    peaks = {}
+    while True:
+        done, status, usage = os.wait4(p.pid, os.WNOHANG)
+        if done:
+            break
+        now = state["pass"]
+        peaks[now] = max(peaks.get(now, 0.0), rss_mb(p.pid))
+        time.sleep(0.2)
+    reader.join()
     wall = time.monotonic() - t0
     if status != 0:
-        sys.exit(err.decode())
+        sys.exit("".join(state["err"]))
     out = json.load(open(os.path.join(work, "runs/bench/curate/report.json")))
     rows_out.add((out["rows_out"], json.dumps(out["splits"], sort_keys=True)))
     if len(rows_out) > 1:
         sys.exit(f"the binaries kept different rows: {rows_out}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, peaks
 
 
 for rep in range(reps):
@@ -67,9 +121,21 @@ def shown(values, digits):
 
 
 for name, _ in sides:
-    wall, wall_text = shown([w for w, _ in runs[name]], 1)
-    _, rss_text = shown([m for _, m in runs[name]], 0)
+    wall, wall_text = shown([w for w, _, _ in runs[name]], 1)
+    _, rss_text = shown([m for _, m, _ in runs[name]], 0)
     print(f"| {name} | {r['rows_in']:,} | {topk} | {mb:,.0f} | {wall_text} | {rss_text} | "
           f"{r['rows_in'] / wall:,.0f} | {r['rows_out']:,} |", flush=True)
+    # Per pass: the largest sample over the runs (a pass shorter than 0.2 s may have none).
+    # A binary that prints no progress lines (an older one) has its whole run as "partition".
+    cells = [f"{max(p[k] for _, _, p in runs[name] if k in p):,.0f}"
+             if any(k in p for _, _, p in runs[name]) else "—" for k in PASSES]
+    with os.fdopen(3, "w", closefd=False) as phases:
+        print(f"| {name} | {r['rows_in']:,} | " + " | ".join(cells) + " |", file=phases)
 PY
 done
+echo
+echo "Peak RSS MB sampled in each pass of curate:"
+echo
+echo "| binary | teacher rows | partition | head rules | clusters | split files |"
+echo "|---|---:|---:|---:|---:|---:|"
+cat "$tmp/phases"

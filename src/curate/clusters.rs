@@ -114,31 +114,51 @@ impl ClusterIndex {
         }
         let mut stored = Signatures::open(&signatures_path, near.bands * near.rows)?;
         let mut parent: Vec<u32> = (0..first_row.len() as u32).collect();
-        for path in &bucket_paths {
+        let started = std::time::Instant::now();
+        let mut compared = 0u64;
+        for (b, path) in bucket_paths.iter().enumerate() {
             let mut records = read_records(path)?;
             std::fs::remove_file(path)?;
             // Equal (band, key) together, the earliest input of each first.
             records.sort_unstable_by_key(|&(band, key, gid)| (band, key, first_row[gid as usize]));
             for group in records.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-                let Some(((_, _, lead), rest)) = group.split_first() else {
+                let Some((&(_, _, lead), rest)) = group.split_first() else {
                     continue;
                 };
-                if rest.is_empty() {
-                    continue;
-                }
-                let lead_signature = stored.get(*lead)?;
+                let mut lead_signature = None;
                 for &(_, _, gid) in rest {
-                    if near.similar(&stored.get(gid)?, &lead_signature) {
-                        union(&mut parent, &first_row, gid, *lead);
+                    // Already one cluster: comparing could not change it. A near-duplicate
+                    // pair meets in most bands, so this skips most signature reads.
+                    if root(&mut parent, gid) == root(&mut parent, lead) {
+                        continue;
+                    }
+                    let lead_signature = match &lead_signature {
+                        Some(s) => s,
+                        None => lead_signature.insert(stored.get(lead)?),
+                    };
+                    compared += 1;
+                    if near.similar(&stored.get(gid)?, lead_signature) {
+                        union(&mut parent, &first_row, gid, lead);
                     }
                 }
+            }
+            if bucket_paths.len() > 1 {
+                let (done, secs) = (b + 1, started.elapsed().as_secs_f64());
+                eprintln!(
+                    "curate: near-duplicate clusters, bucket {done}/{}, {compared} pairs compared, eta {:.0} s",
+                    bucket_paths.len(),
+                    secs / done as f64 * (bucket_paths.len() - done) as f64
+                );
             }
         }
         drop(stored);
         std::fs::remove_file(&signatures_path)?;
-        Ok((0..parent.len() as u32)
-            .map(|i| root(&mut parent, i))
-            .collect())
+        // Each entry becomes its root in place (no second array of the inputs' size).
+        for i in 0..parent.len() as u32 {
+            let r = root(&mut parent, i);
+            parent[i as usize] = r;
+        }
+        Ok(parent)
     }
 }
 
@@ -209,17 +229,18 @@ impl Signatures {
 /// Whether each input leads the near-duplicate rule's choice in its cluster: among the
 /// cluster's inputs with a row the head rules kept, the one whose kept row comes first.
 pub fn leaders(roots: &[u32], kept_row: &[u32]) -> Vec<bool> {
-    // Per root: the earliest kept row of its cluster and the input it belongs to.
-    let mut best: Vec<(u32, u32)> = vec![(u32::MAX, u32::MAX); roots.len()];
+    // Per root: the input of its cluster with the earliest kept row (u32::MAX: none yet).
+    let mut best: Vec<u32> = vec![u32::MAX; roots.len()];
     for (gid, (&r, &row)) in roots.iter().zip(kept_row).enumerate() {
-        if row < best[r as usize].0 {
-            best[r as usize] = (row, gid as u32);
+        let b = best[r as usize];
+        if row != u32::MAX && (b == u32::MAX || row < kept_row[b as usize]) {
+            best[r as usize] = gid as u32;
         }
     }
     roots
         .iter()
         .enumerate()
-        .map(|(gid, &r)| kept_row[gid] != u32::MAX && best[r as usize].1 == gid as u32)
+        .map(|(gid, &r)| best[r as usize] == gid as u32)
         .collect()
 }
 

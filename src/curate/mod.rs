@@ -223,9 +223,17 @@ fn curate_in_parts(
         Some(index) => index.roots()?,
         None => (0..inputs.kept_row.len() as u32).collect(),
     };
-    let leaders = clusters::leaders(&roots, &inputs.kept_row);
-    let split = roots.iter().map(|&r| inputs.split[r as usize]).collect();
-    let late = LateRules::new(leaders, inputs.contaminated, split, &task, &cfg.curate);
+    // Per-input arrays are the memory that grows with the rows: each goes once used.
+    let Inputs {
+        kept_row,
+        contaminated,
+        split: own_split,
+    } = inputs;
+    let leaders = clusters::leaders(&roots, &kept_row);
+    drop(kept_row);
+    let split = roots.iter().map(|&r| own_split[r as usize]).collect();
+    drop((roots, own_split));
+    let late = LateRules::new(leaders, contaminated, split, &task, &cfg.curate);
     let source = parts::PartsKept::new(kept_files, slice_rows, late)?;
     let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)?;
     let funnel = rules::RULES

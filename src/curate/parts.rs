@@ -8,7 +8,7 @@
 use super::rules::{LateRules, KEPT_COLUMNS};
 use super::splits::{KeptRows, ROW, RULE_COLUMNS};
 use crate::dedup::{hash64, normalize};
-use crate::io::parquet::{read_frame, scan, ROW_GROUP_ROWS};
+use crate::io::parquet::{read_frame, scan};
 use crate::records::TeacherRow;
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
@@ -77,20 +77,25 @@ pub struct Partition {
     pub rows_in: usize,
 }
 
-/// One part's rule columns: a part file, or, when one part holds every row, the scan of
-/// the teacher files itself (nothing to spread).
+/// One part's rule columns: its part files (one a flush of the spread, in row order), or,
+/// when one part holds every row, the scan of the teacher files itself (nothing to spread).
 pub enum Part {
-    File(PathBuf),
+    Files(Vec<PathBuf>),
     Whole(Box<LazyFrame>),
 }
 
 impl Part {
-    /// The part's rows, in row order (a part file is removed once read).
+    /// The part's rows, in row order (its files are removed once read).
     pub fn take(self) -> Result<DataFrame> {
         match self {
-            Part::File(path) => {
-                let df = read_frame(&path)?;
-                std::fs::remove_file(&path)?;
+            Part::Files(paths) => {
+                let mut frames = vec![];
+                for path in &paths {
+                    frames.push(read_frame(path)?);
+                    std::fs::remove_file(path)?;
+                }
+                let mut df = stack(&frames)?;
+                df.align_chunks();
                 Ok(df)
             }
             Part::Whole(scan) => Ok(scan.collect()?),
@@ -117,21 +122,16 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
         });
     }
     std::fs::create_dir_all(dir)?;
-    let schema = source.clone().collect_schema()?;
-    let mut writers = vec![];
-    let mut paths = vec![];
-    for p in 0..parts {
-        let path = dir.join(format!("part-{p:05}.parquet"));
-        let file = std::fs::File::create(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        writers.push(temp_writer(file).batched(&schema)?);
-        paths.push(path);
-    }
-    let flush_rows = (HELD_ROWS / parts).clamp(1024, ROW_GROUP_ROWS * 4);
+    // A part's worth of rows is buffered at most (and never over HELD_ROWS), so this
+    // pass's memory follows part_rows like the others'.
+    let held_rows = part_rows.clamp(1, HELD_ROWS);
     let state = Arc::new(Mutex::new(Spread {
-        writers,
+        dir: dir.to_path_buf(),
+        files: vec![vec![]; parts],
+        flushes: 0,
         buffered: (0..parts).map(|_| vec![]).collect(),
-        flush_rows,
+        buffered_rows: 0,
+        held_rows,
         next_row: 0,
     }));
     let sink_state = Arc::clone(&state);
@@ -146,7 +146,7 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
         .sink_batches(
             PlanCallback::new(sink),
             true,
-            std::num::NonZeroUsize::new(65_536),
+            std::num::NonZeroUsize::new(held_rows.min(65_536)),
         )?
         .collect_with_engine(Engine::Streaming)?;
     let mut spread = std::mem::take(
@@ -154,23 +154,27 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
             .lock()
             .map_err(|_| anyhow!("a part writer panicked"))?,
     );
-    for p in 0..parts {
-        spread.flush(p)?;
-    }
-    for w in spread.writers {
-        w.finish()?;
-    }
+    spread.flush_all()?;
     Ok(Partition {
-        parts: paths.into_iter().map(Part::File).collect(),
+        parts: spread.files.into_iter().map(Part::Files).collect(),
         rows_in,
     })
 }
 
 #[derive(Default)]
 struct Spread {
-    writers: Vec<polars::io::parquet::write::BatchedWriter<std::fs::File>>,
+    dir: PathBuf,
+    /// Each part's files so far. A flush writes a new file a part rather than a row group
+    /// into one long-lived writer: a Parquet writer keeps every row group's metadata until
+    /// it finishes (~33 KB each here), and 100M rows in 200 parts make 40,000 row groups.
+    files: Vec<Vec<PathBuf>>,
+    flushes: usize,
+    /// Each part's rows not yet written: slices of the batches they came in, so all are
+    /// written together (a batch is freed once no slice of it is left).
     buffered: Vec<Vec<DataFrame>>,
-    flush_rows: usize,
+    buffered_rows: usize,
+    /// Rows buffered before all are written.
+    held_rows: usize,
     /// The row the next batch must start at: parts are written in row order.
     next_row: u64,
 }
@@ -185,7 +189,7 @@ impl Spread {
             }
             self.next_row += batch.height() as u64;
         }
-        let parts = self.writers.len();
+        let parts = self.files.len();
         let inputs: Vec<&str> = batch
             .column("input")?
             .str()?
@@ -201,37 +205,65 @@ impl Spread {
             .par_iter()
             .map(|&i| (hash64(&normalize(inputs[i])) % parts as u64) as usize)
             .collect();
-        let mut rows_of: Vec<Vec<IdxSize>> = vec![vec![]; parts];
+        let mut part_of_row = vec![0usize; inputs.len()];
         for (run, &start) in starts.iter().enumerate() {
             let end = starts.get(run + 1).copied().unwrap_or(inputs.len());
-            rows_of[part_of_run[run]].extend((start..end).map(|i| i as IdxSize));
+            part_of_row[start..end].fill(part_of_run[run]);
         }
-        for (p, rows) in rows_of.into_iter().enumerate() {
-            if rows.is_empty() {
+        // One gather puts each part's rows together (a counting sort: row order kept within
+        // a part); the parts' shares are slices of it. A gather a part would cost
+        // parts × batches calls, which grows with the square of the rows.
+        let mut part_rows = vec![0usize; parts];
+        for &p in &part_of_row {
+            part_rows[p] += 1;
+        }
+        let part_starts: Vec<usize> = part_rows
+            .iter()
+            .scan(0, |at, &n| {
+                *at += n;
+                Some(*at - n)
+            })
+            .collect();
+        let mut next_slot = part_starts.clone();
+        let mut order: Vec<IdxSize> = vec![0; inputs.len()];
+        for (i, &p) in part_of_row.iter().enumerate() {
+            order[next_slot[p]] = i as IdxSize;
+            next_slot[p] += 1;
+        }
+        let grouped = batch.take(&IdxCa::from_vec("".into(), order))?;
+        for p in 0..parts {
+            if part_rows[p] == 0 {
                 continue;
             }
-            let idx = IdxCa::from_vec("".into(), rows);
-            self.buffered[p].push(batch.take(&idx)?);
-            if self.buffered[p]
-                .iter()
-                .map(DataFrame::height)
-                .sum::<usize>()
-                >= self.flush_rows
-            {
-                self.flush(p)?;
-            }
+            self.buffered[p].push(grouped.slice(part_starts[p] as i64, part_rows[p]));
+        }
+        self.buffered_rows += grouped.height();
+        if self.buffered_rows >= self.held_rows {
+            self.flush_all()?;
         }
         Ok(())
     }
 
-    fn flush(&mut self, p: usize) -> PolarsResult<()> {
-        let frames = std::mem::take(&mut self.buffered[p]);
-        if frames.is_empty() {
-            return Ok(());
+    /// Each part's buffered rows to a new file of that part.
+    fn flush_all(&mut self) -> PolarsResult<()> {
+        for p in 0..self.buffered.len() {
+            let frames = std::mem::take(&mut self.buffered[p]);
+            if frames.is_empty() {
+                continue;
+            }
+            let mut df = stack(&frames)?;
+            df.align_chunks();
+            let path = self
+                .dir
+                .join(format!("part-{p:05}-{:05}.parquet", self.flushes));
+            let file = std::fs::File::create(&path)
+                .map_err(|e| polars_err!(ComputeError: "cannot create {}: {e}", path.display()))?;
+            temp_writer(file).finish(&mut df)?;
+            self.files[p].push(path);
         }
-        let mut df = stack(&frames)?;
-        df.align_chunks();
-        self.writers[p].write_batch(&df)
+        self.flushes += 1;
+        self.buffered_rows = 0;
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use super::rules::Counts;
 use anyhow::Result;
 use polars::prelude::*;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The figures of the kept rows the report shows, gathered batch by batch as the split
 /// files are written.
@@ -13,8 +13,8 @@ use std::collections::HashMap;
 pub struct KeptStats {
     rows: usize,
     labels: HashMap<Option<String>, usize>,
-    rationale_chars: Vec<u32>,
-    completion_tokens: Vec<u32>,
+    rationale_chars: Histogram,
+    completion_tokens: Histogram,
     /// Rows that agree with gold, disagree, have no verdict.
     gold: [usize; 3],
 }
@@ -27,13 +27,13 @@ impl KeptStats {
         for a in kept.column("answer")?.str()?.iter() {
             *self.labels.entry(a.map(str::to_string)).or_default() += 1;
         }
-        self.rationale_chars.extend(
+        self.rationale_chars.add_all(
             kept.column("rationale")?
                 .str()?
                 .iter()
                 .map(|r| r.map_or(0, |r| r.chars().count() as u32)),
         );
-        self.completion_tokens.extend(
+        self.completion_tokens.add_all(
             kept.column("completion_tokens")?
                 .cast(&DataType::UInt32)?
                 .u32()?
@@ -86,8 +86,8 @@ pub fn summary(
         "splits": splits,
         "labels": label_counts(kept),
         "agreement_histogram": counts.agreement_histogram,
-        "rationale_chars": stats(&kept.rationale_chars)?,
-        "completion_tokens": stats(&kept.completion_tokens)?,
+        "rationale_chars": kept.rationale_chars.stats(),
+        "completion_tokens": kept.completion_tokens.stats(),
         "agrees_with_gold": json!({"agree": kept.gold[0], "disagree": kept.gold[1], "unknown": kept.gold[2]}),
         "teachers": counts.teachers,
     }))
@@ -104,27 +104,49 @@ fn label_counts(kept: &KeptStats) -> Vec<Value> {
         .collect()
 }
 
-fn stats(values: &[u32]) -> Result<Value> {
-    if values.is_empty() {
-        return Ok(Value::Null);
+/// Counts of each value: the distribution of a per-row figure in memory that follows
+/// its distinct values, not the rows (100M kept rows would need 400 MB a figure as a list).
+#[derive(Debug, Default)]
+struct Histogram(BTreeMap<u32, u64>);
+
+impl Histogram {
+    fn add_all(&mut self, values: impl IntoIterator<Item = u32>) {
+        for v in values {
+            *self.0.entry(v).or_default() += 1;
+        }
     }
-    let e = col("v").cast(DataType::Float64);
-    let s = DataFrame::new(values.len(), vec![Column::new("v".into(), values)])?
-        .lazy()
-        .select([
-            e.clone().min().alias("min"),
-            e.clone().mean().alias("mean"),
-            e.clone().median().alias("median"),
-            e.clone()
-                .quantile(lit(0.9), QuantileMethod::Nearest)
-                .alias("p90"),
-            e.max().alias("max"),
-        ])
-        .collect()?;
-    let get = |c: &str| -> Result<Option<f64>> { Ok(s.column(c)?.f64()?.get(0)) };
-    Ok(
-        json!({"min": get("min")?, "mean": get("mean")?, "median": get("median")?, "p90": get("p90")?, "max": get("max")?}),
-    )
+
+    /// The value at 0-based rank `rank` of the sorted values.
+    fn at_rank(&self, rank: u64) -> Option<u32> {
+        let mut below = 0;
+        for (&v, &n) in &self.0 {
+            below += n;
+            if rank < below {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// min, mean, median (the two middle values' mean for an even count), p90 (the value
+    /// at rank round(0.9 (n − 1)), Polars' "nearest" quantile) and max; null when empty.
+    fn stats(&self) -> Value {
+        let n: u64 = self.0.values().sum();
+        let (Some((&min, _)), Some((&max, _))) =
+            (self.0.first_key_value(), self.0.last_key_value())
+        else {
+            return Value::Null;
+        };
+        let sum: u128 = self.0.iter().map(|(&v, &c)| v as u128 * c as u128).sum();
+        let middle = |rank| self.at_rank(rank).map_or(f64::NAN, f64::from);
+        let median = if n % 2 == 1 {
+            middle(n / 2)
+        } else {
+            (middle(n / 2 - 1) + middle(n / 2)) / 2.0
+        };
+        let p90 = middle(((n - 1) as f64 * 0.9).round() as u64);
+        json!({"min": min as f64, "mean": sum as f64 / n as f64, "median": median, "p90": p90, "max": max as f64})
+    }
 }
 
 /// report.md: the same facts, readable.
@@ -309,6 +331,67 @@ pub fn funnel_svg(r: &Value) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polars' own figures of a list of values: what report.json showed before the
+    /// histogram, and what it must still show.
+    fn polars_stats(values: &[u32]) -> Value {
+        let e = col("v").cast(DataType::Float64);
+        let s = DataFrame::new(values.len(), vec![Column::new("v".into(), values)])
+            .unwrap()
+            .lazy()
+            .select([
+                e.clone().min().alias("min"),
+                e.clone().mean().alias("mean"),
+                e.clone().median().alias("median"),
+                e.clone()
+                    .quantile(lit(0.9), QuantileMethod::Nearest)
+                    .alias("p90"),
+                e.max().alias("max"),
+            ])
+            .collect()
+            .unwrap();
+        let get = |c: &str| s.column(c).unwrap().f64().unwrap().get(0);
+        json!({"min": get("min"), "mean": get("mean"), "median": get("median"), "p90": get("p90"), "max": get("max")})
+    }
+
+    #[test]
+    fn the_histogram_gives_polars_figures_for_odd_even_and_skewed_counts() {
+        let mut seed = 7u64;
+        let mut next = move |m: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) % m) as u32
+        };
+        for (n, spread) in [
+            (1, 10),
+            (2, 10),
+            (9, 3),
+            (10, 3),
+            (11, 1000),
+            (1000, 50),
+            (1001, 5000),
+        ] {
+            let mut values: Vec<u32> = (0..n).map(|_| next(spread)).collect();
+            // A long tail, so p90 and the mean sit away from the median.
+            values.extend((0..n / 10).map(|_| 10_000 + next(100_000)));
+            let mut h = Histogram::default();
+            h.add_all(values.iter().copied());
+            let (ours, theirs) = (h.stats(), polars_stats(&values));
+            for k in ["min", "median", "p90", "max"] {
+                assert_eq!(ours[k], theirs[k], "{k} of {n} values");
+            }
+            let (a, b) = (
+                ours["mean"].as_f64().unwrap(),
+                theirs["mean"].as_f64().unwrap(),
+            );
+            assert!(
+                (a - b).abs() <= 1e-9 * b.abs(),
+                "mean of {n} values: {a} vs {b}"
+            );
+        }
+        assert_eq!(Histogram::default().stats(), Value::Null);
+    }
 
     #[test]
     fn the_funnel_draws_every_rule_with_its_counts_on_a_rows_axis() {
