@@ -2,14 +2,22 @@
 # How `kdpipe curate` grows with the number of teacher rows: synthetic rows
 # (`examples/synth_teacher_rows.rs`, 4 samples an input, every rule with work to do, the
 # settings of scripts/bench/curate.sh) at each size, `kdpipe curate` on them, its wall
-# time and peak RSS (the whole process, from wait4's rusage). Prints one table.
+# time and peak RSS (the whole process, from wait4's rusage). Prints two tables.
 #
 # TOPK=20 gives every row token top-20 soft labels (a local teacher's rows; most of their
 # bytes). BASELINE=/path/to/an/older/kdpipe runs that binary too, interleaved with this
 # one on the same rows, REPS times each (default 1): the same-run comparison for a change
-# to curate. Medians, with the range in brackets when REPS > 1.
+# to curate. Medians, with the range in brackets when REPS > 1. A second table gives the
+# peak RSS and the seconds of each pass of curate (RSS sampled from /proc every 0.2 s;
+# passes told apart by the progress lines curate prints on stderr): where the memory and
+# the time go.
 #
-#   [TOPK=20] [BASELINE=…] [REPS=3] scripts/bench/curate_scale.sh [MILLIONS...]  (default: 1 2 4)
+# ROWS_CACHE=DIR keeps each size's synthetic rows in DIR/<size>M-topk<k> (generated once,
+# reused by later runs: 100M rows take ~15 min to generate here). CURRENT=/path/to/kdpipe
+# times that binary instead of the one this script builds (e.g. a copy, so a build can go on).
+#
+#   [TOPK=20] [BASELINE=…] [REPS=3] [ROWS_CACHE=…] [CURRENT=…] scripts/bench/curate_scale.sh [MILLIONS...]
+#   (default sizes: 1 2 4)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/bench/curate-bench-config.sh
@@ -77,12 +85,14 @@ def curate(binary):
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "curate", "--config", "bench.toml"], cwd=work,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = {"pass": "partition", "err": []}
+    state = {"pass": "partition", "err": [], "began": {"partition": t0}}
 
     def follow():
         for line in p.stderr:
             state["err"].append(line)
-            state["pass"] = pass_after(line, state["pass"])
+            now = pass_after(line, state["pass"])
+            state["began"].setdefault(now, time.monotonic())
+            state["pass"] = now
 
     reader = threading.Thread(target=follow)
     reader.start()
@@ -102,6 +112,11 @@ def curate(binary):
     rows_out.add((out["rows_out"], json.dumps(out["splits"], sort_keys=True)))
     if len(rows_out) > 1:
         sys.exit(f"the binaries kept different rows: {rows_out}")
+    # Seconds in each pass: from its first progress line to the next pass's (the last
+    # pass ends with the process).
+    began = sorted((t, k) for k, t in state["began"].items())
+    ends = [t for t, _ in began[1:]] + [t0 + wall]
+    peaks["seconds"] = {k: end - t for (t, k), end in zip(began, ends)}
     return wall, usage.ru_maxrss / 1024, peaks
 
 
@@ -129,13 +144,16 @@ for name, _ in sides:
     # A binary that prints no progress lines (an older one) has its whole run as "partition".
     cells = [f"{max(p[k] for _, _, p in runs[name] if k in p):,.0f}"
              if any(k in p for _, _, p in runs[name]) else "—" for k in PASSES]
+    # and the median seconds in each pass
+    cells += [f"{statistics.median(p['seconds'].get(k, 0.0) for _, _, p in runs[name]):,.0f}"
+              if any(k in p["seconds"] for _, _, p in runs[name]) else "—" for k in PASSES]
     with os.fdopen(3, "w", closefd=False) as phases:
         print(f"| {name} | {r['rows_in']:,} | " + " | ".join(cells) + " |", file=phases)
 PY
 done
 echo
-echo "Peak RSS MB sampled in each pass of curate:"
+echo "Peak RSS MB sampled in each pass of curate, then the seconds each pass took (median):"
 echo
-echo "| binary | teacher rows | partition | head rules | clusters | split files |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| binary | teacher rows | MB partition | MB head rules | MB clusters | MB split files | s partition | s head rules | s clusters | s split files |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 cat "$tmp/phases"

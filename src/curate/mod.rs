@@ -463,6 +463,13 @@ mod tests {
     }
 
     #[test]
+    fn part_by_part_equals_all_rows_in_memory_with_more_parts_than_inputs() {
+        // 320 parts for 240 inputs: many parts get no input at all.
+        let removed = parts_equal_memory(false, |cfg| cfg.curate.part_rows = 3);
+        assert!(removed["near_duplicate_input"] > 0, "{removed:?}");
+    }
+
+    #[test]
     fn part_by_part_equals_all_rows_in_memory_with_gold_flagged_and_one_rationale() {
         let removed = parts_equal_memory(false, |cfg| {
             cfg.curate.gold = crate::config::GoldRule::Flag;

@@ -156,7 +156,13 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
     );
     spread.flush_all()?;
     Ok(Partition {
-        parts: spread.files.into_iter().map(Part::Files).collect(),
+        // A part no input hashed to has no file and nothing to judge.
+        parts: spread
+            .files
+            .into_iter()
+            .filter(|files| !files.is_empty())
+            .map(Part::Files)
+            .collect(),
         rows_in,
     })
 }
