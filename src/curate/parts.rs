@@ -216,32 +216,22 @@ impl Spread {
             let end = starts.get(run + 1).copied().unwrap_or(inputs.len());
             part_of_row[start..end].fill(part_of_run[run]);
         }
-        // One gather puts each part's rows together (a counting sort: row order kept within
+        // One gather puts each part's rows together (a stable sort: row order kept within
         // a part); the parts' shares are slices of it. A gather a part would cost
         // parts × batches calls, which grows with the square of the rows.
         let mut part_rows = vec![0usize; parts];
         for &p in &part_of_row {
             part_rows[p] += 1;
         }
-        let part_starts: Vec<usize> = part_rows
-            .iter()
-            .scan(0, |at, &n| {
-                *at += n;
-                Some(*at - n)
-            })
-            .collect();
-        let mut next_slot = part_starts.clone();
-        let mut order: Vec<IdxSize> = vec![0; inputs.len()];
-        for (i, &p) in part_of_row.iter().enumerate() {
-            order[next_slot[p]] = i as IdxSize;
-            next_slot[p] += 1;
-        }
+        let mut order: Vec<IdxSize> = (0..inputs.len() as IdxSize).collect();
+        order.sort_by_key(|&i| part_of_row[i as usize]);
         let grouped = batch.take(&IdxCa::from_vec("".into(), order))?;
-        for p in 0..parts {
-            if part_rows[p] == 0 {
-                continue;
+        let mut at = 0;
+        for (p, &n) in part_rows.iter().enumerate() {
+            if n > 0 {
+                self.buffered[p].push(grouped.slice(at as i64, n));
             }
-            self.buffered[p].push(grouped.slice(part_starts[p] as i64, part_rows[p]));
+            at += n;
         }
         self.buffered_rows += grouped.height();
         if self.buffered_rows >= self.held_rows {
