@@ -9,12 +9,13 @@
 //! key) are compared with the earliest of them (by first row, the order `NearDup` sees
 //! them in), and a similar pair joins their clusters in a union-find whose root is each
 //! cluster's earliest input. Memory: 4 bytes an input for the union-find, 4 for the first
-//! rows, and one bucket file's records (16 bytes each) at a time.
+//! rows, and one bucket file's records (16 bytes each) and groups at a time; the groups
+//! of a bucket are compared across the cores.
 
 use crate::dedup::NearDup;
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Bytes of one bucket record: band (1), key (8), gid (4).
@@ -112,35 +113,51 @@ impl ClusterIndex {
         for mut b in buckets {
             b.flush()?;
         }
-        let mut stored = Signatures::open(&signatures_path, near.bands * near.rows)?;
+        let stored = Signatures::open(&signatures_path, near.bands * near.rows)?;
         let mut parent: Vec<u32> = (0..first_row.len() as u32).collect();
         let started = std::time::Instant::now();
         let mut compared = 0u64;
         for (b, path) in bucket_paths.iter().enumerate() {
+            use rayon::prelude::*;
             let mut records = read_records(path)?;
             std::fs::remove_file(path)?;
             // Equal (band, key) together, the earliest input of each first.
             records.sort_unstable_by_key(|&(band, key, gid)| (band, key, first_row[gid as usize]));
-            for group in records.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
-                let Some((&(_, _, lead), rest)) = group.split_first() else {
-                    continue;
-                };
-                let mut lead_signature = None;
-                for &(_, _, gid) in rest {
-                    // Already one cluster: comparing could not change it. A near-duplicate
-                    // pair meets in most bands, so this skips most signature reads.
-                    if root(&mut parent, gid) == root(&mut parent, lead) {
-                        continue;
-                    }
-                    let lead_signature = match &lead_signature {
-                        Some(s) => s,
-                        None => lead_signature.insert(stored.get(lead)?),
-                    };
-                    compared += 1;
-                    if near.similar(&stored.get(gid)?, lead_signature) {
-                        union(&mut parent, &first_row, gid, lead);
-                    }
-                }
+            let groups: Vec<&[Record]> = records
+                .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
+                .filter(|group| group.len() > 1)
+                .collect();
+            // The groups are compared across the cores against the clusters as they stood
+            // before this bucket, and the similar pairs joined after: the clusters are the
+            // connected components of the similar pairs, in whatever order they are joined
+            // (a root that changed within the bucket only costs a comparison).
+            let (similar, n) = groups
+                .par_iter()
+                .try_fold(
+                    || (Scratch::default(), vec![], 0u64),
+                    |(mut scratch, mut similar, n), group| -> Result<_> {
+                        let m = compare_group(
+                            group,
+                            &parent,
+                            &near,
+                            &stored,
+                            &mut scratch,
+                            &mut similar,
+                        )?;
+                        Ok((scratch, similar, n + m))
+                    },
+                )
+                .map(|folded| folded.map(|(_, similar, n)| (similar, n)))
+                .try_reduce(
+                    || (vec![], 0),
+                    |(mut a, n), (b, m)| {
+                        a.extend(b);
+                        Ok((a, n + m))
+                    },
+                )?;
+            compared += n;
+            for (a, lead) in similar {
+                union(&mut parent, &first_row, a, lead);
             }
             if bucket_paths.len() > 1 {
                 let (done, secs) = (b + 1, started.elapsed().as_secs_f64());
@@ -160,6 +177,57 @@ impl ClusterIndex {
         }
         Ok(parent)
     }
+}
+
+/// One record of a bucket file: band, band key, gid.
+type Record = (u8, u64, u32);
+
+/// One thread's buffers for reading signatures.
+#[derive(Default)]
+struct Scratch {
+    bytes: Vec<u8>,
+    lead: Vec<u16>,
+    other: Vec<u16>,
+}
+
+/// Compare each input of a group (one band key) with its lead, the group's first, unless
+/// already in the lead's cluster; push the similar ones with the lead to `similar`.
+/// Returns the pairs compared.
+fn compare_group(
+    group: &[Record],
+    parent: &[u32],
+    near: &NearDup,
+    stored: &Signatures,
+    scratch: &mut Scratch,
+    similar: &mut Vec<(u32, u32)>,
+) -> Result<u64> {
+    let lead = group[0].2;
+    let lead_root = find(parent, lead);
+    let mut compared = 0;
+    for &(_, _, gid) in &group[1..] {
+        // Already one cluster: comparing could not change it. A near-duplicate pair meets
+        // in most bands, so this skips most signature reads.
+        if find(parent, gid) == lead_root {
+            continue;
+        }
+        if compared == 0 {
+            stored.get(lead, &mut scratch.bytes, &mut scratch.lead)?;
+        }
+        compared += 1;
+        stored.get(gid, &mut scratch.bytes, &mut scratch.other)?;
+        if near.similar(&scratch.other, &scratch.lead) {
+            similar.push((gid, lead));
+        }
+    }
+    Ok(compared)
+}
+
+/// The root of i's cluster, without shortening paths (for threads that share `parent`).
+fn find(parent: &[u32], mut i: u32) -> u32 {
+    while parent[i as usize] != i {
+        i = parent[i as usize];
+    }
+    i
 }
 
 fn root(parent: &mut [u32], mut i: u32) -> u32 {
@@ -185,7 +253,7 @@ fn union(parent: &mut [u32], first_row: &[u32], a: u32, b: u32) {
     parent[hi as usize] = lo;
 }
 
-fn read_records(path: &Path) -> Result<Vec<(u8, u64, u32)>> {
+fn read_records(path: &Path) -> Result<Vec<Record>> {
     let mut bytes = vec![];
     File::open(path)
         .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
@@ -202,9 +270,14 @@ fn read_records(path: &Path) -> Result<Vec<(u8, u64, u32)>> {
         .collect())
 }
 
-/// The short signatures file, read by gid.
+/// The short signatures file, read by gid: one positioned read a signature, from any
+/// thread, into the reader's buffers. (A seek, a read and an allocation a signature, on
+/// one thread, were most of this pass's time at 100M rows: 25M inputs, ~60M pairs. A
+/// memory map was faster, but its pages counted in curate's resident memory, up to the
+/// whole file, and the merge after it ran 2.8× slower.)
 struct Signatures {
     file: File,
+    /// Values a signature.
     len: usize,
 }
 
@@ -214,15 +287,21 @@ impl Signatures {
         Ok(Signatures { file, len })
     }
 
-    fn get(&mut self, gid: u32) -> Result<Vec<u32>> {
-        let mut bytes = vec![0u8; self.len * 4];
+    /// Signature `gid` into `out` (`bytes`: a buffer for the read).
+    fn get(&self, gid: u32, bytes: &mut Vec<u8>, out: &mut Vec<u16>) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let size = self.len * 2;
+        bytes.resize(size, 0);
         self.file
-            .seek(SeekFrom::Start(gid as u64 * bytes.len() as u64))?;
-        self.file.read_exact(&mut bytes)?;
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+            .read_exact_at(bytes, gid as u64 * size as u64)
+            .with_context(|| format!("cannot read input {gid}'s near-duplicate signature"))?;
+        out.clear();
+        out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]])),
+        );
+        Ok(())
     }
 }
 
