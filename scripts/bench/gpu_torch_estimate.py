@@ -31,33 +31,28 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 REPS = 3
 
+
+def qwen_coder(hidden, intermediate, layers, heads):
+    """A Qwen2.5-Coder size: the family's vocabulary, 2 key-value heads and rope base, and
+    an output head of its own (the GGUF files carry one)."""
+    return (
+        Qwen2ForCausalLM,
+        Qwen2Config(
+            vocab_size=151936,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=2,
+            rope_theta=1e6,
+            tie_word_embeddings=False,
+        ),
+    )
+
+
 MODELS = {
-    "Qwen2.5-Coder-1.5B": (
-        Qwen2ForCausalLM,
-        Qwen2Config(
-            vocab_size=151936,
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            rope_theta=1e6,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "Qwen2.5-Coder-0.5B": (
-        Qwen2ForCausalLM,
-        Qwen2Config(
-            vocab_size=151936,
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=24,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            rope_theta=1e6,
-            tie_word_embeddings=False,
-        ),
-    ),
+    "Qwen2.5-Coder-1.5B": qwen_coder(1536, 8960, 28, 12),
+    "Qwen2.5-Coder-0.5B": qwen_coder(896, 4864, 24, 14),
     "SmolLM2-135M": (
         LlamaForCausalLM,
         LlamaConfig(
