@@ -12,7 +12,11 @@
 //! (which drops Q8_0's offset of 128·d), and multiplied as |w| × (x with w's sign),
 //! at most 2·128·127 = 32,512 a pair.
 //!
-//! The integer sums equal the AVX-512 kernel's; the f32 steps after them are the same.
+//! The integer sums equal the AVX-512 kernel's; the f32 steps after them are the same,
+//! except for Q4_K (`rows_q4k`): there the sub-scales multiply in `vpmaddwd` instead of
+//! ones and a block of 256 is summed in integers before one conversion, five vector
+//! operations fewer a group and row than `rows` and no register spilled (see
+//! docs/PERFORMANCE.md for what it measured).
 
 use super::activations::Q8Row;
 use super::formats::{CodeBits, Format, GROUP};
@@ -35,6 +39,9 @@ pub fn tiles(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]])
     // compiled for the matrix's code width.
     unsafe {
         match m.format.code_bits() {
+            _ if m.format == Format::Q4K => {
+                tiles_simd(m, first, acts, out, rows_q4k::<4>, rows_q4k::<1>)
+            }
             CodeBits::Four => tiles_simd(m, first, acts, out, rows::<4, 4>, rows::<1, 4>),
             CodeBits::Five => tiles_simd(m, first, acts, out, rows::<4, 5>, rows::<1, 5>),
             CodeBits::Six => tiles_simd(m, first, acts, out, rows::<4, 6>, rows::<1, 6>),
@@ -224,6 +231,98 @@ unsafe fn rows<const R: usize, const BITS: u8>(
         for r in 0..R {
             let y = _mm256_sub_ps(acc[r], off[r]);
             _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), y);
+        }
+    }
+    out
+}
+
+/// Half `h`'s integer sub-scales and minima of a Q4_K block as `vpmaddwd` takes them: a
+/// row's value in both 16-bit halves of its 32-bit lane, one register per sub-block of
+/// 32 (groups 2k and 2k + 1).
+///
+/// # Safety
+/// As `rows_q4k`; `block` starts a whole block of a tile laid out by `l`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4k_block_integers(
+    l: &Layout,
+    block: *const u8,
+    h: usize,
+    scale: &mut [__m256i; 8],
+    min: &mut [__m256i; 8],
+) {
+    let twice = |at: usize| {
+        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(at + 8 * h) as *const _));
+        _mm256_or_si256(v, _mm256_slli_epi32::<16>(v))
+    };
+    for k in 0..8 {
+        scale[k] = twice(l.sub_scale_at + 16 * k);
+        min[k] = twice(l.sub_min_at + 16 * k);
+    }
+}
+
+/// `rows` for Q4_K (w = d·s·q − dmin·m), whose activations share one scale per block of
+/// 256 (`Format::activation_block`): a group's products are multiplied by the integer
+/// sub-scales in `vpmaddwd` (instead of by ones) and a block's add up in integers; its
+/// minima multiply the activations' integer group sums the same way; so a block is
+/// converted to f32 twice instead of once a group.
+///
+/// No sum can overflow: a row's i16 pair sums of a group are at most 15,240 (as
+/// `group_dot`), so a group adds at most 2 · 15,240 · 63 (under 2²¹) to a lane, 16 groups
+/// a block; the minima's sum is at most 16 · 63 · 2,032.
+///
+/// # Safety
+/// As `rows`, for a Q4_K matrix whose activation rows were quantized in blocks of 256.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_q4k<const R: usize>(l: &Layout, tile: *const u8, a: [Q8Row; R]) -> [[f32; TILE]; R] {
+    debug_assert!(l.format == Format::Q4K && l.groups_per_block == 16);
+    debug_assert!(a
+        .iter()
+        .all(|a| a.qs.len() == l.cols && a.int_sum.len() == l.cols / GROUP));
+    let mut out = [[0f32; TILE]; R];
+    let mut scale = [_mm256_setzero_si256(); 8];
+    let mut min = [_mm256_setzero_si256(); 8];
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..l.blocks {
+            let block = tile.add(b * l.block_bytes);
+            q4k_block_integers(l, block, h, &mut scale, &mut min);
+            let codes = block.add(l.header_bytes);
+            let first = b * 16;
+            let mut dots = [_mm256_setzero_si256(); R];
+            for gb in 0..16 {
+                let c = group_codes::<4>(codes.add(gb * l.group_bytes), h);
+                let s = scale[gb / 2];
+                for r in 0..R {
+                    let q = a[r].qs.as_ptr().add((first + gb) * GROUP) as *const i32;
+                    let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let p = |k: usize| _mm256_maddubs_epi16(c[k], x[k]);
+                    let sum = _mm256_add_epi16(
+                        _mm256_add_epi16(p(0), p(1)),
+                        _mm256_add_epi16(p(2), p(3)),
+                    );
+                    dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(sum, s));
+                }
+            }
+            let f16s =
+                |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
+            let (d, dmin) = (f16s(0), f16s(l.min_at));
+            for r in 0..R {
+                // Σ over sub-blocks k of m_k · (byte sum of group 2k + of group 2k + 1).
+                let sums = a[r].int_sum.as_ptr().add(first) as *const i32;
+                let mut mins = _mm256_setzero_si256();
+                for (k, &m) in min.iter().enumerate() {
+                    let two = _mm256_set1_epi32(sums.add(k).read_unaligned());
+                    mins = _mm256_add_epi32(mins, _mm256_madd_epi16(m, two));
+                }
+                let x_scale = _mm256_set1_ps(*a[r].scale.get_unchecked(first));
+                let (s, m) = (_mm256_mul_ps(d, x_scale), _mm256_mul_ps(dmin, x_scale));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), s, acc[r]);
+                acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), m, acc[r]);
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), acc[r]);
         }
     }
     out

@@ -1,6 +1,7 @@
 //! `x · Wᵀ` with `W` kept in a block-quantized format, repacked on load into tiles of 16
-//! rows (`packed`): the activations are quantized per 32 values (`activations`); a SIMD
-//! kernel (`avx512`, `avx2`, picked at run time, or the portable one here) takes a group
+//! rows (`packed`): the activations are quantized in blocks of 32 values, or of 256 for
+//! Q4_K (`activations`); a SIMD kernel (`avx512`, `avx2`, picked at run time, or
+//! the portable one here) takes a group
 //! of 16 columns of a tile at a time, 4 columns of the 16 rows against 4 broadcast
 //! activation bytes per instruction, sums the group in integers and scales it once, in
 //! f32.
@@ -169,7 +170,7 @@ impl QMatrix {
         if x.is_empty() || self.rows == 0 {
             return Vec::new();
         }
-        let acts = Q8Rows::quantize(x, self.cols);
+        let acts = Q8Rows::quantize(x, self.cols, self.format.activation_block());
         let m = acts.rows();
         let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
         // Computed as [tile, m, 16] so that a task owns a contiguous slice, then copied

@@ -5,7 +5,8 @@
 //! `formats` reads every supported format into one form (a byte code per weight, a scale
 //! and an offset per 16 weights); `packed` regroups a matrix's rows on load, 16 at a time,
 //! in the order the product reads them; `activations` quantizes the input rows to 8 bits
-//! per 32 values on the fly, as llama.cpp does; `matmul` multiplies the two with integer
+//! per block of 32 values (256 for Q4_K) on the fly, as llama.cpp does; `matmul`
+//! multiplies the two with integer
 //! dot products. Tests compare each format with candle's dequantization (an independent
 //! reading of the same layouts) and the product with an f64 product of the dequantized
 //! weights.
@@ -85,16 +86,17 @@ mod tests {
     /// Compares `m`'s product with the f64 product of the dequantized weights. Returns the
     /// worst |y − reference| over ‖w‖·‖x‖ (the product's natural scale), and checks every
     /// output against the rounding bound: each activation moves by at most half its step
-    /// (max |x| of its 32 / 127), so |y − reference| ≤ Σ |w| · step / 2.
+    /// (max |x| of its block of 32 or 256 / 127), so |y − reference| ≤ Σ |w| · step / 2.
     fn check_product(m: &QMatrix, x: &[f32]) -> f64 {
         let w = m.dequantize();
         let y = m.matmul(x).unwrap();
         let rows = x.len() / m.cols;
+        let block = m.format.activation_block();
         let mut worst = 0f64;
         for i in 0..rows {
             let xi = &x[i * m.cols..(i + 1) * m.cols];
             let steps: Vec<f64> = xi
-                .chunks(32)
+                .chunks(block)
                 .map(|b| f64::from(b.iter().fold(0f32, |a, v| a.max(v.abs()))) / 127.0)
                 .collect();
             let x_norm = xi.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
@@ -108,7 +110,7 @@ mod tests {
                 let bound: f64 = wr
                     .iter()
                     .enumerate()
-                    .map(|(e, a)| f64::from(a.abs()) * steps[e / 32] / 2.0)
+                    .map(|(e, a)| f64::from(a.abs()) * steps[e / block] / 2.0)
                     .sum();
                 let w_norm = wr.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
                 let err = (f64::from(y[i * m.rows + r]) - exact).abs();
