@@ -159,15 +159,16 @@ unsafe fn group_codes<const BITS: u8>(codes: *const u8, h: usize) -> [__m256i; 4
 }
 
 /// The group's 8 rows' integer dot products: codes `c` (run k) against the 4 activation
-/// bytes broadcast in `x` (run k), as the module comment bounds them.
+/// bytes broadcast in `x` (run k), as the module comment bounds them, widened to i32 by
+/// `vpmaddwd` against `by`: 16-bit ones for the plain sums (`rows`), the rows' integer
+/// sub-scales for Q4_K (`rows_q4k`).
 ///
 /// # Safety
 /// As `rows`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn group_dot<const BITS: u8>(c: &[__m256i; 4], x: [__m256i; 4]) -> __m256i {
-    let ones = _mm256_set1_epi16(1);
-    let widen = |p: __m256i| _mm256_madd_epi16(p, ones);
+unsafe fn group_dot<const BITS: u8>(c: &[__m256i; 4], x: [__m256i; 4], by: __m256i) -> __m256i {
+    let widen = |p: __m256i| _mm256_madd_epi16(p, by);
     if BITS == 8 {
         let p =
             |k: usize| _mm256_maddubs_epi16(_mm256_abs_epi8(c[k]), _mm256_sign_epi8(x[k], c[k]));
@@ -206,6 +207,7 @@ unsafe fn rows<const R: usize, const BITS: u8>(
     let mut out = [[0f32; TILE]; R];
     let mut scale = [_mm256_setzero_ps(); 16];
     let mut offset = [_mm256_setzero_ps(); 16];
+    let ones = _mm256_set1_epi16(1);
     for h in 0..2 {
         let mut acc = [_mm256_setzero_ps(); R];
         let mut off = [_mm256_setzero_ps(); R];
@@ -220,7 +222,7 @@ unsafe fn rows<const R: usize, const BITS: u8>(
                 for r in 0..R {
                     let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
                     let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
-                    let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x));
+                    let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x, ones));
                     let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[r].scale.get_unchecked(g)));
                     acc[r] = _mm256_fmadd_ps(sums, s, acc[r]);
                     let sum = _mm256_set1_ps(*a[r].sum.get_unchecked(g));
@@ -296,12 +298,7 @@ unsafe fn rows_q4k<const R: usize>(l: &Layout, tile: *const u8, a: [Q8Row; R]) -
                 for r in 0..R {
                     let q = a[r].qs.as_ptr().add((first + gb) * GROUP) as *const i32;
                     let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
-                    let p = |k: usize| _mm256_maddubs_epi16(c[k], x[k]);
-                    let sum = _mm256_add_epi16(
-                        _mm256_add_epi16(p(0), p(1)),
-                        _mm256_add_epi16(p(2), p(3)),
-                    );
-                    dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(sum, s));
+                    dots[r] = _mm256_add_epi32(dots[r], group_dot::<4>(&c, x, s));
                 }
             }
             let f16s =
