@@ -74,9 +74,9 @@ impl Format {
     /// Activation values that share one scale in a product with this format: 256 for
     /// Q4_K, as llama.cpp's q8_K, so that a block's integer products add up before one
     /// conversion to f32 (`avx2::rows_q4k`); 32 for the others, llama.cpp's q8_0. Q6_K
-    /// keeps 32: with 256 its rounding moved the Qwen2.5-Coder-0.5B teacher's next token
-    /// off llama.cpp's at 9 of 768 positions instead of 3 (tests/quantized.rs); Q4_K's
-    /// 256 moved 4.
+    /// keeps 32: with 256 for it too, Qwen2.5-Coder-0.5B's next token differed from
+    /// llama.cpp's at 9 of 768 positions instead of 3 (tests/quantized.rs); with 256 for
+    /// Q4_K alone, at 4.
     pub fn activation_block(self) -> usize {
         match self {
             Format::Q4K => 256,

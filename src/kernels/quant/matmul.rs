@@ -1,10 +1,9 @@
 //! `x · Wᵀ` with `W` kept in a block-quantized format, repacked on load into tiles of 16
 //! rows (`packed`): the activations are quantized in blocks of 32 values, or of 256 for
-//! Q4_K (`activations`); a SIMD kernel (`avx512`, `avx2`, picked at run time, or
-//! the portable one here) takes a group
-//! of 16 columns of a tile at a time, 4 columns of the 16 rows against 4 broadcast
-//! activation bytes per instruction, sums the group in integers and scales it once, in
-//! f32.
+//! Q4_K (`activations`); a SIMD kernel (`avx512`, `avx2`, picked at run time, or the
+//! portable one here) takes a group of 16 columns of a tile at a time, 4 columns of the
+//! 16 rows against 4 broadcast activation bytes per instruction, sums the group in
+//! integers and scales it once, in f32 (AVX2's Q4_K kernel: a block of 256 at once).
 //!
 //! A task takes a few tiles and runs every activation row over them, 4 rows at a time,
 //! so that 4 rows' quantized activations are read once for several tiles (on the 2-core

@@ -6,10 +6,9 @@
 //! and an offset per 16 weights); `packed` regroups a matrix's rows on load, 16 at a time,
 //! in the order the product reads them; `activations` quantizes the input rows to 8 bits
 //! per block of 32 values (256 for Q4_K) on the fly, as llama.cpp does; `matmul`
-//! multiplies the two with integer
-//! dot products. Tests compare each format with candle's dequantization (an independent
-//! reading of the same layouts) and the product with an f64 product of the dequantized
-//! weights.
+//! multiplies the two with integer dot products. Tests compare each format with candle's
+//! dequantization (an independent reading of the same layouts) and the product with an
+//! f64 product of the dequantized weights.
 
 pub mod activations;
 #[cfg(target_arch = "x86_64")]
