@@ -36,18 +36,47 @@ pub fn available() -> bool {
 pub fn tiles(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]]) {
     debug_assert!(available());
     // SAFETY: `KernelChoice` picks this kernel only where `available`; each pair is
-    // compiled for the matrix's code width.
+    // compiled for the matrix's format or code width.
     unsafe {
-        match m.format.code_bits() {
-            _ if m.format == Format::Q4K => {
-                tiles_simd(m, first, acts, out, rows_q4k::<4>, rows_q4k::<1>)
-            }
-            CodeBits::Four => tiles_simd(m, first, acts, out, rows::<4, 4>, rows::<1, 4>),
-            CodeBits::Five => tiles_simd(m, first, acts, out, rows::<4, 5>, rows::<1, 5>),
-            CodeBits::Six => tiles_simd(m, first, acts, out, rows::<4, 6>, rows::<1, 6>),
-            CodeBits::Eight => tiles_simd(m, first, acts, out, rows::<4, 8>, rows::<1, 8>),
+        match (m.format, m.format.code_bits()) {
+            (Format::Q4K, _) => tiles_simd(m, first, acts, out, rows_q4k::<4>, rows_q4k::<1>),
+            (_, CodeBits::Four) => tiles_simd(m, first, acts, out, rows::<4, 4>, rows::<1, 4>),
+            (_, CodeBits::Five) => tiles_simd(m, first, acts, out, rows::<4, 5>, rows::<1, 5>),
+            (_, CodeBits::Six) => tiles_simd(m, first, acts, out, rows::<4, 6>, rows::<1, 6>),
+            (_, CodeBits::Eight) => tiles_simd(m, first, acts, out, rows::<4, 8>, rows::<1, 8>),
         }
     }
+}
+
+/// Half `h`'s 8 values of the run of 16 f16s at `at` of a block's header, as f32.
+///
+/// # Safety
+/// As `rows`; the run lies inside the block at `block`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_f16s(block: *const u8, at: usize, h: usize) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _))
+}
+
+/// Half `h`'s 8 bytes of the run of 16 at `at` of a block's header.
+///
+/// # Safety
+/// As `half_f16s`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half_bytes(block: *const u8, at: usize, h: usize) -> __m128i {
+    _mm_loadl_epi64(block.add(at + 8 * h) as *const _)
+}
+
+/// Activation row `a`'s 4 runs of 4 bytes of group `g`, each broadcast to every lane.
+///
+/// # Safety
+/// As `rows`; `a` has group `g`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn group_bytes(a: &Q8Row, g: usize) -> [__m256i; 4] {
+    let q = a.qs.as_ptr().add(g * GROUP) as *const i32;
+    [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()))
 }
 
 /// Half `h`'s 8 rows' scales and offsets of each group of the block at `block`, from its
@@ -65,9 +94,8 @@ unsafe fn block_scales(
     scale: &mut [__m256; 16],
     offset: &mut [__m256; 16],
 ) {
-    // Half h's 8 values of the run of 16 at `at`: f16s, or bytes.
-    let f16s = |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
-    let bytes = |at: usize| _mm_loadl_epi64(block.add(at + 8 * h) as *const _);
+    let f16s = |at: usize| half_f16s(block, at, h);
+    let bytes = |at: usize| half_bytes(block, at, h);
     let d = f16s(0);
     match l.format {
         Format::Q4_0 | Format::Q5_0 | Format::Q8_0 => {
@@ -220,8 +248,7 @@ unsafe fn rows<const R: usize, const BITS: u8>(
                 let c = group_codes::<BITS>(codes.add(gb * l.group_bytes), h);
                 let (ws, wo) = (scale[gb], offset[gb]);
                 for r in 0..R {
-                    let q = a[r].qs.as_ptr().add(g * GROUP) as *const i32;
-                    let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let x = group_bytes(&a[r], g);
                     let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x, ones));
                     let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[r].scale.get_unchecked(g)));
                     acc[r] = _mm256_fmadd_ps(sums, s, acc[r]);
@@ -254,7 +281,7 @@ unsafe fn q4k_block_integers(
     min: &mut [__m256i; 8],
 ) {
     let twice = |at: usize| {
-        let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(block.add(at + 8 * h) as *const _));
+        let v = _mm256_cvtepu8_epi32(half_bytes(block, at, h));
         _mm256_or_si256(v, _mm256_slli_epi32::<16>(v))
     };
     for k in 0..8 {
@@ -296,14 +323,11 @@ unsafe fn rows_q4k<const R: usize>(l: &Layout, tile: *const u8, a: [Q8Row; R]) -
                 let c = group_codes::<4>(codes.add(gb * l.group_bytes), h);
                 let s = scale[gb / 2];
                 for r in 0..R {
-                    let q = a[r].qs.as_ptr().add((first + gb) * GROUP) as *const i32;
-                    let x = [0, 1, 2, 3].map(|k| _mm256_set1_epi32(q.add(k).read_unaligned()));
+                    let x = group_bytes(&a[r], first + gb);
                     dots[r] = _mm256_add_epi32(dots[r], group_dot::<4>(&c, x, s));
                 }
             }
-            let f16s =
-                |at: usize| _mm256_cvtph_ps(_mm_loadu_si128(block.add(at + 16 * h) as *const _));
-            let (d, dmin) = (f16s(0), f16s(l.min_at));
+            let (d, dmin) = (half_f16s(block, 0, h), half_f16s(block, l.min_at, h));
             for r in 0..R {
                 // Σ over sub-blocks k of m_k · (byte sum of group 2k + of group 2k + 1).
                 let sums = a[r].int_sum.as_ptr().add(first) as *const i32;
