@@ -101,8 +101,9 @@ pub struct Decoder {
     pub vars: Vec<(String, Var)>,
     /// The arithmetic of the training products (`[finetune] precision`).
     precision: Precision,
-    /// The key of this training pass's LoRA dropout masks (None: no dropout).
-    dropout_key: std::cell::Cell<Option<u64>>,
+    /// The key of this training pass's LoRA dropout masks (None: no dropout). A lock, not
+    /// a cell, so that the decoder is `Sync` and an inference step can run in the pool.
+    dropout_key: std::sync::Mutex<Option<u64>>,
     /// How inference's key/value caches store their numbers (f16 unless set).
     kv_precision: KvPrecision,
     /// RoPE tables `[positions, head_dim / 2]`.
@@ -157,7 +158,7 @@ impl Decoder {
             norm,
             vars,
             precision: Precision::F32,
-            dropout_key: std::cell::Cell::new(None),
+            dropout_key: std::sync::Mutex::new(None),
             cos,
             sin,
             device: device.clone(),
@@ -215,7 +216,7 @@ impl Decoder {
             norm,
             vars: Vec::new(),
             precision: Precision::F32,
-            dropout_key: std::cell::Cell::new(None),
+            dropout_key: std::sync::Mutex::new(None),
             cos,
             sin,
             device,
@@ -385,13 +386,13 @@ impl Decoder {
     /// Training passes set a key (from seed, step and micro-batch) so LoRA dropout draws
     /// reproducible masks; evaluation passes set None: no dropout.
     pub fn set_dropout_key(&self, key: Option<u64>) {
-        self.dropout_key.set(key);
+        *self.dropout_key.lock().unwrap_or_else(|e| e.into_inner()) = key;
     }
 
     fn pass(&self) -> Pass {
         Pass {
             precision: self.precision,
-            dropout_key: self.dropout_key.get(),
+            dropout_key: *self.dropout_key.lock().unwrap_or_else(|e| e.into_inner()),
         }
     }
 
