@@ -85,7 +85,16 @@ pub struct StagedDir {
 }
 
 impl StagedDir {
+    /// Stage a folder for `target`; an error, before anything is written, where `target`
+    /// is an existing file (a model given as an output folder by mistake would be moved
+    /// aside under a hidden name).
     pub fn begin(target: &Path) -> Result<StagedDir> {
+        if target.is_file() {
+            anyhow::bail!(
+                "{} is a file, and kdpipe writes a folder there; nothing was changed\nhint: give an output folder that does not exist yet (or one kdpipe wrote)",
+                target.display()
+            );
+        }
         let parent = target.parent().unwrap_or(Path::new("."));
         let name = target
             .file_name()
@@ -252,6 +261,17 @@ mod tests {
             std::fs::read_to_string(target.join("b.txt")).unwrap(),
             "new"
         );
+    }
+
+    #[test]
+    fn a_folder_is_never_staged_over_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model.gguf");
+        std::fs::write(&model, "weights").unwrap();
+        let err = StagedDir::begin(&model).err().unwrap().to_string();
+        assert!(err.contains("is a file"), "{err}");
+        assert_eq!(std::fs::read_to_string(&model).unwrap(), "weights");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
