@@ -17,6 +17,11 @@
 //! ones and a block of 256 is summed in integers before one conversion, five vector
 //! operations fewer a group and row than `rows` and no register spilled (see
 //! docs/PERFORMANCE.md for what it measured).
+//!
+//! One activation row (a step decoding one sequence) has its own kernels, `row` and
+//! `row_q4k`: with no other rows to share a tile's loads, the arithmetic bounds the
+//! product, and taking both halves of a group together broadcasts the activation bytes
+//! once instead of twice.
 
 use super::activations::Q8Row;
 use super::formats::{CodeBits, Format, GROUP};
@@ -39,11 +44,11 @@ pub fn tiles(m: &QMatrix, first: usize, acts: &[Q8Row], out: &mut [[f32; TILE]])
     // compiled for the matrix's format or code width.
     unsafe {
         match (m.format, m.format.code_bits()) {
-            (Format::Q4K, _) => tiles_simd(m, first, acts, out, rows_q4k::<4>, rows_q4k::<1>),
-            (_, CodeBits::Four) => tiles_simd(m, first, acts, out, rows::<4, 4>, rows::<1, 4>),
-            (_, CodeBits::Five) => tiles_simd(m, first, acts, out, rows::<4, 5>, rows::<1, 5>),
-            (_, CodeBits::Six) => tiles_simd(m, first, acts, out, rows::<4, 6>, rows::<1, 6>),
-            (_, CodeBits::Eight) => tiles_simd(m, first, acts, out, rows::<4, 8>, rows::<1, 8>),
+            (Format::Q4K, _) => tiles_simd(m, first, acts, out, rows_q4k, row_q4k),
+            (_, CodeBits::Four) => tiles_simd(m, first, acts, out, rows::<4>, row::<4>),
+            (_, CodeBits::Five) => tiles_simd(m, first, acts, out, rows::<5>, row::<5>),
+            (_, CodeBits::Six) => tiles_simd(m, first, acts, out, rows::<6>, row::<6>),
+            (_, CodeBits::Eight) => tiles_simd(m, first, acts, out, rows::<8>, row::<8>),
         }
     }
 }
@@ -214,55 +219,125 @@ unsafe fn group_dot<const BITS: u8>(c: &[__m256i; 4], x: [__m256i; 4], by: __m25
     }
 }
 
-/// The tile at `tile`'s 16 rows against R activation rows, one half of 8 rows at a time
-/// over the whole tile (so that the R rows' two accumulators of a half, its codes and
-/// the activation bytes fit AVX2's 16 registers): per group, the 8 rows' integer sums
-/// converted once and scaled by their scales times the activation scale; the offsets
-/// times the activations' group sums in a second f32 accumulator.
+/// The tile at `tile`'s 16 rows against 4 activation rows, one half of 8 rows at a time
+/// (so that the 4 rows' two accumulators of a half, its codes and the activation bytes
+/// fit AVX2's 16 registers): per group, the 8 rows' integer sums converted once and
+/// scaled by their scales times the activation scale; the offsets times the activations'
+/// group sums in a second f32 accumulator.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C (`available`); `tile` is a whole tile laid out by `l`
 /// with codes `BITS` wide; every row of `a` has `l.cols` columns.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows<const R: usize, const BITS: u8>(
-    l: &Layout,
-    tile: *const u8,
-    a: [Q8Row; R],
-) -> [[f32; TILE]; R] {
-    debug_assert!(a
-        .iter()
-        .all(|a| a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP));
-    let mut out = [[0f32; TILE]; R];
-    let mut scale = [_mm256_setzero_ps(); 16];
-    let mut offset = [_mm256_setzero_ps(); 16];
+unsafe fn rows<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 4]) -> [[f32; TILE]; 4] {
+    debug_assert!(a.iter().all(|a| fits(l, a)));
+    let mut scale = [[_mm256_setzero_ps(); 16]; 2];
+    let mut offset = [[_mm256_setzero_ps(); 16]; 2];
     let ones = _mm256_set1_epi16(1);
-    for h in 0..2 {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut off = [_mm256_setzero_ps(); R];
-        for b in 0..l.blocks {
-            let block = tile.add(b * l.block_bytes);
-            block_scales(l, block, h, &mut scale, &mut offset);
-            let codes = block.add(l.header_bytes);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut off = [[_mm256_setzero_ps(); 4]; 2];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        let codes = block.add(l.header_bytes);
+        for h in 0..2 {
+            block_scales(l, block, h, &mut scale[h], &mut offset[h]);
             for gb in 0..l.groups_per_block {
                 let g = b * l.groups_per_block + gb;
                 let c = group_codes::<BITS>(codes.add(gb * l.group_bytes), h);
-                let (ws, wo) = (scale[gb], offset[gb]);
-                for r in 0..R {
+                for r in 0..4 {
                     let x = group_bytes(&a[r], g);
-                    let sums = _mm256_cvtepi32_ps(group_dot::<BITS>(&c, x, ones));
-                    let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a[r].scale.get_unchecked(g)));
-                    acc[r] = _mm256_fmadd_ps(sums, s, acc[r]);
-                    let sum = _mm256_set1_ps(*a[r].sum.get_unchecked(g));
-                    off[r] = _mm256_fmadd_ps(wo, sum, off[r]);
+                    let sums = group_dot::<BITS>(&c, x, ones);
+                    let (acc, off) = (&mut acc[h][r], &mut off[h][r]);
+                    add_group(acc, off, sums, scale[h][gb], offset[h][gb], &a[r], g);
                 }
             }
         }
-        for r in 0..R {
-            let y = _mm256_sub_ps(acc[r], off[r]);
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), y);
+    }
+    let mut out = [[0f32; TILE]; 4];
+    for (r, out) in out.iter_mut().enumerate() {
+        for h in 0..2 {
+            let y = _mm256_sub_ps(acc[h][r], off[h][r]);
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), y);
         }
     }
     out
+}
+
+/// `rows` for one activation row (a decoding step of one sequence, where the product
+/// streams the weights once and the arithmetic bounds it): both halves of a group at
+/// once, so the activation bytes are broadcast once for 16 rows instead of twice. The
+/// integer sums are the same and the f32 steps are `rows`' in the same order, so a row's
+/// result is bit-identical to `rows`'.
+///
+/// # Safety
+/// As `rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 1]) -> [[f32; TILE]; 1] {
+    let a = &a[0];
+    debug_assert!(fits(l, a));
+    let mut scale = [[_mm256_setzero_ps(); 16]; 2];
+    let mut offset = [[_mm256_setzero_ps(); 16]; 2];
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut off = [_mm256_setzero_ps(); 2];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        let codes = block.add(l.header_bytes);
+        for h in 0..2 {
+            block_scales(l, block, h, &mut scale[h], &mut offset[h]);
+        }
+        for gb in 0..l.groups_per_block {
+            let g = b * l.groups_per_block + gb;
+            let x = group_bytes(a, g);
+            for h in 0..2 {
+                let c = group_codes::<BITS>(codes.add(gb * l.group_bytes), h);
+                let sums = group_dot::<BITS>(&c, x, ones);
+                add_group(
+                    &mut acc[h],
+                    &mut off[h],
+                    sums,
+                    scale[h][gb],
+                    offset[h][gb],
+                    a,
+                    g,
+                );
+            }
+        }
+    }
+    let mut out = [[0f32; TILE]; 1];
+    for h in 0..2 {
+        let y = _mm256_sub_ps(acc[h], off[h]);
+        _mm256_storeu_ps(out[0].as_mut_ptr().add(8 * h), y);
+    }
+    out
+}
+
+/// Whether activation row `a` has the columns and group scales of a tile laid out by `l`.
+fn fits(l: &Layout, a: &Q8Row) -> bool {
+    a.qs.len() == l.cols && a.scale.len() == l.cols / GROUP
+}
+
+/// One group's 8 rows into their accumulators: the integer `sums` times the rows'
+/// scales `ws` times activation row `a`'s scale of group `g`; the offsets `wo` times its
+/// group sum.
+///
+/// # Safety
+/// As `rows`; `a` has group `g`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_group(
+    acc: &mut __m256,
+    off: &mut __m256,
+    sums: __m256i,
+    ws: __m256,
+    wo: __m256,
+    a: &Q8Row,
+    g: usize,
+) {
+    let s = _mm256_mul_ps(ws, _mm256_set1_ps(*a.scale.get_unchecked(g)));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), s, *acc);
+    let sum = _mm256_set1_ps(*a.sum.get_unchecked(g));
+    *off = _mm256_fmadd_ps(wo, sum, *off);
 }
 
 /// Half `h`'s integer sub-scales and minima of a Q4_K block as `vpmaddwd` takes them: a
@@ -303,48 +378,113 @@ unsafe fn q4k_block_integers(
 /// # Safety
 /// As `rows`, for a Q4_K matrix whose activation rows were quantized in blocks of 256.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_q4k<const R: usize>(l: &Layout, tile: *const u8, a: [Q8Row; R]) -> [[f32; TILE]; R] {
+unsafe fn rows_q4k(l: &Layout, tile: *const u8, a: [Q8Row; 4]) -> [[f32; TILE]; 4] {
     debug_assert!(l.format == Format::Q4K && l.groups_per_block == 16);
-    debug_assert!(a
-        .iter()
-        .all(|a| a.qs.len() == l.cols && a.int_sum.len() == l.cols / GROUP));
-    let mut out = [[0f32; TILE]; R];
+    debug_assert!(a.iter().all(|a| fits_q4k(l, a)));
     let mut scale = [_mm256_setzero_si256(); 8];
     let mut min = [_mm256_setzero_si256(); 8];
-    for h in 0..2 {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..l.blocks {
-            let block = tile.add(b * l.block_bytes);
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        let codes = block.add(l.header_bytes);
+        for (h, acc) in acc.iter_mut().enumerate() {
             q4k_block_integers(l, block, h, &mut scale, &mut min);
-            let codes = block.add(l.header_bytes);
-            let first = b * 16;
-            let mut dots = [_mm256_setzero_si256(); R];
+            let mut dots = [_mm256_setzero_si256(); 4];
             for gb in 0..16 {
                 let c = group_codes::<4>(codes.add(gb * l.group_bytes), h);
                 let s = scale[gb / 2];
-                for r in 0..R {
-                    let x = group_bytes(&a[r], first + gb);
+                for r in 0..4 {
+                    let x = group_bytes(&a[r], 16 * b + gb);
                     dots[r] = _mm256_add_epi32(dots[r], group_dot::<4>(&c, x, s));
                 }
             }
-            let (d, dmin) = (half_f16s(block, 0, h), half_f16s(block, l.min_at, h));
-            for r in 0..R {
-                // Σ over sub-blocks k of m_k · (byte sum of group 2k + of group 2k + 1).
-                let sums = a[r].int_sum.as_ptr().add(first) as *const i32;
-                let mut mins = _mm256_setzero_si256();
-                for (k, &m) in min.iter().enumerate() {
-                    let two = _mm256_set1_epi32(sums.add(k).read_unaligned());
-                    mins = _mm256_add_epi32(mins, _mm256_madd_epi16(m, two));
-                }
-                let x_scale = _mm256_set1_ps(*a[r].scale.get_unchecked(first));
-                let (s, m) = (_mm256_mul_ps(d, x_scale), _mm256_mul_ps(dmin, x_scale));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), s, acc[r]);
-                acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), m, acc[r]);
+            for r in 0..4 {
+                add_q4k_block(&mut acc[r], dots[r], &min, block, l, h, &a[r], b);
             }
         }
-        for r in 0..R {
-            _mm256_storeu_ps(out[r].as_mut_ptr().add(8 * h), acc[r]);
+    }
+    let mut out = [[0f32; TILE]; 4];
+    for (r, out) in out.iter_mut().enumerate() {
+        for (h, acc) in acc.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), acc[r]);
         }
     }
     out
+}
+
+/// `rows_q4k` for one activation row, both halves of a group at once (as `row`);
+/// bit-identical to `rows_q4k`'s result for the row.
+///
+/// # Safety
+/// As `rows_q4k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn row_q4k(l: &Layout, tile: *const u8, a: [Q8Row; 1]) -> [[f32; TILE]; 1] {
+    debug_assert!(l.format == Format::Q4K && l.groups_per_block == 16);
+    let a = &a[0];
+    debug_assert!(fits_q4k(l, a));
+    let mut scale = [[_mm256_setzero_si256(); 8]; 2];
+    let mut min = [[_mm256_setzero_si256(); 8]; 2];
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..l.blocks {
+        let block = tile.add(b * l.block_bytes);
+        let codes = block.add(l.header_bytes);
+        for h in 0..2 {
+            q4k_block_integers(l, block, h, &mut scale[h], &mut min[h]);
+        }
+        let mut dots = [_mm256_setzero_si256(); 2];
+        for gb in 0..16 {
+            let x = group_bytes(a, 16 * b + gb);
+            for h in 0..2 {
+                let c = group_codes::<4>(codes.add(gb * l.group_bytes), h);
+                dots[h] = _mm256_add_epi32(dots[h], group_dot::<4>(&c, x, scale[h][gb / 2]));
+            }
+        }
+        for h in 0..2 {
+            add_q4k_block(&mut acc[h], dots[h], &min[h], block, l, h, a, b);
+        }
+    }
+    let mut out = [[0f32; TILE]; 1];
+    for (h, acc) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out[0].as_mut_ptr().add(8 * h), *acc);
+    }
+    out
+}
+
+/// Whether activation row `a` has the columns and group sums of a Q4_K tile laid out by
+/// `l`.
+fn fits_q4k(l: &Layout, a: &Q8Row) -> bool {
+    a.qs.len() == l.cols && a.int_sum.len() == l.cols / GROUP
+}
+
+/// Block `b`'s half `h` of 8 rows into their accumulator: the integer `dots` times
+/// d · the activation scale, minus Σ over sub-blocks k of m_k · (the activations' byte
+/// sums of groups 2k and 2k + 1) times dmin · the activation scale.
+///
+/// # Safety
+/// As `rows_q4k`; `block` is block `b` of the tile, `min` its half `h`'s minima.
+#[inline]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn add_q4k_block(
+    acc: &mut __m256,
+    dots: __m256i,
+    min: &[__m256i; 8],
+    block: *const u8,
+    l: &Layout,
+    h: usize,
+    a: &Q8Row,
+    b: usize,
+) {
+    let first = 16 * b;
+    let sums = a.int_sum.as_ptr().add(first) as *const i32;
+    let mut mins = _mm256_setzero_si256();
+    for (k, &m) in min.iter().enumerate() {
+        let two = _mm256_set1_epi32(sums.add(k).read_unaligned());
+        mins = _mm256_add_epi32(mins, _mm256_madd_epi16(m, two));
+    }
+    let (d, dmin) = (half_f16s(block, 0, h), half_f16s(block, l.min_at, h));
+    let x_scale = _mm256_set1_ps(*a.scale.get_unchecked(first));
+    let (s, m) = (_mm256_mul_ps(d, x_scale), _mm256_mul_ps(dmin, x_scale));
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), s, *acc);
+    *acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins), m, *acc);
 }

@@ -298,9 +298,9 @@ pub(super) type RowsKernel<const R: usize> =
     unsafe fn(&Layout, *const u8, [Q8Row; R]) -> [[f32; TILE]; R];
 
 /// A SIMD kernel over a task's tiles: activation rows four at a time over every tile
-/// (the four rows' bytes stay in cache across the tiles), then one at a time; both take
-/// the same operations for a row, so its result does not depend on how many rows share
-/// the step.
+/// (the four rows' bytes stay in cache across the tiles), then one at a time; both give a
+/// row the same integer sums and the same f32 operations in the same order, so its
+/// result does not depend on how many rows share the step.
 ///
 /// # Safety
 /// The CPU has the features `four` and `one` are compiled for, and they are compiled for

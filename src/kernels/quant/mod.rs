@@ -149,12 +149,15 @@ mod tests {
 
     #[test]
     fn a_row_alone_gives_the_same_bits_as_in_a_batch() {
-        let (q, _) = quantized(Format::Q4K, 33, 512, 3);
+        // 7 rows: 4 through the kernels' four-row path, 3 through the one-row path.
         let x: Vec<f32> = weights(7, 512, 4).iter().map(|v| v * 10.0).collect();
-        let batch = q.matmul(&x).unwrap();
-        for i in 0..7 {
-            let alone = q.matmul(&x[i * 512..(i + 1) * 512]).unwrap();
-            assert_eq!(alone, batch[i * 33..(i + 1) * 33], "row {i}");
+        for format in Format::ALL {
+            let (q, _) = quantized(format, 33, 512, 3);
+            let batch = q.matmul(&x).unwrap();
+            for i in 0..7 {
+                let alone = q.matmul(&x[i * 512..(i + 1) * 512]).unwrap();
+                assert_eq!(alone, batch[i * 33..(i + 1) * 33], "{format:?} row {i}");
+            }
         }
     }
 
