@@ -51,7 +51,7 @@ lines = [
     f"teacher: {os.path.basename(a.model)}, {a.n} chats of `{a.config}` (generated tokens per second of the job) "
     "and raw decoding at 32 sequences (llama-batched-bench's method).\n",
     harness.median_range_header() + "\n",
-    f"| case | metric | {a.label_a} | {a.label_b} | {a.label_b} / {a.label_a} | peak RSS MB {a.label_a} | peak RSS MB {a.label_b} |",
+    f"| case | metric | {a.label_a} | {a.label_b} | {a.label_b} / {a.label_a} | peak RSS MiB {a.label_a} | peak RSS MiB {a.label_b} |",
     "|---|---|---:|---:|---:|---:|---:|",
 ]
 for case in cases:

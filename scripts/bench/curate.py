@@ -48,7 +48,7 @@ lines = [
     "| | kdpipe | Python Polars |",
     "|---|---:|---:|",
     f"| wall seconds | {bench.cell('kdpipe', 'wall_s', 2)} | {bench.cell('Python Polars', 'wall_s', 2)} |",
-    f"| peak RSS MB | {bench.cell('kdpipe', 'peak_rss_mb', 0)} | {bench.cell('Python Polars', 'peak_rss_mb', 0)} |",
+    f"| peak RSS MiB | {bench.cell('kdpipe', 'peak_rss_mb', 0)} | {bench.cell('Python Polars', 'peak_rss_mb', 0)} |",
     f"| rows out | {k['rows_out']:,} | {py['rows_out']:,} |",
 ]
 for rule, n in k["funnel"].items():

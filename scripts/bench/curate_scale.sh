@@ -27,7 +27,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
 cargo build --release --locked --bin kdpipe --example synth_teacher_rows >&2
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-echo "| binary | teacher rows | top-k | teacher files MB | curate s | peak RSS MB | rows / s | rows out |"
+echo "| binary | teacher rows | top-k | teacher files MB | curate s | peak RSS MiB | rows / s | rows out |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for m in "${sizes[@]}"; do
   if [ -n "${ROWS_CACHE:-}" ]; then
@@ -152,7 +152,7 @@ for name, _ in sides:
 PY
 done
 echo
-echo "Peak RSS MB sampled in each pass of curate, then the seconds each pass took (median):"
+echo "Peak RSS MiB sampled in each pass of curate, then the seconds each pass took (median):"
 echo
 echo "| binary | teacher rows | MB partition | MB head rules | MB clusters | MB split files | s partition | s head rules | s clusters | s split files |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

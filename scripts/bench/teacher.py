@@ -185,7 +185,7 @@ def job_section(k, chats, prompt_tokens):
         f"**The job**: {len(chats)} chats of `{a.config}` ({prompt_tokens} prompt tokens as kdpipe counts them), "
         f"greedy, at most {a.max_tokens} tokens, all queued at once; batch {a.batch} on both sides.\n"
     ]
-    s.append("| engine | load s | job s | generated tok/s of the job | mean latency s | prompt tokens evaluated | peak RSS MB |")
+    s.append("| engine | load s | job s | generated tok/s of the job | mean latency s | prompt tokens evaluated | peak RSS MiB |")
     s.append("|---|---:|---:|---:|---:|---:|---:|")
     for side, label in [
         (f"{k}kdpipe batched", f"kdpipe batched engine, batch {a.batch}"),
@@ -249,7 +249,7 @@ for done, model in enumerate(models, 1):
         f"**Raw speed**, llama-batched-bench's method: {a.batch} distinct prompts of {a.npp} tokens, then {a.ntg} "
         "decode steps of all of them together, and of one sequence alone.\n"
     )
-    s.append(f"| engine | prompt tok/s ({a.batch} × {a.npp}) | decode tok/s, batch {a.batch} | decode tok/s, batch 1 | peak RSS MB |")
+    s.append(f"| engine | prompt tok/s ({a.batch} × {a.npp}) | decode tok/s, batch {a.batch} | decode tok/s, batch 1 | peak RSS MiB |")
     s.append("|---|---:|---:|---:|---:|")
     s.append(
         f"| kdpipe batched engine | {bench.cell(f'{k}kdpipe raw {a.batch}', 'speed_pp')} | "
@@ -274,7 +274,7 @@ for done, model in enumerate(models, 1):
     )
     if one_stream:
         s.append("**One stream**: one request at a time, the same chats (both engines reuse the previous prompt's cached prefix).\n")
-        s.append("| engine | prompt tok/s | decode tok/s | generated tok/s of the job | job s | peak RSS MB |")
+        s.append("| engine | prompt tok/s | decode tok/s | generated tok/s of the job | job s | peak RSS MiB |")
         s.append("|---|---:|---:|---:|---:|---:|")
         for side, label in [
             (f"{k}kdpipe mistralrs", "kdpipe, mistralrs 0.8.1 engine"),

@@ -127,7 +127,7 @@ if compile_ok:
     sep += "---:|"
 head += " kdpipe / PyTorch |" + (" kdpipe / compile |" if compile_ok else "")
 sep += "---:|" + ("---:|" if compile_ok else "")
-head += " kdpipe peak RSS MB | PyTorch peak RSS MB |" + (" compile peak RSS MB |" if compile_ok else "")
+head += " kdpipe peak RSS MiB | PyTorch peak RSS MiB |" + (" compile peak RSS MiB |" if compile_ok else "")
 sep += "---:|---:|" + ("---:|" if compile_ok else "")
 lines += [head, sep]
 for mode, precision in cases:
