@@ -239,8 +239,8 @@ unsafe fn rows<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 4]) -> [[
     for b in 0..l.blocks {
         let block = tile.add(b * l.block_bytes);
         let codes = block.add(l.header_bytes);
+        both_block_scales(l, block, &mut scale, &mut offset);
         for h in 0..2 {
-            block_scales(l, block, h, &mut scale[h], &mut offset[h]);
             for gb in 0..l.groups_per_block {
                 let g = b * l.groups_per_block + gb;
                 let c = group_codes::<BITS>(codes.add(gb * l.group_bytes), h);
@@ -253,14 +253,7 @@ unsafe fn rows<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 4]) -> [[
             }
         }
     }
-    let mut out = [[0f32; TILE]; 4];
-    for (r, out) in out.iter_mut().enumerate() {
-        for h in 0..2 {
-            let y = _mm256_sub_ps(acc[h][r], off[h][r]);
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), y);
-        }
-    }
-    out
+    [0, 1, 2, 3].map(|r| tile_outputs([acc[0][r], acc[1][r]], [off[0][r], off[1][r]]))
 }
 
 /// `rows` for one activation row (a decoding step of one sequence, where the product
@@ -283,9 +276,7 @@ unsafe fn row<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 1]) -> [[f
     for b in 0..l.blocks {
         let block = tile.add(b * l.block_bytes);
         let codes = block.add(l.header_bytes);
-        for h in 0..2 {
-            block_scales(l, block, h, &mut scale[h], &mut offset[h]);
-        }
+        both_block_scales(l, block, &mut scale, &mut offset);
         for gb in 0..l.groups_per_block {
             let g = b * l.groups_per_block + gb;
             let x = group_bytes(a, g);
@@ -304,10 +295,37 @@ unsafe fn row<const BITS: u8>(l: &Layout, tile: *const u8, a: [Q8Row; 1]) -> [[f
             }
         }
     }
-    let mut out = [[0f32; TILE]; 1];
+    [tile_outputs(acc, off)]
+}
+
+/// Both halves' scales and offsets of the block at `block` (`block_scales`).
+///
+/// # Safety
+/// As `block_scales`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn both_block_scales(
+    l: &Layout,
+    block: *const u8,
+    scale: &mut [[__m256; 16]; 2],
+    offset: &mut [[__m256; 16]; 2],
+) {
     for h in 0..2 {
-        let y = _mm256_sub_ps(acc[h], off[h]);
-        _mm256_storeu_ps(out[0].as_mut_ptr().add(8 * h), y);
+        block_scales(l, block, h, &mut scale[h], &mut offset[h]);
+    }
+}
+
+/// A tile's 16 outputs for one activation row: its two halves' accumulators minus their
+/// offset terms.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C (`available`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn tile_outputs(acc: [__m256; 2], off: [__m256; 2]) -> [f32; TILE] {
+    let mut out = [0f32; TILE];
+    for h in 0..2 {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[h], off[h]));
     }
     out
 }
