@@ -1,8 +1,7 @@
 //! The AVX2 product kernel, for x86-64 CPUs without AVX-512 VNNI (Intel Haswell to the
 //! client cores without AVX-512, AMD Zen 1 to 3): the AVX-512 kernel's order with each
-//! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile, each
-//! half a pass over the tile), and
-//! each `vpdpbusd` replaced by `vpmaddubsw` (pairs of u8 code × i8 byte summed into i16,
+//! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile, one
+//! after the other within each block), and each `vpdpbusd` replaced by `vpmaddubsw` (pairs of u8 code × i8 byte summed into i16,
 //! saturating) then `vpmaddwd` against ones (pairs of i16 into i32).
 //!
 //! No i16 sum can saturate: with bytes in −127…127 a pair is at most 2·15·127 = 3,810 for
