@@ -1,8 +1,9 @@
 //! The AVX2 product kernel, for x86-64 CPUs without AVX-512 VNNI (Intel Haswell to the
 //! client cores without AVX-512, AMD Zen 1 to 3): the AVX-512 kernel's order with each
 //! 16-row register split into two halves of 8 rows (rows 0–7 and 8–15 of a tile, one
-//! after the other within each block), and each `vpdpbusd` replaced by `vpmaddubsw` (pairs of u8 code × i8 byte summed into i16,
-//! saturating) then `vpmaddwd` against ones (pairs of i16 into i32).
+//! after the other within each block), and each `vpdpbusd` replaced by `vpmaddubsw`
+//! (pairs of u8 code × i8 byte summed into i16, saturating) then `vpmaddwd` against ones
+//! (pairs of i16 into i32).
 //!
 //! No i16 sum can saturate: with bytes in −127…127 a pair is at most 2·15·127 = 3,810 for
 //! 4-bit codes, 2·31·127 = 7,874 for 5-bit and 2·63·127 = 16,002 for 6-bit ones, so the
@@ -322,9 +323,19 @@ unsafe fn both_block_scales(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_outputs(acc: [__m256; 2], off: [__m256; 2]) -> [f32; TILE] {
+    halves([_mm256_sub_ps(acc[0], off[0]), _mm256_sub_ps(acc[1], off[1])])
+}
+
+/// A tile's 16 outputs from its halves' 8 each (rows 0–7, 8–15).
+///
+/// # Safety
+/// As `tile_outputs`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn halves(y: [__m256; 2]) -> [f32; TILE] {
     let mut out = [0f32; TILE];
-    for h in 0..2 {
-        _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_sub_ps(acc[h], off[h]));
+    for (h, y) in y.into_iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), y);
     }
     out
 }
@@ -420,13 +431,7 @@ unsafe fn rows_q4k(l: &Layout, tile: *const u8, a: [Q8Row; 4]) -> [[f32; TILE]; 
             }
         }
     }
-    let mut out = [[0f32; TILE]; 4];
-    for (r, out) in out.iter_mut().enumerate() {
-        for (h, acc) in acc.iter().enumerate() {
-            _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), acc[r]);
-        }
-    }
-    out
+    [0, 1, 2, 3].map(|r| halves([acc[0][r], acc[1][r]]))
 }
 
 /// `rows_q4k` for one activation row, both halves of a group at once (as `row`);
@@ -460,11 +465,7 @@ unsafe fn row_q4k(l: &Layout, tile: *const u8, a: [Q8Row; 1]) -> [[f32; TILE]; 1
             add_q4k_block(&mut acc[h], dots[h], &min[h], block, l, h, a, b);
         }
     }
-    let mut out = [[0f32; TILE]; 1];
-    for (h, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(out[0].as_mut_ptr().add(8 * h), *acc);
-    }
-    out
+    [halves(acc)]
 }
 
 /// Whether activation row `a` has the columns and group sums of a Q4_K tile laid out by
