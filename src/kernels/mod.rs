@@ -30,6 +30,21 @@ pub use norm::rms_norm;
 pub use rope::rope_heads;
 pub use swiglu::silu_mul;
 
+/// Calls `f` with an f32 tensor's values in row-major order: borrowed from the storage
+/// where the tensor is contiguous on the CPU (no copy of a large activation or logits
+/// matrix), else copied first.
+pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&v[a..b]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
+}
+
 pub(crate) fn f32_slice<'a>(
     s: &'a CpuStorage,
     l: &Layout,

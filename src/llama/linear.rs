@@ -264,8 +264,7 @@ pub fn product_rows(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// `x · wᵀ` for `x` `[..., in]` (f32, CPU) and a block-quantized `w` `[out, in]`.
 fn quantized_product(x: &Tensor, w: &QMatrix) -> candle_core::Result<Tensor> {
     let mut dims = x.dims().to_vec();
-    let data = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = w.matmul(&data)?;
+    let y = crate::kernels::with_f32_values(x, |x| w.matmul(x))??;
     if let Some(last) = dims.last_mut() {
         *last = w.rows;
     }

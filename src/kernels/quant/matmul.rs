@@ -45,6 +45,24 @@ struct Tile {
 thread_local! {
     /// Each thread's expanded tile for the portable kernel, kept between products.
     static TILE_BUFFER: RefCell<Tile> = RefCell::new(Tile::default());
+    /// Each thread's outputs of its current task, kept between products.
+    static TASK_OUTPUTS: RefCell<Vec<[f32; TILE]>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Where a product's tasks write their outputs: each task its own columns of `y`.
+#[derive(Clone, Copy)]
+struct Outputs(*mut f32);
+// SAFETY: the tasks that share it write disjoint columns of one live `y` (`matmul_with`).
+unsafe impl Send for Outputs {}
+unsafe impl Sync for Outputs {}
+
+impl Outputs {
+    /// # Safety
+    /// `i` is within `y`.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: the caller's promise.
+        unsafe { self.0.add(i) }
+    }
 }
 
 impl Tile {
@@ -172,23 +190,36 @@ impl QMatrix {
         let acts = Q8Rows::quantize(x, self.cols, self.format.activation_block());
         let m = acts.rows();
         let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
-        // Computed as [tile, m, 16] so that a task owns a contiguous slice, then copied
-        // into place 16 outputs at a time.
         let tiles = self.rows.div_ceil(TILE);
         let per_task = self.tiles_per_task(m, tiles);
-        let mut by_tile = vec![[0f32; TILE]; tiles * m];
-        by_tile
-            .par_chunks_mut(m * per_task)
-            .enumerate()
-            .for_each(|(task, out)| kernel(self, task * per_task, &rows, out));
         let mut y = vec![0f32; m * self.rows];
-        for (t, block) in by_tile.chunks_exact(m).enumerate() {
-            let first = t * TILE;
-            let n = (self.rows - first).min(TILE);
-            for (i, outputs) in block.iter().enumerate() {
-                y[i * self.rows + first..i * self.rows + first + n].copy_from_slice(&outputs[..n]);
-            }
-        }
+        let y_at = Outputs(y.as_mut_ptr());
+        (0..tiles.div_ceil(per_task))
+            .into_par_iter()
+            .for_each(|task| {
+                let first = task * per_task;
+                let count = per_task.min(tiles - first);
+                // A task's outputs come as [tile, m, 16] in this thread's buffer (so that no
+                // second whole-size copy of y is held), then go into place 16 at a time.
+                TASK_OUTPUTS.with_borrow_mut(|out| {
+                    out.clear();
+                    out.resize(count * m, [0f32; TILE]);
+                    kernel(self, first, &rows, out);
+                    for (t, block) in out.chunks_exact(m).enumerate() {
+                        let col = (first + t) * TILE;
+                        let n = (self.rows - col).min(TILE);
+                        for (i, outputs) in block.iter().enumerate() {
+                            // SAFETY: y holds m × rows floats; this task alone writes columns
+                            // col … col + n of each row (tasks own disjoint tiles), and y
+                            // outlives the parallel loop.
+                            unsafe {
+                                let to = y_at.at(i * self.rows + col);
+                                std::ptr::copy_nonoverlapping(outputs.as_ptr(), to, n);
+                            }
+                        }
+                    }
+                })
+            });
         y
     }
 
