@@ -57,6 +57,8 @@ unsafe impl Send for Outputs {}
 unsafe impl Sync for Outputs {}
 
 impl Outputs {
+    /// The address of `y`'s element `i`.
+    ///
     /// # Safety
     /// `i` is within `y`.
     unsafe fn at(self, i: usize) -> *mut f32 {
