@@ -36,10 +36,10 @@ pub use swiglu::silu_mul;
 pub fn with_f32_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
-        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
-            (&*storage, layout.contiguous_offsets())
-        {
-            return Ok(f(&v[a..b]));
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            if let Ok(values) = f32_slice(cpu, layout, "with_f32_values") {
+                return Ok(f(values));
+            }
         }
     }
     Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))

@@ -207,22 +207,31 @@ impl QMatrix {
                     out.clear();
                     out.resize(count * m, [0f32; TILE]);
                     kernel(self, first, &rows, out);
-                    for (t, block) in out.chunks_exact(m).enumerate() {
-                        let col = (first + t) * TILE;
-                        let n = (self.rows - col).min(TILE);
-                        for (i, outputs) in block.iter().enumerate() {
-                            // SAFETY: y holds m × rows floats; this task alone writes columns
-                            // col … col + n of each row (tasks own disjoint tiles), and y
-                            // outlives the parallel loop.
-                            unsafe {
-                                let to = y_at.at(i * self.rows + col);
-                                std::ptr::copy_nonoverlapping(outputs.as_ptr(), to, n);
-                            }
-                        }
-                    }
+                    // SAFETY: y holds m × rows floats and outlives the parallel loop; the
+                    // task's tiles are its own.
+                    unsafe { self.place(out, first, m, y_at) };
                 })
             });
         y
+    }
+
+    /// Writes a task's outputs (`[tile, m, 16]`, tiles from `first`) into their columns of
+    /// `y` (`[m, rows]`).
+    ///
+    /// # Safety
+    /// `y` holds `m × rows` floats, and no other thread touches these tiles' columns.
+    unsafe fn place(&self, outputs: &[[f32; TILE]], first: usize, m: usize, y: Outputs) {
+        for (t, block) in outputs.chunks_exact(m).enumerate() {
+            let col = (first + t) * TILE;
+            let n = (self.rows - col).min(TILE);
+            for (i, outputs) in block.iter().enumerate() {
+                // SAFETY: row i's columns col … col + n are within y and this task's alone
+                // (the caller's promise).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(outputs.as_ptr(), y.at(i * self.rows + col), n)
+                };
+            }
+        }
     }
 
     /// Tiles a task runs every activation row over: one when a few rows are all there is
