@@ -51,7 +51,7 @@ pub struct Sequence<T> {
     /// When its prefill began, and how long the prefill took.
     pub started: Instant,
     pub prompt_seconds: f64,
-    /// Next-token logits after everything in `cache`.
+    /// Next-token logits after everything in `cache` (empty once the token is chosen).
     logits: Vec<f32>,
     /// Tokens to run at the next step (the last chosen one and any inserted after it).
     feed: Vec<u32>,
@@ -217,6 +217,9 @@ impl Generator<'_> {
         }
         seq.generated.push(token);
         let inserted = hooks.after_token(seq, &seq.logits)?;
+        // Read for the last time: freed before the next step computes the batch's new
+        // logits (32 × vocab floats, 19 MB for Qwen2), not held beside them.
+        seq.logits = Vec::new();
         seq.feed.clear();
         seq.feed.push(token);
         // An insertion is written whole, or the reply ends at the token limit: the

@@ -193,6 +193,17 @@ pub struct StepInput<'a> {
     pub all_logits: bool,
 }
 
+impl StepInput<'_> {
+    /// Rows of logits the step returns for this sequence.
+    fn logit_rows(&self) -> usize {
+        if self.all_logits {
+            self.tokens.len()
+        } else {
+            1
+        }
+    }
+}
+
 /// Attention in an inference step: row r of the step is a token of sequence `seq_of[r]`
 /// at position `pos_of[r]`; its key and value join that sequence's cache, and it sees the
 /// cache up to and including itself.
@@ -245,11 +256,24 @@ impl Decoder {
     /// the pool each one would wake a worker and put the caller to sleep on a lock (with
     /// SmolLM2-135M decoding one sequence, a quarter of the time went to that scheduling;
     /// decode went from ~85 to ~110 tokens/s).
+    ///
+    /// The logits buffers, the step's largest allocation (32 sequences × vocab floats: 6 MB
+    /// for SmolLM2's 49,152 tokens, 19 MB for Qwen2's 151,936), are made on the calling
+    /// thread, which also frees them: made on whichever worker runs the step, each
+    /// worker's heap kept its own set (the allocator never returns freed memory,
+    /// src/alloc.rs).
     pub fn forward_step(&self, step: &mut [StepInput]) -> Result<Vec<Vec<f32>>> {
-        rayon::scope(|_| self.forward_step_in_pool(step))
+        let vocab = self.shape.vocab_size;
+        let mut logits: Vec<Vec<f32>> = step
+            .iter()
+            .map(|input| vec![0f32; input.logit_rows() * vocab])
+            .collect();
+        rayon::scope(|_| self.forward_step_in_pool(step, &mut logits))?;
+        Ok(logits)
     }
 
-    fn forward_step_in_pool(&self, step: &mut [StepInput]) -> Result<Vec<Vec<f32>>> {
+    /// `forward_step`, each sequence's logits written into its buffer in `logits`.
+    fn forward_step_in_pool(&self, step: &mut [StepInput], logits: &mut [Vec<f32>]) -> Result<()> {
         let s = &self.shape;
         let max_pos = self.context_len();
         // Row r of the step belongs to sequence seq_of[r] at position pos_of[r].
@@ -291,7 +315,8 @@ impl Decoder {
         for input in step.iter_mut() {
             input.cache.len += input.tokens.len();
         }
-        // Only the rows whose logits are wanted go through the (large) vocabulary head.
+        // Only the rows whose logits are wanted go through the (large) vocabulary head,
+        // each written straight into its sequence's buffer.
         let mut wanted = Vec::new();
         let mut r = 0u32;
         for input in step.iter() {
@@ -303,26 +328,13 @@ impl Decoder {
             }
             r += n;
         }
-        let x = x.index_select(&Tensor::from_vec(wanted.clone(), wanted.len(), dev)?, 0)?;
-        let logits = self.logits(&x, &Pass::INFERENCE)?;
-        let vocab = s.vocab_size;
-        // Each sequence's rows copied straight out of the head's output (a step of 32
-        // sequences holds 32 × vocab floats: 6 MB for SmolLM2's 49,152 tokens).
-        let per_seq = crate::kernels::with_f32_values(&logits, |logits| {
-            let mut per_seq = Vec::with_capacity(step.len());
-            let mut at = 0;
-            for input in step.iter() {
-                let n = if input.all_logits {
-                    input.tokens.len()
-                } else {
-                    1
-                };
-                per_seq.push(logits[at * vocab..(at + n) * vocab].to_vec());
-                at += n;
-            }
-            per_seq
-        })?;
-        Ok(per_seq)
+        let rows_wanted = wanted.len();
+        let x = x.index_select(&Tensor::from_vec(wanted, rows_wanted, dev)?, 0)?;
+        let mut out: Vec<&mut [f32]> = logits
+            .iter_mut()
+            .flat_map(|l| l.chunks_exact_mut(s.vocab_size))
+            .collect();
+        self.logits_into(&x, &mut out)
     }
 
     /// Log-probability of each continuation right after the sequence held in `cache`,

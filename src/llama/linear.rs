@@ -208,6 +208,32 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `forward` for inference, row i of the result (`out` floats) written into `out[i]`:
+    /// a quantized weight without a bias computes straight into those rows, anything else
+    /// through `forward` and a copy.
+    pub fn forward_into(&self, x: &Tensor, out: &mut [&mut [f32]]) -> Result<()> {
+        if let (Weight::Quantized(q), None, None) = (&self.weight, &self.bias, &self.lora) {
+            return Ok(kernels::with_f32_values(x, |x| q.matmul_into(x, out))??);
+        }
+        let y = self.forward(x, &Pass::INFERENCE)?;
+        let width = self.out_features()?;
+        kernels::with_f32_values(&y, |y| {
+            anyhow::ensure!(
+                y.len() == out.len() * width,
+                "{}: {} rows of output for {} buffers",
+                self.name,
+                y.len() / width.max(1),
+                out.len()
+            );
+            for (row, values) in out.iter_mut().zip(y.chunks_exact(width)) {
+                row.copy_from_slice(values);
+            }
+            Ok(())
+        })?
+    }
+}
+
 /// A dropout mask for `x` (kept entries scaled by 1 / (1 − p)) drawn from `key`.
 fn dropout_mask(x: &Tensor, p: f64, key: u64) -> candle_core::Result<Tensor> {
     use rand::{Rng, SeedableRng};

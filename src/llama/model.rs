@@ -454,6 +454,14 @@ impl Decoder {
         self.head.forward(&x, pass)
     }
 
+    /// `logits` for inference, row i of `x` `[rows, hidden]` into `out[i]` (`vocab`
+    /// floats): the vocabulary head's output, the largest of a step, is written where
+    /// the caller keeps it instead of into a tensor that is then copied.
+    pub(super) fn logits_into(&self, x: &Tensor, out: &mut [&mut [f32]]) -> Result<()> {
+        let x = rms_norm(x, &self.norm, self.shape.rms_norm_eps)?;
+        self.head.forward_into(&x, out)
+    }
+
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]`; `mask` `[batch, seq]` is 1
     /// for real tokens and 0 for padding (right-padded).
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {

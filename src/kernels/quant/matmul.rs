@@ -49,21 +49,22 @@ thread_local! {
     static TASK_OUTPUTS: RefCell<Vec<[f32; TILE]>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Where a product's tasks write their outputs: each task its own columns of `y`.
-#[derive(Clone, Copy)]
-struct Outputs(*mut f32);
-// SAFETY: the tasks that share it write disjoint columns of one live `y` (`matmul_with`).
+/// Where a product's tasks write their outputs: the start of each row of the result
+/// (`rows` floats each), every task its own columns of them.
+struct Outputs(Vec<*mut f32>);
+// SAFETY: the tasks that share it write disjoint columns of rows that outlive the
+// product (`matmul_with`).
 unsafe impl Send for Outputs {}
 unsafe impl Sync for Outputs {}
 
 impl Outputs {
-    /// The address of `y`'s element `i`.
+    /// The address of column `col` of row `i`.
     ///
     /// # Safety
-    /// `i` is within `y`.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    /// `i` is a row of the result and `col` within it.
+    unsafe fn at(&self, i: usize, col: usize) -> *mut f32 {
         // SAFETY: the caller's promise.
-        unsafe { self.0.add(i) }
+        unsafe { self.0[i].add(col) }
     }
 }
 
@@ -172,6 +173,20 @@ impl QMatrix {
 
     /// `x · Wᵀ` for `x` `[m, cols]` (row-major): `[m, rows]`.
     pub fn matmul(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        if self.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let m = x.len() / self.cols.max(1);
+        let mut y = vec![0f32; m * self.rows];
+        let mut rows: Vec<&mut [f32]> = y.chunks_exact_mut(self.rows).collect();
+        self.matmul_into(x, &mut rows)?;
+        Ok(y)
+    }
+
+    /// `x · Wᵀ` for `x` `[m, cols]` (row-major), row i of the result written into
+    /// `out[i]` (`rows` floats each): results that belong in separate buffers (each
+    /// sequence's logits) go there without a whole-size copy.
+    pub fn matmul_into(&self, x: &[f32], out: &mut [&mut [f32]]) -> candle_core::Result<()> {
         if !x.len().is_multiple_of(self.cols) {
             candle_core::bail!(
                 "a product with a {}×{} quantized matrix needs rows of {} values, got {} values",
@@ -181,55 +196,64 @@ impl QMatrix {
                 x.len()
             );
         }
+        let m = x.len() / self.cols;
+        if out.len() != m || out.iter().any(|row| row.len() != self.rows) {
+            candle_core::bail!(
+                "a product of {m} rows with a {}×{} quantized matrix writes {m} rows of {} values",
+                self.rows,
+                self.cols,
+                self.rows
+            );
+        }
         let kernel = KernelChoice::selected().map_err(candle_core::Error::msg)?;
-        Ok(self.matmul_with(x, kernel.kernel()))
+        self.matmul_with(x, kernel.kernel(), out);
+        Ok(())
     }
 
-    fn matmul_with(&self, x: &[f32], kernel: Kernel) -> Vec<f32> {
+    /// Computes into `out`, whose rows the caller sized (`matmul_into`).
+    fn matmul_with(&self, x: &[f32], kernel: Kernel, out: &mut [&mut [f32]]) {
         if x.is_empty() || self.rows == 0 {
-            return Vec::new();
+            return;
         }
         let acts = Q8Rows::quantize(x, self.cols, self.format.activation_block());
         let m = acts.rows();
         let rows: Vec<Q8Row> = (0..m).map(|i| acts.row(i)).collect();
         let tiles = self.rows.div_ceil(TILE);
         let per_task = self.tiles_per_task(m, tiles);
-        let mut y = vec![0f32; m * self.rows];
-        let y_at = Outputs(y.as_mut_ptr());
+        let y = Outputs(out.iter_mut().map(|row| row.as_mut_ptr()).collect());
         (0..tiles.div_ceil(per_task))
             .into_par_iter()
             .for_each(|task| {
                 let first = task * per_task;
                 let count = per_task.min(tiles - first);
                 // A task's outputs come as [tile, m, 16] in this thread's buffer (so that no
-                // second whole-size copy of y is held), then go into place 16 at a time.
-                TASK_OUTPUTS.with_borrow_mut(|out| {
-                    out.clear();
-                    out.resize(count * m, [0f32; TILE]);
-                    kernel(self, first, &rows, out);
-                    // SAFETY: y holds m × rows floats and outlives the parallel loop; the
-                    // task's tiles are its own.
-                    unsafe { self.place(out, first, m, y_at) };
+                // second whole-size copy of the result is held), then go into place 16 at
+                // a time.
+                TASK_OUTPUTS.with_borrow_mut(|outputs| {
+                    outputs.clear();
+                    outputs.resize(count * m, [0f32; TILE]);
+                    kernel(self, first, &rows, outputs);
+                    // SAFETY: y holds m rows of `self.rows` floats that outlive the
+                    // parallel loop; the task's tiles are its own.
+                    unsafe { self.place(outputs, first, m, &y) };
                 })
             });
-        y
     }
 
     /// Writes a task's outputs (`[tile, m, 16]`, tiles from `first`) into their columns of
-    /// `y` (`[m, rows]`).
+    /// the result's rows.
     ///
     /// # Safety
-    /// `y` holds `m × rows` floats, and no other thread touches these tiles' columns.
-    unsafe fn place(&self, outputs: &[[f32; TILE]], first: usize, m: usize, y: Outputs) {
+    /// `y` holds `m` rows of `rows` floats, and no other thread touches these tiles'
+    /// columns.
+    unsafe fn place(&self, outputs: &[[f32; TILE]], first: usize, m: usize, y: &Outputs) {
         for (t, block) in outputs.chunks_exact(m).enumerate() {
             let col = (first + t) * TILE;
             let n = (self.rows - col).min(TILE);
             for (i, outputs) in block.iter().enumerate() {
-                // SAFETY: row i's columns col … col + n are within y and this task's alone
-                // (the caller's promise).
-                unsafe {
-                    std::ptr::copy_nonoverlapping(outputs.as_ptr(), y.at(i * self.rows + col), n)
-                };
+                // SAFETY: row i's columns col … col + n are within it and this task's
+                // alone (the caller's promise).
+                unsafe { std::ptr::copy_nonoverlapping(outputs.as_ptr(), y.at(i, col), n) };
             }
         }
     }
@@ -449,8 +473,13 @@ mod tests {
         for format in Format::ALL {
             let q = QTensor::quantize(&w, format.ggml()).unwrap();
             let w = QMatrix::new(format, rows, cols, &q.data().unwrap()).unwrap();
-            let fast = w.matmul_with(&x, choice.kernel());
-            let portable = w.matmul_with(&x, tiles_portable);
+            let product = |kernel: Kernel| {
+                let mut y = vec![0f32; 9 * rows];
+                let mut out: Vec<&mut [f32]> = y.chunks_exact_mut(rows).collect();
+                w.matmul_with(&x, kernel, &mut out);
+                y
+            };
+            let (fast, portable) = (product(choice.kernel()), product(tiles_portable));
             for (a, b) in fast.iter().zip(&portable) {
                 assert!(
                     (a - b).abs() <= 1e-4 * b.abs().max(1.0),
