@@ -143,28 +143,9 @@ fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
 }
 
 fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedModel> {
-    let (mut file, mut content) = read_header(path)?;
+    let (mut file, content) = read_header(path)?;
     let shape = shape_from_gguf(&content)
         .with_context(|| format!("cannot read model shape from {}", path.display()))?;
-    // Tokenizer and chat template first, then the metadata goes (the vocabulary and merges
-    // as parsed values: ~7 MB for SmolLM2's 49k tokens) along with what building the
-    // tokenizer left behind, before any weight is read: the weights reuse that memory
-    // instead of the allocator keeping it beside them (src/alloc.rs never returns memory).
-    let tokenizer = tokenizer_from_gguf(&content)
-        .with_context(|| format!("cannot build the tokenizer from {}", path.display()))?;
-    let token = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.id_to_token(i))
-            .unwrap_or_default()
-    };
-    let template = meta_str(&content, "tokenizer.chat_template")
-        .with_context(|| format!("{} has no chat template", path.display()))?;
-    let chat = ChatTemplate::new(
-        template.to_string(),
-        token(shape.bos_token_id),
-        token(shape.eos_token_id),
-    );
-    let eos_token_id = shape.eos_token_id.context("GGUF has no eos token id")?;
-    content.metadata = Default::default();
     let mut weights = BTreeMap::new();
     let mut quantized = BTreeMap::new();
     let mut dequantized_formats = std::collections::BTreeSet::new();
@@ -250,6 +231,20 @@ fn read(path: &Path, device: &Device, keep_quantized: bool) -> Result<LoadedMode
             path.display()
         );
     }
+    let tokenizer = tokenizer_from_gguf(&content)
+        .with_context(|| format!("cannot build the tokenizer from {}", path.display()))?;
+    let token = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.id_to_token(i))
+            .unwrap_or_default()
+    };
+    let template = meta_str(&content, "tokenizer.chat_template")
+        .with_context(|| format!("{} has no chat template", path.display()))?;
+    let chat = ChatTemplate::new(
+        template.to_string(),
+        token(shape.bos_token_id),
+        token(shape.eos_token_id),
+    );
+    let eos_token_id = shape.eos_token_id.context("GGUF has no eos token id")?;
     Ok(LoadedModel {
         shape,
         weights,

@@ -206,9 +206,7 @@ impl Linear {
             None => y,
         })
     }
-}
 
-impl Linear {
     /// `forward` for inference, row i of the result (`out` floats) written into `out[i]`:
     /// a quantized weight without a bias computes straight into those rows, anything else
     /// through `forward` and a copy.
