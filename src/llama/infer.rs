@@ -320,12 +320,9 @@ impl Decoder {
         let mut wanted = Vec::new();
         let mut r = 0u32;
         for input in step.iter() {
+            // The sequence's last `logit_rows` rows: the sizes `forward_step` gave the buffers.
             let n = input.tokens.len() as u32;
-            if input.all_logits {
-                wanted.extend(r..r + n);
-            } else {
-                wanted.push(r + n - 1);
-            }
+            wanted.extend(r + n - input.logit_rows() as u32..r + n);
             r += n;
         }
         let rows_wanted = wanted.len();
