@@ -83,7 +83,17 @@ pub fn load_for_inference(model: &str) -> Result<LoadedModel> {
     load_with(model, gguf::load_quantized, &Device::Cpu)
 }
 
+/// What loading parses and drops (metadata, tokenizer temporaries) goes back to the OS
+/// rather than into the engine's peak (`alloc::returning_freed_memory`).
 fn load_with(
+    model: &str,
+    read_gguf: impl FnOnce(&Path) -> Result<LoadedModel>,
+    device: &Device,
+) -> Result<LoadedModel> {
+    crate::alloc::returning_freed_memory(|| load_checked(model, read_gguf, device))
+}
+
+fn load_checked(
     model: &str,
     read_gguf: impl FnOnce(&Path) -> Result<LoadedModel>,
     device: &Device,
