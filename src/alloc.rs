@@ -7,6 +7,8 @@
 //! the life of the process instead (a batch command, not a server): peak RSS barely moves
 //! (8.43 vs 8.63 GB) and training runs twice as fast. A finite delay is not enough: with
 //! 60 s, mimalloc 3 still made ~2,000 purge calls (madvise) in two training steps.
+//! Model loading is the exception: what it frees goes back at once
+//! (`returning_freed_memory`).
 
 /// mimalloc's `mi_option_purge_delay` (index 15 in mimalloc v2 and v3's `mi_option_e`).
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
