@@ -19,13 +19,13 @@ const NEVER: std::os::raw::c_long = -1;
 /// Return freed memory to the OS as soon as it is freed (mimalloc's 0).
 const AT_ONCE: std::os::raw::c_long = 0;
 
-/// Model loads in progress; freed memory goes back to the OS while there is one.
-static LOADS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+/// Model loads in progress, and the purge delay to restore when the last one ends.
+static LOADS: std::sync::Mutex<(usize, std::os::raw::c_long)> = std::sync::Mutex::new((0, NEVER));
 
 /// Apply kdpipe's allocator settings; call first thing in `main`. A `MIMALLOC_PURGE_DELAY`
 /// set in the environment wins.
 pub fn tune() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    if !set_by_user() {
         // SAFETY: called before any other thread exists; mi_option_set is not thread safe.
         unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, NEVER) };
     }
@@ -40,14 +40,19 @@ pub fn tune() {
 /// engine's peak RSS carries the rest (SmolLM2 at 32 × 160 tokens: 262–267 MB against
 /// 257–261 MB with this; Qwen 0.5B 638–639 against 619–625; docs/PERFORMANCE.md). Loading
 /// frees each thing once, so giving it back costs nothing measurable there, unlike in the
-/// steps (see `tune`). Concurrent loads nest: the last one to finish restores the setting.
-/// A `MIMALLOC_PURGE_DELAY` set in the environment wins here too.
+/// steps (see `tune`). Concurrent loads nest: the last one to finish restores the delay
+/// the first one found. A `MIMALLOC_PURGE_DELAY` set in the environment wins here too.
 pub fn returning_freed_memory<T>(load: impl FnOnce() -> T) -> T {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    if set_by_user() {
         return load();
     }
     let _loading = Loading::start();
     load()
+}
+
+/// Whether `MIMALLOC_PURGE_DELAY` in the environment sets the purge delay.
+fn set_by_user() -> bool {
+    std::env::var_os("MIMALLOC_PURGE_DELAY").is_some()
 }
 
 /// One load in progress; dropping it (also on a panic) ends it.
@@ -56,10 +61,11 @@ struct Loading;
 impl Loading {
     fn start() -> Self {
         let mut loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
-        if *loads == 0 {
+        if loads.0 == 0 {
+            loads.1 = purge_delay();
             set_purge_delay(AT_ONCE);
         }
-        *loads += 1;
+        loads.0 += 1;
         Loading
     }
 }
@@ -67,11 +73,17 @@ impl Loading {
 impl Drop for Loading {
     fn drop(&mut self) {
         let mut loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
-        *loads -= 1;
-        if *loads == 0 {
-            set_purge_delay(NEVER);
+        loads.0 -= 1;
+        if loads.0 == 0 {
+            set_purge_delay(loads.1);
         }
     }
+}
+
+/// mimalloc's purge delay now, in ms (-1: never).
+pub fn purge_delay() -> std::os::raw::c_long {
+    // SAFETY: reads an aligned `long` of mimalloc's option table (see `set_purge_delay`).
+    unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) }
 }
 
 fn set_purge_delay(delay: std::os::raw::c_long) {
