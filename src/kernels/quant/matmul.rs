@@ -131,9 +131,10 @@ impl QMatrix {
         })
     }
 
-    /// Bytes of the matrix in the file; an error for rows that are not whole blocks.
+    /// Bytes of the matrix in the file; an error for rows that are not whole blocks, or
+    /// are empty.
     fn file_bytes(format: Format, rows: usize, cols: usize) -> candle_core::Result<usize> {
-        if !cols.is_multiple_of(format.block_len()) {
+        if cols == 0 || !cols.is_multiple_of(format.block_len()) {
             candle_core::bail!(
                 "a {format:?} matrix needs rows of a multiple of {} weights, got {cols}",
                 format.block_len()
@@ -173,10 +174,11 @@ impl QMatrix {
 
     /// `x · Wᵀ` for `x` `[m, cols]` (row-major): `[m, rows]`.
     pub fn matmul(&self, x: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let m = self.input_rows(x)?;
         if self.rows == 0 {
+            // No result columns: nothing to compute, and no 0-float rows to cut `y` into.
             return Ok(Vec::new());
         }
-        let m = x.len() / self.cols.max(1);
         let mut y = vec![0f32; m * self.rows];
         let mut rows: Vec<&mut [f32]> = y.chunks_exact_mut(self.rows).collect();
         self.matmul_into(x, &mut rows)?;
@@ -187,16 +189,7 @@ impl QMatrix {
     /// `out[i]` (`rows` floats each): results that belong in separate buffers (each
     /// sequence's logits) go there without a whole-size copy.
     pub fn matmul_into(&self, x: &[f32], out: &mut [&mut [f32]]) -> candle_core::Result<()> {
-        if !x.len().is_multiple_of(self.cols) {
-            candle_core::bail!(
-                "a product with a {}×{} quantized matrix needs rows of {} values, got {} values",
-                self.rows,
-                self.cols,
-                self.cols,
-                x.len()
-            );
-        }
-        let m = x.len() / self.cols;
+        let m = self.input_rows(x)?;
         if out.len() != m || out.iter().any(|row| row.len() != self.rows) {
             candle_core::bail!(
                 "a product of {m} rows with a {}×{} quantized matrix writes {m} rows of {} values",
@@ -208,6 +201,21 @@ impl QMatrix {
         let kernel = KernelChoice::selected().map_err(candle_core::Error::msg)?;
         self.matmul_with(x, kernel.kernel(), out);
         Ok(())
+    }
+
+    /// Rows of a product's input `x` (`cols` values each, never 0: `file_bytes`); an
+    /// error where it is not whole rows.
+    fn input_rows(&self, x: &[f32]) -> candle_core::Result<usize> {
+        if !x.len().is_multiple_of(self.cols) {
+            candle_core::bail!(
+                "a product with a {}×{} quantized matrix needs rows of {} values, got {} values",
+                self.rows,
+                self.cols,
+                self.cols,
+                x.len()
+            );
+        }
+        Ok(x.len() / self.cols)
     }
 
     /// Computes into `out`, whose rows the caller sized (`matmul_into`).
@@ -511,6 +519,30 @@ mod tests {
         ) {
             sums_as_the_portable_one(KernelChoice::Avx2);
         }
+    }
+
+    #[test]
+    fn inputs_that_are_not_whole_rows_and_matrices_without_columns_are_refused() {
+        let no_rows = QMatrix::new(Format::Q8_0, 0, 32, &[]).unwrap();
+        assert!(no_rows.matmul(&[0.5; 31]).is_err());
+        assert_eq!(no_rows.matmul(&[0.5; 64]).unwrap(), Vec::<f32>::new());
+        let no_cols = match QMatrix::new(Format::Q8_0, 16, 0, &[]) {
+            Ok(_) => panic!("a matrix without columns was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(no_cols.contains("got 0"), "{no_cols}");
+        let w = QMatrix::new(
+            Format::Q8_0,
+            16,
+            32,
+            &vec![0u8; 16 * Format::Q8_0.row_bytes(32)],
+        )
+        .unwrap();
+        let mut y = [0f32; 16];
+        assert!(
+            w.matmul_into(&[0.5; 64], &mut [&mut y[..]]).is_err(),
+            "two input rows, one output row"
+        );
     }
 
     #[test]
