@@ -26,8 +26,7 @@ static LOADS: std::sync::Mutex<(usize, std::os::raw::c_long)> = std::sync::Mutex
 /// set in the environment wins.
 pub fn tune() {
     if !set_by_user() {
-        // SAFETY: called before any other thread exists; mi_option_set is not thread safe.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, NEVER) };
+        set_purge_delay(NEVER);
     }
 }
 
