@@ -1,6 +1,7 @@
 """Training pools and held-back rows of the quality benchmarks, by a fixed rule (nothing
 random to reproduce): SVAMP keeps every 7th row of dev.jsonl back and the rest is the
-pool; TweetEval emotion's pool is train.jsonl and its held-back rows val.jsonl, both
+pool, followed by GSM8K's training problems (the numeric task's pool at scale; a prefix of
+up to 579 rows is SVAMP alone, as before); TweetEval emotion's pool is train.jsonl and its held-back rows val.jsonl, both
 interleaved by label so that any prefix covers every label, and val.jsonl once more as it
 comes (its natural label distribution).
 
@@ -36,7 +37,8 @@ def interleave(rs):
 
 
 svamp = rows(f"{data}/svamp/dev.jsonl")
-write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0])
+gsm8k = [{k: r[k] for k in ("id", "question", "answer")} for r in rows(f"{data}/gsm8k/train.jsonl")]
+write(f"{work}/svamp-pool.jsonl", [r for i, r in enumerate(svamp) if i % 7 != 0] + gsm8k)
 write(f"{work}/svamp-heldout.jsonl", [r for i, r in enumerate(svamp) if i % 7 == 0])
 write(f"{work}/emotion-pool.jsonl", interleave(rows(f"{data}/tweeteval-emotion/train.jsonl")))
 write(f"{work}/emotion-heldout.jsonl", interleave(rows(f"{data}/tweeteval-emotion/val.jsonl")))

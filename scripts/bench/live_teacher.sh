@@ -45,7 +45,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root="$(pwd)"
-. scripts/bench/data-dir.sh svamp/dev.jsonl tweeteval-emotion/train.jsonl tweeteval-emotion/val.jsonl
+. scripts/bench/data-dir.sh svamp/dev.jsonl gsm8k/train.jsonl tweeteval-emotion/train.jsonl tweeteval-emotion/val.jsonl
 train_rows="${TRAIN_ROWS:-64}"
 eval_rows="${EVAL_ROWS:-50}"
 steps="${STEPS:-16}"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Quality benchmark: does the distilled student beat its teacher? ("Distilling step-by-step",
-# Hsieh et al., 2023, at laptop scale.) Teacher Qwen2.5-Coder-0.5B-Instruct (GGUF, local),
-# student SmolLM2-135M-Instruct, two tasks from KDPIPE_DATA (default ../shared/data): SVAMP (numeric) and
-# TweetEval emotion (4 labels). Every row of the table is scored on the same held-back rows:
+# Hsieh et al., 2023, at laptop scale.) Teacher Qwen2.5-Coder-0.5B-Instruct (GGUF, local;
+# TEACHER=1.5b for Qwen2.5-Coder-1.5B-Instruct), student SmolLM2-135M-Instruct (STUDENT=0.5b
+# for Qwen2.5-Coder-0.5B-Instruct, the 1.5B's tokenizer), two tasks from KDPIPE_DATA (default
+# ../shared/data): SVAMP (numeric; its training pool continues with GSM8K's training
+# problems) and TweetEval emotion (4 labels). Every row of the table is scored on the same held-back rows:
 #
 #   teacher few-shot (step-by-step prompt, greedy)   student before training (same prompt,
 #     SVAMP: also with the calculator               and the student's own zero-shot prompt)
@@ -18,7 +20,7 @@
 # (kdpipe writes the value of each equation they leave open), in extra rows.
 #
 # The held-back rows never reach generate: SVAMP keeps every 7th row of dev.jsonl back
-# (the rest is the training pool); emotion trains on train.jsonl and holds back val.jsonl.
+# (the rest is the training pool, 579 rows, then GSM8K's 7,473 training problems); emotion trains on train.jsonl and holds back val.jsonl.
 # SVAMP's problems are templated, so curate also drops every training row sharing a
 # 13-word window with an eval file ([curate] decontaminate). Emotion is scored twice: on
 # held-back rows balanced across the labels, and on val.jsonl as it comes (its natural
@@ -37,6 +39,13 @@
 #   SAMPLES      SVAMP teacher samples per input; > 1 gives vote-share
 #                soft labels for the KD term                               (default 2)
 #   TASKS        which tasks                                     (default "svamp emotion")
+#   VARIANTS     which students train  (default "label_only distill step_by_step step_by_step_kd")
+#   CURVE        teacher input counts for a data-size curve of CURVE_VARIANT, each trained
+#                on the curated rows of the first N inputs (their teacher rows are reused
+#                from the TRAIN_ROWS run); the TRAIN_ROWS student is its last point (default none)
+#   CURVE_VARIANT the recipe the curve trains                          (default step_by_step)
+#   TEACHER      0.5b or 1.5b (Qwen2.5-Coder-*-Instruct Q4_K_M)             (default 0.5b)
+#   STUDENT      135m (SmolLM2-135M-Instruct) or 0.5b                       (default 135m)
 #   WORK         where runs go                        (default ~/.cache/kdpipe/quality)
 #   OUT          the table's file                     (default bench-results/quality.md)
 # The paper's students see thousands of rows for many epochs; raise TRAIN_ROWS and EPOCHS
@@ -44,7 +53,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root="$(pwd)"
-. scripts/bench/data-dir.sh svamp/dev.jsonl tweeteval-emotion/train.jsonl tweeteval-emotion/val.jsonl
+. scripts/bench/data-dir.sh svamp/dev.jsonl gsm8k/train.jsonl tweeteval-emotion/train.jsonl tweeteval-emotion/val.jsonl
 svamp_eval="${1:--}"
 emotion_eval="${2:--}"
 train_rows="${TRAIN_ROWS:-160}"
@@ -52,8 +61,22 @@ eval_rows="${EVAL_ROWS:-100}"
 epochs="${EPOCHS:-2}"
 samples="${SAMPLES:-2}"
 tasks="${TASKS:-svamp emotion}"
+variants="${VARIANTS-label_only distill step_by_step step_by_step_kd}"
+curve="${CURVE:-}"
+curve_variant="${CURVE_VARIANT:-step_by_step}"
 work="${WORK:-$HOME/.cache/kdpipe/quality}"
 out="${OUT:-bench-results/quality.md}"
+model_file() { # 0.5b | 1.5b | 135m
+  case "$1" in
+    0.5b) echo "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf" ;;
+    1.5b) echo "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf" ;;
+    135m) echo "SmolLM2-135M-Instruct.Q4_1.gguf" ;;
+    *) echo "quality: unknown model $1 (known: 0.5b, 1.5b, 135m)" >&2; exit 2 ;;
+  esac
+}
+teacher_model="$root/models/$(model_file "${TEACHER:-0.5b}")"
+student_model="$root/models/$(model_file "${STUDENT:-135m}")"
+[ "${TEACHER:-0.5b}" = 1.5b ] && large_models=1
 mkdir -p "$work"
 started=$(date +%s)
 
@@ -66,7 +89,7 @@ python3 scripts/bench/heldout.py "$data" "$work"
 # $decontaminate: the eval files of the task, as a TOML list (set per task below).
 write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold]
   local task=$1 name=$2 objective=$3 kd=$4 calculator=${5:-false}
-  local teacher_model=${6:-$root/models/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf}
+  local teacher_model=${6:-$teacher_model}
   local view=${7:-auto} gold=${8:-auto}
   local inputs fields taskdef teacher
   if [ "$task" = svamp ]; then
@@ -96,7 +119,7 @@ seed = 0
 inputs = ["$inputs"]
 id_field = "id"
 $fields
-limit = $train_rows
+limit = ${limit:-$train_rows}
 [task]
 $taskdef
 prompt = "$root/prompts/$([ "$task" = svamp ] && echo numeric || echo labels).md"
@@ -110,7 +133,7 @@ split = [0.9, 0.1, 0.0]
 gold = "$gold"
 decontaminate = $decontaminate
 [student]
-model = "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+model = "$student_model"
 [finetune]
 objective = "$objective"
 kd_weight = $kd
@@ -138,6 +161,33 @@ score() { # config tag eval-args...
   if [ -n "$natural_file" ]; then
     "$kdpipe" eval --config "$config" --file "$natural_file" "$@" >&2
     cp "$work/runs/$name/eval/report.json" "$work/$tag-natural.json"
+  fi
+}
+
+# Train and score one student of a task; `own` curates the run's own teacher rows (the
+# curve), otherwise it borrows the task's curated rows: gold and teacher labels on every
+# row for label_only and distill, rationales on the rows curate keeps by default.
+train_variant() { # task variant name [own]
+  local task=$1 variant=$2 name=$3 own=${4:-}
+  local objective=${variant%_kd} gold=auto
+  local kd
+  kd=$([ "$variant" = step_by_step_kd ] && echo 0.5 || echo 0)
+  case "$variant" in label_only | distill) gold=flag ;; esac
+  write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold"
+  if [ -n "$own" ]; then
+    "$kdpipe" generate --config "$work/$name.toml" >&2
+    "$kdpipe" curate --config "$work/$name.toml" >&2
+  elif [ "$gold" = flag ]; then
+    borrow_curate "$task-flag" "$name"
+  else
+    borrow_curate "$task" "$name"
+  fi
+  echo "quality: $task: training $name" >&2
+  "$kdpipe" finetune --config "$work/$name.toml" >&2
+  score "$work/$name.toml" "$name" --models student
+  if [ "$task" = svamp ] && [ "$objective" = step_by_step ]; then
+    write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold"
+    score "$work/$name.toml" "$name-calculator" --models student
   fi
 }
 
@@ -178,34 +228,29 @@ for task in $tasks; do
   echo "quality: $task: teacher (SVAMP: also with the calculator) and student before training" >&2
   score "$work/$task.toml" "$task-reference" --models teacher,base --teacher run
   # The student before training, asked exactly as the teacher is: the few-shot prompt.
-  write_config "$task" "$task-base-fewshot" step_by_step 0 false "$root/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+  write_config "$task" "$task-base-fewshot" step_by_step 0 false "$student_model"
   score "$work/$task-base-fewshot.toml" "$task-base-fewshot" --models teacher --teacher run
 
-  for variant in label_only distill step_by_step step_by_step_kd; do
-    objective=${variant%_kd}
-    kd=$([ "$variant" = step_by_step_kd ] && echo 0.5 || echo 0)
-    name="$task-$variant"
-    write_config "$task" "$name" "$objective" "$kd"
-    # Gold and teacher labels on every row; rationales on the rows curate keeps by default.
-    case "$variant" in
-      label_only | distill) borrow_curate "$task-flag" "$name" ;;
-      *) borrow_curate "$task" "$name" ;;
-    esac
-    echo "quality: $task: training $variant" >&2
-    "$kdpipe" finetune --config "$work/$name.toml" >&2
-    score "$work/$name.toml" "$name" --models student
-    if [ "$task" = svamp ] && [ "$objective" = step_by_step ]; then
-      write_config "$task" "$name" "$objective" "$kd" true
-      score "$work/$name.toml" "$name-calculator" --models student
-    fi
+  for variant in $variants; do
+    train_variant "$task" "$variant" "$task-$variant"
+  done
+  # The data-size curve: the same recipe on the first N inputs' teacher rows, curated anew
+  # (generate finds every row of the first N inputs already written and reuses it).
+  for n in $curve; do
+    name="$task-$curve_variant-n$n"
+    rm -rf "$work/runs/$name"
+    mkdir -p "$work/runs/$name"
+    cp -r "$work/runs/$task/generate" "$work/runs/$name/generate"
+    limit=$n train_variant "$task" "$curve_variant" "$name" own
   done
 done
 
 mkdir -p "$(dirname "$out")"
 elapsed=$(($(date +%s) - started))
-python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$epochs" "$samples" $tasks <<'PY' | tee "$out"
+python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$epochs" "$samples" \
+  "$(basename "$teacher_model" .gguf)" "$(basename "$student_model" .gguf)" "$curve_variant" "$curve" $tasks <<'PY' | tee "$out"
 import json, math, os, sys
-work, elapsed, train_rows, eval_rows, epochs, samples, *tasks = sys.argv[1:]
+work, elapsed, train_rows, eval_rows, epochs, samples, teacher, student, curve_variant, curve, *tasks = sys.argv[1:]
 
 def wilson(p, n, z=1.96):
     """95 % Wilson score interval of an accuracy p over n rows, in percent."""
@@ -219,6 +264,11 @@ def load(tag, suffix):
     path = f"{work}/{tag}{suffix}.json"
     return json.load(open(path)) if os.path.exists(path) else None
 
+def train_seconds_of(run):
+    """The student's training time, from its finetune manifest."""
+    path = f"{work}/runs/{run}/finetune/manifest.json"
+    return f"{json.load(open(path))['summary']['seconds']:.0f}" if os.path.exists(path) else ""
+
 def train_rows_of(run):
     cur = json.load(open(f"{work}/runs/{run}/curate/report.json"))
     return cur.get("splits", {}).get("train", "")
@@ -229,7 +279,7 @@ variants = [("label_only", "student label_only (gold labels, all rows)"),
             ("step_by_step", "student step_by_step"),
             ("step_by_step_kd", "student step_by_step + KD")]
 
-print("# Quality: teacher Qwen2.5-Coder-0.5B-Instruct Q4_K_M, student SmolLM2-135M-Instruct\n")
+print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
       f"{epochs} epochs, SVAMP samples {samples}; training rows decontaminated against the eval files; "
       f"wall time {int(elapsed) // 60} min on this machine.\n")
@@ -242,19 +292,23 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
             continue
         fewshot = load(f"{task}-base-fewshot", suffix)
         gold_filtered = task == "svamp"
-        rows = [("teacher few-shot", pick(ref, "teacher"), ""),
-                ("teacher few-shot, calculator", pick(ref, "teacher_calculator"), ""),
-                ("student before training, few-shot prompt", pick(fewshot, "teacher"), ""),
-                ("student before training, student prompt", pick(ref, "base"), "")]
+        rows = [("teacher few-shot", pick(ref, "teacher"), "", ""),
+                ("teacher few-shot, calculator", pick(ref, "teacher_calculator"), "", ""),
+                ("student before training, few-shot prompt", pick(fewshot, "teacher"), "", ""),
+                ("student before training, student prompt", pick(ref, "base"), "", "")]
         for v, label in variants:
             if v.startswith("step_by_step") and gold_filtered:
                 label += " (rows agreeing with gold)"
+            rep = load(f"{task}-{v}", suffix)
+            if rep is None:
+                continue
             n = train_rows_of(f"{task}-{v}")
-            rows.append((label, load(f"{task}-{v}", suffix)["models"][0], n))
+            secs = train_seconds_of(f"{task}-{v}")
+            rows.append((label, rep["models"][0], n, secs))
             calc = load(f"{task}-{v}-calculator", suffix)
             if calc:
-                rows.append((label + ", calculator", calc["models"][0], n))
-        for label, m, n in rows:
+                rows.append((label + ", calculator", calc["models"][0], n, secs))
+        for label, m, n, secs in rows:
             if m is None:
                 continue
             f1 = m.get("labels") or {}
@@ -262,13 +316,34 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
             how = "rationale" if ("rationale" in m["decode"] or m["key"].startswith("teacher")) else "label"
             ci = wilson(m["accuracy"], ref["rows"])
             table.append(f"| {task} | {label} | {how} | {100 * m['accuracy']:.1f} % | {ci} | {f1} | "
-                         f"{100 * m['parse_failure_rate']:.1f} % | {n} | {m['seconds_per_example']:.2f} |")
-        table.append(f"| {task} | (rows scored: {ref['rows']}) | | | | | | | |")
+                         f"{100 * m['parse_failure_rate']:.1f} % | {n} | {secs} | {m['seconds_per_example']:.2f} |")
+        table.append(f"| {task} | (rows scored: {ref['rows']}) | | | | | | | | |")
     if not table:
         continue
     print(f"## {title}\n")
-    print("| task | model | answers in | accuracy | 95 % CI | macro-F1 | no answer | train rows | s / example |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| task | model | answers in | accuracy | 95 % CI | macro-F1 | no answer | train rows | train s | s / example |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(table))
+    print()
+
+# The data-size curve: accuracy of one recipe against the teacher inputs it learned from.
+for task in tasks:
+    points = [(int(n), f"{task}-{curve_variant}-n{n}") for n in curve.split()]
+    points.append((int(train_rows), f"{task}-{curve_variant}"))
+    cells = []
+    for inputs, tag in sorted(points):
+        reps = [load(tag, suffix) for suffix in ("", "-natural")]
+        if reps[0] is None:
+            continue
+        accs = [f"{100 * r['models'][0]['accuracy']:.1f} % ({wilson(r['models'][0]['accuracy'], r['rows'])})"
+                for r in reps if r]
+        cells.append(f"| {task} | {inputs} | {train_rows_of(tag)} | {train_seconds_of(tag)} | " + " | ".join(accs) + " |")
+    if len(cells) < 2:
+        continue
+    natural = task == "emotion" and load(f"{task}-reference", "-natural") is not None
+    print(f"## Data-size curve, {task}: student {curve_variant}\n")
+    print("| task | teacher inputs | train rows | train s | accuracy (95 % CI) |" + (" natural distribution |" if natural else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if natural else ""))
+    print("\n".join(cells))
     print()
 PY
