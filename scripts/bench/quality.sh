@@ -164,9 +164,10 @@ score() { # config tag eval-args...
   fi
 }
 
-# Train and score one student of a task; `own` curates the run's own teacher rows (the
-# curve), otherwise it borrows the task's curated rows: gold and teacher labels on every
-# row for label_only and distill, rationales on the rows curate keeps by default.
+# Train and score one student of a task. With `own`, the run curates its own copy of the
+# task's teacher rows (the curve: generate keeps those of the first $limit inputs);
+# otherwise it borrows the task's curated rows: gold and teacher labels on every row for
+# label_only and distill, rationales on the rows curate keeps by default.
 train_variant() { # task variant name [own]
   local task=$1 variant=$2 name=$3 own=${4:-}
   local objective=${variant%_kd} gold=auto
@@ -175,6 +176,7 @@ train_variant() { # task variant name [own]
   case "$variant" in label_only | distill) gold=flag ;; esac
   write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold"
   if [ -n "$own" ]; then
+    borrow_generate "$task" "$name"
     "$kdpipe" generate --config "$work/$name.toml" >&2
     "$kdpipe" curate --config "$work/$name.toml" >&2
   elif [ "$gold" = flag ]; then
@@ -189,6 +191,13 @@ train_variant() { # task variant name [own]
     write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold"
     score "$work/$name.toml" "$name-calculator" --models student
   fi
+}
+
+# A fresh run holding the teacher rows of run $from.
+borrow_generate() { # from to
+  rm -rf "$work/runs/$2"
+  mkdir -p "$work/runs/$2"
+  cp -r "$work/runs/$1/generate" "$work/runs/$2/generate"
 }
 
 # A run that trains on the curated rows of run $from (same teacher rows and curate).
@@ -221,9 +230,7 @@ for task in $tasks; do
   "$kdpipe" generate --config "$work/$task.toml" >&2
   "$kdpipe" curate --config "$work/$task.toml" >&2
   write_config "$task" "$task-flag" step_by_step 0 false "" label flag
-  rm -rf "$work/runs/$task-flag"
-  mkdir -p "$work/runs/$task-flag"
-  cp -r "$work/runs/$task/generate" "$work/runs/$task-flag/generate"
+  borrow_generate "$task" "$task-flag"
   "$kdpipe" curate --config "$work/$task-flag.toml" >&2
   echo "quality: $task: teacher (SVAMP: also with the calculator) and student before training" >&2
   score "$work/$task.toml" "$task-reference" --models teacher,base --teacher run
@@ -237,11 +244,7 @@ for task in $tasks; do
   # The data-size curve: the same recipe on the first N inputs' teacher rows, curated anew
   # (generate finds every row of the first N inputs already written and reuses it).
   for n in $curve; do
-    name="$task-$curve_variant-n$n"
-    rm -rf "$work/runs/$name"
-    mkdir -p "$work/runs/$name"
-    cp -r "$work/runs/$task/generate" "$work/runs/$name/generate"
-    limit=$n train_variant "$task" "$curve_variant" "$name" own
+    limit=$n train_variant "$task" "$curve_variant" "$task-$curve_variant-n$n" own
   done
 done
 
