@@ -48,6 +48,8 @@
 #   STUDENT      135m (SmolLM2-135M-Instruct) or 0.5b                       (default 135m)
 #   WORK         where runs go                        (default ~/.cache/kdpipe/quality)
 #   OUT          the table's file                     (default bench-results/quality.md)
+#   REPORT_ONLY  1: run nothing, print the tables from WORK's reports (after rescoring a row
+#                by hand, say)
 # The paper's students see thousands of rows for many epochs; raise TRAIN_ROWS and EPOCHS
 # (and run on a GPU box) to get closer to its setting.
 set -euo pipefail
@@ -79,11 +81,14 @@ student_model="$root/models/$(model_file "${STUDENT:-135m}")"
 [ "${TEACHER:-0.5b}" = 1.5b ] && large_models=1
 mkdir -p "$work"
 started=$(date +%s)
-
-. scripts/bench/binary.sh
-
-# Training pool and held-back rows, chosen by a fixed rule (no randomness to reproduce).
-python3 scripts/bench/heldout.py "$data" "$work"
+run_tasks="$tasks"
+if [ -n "${REPORT_ONLY:-}" ]; then
+  run_tasks=""
+else
+  . scripts/bench/binary.sh
+  # Training pool and held-back rows, chosen by a fixed rule (no randomness to reproduce).
+  python3 scripts/bench/heldout.py "$data" "$work"
+fi
 
 # One config per task; variants differ only in [finetune] and the run name.
 # $decontaminate: the eval files of the task, as a TOML list (set per task below).
@@ -207,7 +212,7 @@ borrow_curate() { # from to
   cp -r "$work/runs/$1/curate" "$work/runs/$2/curate"
 }
 
-for task in $tasks; do
+for task in $run_tasks; do
   heldout="$work/$task-heldout.jsonl"
   [ "$task" = svamp ] && [ "$svamp_eval" != - ] && heldout="$(realpath "$svamp_eval")"
   [ "$task" = emotion ] && [ "$emotion_eval" != - ] && heldout="$(realpath "$emotion_eval")"
@@ -250,6 +255,7 @@ done
 
 mkdir -p "$(dirname "$out")"
 elapsed=$(($(date +%s) - started))
+[ -n "${REPORT_ONLY:-}" ] && elapsed=-1
 python3 - "$work" "$elapsed" "$train_rows" "$eval_rows" "$epochs" "$samples" \
   "$(basename "$teacher_model" .gguf)" "$(basename "$student_model" .gguf)" "$curve_variant" "$curve" $tasks <<'PY' | tee "$out"
 import json, math, os, sys
@@ -285,7 +291,8 @@ variants = [("label_only", "student label_only (gold labels, all rows)"),
 print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
       f"{epochs} epochs, SVAMP samples {samples}; training rows decontaminated against the eval files; "
-      f"wall time {int(elapsed) // 60} min on this machine.\n")
+      + (f"wall time {int(elapsed) // 60} min on this machine.\n" if int(elapsed) >= 0
+         else "tables printed from the work folder's reports (REPORT_ONLY).\n"))
 for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
                       ("-natural", "emotion, val.jsonl's natural label distribution")]:
     table = []
@@ -314,6 +321,9 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
         for label, m, n, secs in rows:
             if m is None:
                 continue
+            if m.get("rescued"):
+                # As generate does: its top-scored label replaced an answer outside the set.
+                label += f" ({m['rescued']} off-label answers rescued by its label scores)"
             f1 = m.get("labels") or {}
             f1 = f"{f1['macro_f1']:.3f}" if f1 else "—"
             how = "rationale" if ("rationale" in m["decode"] or m["key"].startswith("teacher")) else "label"

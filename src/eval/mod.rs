@@ -58,6 +58,10 @@ pub struct Prediction {
 pub struct Answers {
     pub predictions: Vec<Prediction>,
     pub wall_seconds: f64,
+    /// Answers written outside the label set that the model's own label scores replaced
+    /// (the teacher run live, as generate does); 0 for every other model.
+    #[serde(default)]
+    pub rescued: usize,
 }
 
 fn split_path(cfg: &Config) -> PathBuf {
@@ -248,6 +252,7 @@ fn scored(who: Who, answers: Answers, rows: &[EvalRow], task: &Task) -> Scored {
         seconds_per_1k: per_example * 1000.0,
         params: who.params,
         peak_rss_bytes: None,
+        rescued: answers.rescued,
     };
     Scored {
         scores,

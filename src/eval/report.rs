@@ -45,6 +45,10 @@ pub struct ModelScores {
     /// model that loads weights in a process of its own); None when not measured.
     #[serde(default)]
     pub peak_rss_bytes: Option<u64>,
+    /// Answers written outside the label set that its own label scores replaced (the
+    /// teacher run live, as generate does; counted as answered, not as "no answer").
+    #[serde(default)]
+    pub rescued: usize,
 }
 
 impl Scores {
@@ -143,6 +147,12 @@ impl Scores {
                 pct(m.metrics.parse_failure_rate)
             )
         }));
+        if self.models.iter().any(|m| m.rescued > 0) {
+            md.push_str(&line(
+                "outside the label set, rescued by its label scores",
+                &|m| m.rescued.to_string(),
+            ));
+        }
         md.push_str(&line("seconds / example", &|m| {
             format!("{:.2}", m.seconds_per_example)
         }));

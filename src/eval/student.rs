@@ -50,6 +50,7 @@ pub fn answer(
     Ok(Answers {
         predictions,
         wall_seconds,
+        rescued: 0,
     })
 }
 

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 /// Ask the configured teacher every row once, greedily, as generate would with one
-/// sample at temperature 0. Returns the answers and the teacher's id.
+/// sample at temperature 0: on label tasks it also scores the labels after its rationale
+/// and an answer written outside the label set is replaced by its top-scored label, as in
+/// the rows students train on (`Answers::rescued` counts them). Returns the answers and
+/// the teacher's id.
 pub fn run(
     cfg: &Config,
     prompt: &Prompt,
@@ -36,11 +39,12 @@ pub fn run(
         max_tokens: cfg.teacher.max_tokens,
         temperature: 0.0,
         token_topk: 0,
-        labels: vec![],
+        labels: crate::generate::scored_labels(cfg, &cfg.teacher),
     };
     let mut progress = crate::progress::Progress::new("teacher", rows.len() as u64);
     let mut by_id: HashMap<String, Prediction> = HashMap::new();
-    let locate = |_: &str| None;
+    let locate = |text: &str| task.parse_rationale_output(text, false).answer_offset;
+    let mut rescued = 0;
     let started = Instant::now();
     teacher.answer_all(
         jobs,
@@ -50,8 +54,13 @@ pub fn run(
             let prediction = match result {
                 Ok(reply) => {
                     progress.inc(reply.completion_tokens as u64);
-                    let parsed =
+                    let mut parsed =
                         task.parse_rationale_output(&reply.text, reply.finish_reason == "length");
+                    if let Some(probs) = &reply.label_probs {
+                        if parsed.rescue_with_label_scores(&settings.labels, probs) {
+                            rescued += 1;
+                        }
+                    }
                     Prediction {
                         text: reply.text,
                         answer: parsed.answer,
@@ -71,6 +80,11 @@ pub fn run(
         },
     )?;
     progress.finish();
+    if rescued > 0 {
+        eprintln!(
+            "eval: teacher: {rescued} answers written outside the label set were replaced by its top-scored label (as generate does)"
+        );
+    }
     let wall_seconds = started.elapsed().as_secs_f64();
     let predictions = rows
         .iter()
@@ -84,6 +98,7 @@ pub fn run(
         Answers {
             predictions,
             wall_seconds,
+            rescued,
         },
         teacher.id().to_string(),
     ))
@@ -118,5 +133,6 @@ pub fn generated(cfg: &Config, rows: &[EvalRow]) -> Result<Answers> {
     Ok(Answers {
         wall_seconds: per_row * predictions.len() as f64,
         predictions,
+        rescued: 0,
     })
 }

@@ -62,16 +62,21 @@ pub fn input_entries(cfg: &Config) -> Result<Vec<FileEntry>> {
 
 /// The request settings of one teacher's jobs.
 fn settings(cfg: &Config, teacher: &TeacherConfig) -> Settings {
-    let labels_scored = cfg.task.kind == TaskKind::Labels && teacher.label_scores;
     Settings {
         max_tokens: teacher.max_tokens,
         temperature: teacher.temperature,
         token_topk: cfg.generate.token_topk,
-        labels: if labels_scored {
-            cfg.task.labels.clone()
-        } else {
-            vec![]
-        },
+        labels: scored_labels(cfg, teacher),
+    }
+}
+
+/// The labels a teacher scores after its rationale (`label_scores`, label tasks); none
+/// otherwise.
+pub fn scored_labels(cfg: &Config, teacher: &TeacherConfig) -> Vec<String> {
+    if cfg.task.kind == TaskKind::Labels && teacher.label_scores {
+        cfg.task.labels.clone()
+    } else {
+        vec![]
     }
 }
 

@@ -77,18 +77,7 @@ impl RowContext<'_> {
             .filter(|p| p.len() == self.settings.labels.len())
         {
             let coverage: f64 = probs.iter().sum();
-            if parsed.status == ParseStatus::OutsideLabelSet && coverage > 0.0 {
-                // The written answer is no label: the label the teacher scored highest is.
-                let best = probs
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(i, _)| i);
-                if let Some(i) = best {
-                    parsed.answer = Some(self.settings.labels[i].clone());
-                    parsed.status = ParseStatus::Rescued;
-                }
-            }
+            parsed.rescue_with_label_scores(&self.settings.labels, &probs);
             row.soft_kind = SOFT_LABEL_SCORES.into();
             row.soft_labels = self.settings.labels.clone();
             row.soft_probs = probs;

@@ -58,6 +58,31 @@ pub struct Parsed {
     pub answer_offset: Option<usize>,
 }
 
+impl Parsed {
+    /// An answer written outside the label set, replaced by the label the teacher's own
+    /// label-set scores (`probs`, in `labels` order) put highest: what generate stores and
+    /// eval scores the live teacher by. Returns whether it replaced the answer.
+    pub fn rescue_with_label_scores(&mut self, labels: &[String], probs: &[f64]) -> bool {
+        let scored = probs.len() == labels.len() && probs.iter().sum::<f64>() > 0.0;
+        if self.status != ParseStatus::OutsideLabelSet || !scored {
+            return false;
+        }
+        let best = probs
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i);
+        match best {
+            Some(i) => {
+                self.answer = Some(labels[i].clone());
+                self.status = ParseStatus::Rescued;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The marker the step-by-step prompts ask the teacher to end with.
 pub const ANSWER_MARKER: &str = "Answer:";
 
@@ -298,6 +323,29 @@ mod tests {
         assert_eq!(p.status, ParseStatus::Truncated);
         let p = numeric().parse_rationale_output("so\nAnswer: unknown", false);
         assert_eq!(p.status, ParseStatus::NotANumber);
+    }
+
+    #[test]
+    fn only_an_answer_outside_the_label_set_is_rescued_and_only_by_whole_scores() {
+        let t = labels();
+        let set = t.labels.clone();
+        let probs: Vec<f64> = (0..set.len())
+            .map(|i| if i == 1 { 0.6 } else { 0.1 })
+            .collect();
+        let mut off = t.parse_rationale_output("so\nAnswer: nostalgia", false);
+        assert_eq!(off.status, ParseStatus::OutsideLabelSet);
+        // Scores of another label set, or none at all, choose nothing.
+        assert!(!off.clone().rescue_with_label_scores(&set, &probs[..1]));
+        assert!(!off
+            .clone()
+            .rescue_with_label_scores(&set, &vec![0.0; set.len()]));
+        assert!(off.rescue_with_label_scores(&set, &probs));
+        assert_eq!(off.status, ParseStatus::Rescued);
+        assert_eq!(off.answer.as_deref(), Some(set[1].as_str()));
+        // A label the teacher wrote stands, whatever the scores say.
+        let mut written = t.parse_rationale_output(&format!("so\nAnswer: {}", set[0]), false);
+        assert!(!written.rescue_with_label_scores(&set, &probs));
+        assert_eq!(written.answer.as_deref(), Some(set[0].as_str()));
     }
 
     #[test]
