@@ -48,6 +48,8 @@
 #   STUDENT      135m (SmolLM2-135M-Instruct) or 0.5b                       (default 135m)
 #   WORK         where runs go                        (default ~/.cache/kdpipe/quality)
 #   OUT          the table's file                     (default bench-results/quality.md)
+#   REUSE_REFERENCE 1: keep the teacher's and the untrained student's reports already in
+#                WORK (a curve or more students added to a finished run)
 #   REPORT_ONLY  1: run nothing, print the tables from WORK's reports (after rescoring a row
 #                by hand, say)
 # The paper's students see thousands of rows for many epochs; raise TRAIN_ROWS and EPOCHS
@@ -237,11 +239,15 @@ for task in $run_tasks; do
   write_config "$task" "$task-flag" step_by_step 0 false "" label flag
   borrow_generate "$task" "$task-flag"
   "$kdpipe" curate --config "$work/$task-flag.toml" >&2
-  echo "quality: $task: teacher (SVAMP: also with the calculator) and student before training" >&2
-  score "$work/$task.toml" "$task-reference" --models teacher,base --teacher run
-  # The student before training, asked exactly as the teacher is: the few-shot prompt.
-  write_config "$task" "$task-base-fewshot" step_by_step 0 false "$student_model"
-  score "$work/$task-base-fewshot.toml" "$task-base-fewshot" --models teacher --teacher run
+  if [ -n "${REUSE_REFERENCE:-}" ] && [ -f "$work/$task-reference.json" ] && [ -f "$work/$task-base-fewshot.json" ]; then
+    echo "quality: $task: teacher and student before training: reports kept (REUSE_REFERENCE)" >&2
+  else
+    echo "quality: $task: teacher (SVAMP: also with the calculator) and student before training" >&2
+    score "$work/$task.toml" "$task-reference" --models teacher,base --teacher run
+    # The student before training, asked exactly as the teacher is: the few-shot prompt.
+    write_config "$task" "$task-base-fewshot" step_by_step 0 false "$student_model"
+    score "$work/$task-base-fewshot.toml" "$task-base-fewshot" --models teacher --teacher run
+  fi
 
   for variant in $variants; do
     train_variant "$task" "$variant" "$task-$variant"
@@ -345,7 +351,8 @@ for task in tasks:
     points.append((int(train_rows), f"{task}-{curve_variant}"))
     cells = []
     for inputs, tag in sorted(points):
-        reps = [load(tag, suffix) for suffix in ("", "-natural")]
+        # Emotion: also its natural distribution; SVAMP: also with the calculator.
+        reps = [load(tag, suffix) for suffix in ("", "-natural", "-calculator")]
         if reps[0] is None:
             continue
         accs = [f"{100 * r['models'][0]['accuracy']:.1f} % ({wilson(r['models'][0]['accuracy'], r['rows'])})"
@@ -353,10 +360,10 @@ for task in tasks:
         cells.append(f"| {task} | {inputs} | {train_rows_of(tag)} | {train_seconds_of(tag)} | " + " | ".join(accs) + " |")
     if len(cells) < 2:
         continue
-    natural = task == "emotion" and load(f"{task}-reference", "-natural") is not None
+    second = {"emotion": " natural distribution |", "svamp": " with the calculator |"}.get(task, "")
     print(f"## Data-size curve, {task}: student {curve_variant}\n")
-    print("| task | teacher inputs | train rows | train s | accuracy (95 % CI) |" + (" natural distribution |" if natural else ""))
-    print("|---|---:|---:|---:|---:|" + ("---:|" if natural else ""))
+    print("| task | teacher inputs | train rows | train s | accuracy (95 % CI) |" + second)
+    print("|---|---:|---:|---:|---:|" + ("---:|" if second else ""))
     print("\n".join(cells))
     print()
 PY
