@@ -56,19 +56,7 @@ limit = 8
         prompts = root().join("prompts").display(),
         model = smollm2().display(),
     );
-    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let file = root().join("datasets/arith.jsonl");
-    let out = kdpipe(
-        &[
-            "eval",
-            "--config",
-            "c.toml",
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = eval_on_file(dir.path(), &cfg, &root().join("datasets/arith.jsonl"));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("teacher, calculator"), "{table}");
 

@@ -38,19 +38,7 @@ limit = 60
         prompts = root().join("prompts").display(),
         model = smollm2().display(),
     );
-    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
-    let file = root().join("datasets/feelings.jsonl");
-    let out = kdpipe(
-        &[
-            "eval",
-            "--config",
-            "c.toml",
-            "--file",
-            file.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    eval_on_file(dir.path(), &cfg, &root().join("datasets/feelings.jsonl"));
 
     let task = Task::from_config(&TaskConfig {
         kind: TaskKind::Labels,

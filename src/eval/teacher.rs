@@ -39,7 +39,7 @@ pub fn run(
         max_tokens: cfg.teacher.max_tokens,
         temperature: 0.0,
         token_topk: 0,
-        labels: crate::generate::scored_labels(cfg, &cfg.teacher),
+        labels: teacher::scored_labels(&cfg.task, &cfg.teacher),
     };
     let mut progress = crate::progress::Progress::new("teacher", rows.len() as u64);
     let mut by_id: HashMap<String, Prediction> = HashMap::new();

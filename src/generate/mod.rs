@@ -10,7 +10,7 @@ mod dry_run;
 mod parts;
 mod rows;
 
-use crate::config::{Config, Stage, TaskKind, TeacherConfig};
+use crate::config::{Config, Stage, TeacherConfig};
 use crate::io::atomic::text_sha256;
 use crate::io::inputs::read_inputs;
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
@@ -66,17 +66,7 @@ fn settings(cfg: &Config, teacher: &TeacherConfig) -> Settings {
         max_tokens: teacher.max_tokens,
         temperature: teacher.temperature,
         token_topk: cfg.generate.token_topk,
-        labels: scored_labels(cfg, teacher),
-    }
-}
-
-/// The labels a teacher scores after its rationale (`label_scores`, label tasks); none
-/// otherwise.
-pub fn scored_labels(cfg: &Config, teacher: &TeacherConfig) -> Vec<String> {
-    if cfg.task.kind == TaskKind::Labels && teacher.label_scores {
-        cfg.task.labels.clone()
-    } else {
-        vec![]
+        labels: teacher::scored_labels(&cfg.task, teacher),
     }
 }
 

@@ -19,7 +19,7 @@ pub mod scoring;
 pub mod wire;
 
 use crate::chat::ChatMessage;
-use crate::config::{LocalEngine, TeacherConfig, TeacherKind};
+use crate::config::{LocalEngine, TaskConfig, TaskKind, TeacherConfig, TeacherKind};
 use anyhow::Result;
 use std::collections::BTreeMap;
 
@@ -42,6 +42,16 @@ pub struct Settings {
     pub token_topk: usize,
     /// Label tasks: the label set, scored at the answer position after the rationale.
     pub labels: Vec<String>,
+}
+
+/// The labels a teacher scores after its rationale (`label_scores`, label tasks; generate
+/// and eval's live teacher alike); none otherwise.
+pub fn scored_labels(task: &TaskConfig, teacher: &TeacherConfig) -> Vec<String> {
+    if task.kind == TaskKind::Labels && teacher.label_scores {
+        task.labels.clone()
+    } else {
+        vec![]
+    }
 }
 
 /// A generated token, by id where the backend gives ids (local) or by text (APIs).

@@ -35,6 +35,16 @@ pub fn kdpipe(args: &[&str], cwd: &Path) -> Output {
         .expect("kdpipe runs")
 }
 
+/// Write `config` as `dir/c.toml` and run `kdpipe eval` with it on `file`; asserts it
+/// succeeded.
+pub fn eval_on_file(dir: &Path, config: &str, file: &Path) -> Output {
+    std::fs::write(dir.join("c.toml"), config).unwrap();
+    let file = file.to_str().unwrap();
+    let out = kdpipe(&["eval", "--config", "c.toml", "--file", file], dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    out
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
