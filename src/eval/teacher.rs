@@ -43,7 +43,7 @@ pub fn run(
     };
     let mut progress = crate::progress::Progress::new("teacher", rows.len() as u64);
     let mut by_id: HashMap<String, Prediction> = HashMap::new();
-    let locate = |text: &str| task.parse_rationale_output(text, false).answer_offset;
+    let locate = |text: &str| task.answer_offset(text);
     let mut rescued = 0;
     let started = Instant::now();
     teacher.answer_all(

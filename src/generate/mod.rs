@@ -222,7 +222,7 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
 
     // Where the rows come from: batch result files, or the live teachers one after another.
     let by_id: HashMap<&str, &InputRow> = inputs.iter().map(|r| (r.id.as_str(), r)).collect();
-    let locate = |text: &str| task.parse_rationale_output(text, false).answer_offset;
+    let locate = |text: &str| task.answer_offset(text);
     let mut progress = Progress::new("generate", todo.len() as u64);
     let mut new_rows: Vec<TeacherRow> = vec![];
     let mut new_tokens = (0u64, 0u64);

@@ -131,6 +131,12 @@ impl Task {
         }
     }
 
+    /// Where a teacher's labels are scored in its reply: just after its last answer marker
+    /// (generate and eval's live teacher locate it the same way).
+    pub fn answer_offset(&self, text: &str) -> Option<usize> {
+        self.parse_rationale_output(text, false).answer_offset
+    }
+
     /// Parse a bare answer (the label view of a student): the text itself, or what follows
     /// an answer marker if the model wrote one.
     pub fn parse_answer_only(&self, text: &str) -> Parsed {
