@@ -413,9 +413,10 @@ fn d_device() -> String {
 }
 
 /// Step-by-step is the default for both task kinds because it wins or ties on both in
-/// bench-results/quality.md (1.5B teacher, SmolLM2-135M student, 1,000 teacher inputs):
-/// SVAMP 13.4 % against distill's 7.2 % (25.8 % with the calculator), emotion 72 / 78 %
-/// against distill's 69 / 78 % (balanced / natural rows; a tie on the natural rows).
+/// bench-results/quality.md (1.5B teacher, 1,000 teacher inputs): SVAMP 13.4 % against
+/// distill's 7.2 % with the SmolLM2-135M student (25.8 % with the calculator), 46.4 %
+/// against 27.8 % with the Qwen2.5-Coder-0.5B (LoRA); emotion a tie (135M: 71.7 % against
+/// distill's 72.5 % on all 374 natural rows).
 fn d_objective() -> Objective {
     Objective::StepByStep
 }
