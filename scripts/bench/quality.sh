@@ -362,18 +362,22 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
 for task in tasks:
     points = [(int(n), f"{task}-{curve_variant}-n{n}") for n in curve.split()]
     points.append((int(train_rows), f"{task}-{curve_variant}"))
+    # A second column where the full run has one: emotion's natural distribution, SVAMP's
+    # calculator (step-by-step recipes only).
+    suffix, second = {"emotion": ("-natural", " natural distribution |"),
+                      "svamp": ("-calculator", " with the calculator |")}.get(task, ("", ""))
+    suffixes = ("", suffix) if suffix and load(f"{task}-{curve_variant}", suffix) else ("",)
     cells = []
     for inputs, tag in sorted(points):
-        # Emotion: also its natural distribution; SVAMP: also with the calculator.
-        reps = [load(tag, suffix) for suffix in ("", "-natural", "-calculator")]
+        reps = [load(tag, s) for s in suffixes]
         if reps[0] is None:
             continue
         accs = [f"{100 * r['models'][0]['accuracy']:.1f} % ({wilson(r['models'][0]['accuracy'], r['rows'])})"
-                for r in reps if r]
+                if r else "—" for r in reps]
         cells.append(f"| {task} | {inputs} | {train_rows_of(tag)} | {train_seconds_of(tag)} | " + " | ".join(accs) + " |")
     if len(cells) < 2:
         continue
-    second = {"emotion": " natural distribution |", "svamp": " with the calculator |"}.get(task, "")
+    second = second if len(suffixes) == 2 else ""
     print(f"## Data-size curve, {task}: student {curve_variant}\n")
     print("| task | teacher inputs | train rows | train s | accuracy (95 % CI) |" + second)
     print("|---|---:|---:|---:|---:|" + ("---:|" if second else ""))
