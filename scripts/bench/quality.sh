@@ -11,6 +11,9 @@
 #   student label_only (gold labels, all rows)       student distill (teacher labels, all rows:
 #                                                       [curate] gold = "flag")
 #   student step_by_step (rationales + labels)       step_by_step + KD term
+#   step_by_step + token-level KD (TOKEN_TOPK > 0: the teacher's top-k at every token)
+#   step_by_step, one row a step (the control of token-level KD: its third example a row
+#     leaves room for one row in a batch of 4, so it takes twice step_by_step's steps)
 #
 # step_by_step trains on the rows curate keeps by default: for SVAMP only those whose answer
 # agrees with gold (gold = "auto" filters numeric tasks), and the table says so.
@@ -41,7 +44,13 @@
 #   SAMPLES      SVAMP teacher samples per input; > 1 gives vote-share
 #                soft labels for the KD term                               (default 2)
 #   TASKS        which tasks                                     (default "svamp emotion")
-#   VARIANTS     which students train  (default "label_only distill step_by_step step_by_step_kd")
+#   VARIANTS     which students train  (default "label_only distill step_by_step step_by_step_kd",
+#                and step_by_step_token_kd step_by_step_one_row when TOKEN_TOPK > 0)
+#   TOKEN_TOPK   the teacher keeps its top-k alternatives at every token it writes ([generate]
+#                token_topk; at most 20), for step_by_step_token_kd: kd_token_weight 1.0, on
+#                the teacher's own token ids when the student shares its tokenizer
+#                (STUDENT=0.5b with TEACHER=1.5b), else aligned across tokenizers
+#                (token_kd = "cross")                                            (default 0)
 #   CURVE        teacher input counts for a data-size curve of CURVE_VARIANT, each trained
 #                on the curated rows of the first N inputs (their teacher rows are reused
 #                from the TRAIN_ROWS run); the TRAIN_ROWS student is its last point (default none)
@@ -70,7 +79,17 @@ natural_rows="${NATURAL_ROWS:-374}"
 epochs="${EPOCHS:-2}"
 samples="${SAMPLES:-2}"
 tasks="${TASKS:-svamp emotion}"
-variants="${VARIANTS-label_only distill step_by_step step_by_step_kd}"
+token_topk="${TOKEN_TOPK:-0}"
+default_variants="label_only distill step_by_step step_by_step_kd"
+[ "$token_topk" -gt 0 ] && default_variants+=" step_by_step_token_kd step_by_step_one_row"
+variants="${VARIANTS-$default_variants}"
+case " $variants " in
+  *" step_by_step_token_kd "*)
+    if [ "$token_topk" -eq 0 ]; then
+      echo "quality: step_by_step_token_kd needs the teacher's token top-k: set TOKEN_TOPK (e.g. 20)" >&2
+      exit 2
+    fi ;;
+esac
 curve="${CURVE:-}"
 curve_variant="${CURVE_VARIANT:-step_by_step}"
 work="${WORK:-$HOME/.cache/kdpipe/quality}"
@@ -86,6 +105,10 @@ model_file() { # 0.5b | 1.5b | 135m
 teacher_model="$root/models/$(model_file "${TEACHER:-0.5b}")"
 student_model="$root/models/$(model_file "${STUDENT:-135m}")"
 [ "${TEACHER:-0.5b}" = 1.5b ] && large_models=1
+# Token-level KD reads the teacher's own token ids where the two share a tokenizer (the
+# Qwen2.5-Coder pair), and aligns the teacher's tokens to the student's by bytes otherwise.
+token_kd=cross
+case "${TEACHER:-0.5b}:${STUDENT:-135m}" in 1.5b:0.5b | 0.5b:0.5b) token_kd=same_vocab ;; esac
 # The student's training knobs: the 135M trains whole, the 0.5B its LoRA adapters.
 student_training="learning_rate = 1e-4"
 student_title="$(basename "$student_model" .gguf)"
@@ -107,10 +130,10 @@ fi
 
 # One config per task; variants differ only in [finetune] and the run name.
 # $decontaminate: the eval files of the task, as a TOML list (set per task below).
-write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold]
+write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold] [token kd weight] [batch size]
   local task=$1 name=$2 objective=$3 kd=$4 calculator=${5:-false}
   local teacher_model=${6:-$teacher_model}
-  local view=${7:-auto} gold=${8:-auto}
+  local view=${7:-auto} gold=${8:-auto} token_kd_weight=${9:-0} batch_size=${10:-4}
   local inputs fields taskdef teacher
   if [ "$task" = svamp ]; then
     inputs="$work/svamp-pool.jsonl"
@@ -120,7 +143,8 @@ gold_field = "answer"'
 description = "Solve the arithmetic word problem."'
     teacher="max_tokens = 128
 temperature = $([ "$samples" -gt 1 ] && echo 0.7 || echo 0.0)"
-    gen="samples = $samples"
+    gen="samples = $samples
+token_topk = $token_topk"
   else
     inputs="$work/emotion-pool.jsonl"
     fields='input_field = "text"
@@ -129,7 +153,8 @@ gold_field = "label"'
 labels = ["anger", "joy", "optimism", "sadness"]
 description = "What emotion does the tweet express?"'
     teacher="max_tokens = 64"
-    gen="samples = 1"
+    gen="samples = 1
+token_topk = $token_topk"
   fi
   cat >"$work/$name.toml" <<EOF
 name = "$name"
@@ -157,9 +182,10 @@ model = "$student_model"
 [finetune]
 objective = "$objective"
 kd_weight = $kd
+$([ "$token_kd_weight" = 0 ] || printf 'kd_token_weight = %s\ntoken_kd = "%s"' "$token_kd_weight" "$token_kd")
 epochs = $epochs
 $student_training
-batch_size = 4
+batch_size = $batch_size
 max_seq_len = 192
 # No resumable checkpoints: each is the weights and the optimizer state (~1.6 GB for
 # SmolLM2), and a benchmark's variants are rerun whole.
@@ -190,11 +216,17 @@ score() { # config tag eval-args...
 # label_only and distill, rationales on the rows curate keeps by default.
 train_variant() { # task variant name [own]
   local task=$1 variant=$2 name=$3 own=${4:-}
-  local objective=${variant%_kd} gold=auto
-  local kd
-  kd=$([ "$variant" = step_by_step_kd ] && echo 0.5 || echo 0)
-  case "$variant" in label_only | distill) gold=flag ;; esac
-  write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold"
+  local objective=$variant gold=auto kd=0 token_kd_weight=0 batch_size=4
+  case "$variant" in
+    label_only | distill) gold=flag ;;
+    step_by_step_kd) objective=step_by_step kd=0.5 ;;
+    # live_teacher.sh's weight for stored token KD.
+    step_by_step_token_kd) objective=step_by_step token_kd_weight=1.0 ;;
+    # A row's two views fill a batch of 2: step_by_step_token_kd's optimizer steps
+    # (its rows' three examples leave room for one row in a batch of 4).
+    step_by_step_one_row) objective=step_by_step batch_size=2 ;;
+  esac
+  write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold" "$token_kd_weight" "$batch_size"
   if [ -n "$own" ]; then
     borrow_generate "$task" "$name"
     "$kdpipe" generate --config "$work/$name.toml" >&2
@@ -208,7 +240,7 @@ train_variant() { # task variant name [own]
   "$kdpipe" finetune --config "$work/$name.toml" >&2
   score "$work/$name.toml" "$name" --models student
   if [ "$task" = svamp ] && [ "$objective" = step_by_step ]; then
-    write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold"
+    write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold" "$token_kd_weight" "$batch_size"
     score "$work/$name.toml" "$name-calculator" --models student
   fi
 }
@@ -305,7 +337,9 @@ pick = lambda rep, key: next((m for m in rep["models"] if m["key"] == key), None
 variants = [("label_only", "student label_only (gold labels, all rows)"),
             ("distill", "student distill (teacher labels, all rows)"),
             ("step_by_step", "student step_by_step"),
-            ("step_by_step_kd", "student step_by_step + KD")]
+            ("step_by_step_kd", "student step_by_step + KD on soft labels"),
+            ("step_by_step_token_kd", "student step_by_step + token-level KD"),
+            ("step_by_step_one_row", "student step_by_step, one row a step (token KD's steps)")]
 
 print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
