@@ -197,16 +197,20 @@ EOF
 }
 
 # Score a run's models on the task's eval file, and emotion's also on the natural
-# distribution; keep the reports as $work/<tag>.json and <tag>-natural.json.
+# distribution; keep the reports as $work/<tag>.json and <tag>-natural.json, and each
+# one's predictions next to it (<tag>.predictions.parquet: for paired comparisons; the
+# run's own eval folder keeps only its last scoring).
 score() { # config tag eval-args...
   local config=$1 tag=$2 name
   shift 2
   name=$(basename "$config" .toml)
   "$kdpipe" eval --config "$config" --file "$eval_file" "$@" >&2
   cp "$work/runs/$name/eval/report.json" "$work/$tag.json"
+  cp "$work/runs/$name/eval/predictions.parquet" "$work/$tag.predictions.parquet"
   if [ -n "$natural_file" ]; then
     "$kdpipe" eval --config "$config" --file "$natural_file" "$@" >&2
     cp "$work/runs/$name/eval/report.json" "$work/$tag-natural.json"
+    cp "$work/runs/$name/eval/predictions.parquet" "$work/$tag-natural.predictions.parquet"
   fi
 }
 
