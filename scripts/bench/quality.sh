@@ -205,13 +205,17 @@ score() { # config tag eval-args...
   shift 2
   name=$(basename "$config" .toml)
   "$kdpipe" eval --config "$config" --file "$eval_file" "$@" >&2
-  cp "$work/runs/$name/eval/report.json" "$work/$tag.json"
-  cp "$work/runs/$name/eval/predictions.parquet" "$work/$tag.predictions.parquet"
+  keep_eval "$name" "$tag"
   if [ -n "$natural_file" ]; then
     "$kdpipe" eval --config "$config" --file "$natural_file" "$@" >&2
-    cp "$work/runs/$name/eval/report.json" "$work/$tag-natural.json"
-    cp "$work/runs/$name/eval/predictions.parquet" "$work/$tag-natural.predictions.parquet"
+    keep_eval "$name" "$tag-natural"
   fi
+}
+
+# Keep run $name's last scoring as $work/<tag>.json and <tag>.predictions.parquet.
+keep_eval() { # name tag
+  cp "$work/runs/$1/eval/report.json" "$work/$2.json"
+  cp "$work/runs/$1/eval/predictions.parquet" "$work/$2.predictions.parquet"
 }
 
 # Train and score one student of a task. With `own`, the run curates its own copy of the
