@@ -95,19 +95,24 @@ fn tiny_weights(s: &ModelShape) -> BTreeMap<String, Tensor> {
     w
 }
 
-#[test]
-fn every_trainable_weight_gets_a_gradient() {
+/// Each trainable weight's gradient in f32 and, where the CPU runs the bf16 kernel, the
+/// relative distance of the bf16 gradient from it (`None` without bf16).
+fn gradients_in_both_precisions(
+    weights: &BTreeMap<String, Tensor>,
+) -> Vec<(String, f32, Option<f32>)> {
     let s = tiny_shape();
     let ids = Tensor::new(&[[1u32, 2, 3, 4], [5, 6, 7, 0]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1f32, 1., 1., 1.], [1., 1., 1., 0.]], &Device::Cpu).unwrap();
-    let mut f32_grads: Vec<Tensor> = Vec::new();
-    let weights = tiny_weights(&s); // random: the same draw for both precisions
-    for precision in [Precision::F32, Precision::Bf16] {
-        if precision == Precision::Bf16
-            && !crate::kernels::bf16_gemm::testable("model::every_trainable_weight_gets_a_gradient")
-        {
-            continue;
-        }
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    let gradients = |precision: Precision| {
         let mut d = Decoder::new(s.clone(), weights.clone(), &Device::Cpu, |_| true).unwrap();
         d.set_precision(precision).unwrap();
         let loss = d
@@ -118,28 +123,46 @@ fn every_trainable_weight_gets_a_gradient() {
             .mean_all()
             .unwrap();
         let grads = loss.backward().unwrap();
-        for (i, (name, var)) in d.vars.iter().enumerate() {
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {name} in {precision:?}"));
-            let norm = |t: &Tensor| {
-                t.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt()
-            };
-            assert!(norm(g) > 0.0, "zero gradient for {name} in {precision:?}");
-            match f32_grads.get(i) {
-                // bf16 gradients are the f32 ones to within bf16 rounding.
-                Some(g32) if precision == Precision::Bf16 => {
-                    let rel = norm(&(g - g32).unwrap()) / norm(g32);
-                    assert!(rel < 0.05, "{name}: bf16 gradient off by {rel} of its norm");
-                }
-                _ => f32_grads.push(g.clone()),
-            }
+        d.vars
+            .iter()
+            .map(|(name, var)| {
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("no gradient for {name} in {precision:?}"));
+                (name.clone(), g.clone())
+            })
+            .collect::<Vec<_>>()
+    };
+    let f32_grads = gradients(Precision::F32);
+    let bf16_grads =
+        crate::kernels::bf16_gemm::testable("model::every_trainable_weight_gets_a_gradient")
+            .then(|| gradients(Precision::Bf16));
+    f32_grads
+        .iter()
+        .enumerate()
+        .map(|(i, (name, g32))| {
+            let rel = bf16_grads.as_ref().map(|b| {
+                let (bname, g) = &b[i];
+                assert_eq!(bname, name);
+                assert!(norm(g) > 0.0, "zero gradient for {name} in bf16");
+                norm(&(g - g32).unwrap()) / norm(g32)
+            });
+            (name.clone(), norm(g32), rel)
+        })
+        .collect()
+}
+
+#[test]
+fn every_trainable_weight_gets_a_gradient() {
+    // Seeded: over 400 random draws the worst bf16 error of a weight ran from 0.6 % to 6.3 %
+    // of its gradient's norm (median 1.4 %), the large ones on k_proj biases whose gradients
+    // are 1e-5 of the others (RoPE leaves a key bias little to change), so an unseeded draw
+    // failed now and then. A lost or wrong bf16 gradient is off by its whole norm.
+    let gradients = gradients_in_both_precisions(&seeded_weights(&tiny_shape(), 0));
+    for (name, f32_norm, bf16_rel) in gradients {
+        assert!(f32_norm > 0.0, "zero gradient for {name} in f32");
+        if let Some(rel) = bf16_rel {
+            assert!(rel < 0.05, "{name}: bf16 gradient off by {rel} of its norm");
         }
     }
 }
