@@ -388,7 +388,11 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
             f1 = m.get("labels") or {}
             f1 = f"{f1['macro_f1']:.3f}" if f1 else "—"
             how = "rationale" if ("rationale" in m["decode"] or m["key"].startswith("teacher")) else "label"
-            ci = wilson(m["accuracy"], ref["rows"])
+            if m["rows"] != ref["rows"]:
+                # A report from another scoring (REUSE_REFERENCE across a change of
+                # EVAL_ROWS or NATURAL_ROWS): its interval is over its own rows.
+                label += f" ({m['rows']} rows)"
+            ci = wilson(m["accuracy"], m["rows"])
             table.append(f"| {task} | {label} | {how} | {100 * m['accuracy']:.1f} % | {ci} | {f1} | "
                          f"{100 * m['parse_failure_rate']:.1f} % | {n} | {secs} | {m['seconds_per_example']:.2f} |")
         table.append(f"| {task} | (rows scored: {ref['rows']}) | | | | | | | | |")
