@@ -143,8 +143,7 @@ gold_field = "answer"'
 description = "Solve the arithmetic word problem."'
     teacher="max_tokens = 128
 temperature = $([ "$samples" -gt 1 ] && echo 0.7 || echo 0.0)"
-    gen="samples = $samples
-token_topk = $token_topk"
+    gen="samples = $samples"
   else
     inputs="$work/emotion-pool.jsonl"
     fields='input_field = "text"
@@ -153,8 +152,7 @@ gold_field = "label"'
 labels = ["anger", "joy", "optimism", "sadness"]
 description = "What emotion does the tweet express?"'
     teacher="max_tokens = 64"
-    gen="samples = 1
-token_topk = $token_topk"
+    gen="samples = 1"
   fi
   cat >"$work/$name.toml" <<EOF
 name = "$name"
@@ -173,6 +171,7 @@ model = "$teacher_model"
 $teacher
 [generate]
 $gen
+token_topk = $token_topk
 [curate]
 split = [0.9, 0.1, 0.0]
 gold = "$gold"
