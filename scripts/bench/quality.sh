@@ -14,9 +14,13 @@
 #   step_by_step + token-level KD (TOKEN_TOPK > 0: the teacher's top-k at every token)
 #   step_by_step, one row a step (the control of token-level KD: its third example a row
 #     leaves room for one row in a batch of 4, so it takes twice step_by_step's steps)
+#   step_by_step_gold (+ _token_kd): as step_by_step (+ token-level KD) on the rows whose
+#     teacher label agrees with gold ([curate] gold = "filter"), run when named in VARIANTS
 #
 # step_by_step trains on the rows curate keeps by default: for SVAMP only those whose answer
-# agrees with gold (gold = "auto" filters numeric tasks), and the table says so.
+# agrees with gold (gold = "auto" filters numeric tasks), and the table says so; for emotion
+# every row, the teacher's wrong labels included (gold = "auto" flags label tasks), which
+# the _gold variants leave out (on SVAMP they train on the same rows as their plain twins).
 # Students answer as `kdpipe eval` does by default ([eval] student_view = "auto"): in the
 # label view, except SVAMP's step-by-step students, which write a rationale first. SVAMP's
 # step-by-step students and its teacher are also scored with [eval] calculator = true
@@ -45,9 +49,10 @@
 #                soft labels for the KD term                               (default 2)
 #   TASKS        which tasks                                     (default "svamp emotion")
 #   VARIANTS     which students train  (default "label_only distill step_by_step step_by_step_kd",
-#                and step_by_step_token_kd step_by_step_one_row when TOKEN_TOPK > 0)
+#                and step_by_step_token_kd step_by_step_one_row when TOKEN_TOPK > 0; also
+#                step_by_step_gold, step_by_step_gold_token_kd)
 #   TOKEN_TOPK   the teacher keeps its top-k alternatives at every token it writes ([generate]
-#                token_topk; at most 20), for step_by_step_token_kd: kd_token_weight 1.0, on
+#                token_topk; at most 20), for the *_token_kd variants: kd_token_weight 1.0, on
 #                the teacher's own token ids when the student shares its tokenizer
 #                (STUDENT=0.5b with TEACHER=1.5b), else aligned across tokenizers
 #                (token_kd = "cross")                                            (default 0)
@@ -84,9 +89,9 @@ default_variants="label_only distill step_by_step step_by_step_kd"
 [ "$token_topk" -gt 0 ] && default_variants+=" step_by_step_token_kd step_by_step_one_row"
 variants="${VARIANTS-$default_variants}"
 case " $variants " in
-  *" step_by_step_token_kd "*)
+  *"_token_kd "*)
     if [ "$token_topk" -eq 0 ]; then
-      echo "quality: step_by_step_token_kd needs the teacher's token top-k: set TOKEN_TOPK (e.g. 20)" >&2
+      echo "quality: the *_token_kd variants need the teacher's token top-k: set TOKEN_TOPK (e.g. 20)" >&2
       exit 2
     fi ;;
 esac
@@ -220,7 +225,8 @@ keep_eval() { # name tag
 # Train and score one student of a task. With `own`, the run curates its own copy of the
 # task's teacher rows (the curve: generate keeps those of the first $limit inputs);
 # otherwise it borrows the task's curated rows: gold and teacher labels on every row for
-# label_only and distill, rationales on the rows curate keeps by default.
+# label_only and distill, the rows agreeing with gold for the _gold variants, rationales
+# on the rows curate keeps by default for the others.
 train_variant() { # task variant name [own]
   local task=$1 variant=$2 name=$3 own=${4:-}
   local objective=$variant gold=auto kd=0 token_kd_weight=0 batch_size=4
@@ -232,14 +238,16 @@ train_variant() { # task variant name [own]
     # A row's two views fill a batch of 2: step_by_step_token_kd's optimizer steps
     # (its rows' three examples leave room for one row in a batch of 4).
     step_by_step_one_row) objective=step_by_step batch_size=2 ;;
+    step_by_step_gold) objective=step_by_step gold=filter ;;
+    step_by_step_gold_token_kd) objective=step_by_step gold=filter token_kd_weight=1.0 ;;
   esac
   write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold" "$token_kd_weight" "$batch_size"
   if [ -n "$own" ]; then
     borrow_generate "$task" "$name"
     "$kdpipe" generate --config "$work/$name.toml" >&2
     "$kdpipe" curate --config "$work/$name.toml" >&2
-  elif [ "$gold" = flag ]; then
-    borrow_curate "$task-flag" "$name"
+  elif [ "$gold" != auto ]; then
+    borrow_curate "$task-$gold" "$name"
   else
     borrow_curate "$task" "$name"
   fi
@@ -282,7 +290,7 @@ for task in $run_tasks; do
   fi
   calculator=$([ "$task" = svamp ] && echo true || echo false)
 
-  echo "quality: $task: teacher rows, curation (default gold rule, and gold = flag)" >&2
+  echo "quality: $task: teacher rows, curation (default gold rule, gold = flag, gold = filter)" >&2
   # The untrained student never learned the rationale view: it answers in the label view
   # here, and reasons with the few-shot prompt in the next row.
   write_config "$task" "$task" step_by_step 0 "$calculator" "" label
@@ -291,6 +299,9 @@ for task in $run_tasks; do
   write_config "$task" "$task-flag" step_by_step 0 false "" label flag
   borrow_generate "$task" "$task-flag"
   "$kdpipe" curate --config "$work/$task-flag.toml" >&2
+  write_config "$task" "$task-filter" step_by_step 0 false "" label filter
+  borrow_generate "$task" "$task-filter"
+  "$kdpipe" curate --config "$work/$task-filter.toml" >&2
   if [ -n "${REUSE_REFERENCE:-}" ] && [ -f "$work/$task-reference.json" ] && [ -f "$work/$task-base-fewshot.json" ]; then
     echo "quality: $task: teacher and student before training: reports kept (REUSE_REFERENCE)" >&2
   else
@@ -346,7 +357,9 @@ variants = [("label_only", "student label_only (gold labels, all rows)"),
             ("step_by_step", "student step_by_step"),
             ("step_by_step_kd", "student step_by_step + KD on soft labels"),
             ("step_by_step_token_kd", "student step_by_step + token-level KD"),
-            ("step_by_step_one_row", "student step_by_step, one row a step (token KD's steps)")]
+            ("step_by_step_one_row", "student step_by_step, one row a step (token KD's steps)"),
+            ("step_by_step_gold", "student step_by_step on the rows agreeing with gold"),
+            ("step_by_step_gold_token_kd", "student step_by_step + token-level KD on the rows agreeing with gold")]
 
 print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
@@ -367,7 +380,7 @@ for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
                 ("student before training, few-shot prompt", pick(fewshot, "teacher"), "", ""),
                 ("student before training, student prompt", pick(ref, "base"), "", "")]
         for v, label in variants:
-            if v.startswith("step_by_step") and gold_filtered:
+            if v.startswith("step_by_step") and gold_filtered and "_gold" not in v:
                 label += " (rows agreeing with gold)"
             rep = load(f"{task}-{v}", suffix)
             if rep is None:
