@@ -296,12 +296,13 @@ for task in $run_tasks; do
   write_config "$task" "$task" step_by_step 0 "$calculator" "" label
   "$kdpipe" generate --config "$work/$task.toml" >&2
   "$kdpipe" curate --config "$work/$task.toml" >&2
-  write_config "$task" "$task-flag" step_by_step 0 false "" label flag
-  borrow_generate "$task" "$task-flag"
-  "$kdpipe" curate --config "$work/$task-flag.toml" >&2
-  write_config "$task" "$task-filter" step_by_step 0 false "" label filter
-  borrow_generate "$task" "$task-filter"
-  "$kdpipe" curate --config "$work/$task-filter.toml" >&2
+  # The same teacher rows curated under the other gold rules, for the variants that train
+  # on them (train_variant borrows $task-flag and $task-filter).
+  for gold in flag filter; do
+    write_config "$task" "$task-$gold" step_by_step 0 false "" label "$gold"
+    borrow_generate "$task" "$task-$gold"
+    "$kdpipe" curate --config "$work/$task-$gold.toml" >&2
+  done
   if [ -n "${REUSE_REFERENCE:-}" ] && [ -f "$work/$task-reference.json" ] && [ -f "$work/$task-base-fewshot.json" ]; then
     echo "quality: $task: teacher and student before training: reports kept (REUSE_REFERENCE)" >&2
   else
