@@ -4,6 +4,7 @@
 
 pub mod topk_store;
 
+use crate::config::{LabelSource, Objective};
 use anyhow::{bail, Context, Result};
 use polars::prelude::*;
 use std::path::Path;
@@ -429,7 +430,39 @@ pub const CURATED_COLUMNS: [&str; 20] = [
     "topk_vocab",
 ];
 
+/// What one curated row teaches under `[finetune]`'s objective and label source: the
+/// one place finetune and export-data decide it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowTargets {
+    /// The label view's reply (and the rationale view's answer line).
+    pub label: String,
+    /// A rationale view: step-by-step, a rationale, and the teacher's reasoning usable.
+    pub rationale: bool,
+    /// The teacher's own reply may be a token-level KD target (where it kept its tokens).
+    pub teacher_tokens: bool,
+}
+
 impl CuratedRow {
+    pub fn targets(&self, objective: Objective, labels: LabelSource) -> RowTargets {
+        let gold_labels = objective == Objective::LabelOnly || labels == LabelSource::Gold;
+        let label = match (&self.gold, gold_labels) {
+            (Some(gold), true) => gold.clone(),
+            _ => self.answer.clone(),
+        };
+        // With gold labels, the teacher's reasoning is kept only where it reached gold
+        // (unknown agreement counts as not reached: finetune refuses such rows first).
+        let reasoning = labels == LabelSource::Teacher
+            || self.gold.is_none()
+            || self.agrees_with_gold == Some(true);
+        RowTargets {
+            label,
+            rationale: objective == Objective::StepByStep
+                && reasoning
+                && !self.rationale.trim().is_empty(),
+            teacher_tokens: objective != Objective::LabelOnly && reasoning,
+        }
+    }
+
     pub fn from_frame(df: &DataFrame, path: &Path) -> Result<Vec<CuratedRow>> {
         let c = Cols { df, path };
         let (id, input, gold, rationale, answer, soft_kind) = (
@@ -567,6 +600,54 @@ mod tests {
     use super::*;
 
     use super::tests_support::row;
+
+    fn curated(gold: Option<&str>, agrees: Option<bool>, rationale: &str) -> CuratedRow {
+        CuratedRow {
+            id: "a".into(),
+            sample: 0,
+            input: "in".into(),
+            gold: gold.map(str::to_string),
+            rationale: rationale.into(),
+            answer: "joy".into(),
+            soft_kind: SOFT_LABEL_SCORES.into(),
+            soft_labels: vec![],
+            soft_probs: vec![],
+            agreement: None,
+            agrees_with_gold: agrees,
+            raw: "r".into(),
+            tokens: TokenTopk::default(),
+        }
+    }
+
+    #[test]
+    fn gold_labels_train_gold_and_keep_only_the_reasoning_that_reached_it() {
+        use crate::config::{LabelSource::*, Objective::*};
+        let t = |row: &CuratedRow, objective, labels| {
+            let t = row.targets(objective, labels);
+            (t.label, t.rationale, t.teacher_tokens)
+        };
+        let wrong = curated(Some("anger"), Some(false), "it is happy");
+        let right = curated(Some("joy"), Some(true), "it is happy");
+        let no_gold = curated(None, None, "it is happy");
+        // The teacher's labels: its answer and its reasoning, right or wrong.
+        assert_eq!(t(&wrong, StepByStep, Teacher), ("joy".into(), true, true));
+        // Gold labels: the wrong row teaches gold, without the reasoning that missed it.
+        assert_eq!(t(&wrong, StepByStep, Gold), ("anger".into(), false, false));
+        assert_eq!(t(&right, StepByStep, Gold), ("joy".into(), true, true));
+        assert_eq!(t(&no_gold, StepByStep, Gold), ("joy".into(), true, true));
+        assert_eq!(t(&wrong, Distill, Gold), ("anger".into(), false, false));
+        assert_eq!(t(&right, Distill, Gold), ("joy".into(), false, true));
+        // Unknown agreement is not taken for agreement.
+        let unknown = curated(Some("joy"), None, "it is happy");
+        assert!(!t(&unknown, StepByStep, Gold).1);
+        // label_only: gold, no rationale, no teacher tokens, whatever the label source.
+        assert_eq!(
+            t(&wrong, LabelOnly, Teacher),
+            ("anger".into(), false, false)
+        );
+        // No rationale, no rationale view.
+        assert!(!t(&curated(None, None, " "), StepByStep, Teacher).1);
+    }
 
     #[test]
     fn missing_column_names_file_and_column() {

@@ -16,6 +16,9 @@
 #     leaves room for one row in a batch of 4, so it takes twice step_by_step's steps)
 #   step_by_step_gold (+ _token_kd): as step_by_step (+ token-level KD) on the rows whose
 #     teacher label agrees with gold ([curate] gold = "filter"), run when named in VARIANTS
+#   step_by_step_gold_labels: every row's label view on gold, the rationale view only where
+#     the teacher's answer agrees with gold ([finetune] labels = "gold", gold = "flag"), run
+#     when named in VARIANTS
 #
 # step_by_step trains on the rows curate keeps by default: for SVAMP only those whose answer
 # agrees with gold (gold = "auto" filters numeric tasks), and the table says so; for emotion
@@ -50,7 +53,7 @@
 #   TASKS        which tasks                                     (default "svamp emotion")
 #   VARIANTS     which students train  (default "label_only distill step_by_step step_by_step_kd",
 #                and step_by_step_token_kd step_by_step_one_row when TOKEN_TOPK > 0; also
-#                step_by_step_gold, step_by_step_gold_token_kd)
+#                step_by_step_gold, step_by_step_gold_token_kd, step_by_step_gold_labels)
 #   TOKEN_TOPK   the teacher keeps its top-k alternatives at every token it writes ([generate]
 #                token_topk; at most 20), for the *_token_kd variants: kd_token_weight 1.0, on
 #                the teacher's own token ids when the student shares its tokenizer
@@ -135,10 +138,10 @@ fi
 
 # One config per task; variants differ only in [finetune] and the run name.
 # $decontaminate: the eval files of the task, as a TOML list (set per task below).
-write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold] [token kd weight] [batch size]
+write_config() { # task name objective kd_weight [calculator] [teacher model] [student view] [gold] [token kd weight] [batch size] [labels]
   local task=$1 name=$2 objective=$3 kd=$4 calculator=${5:-false}
   local teacher_model=${6:-$teacher_model}
-  local view=${7:-auto} gold=${8:-auto} token_kd_weight=${9:-0} batch_size=${10:-4}
+  local view=${7:-auto} gold=${8:-auto} token_kd_weight=${9:-0} batch_size=${10:-4} labels=${11:-teacher}
   local inputs fields taskdef teacher
   if [ "$task" = svamp ]; then
     inputs="$work/svamp-pool.jsonl"
@@ -185,6 +188,7 @@ decontaminate = $decontaminate
 model = "$student_model"
 [finetune]
 objective = "$objective"
+labels = "$labels"
 kd_weight = $kd
 $([ "$token_kd_weight" = 0 ] || printf 'kd_token_weight = %s\ntoken_kd = "%s"' "$token_kd_weight" "$token_kd")
 epochs = $epochs
@@ -229,7 +233,7 @@ keep_eval() { # name tag
 # on the rows curate keeps by default for the others.
 train_variant() { # task variant name [own]
   local task=$1 variant=$2 name=$3 own=${4:-}
-  local objective=$variant gold=auto kd=0 token_kd_weight=0 batch_size=4
+  local objective=$variant gold=auto kd=0 token_kd_weight=0 batch_size=4 labels=teacher
   case "$variant" in
     label_only | distill) gold=flag ;;
     step_by_step_kd) objective=step_by_step kd=0.5 ;;
@@ -240,8 +244,10 @@ train_variant() { # task variant name [own]
     step_by_step_one_row) objective=step_by_step batch_size=2 ;;
     step_by_step_gold) objective=step_by_step gold=filter ;;
     step_by_step_gold_token_kd) objective=step_by_step gold=filter token_kd_weight=1.0 ;;
+    # Gold labels on every row, the teacher's rationale where it reached gold.
+    step_by_step_gold_labels) objective=step_by_step gold=flag labels=gold ;;
   esac
-  write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold" "$token_kd_weight" "$batch_size"
+  write_config "$task" "$name" "$objective" "$kd" false "" auto "$gold" "$token_kd_weight" "$batch_size" "$labels"
   if [ -n "$own" ]; then
     borrow_generate "$task" "$name"
     "$kdpipe" generate --config "$work/$name.toml" >&2
@@ -255,7 +261,7 @@ train_variant() { # task variant name [own]
   "$kdpipe" finetune --config "$work/$name.toml" >&2
   score "$work/$name.toml" "$name" --models student
   if [ "$task" = svamp ] && [ "$objective" = step_by_step ]; then
-    write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold" "$token_kd_weight" "$batch_size"
+    write_config "$task" "$name" "$objective" "$kd" true "" auto "$gold" "$token_kd_weight" "$batch_size" "$labels"
     score "$work/$name.toml" "$name-calculator" --models student
   fi
 }
@@ -360,7 +366,8 @@ variants = [("label_only", "student label_only (gold labels, all rows)"),
             ("step_by_step_token_kd", "student step_by_step + token-level KD"),
             ("step_by_step_one_row", "student step_by_step, one row a step (token KD's steps)"),
             ("step_by_step_gold", "student step_by_step on the rows agreeing with gold"),
-            ("step_by_step_gold_token_kd", "student step_by_step + token-level KD on the rows agreeing with gold")]
+            ("step_by_step_gold_token_kd", "student step_by_step + token-level KD on the rows agreeing with gold"),
+            ("step_by_step_gold_labels", "student step_by_step, gold labels on all rows, rationales where the teacher agrees")]
 
 print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "

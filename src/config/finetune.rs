@@ -14,11 +14,31 @@ pub enum Objective {
     LabelOnly,
 }
 
+/// Where a row's label comes from (`[finetune] labels`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSource {
+    /// The teacher's answer (`label_only` takes gold either way).
+    #[default]
+    Teacher,
+    /// Gold where the row has it, the teacher's answer elsewhere; the teacher's reasoning
+    /// (the rationale view, and its tokens for token-level KD) only on rows whose answer
+    /// agrees with gold: a rationale that argues for another label would teach the wrong
+    /// reasoning. Hsieh et al. (2023) train the label task on human labels wherever they
+    /// exist; with `[curate] gold = "flag"` this keeps the rows the teacher gets wrong, as
+    /// label examples, that `gold = "filter"` drops.
+    Gold,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FinetuneConfig {
     #[serde(default = "d_objective")]
     pub objective: Objective,
+    /// The label a row teaches: "teacher" (its answer) or "gold" (gold where the row has
+    /// it, the teacher's reasoning only where it reached gold; needs `[curate] gold` on).
+    #[serde(default)]
+    pub labels: LabelSource,
     /// Weight of the label view; the paper's default 0.5 weighs both views equally.
     #[serde(default = "d_alpha")]
     pub alpha: f64,

@@ -22,8 +22,8 @@ pub use eval::{EvalConfig, EvalModel, StudentDecode, TeacherSource, ViewChoice};
 pub use export::{ExportConfig, GgufType};
 pub use finetune::{
     default_targets, parse_device, Divergence, FeatureLoss, FinetuneConfig, HiddenKdConfig,
-    LiveTeacherConfig, LoraConfig, MutualConfig, Objective, Precision, RelationLoss, SampleWeights,
-    TokenKd,
+    LabelSource, LiveTeacherConfig, LoraConfig, MutualConfig, Objective, Precision, RelationLoss,
+    SampleWeights, TokenKd,
 };
 pub use generate::GenerateConfig;
 pub use stage::Stage;
@@ -251,6 +251,9 @@ impl Config {
         }
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
             bail!("[finetune] kd_weight must be ≥ 0, kd_temperature > 0 and jsd_beta in [0, 1]");
+        }
+        if f.labels == LabelSource::Gold && self.curate.gold == GoldRule::Off {
+            bail!("[finetune] labels = \"gold\" needs [curate] gold on (\"flag\"): the rows' agreement with gold decides which of the teacher's rationales are trained");
         }
         if let Some(live) = &f.live_teacher {
             self.validate_live_teacher(live)?;
@@ -523,9 +526,24 @@ model = "s.gguf"
     }
 
     #[test]
+    fn gold_labels_need_the_gold_rule_on() {
+        let text = format!("{MINIMAL}[finetune]\nlabels = \"gold\"\n");
+        let mut cfg: Config = toml::from_str(&text).unwrap();
+        assert_eq!(cfg.finetune.labels, LabelSource::Gold);
+        cfg.validate().unwrap();
+        cfg.curate.gold = GoldRule::Off;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("labels") && err.contains("[curate] gold"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn minimal_config_gets_defaults() {
         let cfg: Config = toml::from_str(MINIMAL).unwrap();
         assert_eq!(cfg.finetune.alpha, 0.5);
+        assert_eq!(cfg.finetune.labels, LabelSource::Teacher);
         assert_eq!(cfg.curate.split, [0.8, 0.1, 0.1]);
         assert_eq!(cfg.eval.split, "test");
     }

@@ -105,7 +105,7 @@ impl Config {
             // The curated splits are inputs; the prompt and objective decide the examples;
             // DistillKit's sequences are the student's tokens, cut to max_seq_len.
             Stage::ExportData => {
-                json!({"task": self.task, "objective": self.finetune.objective,
+                json!({"task": self.task, "objective": self.finetune.objective, "labels": self.finetune.labels,
                        "student": self.student.model, "max_seq_len": self.finetune.max_seq_len})
             }
         }

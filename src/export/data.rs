@@ -3,8 +3,9 @@
 //! trains on (finetune's `[finetune] objective`), one JSON line each:
 //!
 //! - the **label** view: the student's prompt, the label as the reply (gold for
-//!   `label_only`, else the teacher's answer);
-//! - the **rationale** view (`step_by_step`): the teacher's rationale, then the answer line;
+//!   `label_only` or `[finetune] labels = "gold"`, else the teacher's answer);
+//! - the **rationale** view (`step_by_step`): the teacher's rationale, then the answer line
+//!   (with gold labels, only on rows whose answer agrees with gold);
 //! - the **teacher** view, where generate kept the teacher's token top-k: the teacher's
 //!   own reply, its token ids, and at each of them the teacher's alternatives (ids or
 //!   texts) with their natural-log probabilities (temperature 1), for a token-level KD loss.
@@ -17,7 +18,7 @@
 //! a README.md on loading them, and a manifest.
 
 use super::distillkit;
-use crate::config::{Config, Objective, Stage};
+use crate::config::{Config, LabelSource, Objective, Stage};
 use crate::io::atomic::{write_bytes, write_with, StagedDir};
 use crate::io::manifest::{config_hash, entry, staged_entry, FileEntry, Manifest};
 use crate::io::parquet::{read_frame, write_frame};
@@ -93,24 +94,22 @@ struct ViewExample<'a> {
     teacher: Option<&'a crate::records::TokenTopk>,
 }
 
-/// The examples of one curated row, as finetune builds them (`finetune::data`).
+/// The examples of one curated row, as finetune builds them (`CuratedRow::targets`).
 fn examples<'a>(
     prompt: &Prompt,
-    objective: Objective,
+    (objective, labels): (Objective, LabelSource),
     row: &'a CuratedRow,
 ) -> Vec<ViewExample<'a>> {
     let user = |view: View| prompt.student_chat(view, &row.input)[0].content.clone();
-    let label = match objective {
-        Objective::LabelOnly => row.gold.clone().unwrap_or_else(|| row.answer.clone()),
-        _ => row.answer.clone(),
-    };
+    let targets = row.targets(objective, labels);
+    let label = targets.label;
     let mut out = vec![ViewExample {
         view: "label",
         prompt: user(View::Label),
         reply: label.clone(),
         teacher: None,
     }];
-    if objective == Objective::StepByStep && !row.rationale.trim().is_empty() {
+    if targets.rationale {
         out.push(ViewExample {
             view: "rationale",
             prompt: user(View::Rationale),
@@ -121,7 +120,7 @@ fn examples<'a>(
     let t = &row.tokens;
     let aligned = !t.ids.is_empty() || !t.texts.is_empty();
     let n = t.ids.len().max(t.texts.len());
-    if objective != Objective::LabelOnly && aligned && t.top_logprobs.len() == n {
+    if targets.teacher_tokens && aligned && t.top_logprobs.len() == n {
         out.push(ViewExample {
             view: "teacher",
             prompt: user(View::Rationale),
@@ -222,8 +221,13 @@ pub fn run(cfg: &Config, format: DataFormat) -> Result<PathBuf> {
             }
             None => {
                 let file = staged.path().join(format!("{split}.jsonl"));
-                let (lines, views) =
-                    write_chats(&file, &prompt, cfg.finetune.objective, format, &rows)?;
+                let (lines, views) = write_chats(
+                    &file,
+                    &prompt,
+                    (cfg.finetune.objective, cfg.finetune.labels),
+                    format,
+                    &rows,
+                )?;
                 let shown: Vec<String> = views.iter().map(|(v, n)| format!("{n} {v}")).collect();
                 eprintln!(
                     "export-data: {split}: {} rows → {lines} examples ({})",
@@ -273,7 +277,7 @@ pub fn run(cfg: &Config, format: DataFormat) -> Result<PathBuf> {
 fn write_chats(
     file: &Path,
     prompt: &Prompt,
-    objective: Objective,
+    targets: (Objective, LabelSource),
     format: DataFormat,
     rows: &[CuratedRow],
 ) -> Result<(usize, std::collections::BTreeMap<&'static str, usize>)> {
@@ -282,7 +286,7 @@ fn write_chats(
     write_with(file, |f| {
         let mut w = std::io::BufWriter::new(f);
         for row in rows {
-            for ex in examples(prompt, objective, row) {
+            for ex in examples(prompt, targets, row) {
                 serde_json::to_writer(&mut w, &line(format, row, &ex))?;
                 w.write_all(b"\n")?;
                 *views.entry(ex.view).or_default() += 1;

@@ -1,7 +1,7 @@
 //! Training examples: each curated row gives a label view and (step-by-step) a rationale
 //! view, rendered through the student's chat template; loss only on the reply tokens.
 
-use crate::config::Objective;
+use crate::config::{LabelSource, Objective};
 use crate::llama::LoadedModel;
 use crate::prompts::{Prompt, View};
 use crate::records::CuratedRow;
@@ -211,22 +211,20 @@ pub fn tokenization_difference(
     Ok(None)
 }
 
-/// The examples of one row for the objective: label view always, rationale view for
-/// step-by-step. `label_only` trains on gold, the others on the teacher's answer. With
-/// `kd`, a row whose soft label has two or more answers also gets one label-view example
-/// per answer, for the KD term (`row` tells rows apart in a batch).
+/// The examples of one row for the objective and label source (`CuratedRow::targets`):
+/// label view always, rationale view for step-by-step where the teacher's reasoning is
+/// kept. With `kd`, a row whose soft label has two or more answers also gets one
+/// label-view example per answer, for the KD term (`row` tells rows apart in a batch).
 pub fn row_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     row: &CuratedRow,
-    objective: Objective,
+    (objective, labels): (Objective, LabelSource),
     max_len: usize,
     kd: Option<u32>,
 ) -> Result<Vec<Example>> {
-    let label = match objective {
-        Objective::LabelOnly => row.gold.clone().unwrap_or_else(|| row.answer.clone()),
-        _ => row.answer.clone(),
-    };
+    let targets = row.targets(objective, labels);
+    let label = targets.label;
     let mut out = vec![example(
         model,
         prompt,
@@ -235,7 +233,7 @@ pub fn row_examples(
         &label,
         max_len,
     )?];
-    if objective == Objective::StepByStep && !row.rationale.trim().is_empty() {
+    if targets.rationale {
         // The rationale view ends with the answer line, as the teacher wrote it, so a
         // student can also answer by reasoning first ([eval] student_view = "rationale").
         let reply = format!("{}\n{ANSWER_MARKER} {label}", row.rationale.trim());
