@@ -184,6 +184,49 @@ fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
     );
 
     distillkit_layout_round_trips_and_trains(dir.path(), &run, &student);
+    gold_labels_export_gold_and_only_the_reasoning_that_reached_it(dir.path(), &run);
+}
+
+/// `[finetune] labels = "gold"`: every label view carries gold; the rationale and teacher
+/// views only on rows whose answer agrees with gold (SmolLM2 misses most sums, so the
+/// curated rows hold both kinds).
+fn gold_labels_export_gold_and_only_the_reasoning_that_reached_it(dir: &Path, run: &Path) {
+    let text = std::fs::read_to_string(dir.join("c.toml")).unwrap();
+    std::fs::write(
+        dir.join("c.toml"),
+        text.replace("[finetune]\n", "[finetune]\nlabels = \"gold\"\n"),
+    )
+    .unwrap();
+    let out = kdpipe(
+        &["export-data", "--config", "c.toml", "--format", "trl"],
+        dir,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut disagreeing = 0;
+    for split in ["train", "val"] {
+        let path = run.join(format!("curate/{split}.parquet"));
+        let rows = CuratedRow::from_frame(&kdpipe::io::parquet::read_frame(&path).unwrap(), &path)
+            .unwrap();
+        let trl = json_lines(&run.join(format!("export_data/trl/{split}.jsonl")));
+        for r in &rows {
+            let views: Vec<&serde_json::Value> = trl
+                .iter()
+                .filter(|l| l["id"] == r.id.as_str() && l["sample"] == r.sample)
+                .collect();
+            let view = |name: &str| views.iter().find(|l| l["view"] == name).copied();
+            let gold = r.gold.as_deref().unwrap();
+            assert_eq!(view("label").unwrap()["completion"][0]["content"], gold);
+            let agrees = r.agrees_with_gold.unwrap();
+            disagreeing += usize::from(!agrees);
+            assert_eq!(view("teacher").is_some(), agrees, "row {}", r.id);
+            if let Some(rationale) = view("rationale") {
+                assert!(agrees, "row {}", r.id);
+                let reply = rationale["completion"][0]["content"].as_str().unwrap();
+                assert!(reply.ends_with(&format!("Answer: {gold}")));
+            }
+        }
+    }
+    assert!(disagreeing > 0, "no curated row disagrees with gold");
 }
 
 fn distillkit_layout_round_trips_and_trains(dir: &Path, run: &Path, student: &Path) {
