@@ -371,7 +371,7 @@ variants = [("label_only", "student label_only (gold labels, all rows)"),
 
 print(f"# Quality: teacher {teacher}, student {student}\n")
 print(f"`scripts/bench/quality.sh`: {train_rows} teacher inputs per task, up to {eval_rows} held-back rows scored, "
-      f"{epochs} epochs, SVAMP samples {samples}; training rows decontaminated against the eval files; "
+      f"{epochs} epoch{'' if epochs == '1' else 's'}, SVAMP samples {samples}; training rows decontaminated against the eval files; "
       + (f"wall time {int(elapsed) // 60} min on this machine.\n" if int(elapsed) >= 0
          else "tables printed from the work folder's reports (REPORT_ONLY).\n"))
 for suffix, title in [("", "held-back rows (emotion: balanced across labels)"),
