@@ -440,27 +440,37 @@ pub struct RowTargets {
     pub rationale: bool,
     /// The teacher's own reply may be a token-level KD target (where it kept its tokens).
     pub teacher_tokens: bool,
+    /// The teacher's soft label may be a KD target (every objective but label_only).
+    pub soft_label: bool,
 }
 
 impl CuratedRow {
-    pub fn targets(&self, objective: Objective, labels: LabelSource) -> RowTargets {
+    /// Fails on a row with gold but no `agrees_with_gold` under gold labels (curated with
+    /// `[curate] gold = "off"`): which of its reasoning to keep is unknown.
+    pub fn targets(&self, objective: Objective, labels: LabelSource) -> Result<RowTargets> {
+        if labels == LabelSource::Gold && self.gold.is_some() && self.agrees_with_gold.is_none() {
+            bail!(
+                "row {:?}: [finetune] labels = \"gold\" needs to know whether its answer agrees with gold, and its agrees_with_gold is empty (curated with [curate] gold = \"off\"?); curate again with gold = \"flag\"",
+                self.id
+            );
+        }
         let gold_labels = objective == Objective::LabelOnly || labels == LabelSource::Gold;
         let label = match (&self.gold, gold_labels) {
             (Some(gold), true) => gold.clone(),
             _ => self.answer.clone(),
         };
-        // With gold labels, the teacher's reasoning is kept only where it reached gold
-        // (unknown agreement counts as not reached: finetune refuses such rows first).
+        // With gold labels, the teacher's reasoning is kept only where it reached gold.
         let reasoning = labels == LabelSource::Teacher
             || self.gold.is_none()
             || self.agrees_with_gold == Some(true);
-        RowTargets {
+        Ok(RowTargets {
             label,
             rationale: objective == Objective::StepByStep
                 && reasoning
                 && !self.rationale.trim().is_empty(),
             teacher_tokens: objective != Objective::LabelOnly && reasoning,
-        }
+            soft_label: objective != Objective::LabelOnly,
+        })
     }
 
     pub fn from_frame(df: &DataFrame, path: &Path) -> Result<Vec<CuratedRow>> {
@@ -623,7 +633,7 @@ mod tests {
     fn gold_labels_train_gold_and_keep_only_the_reasoning_that_reached_it() {
         use crate::config::{LabelSource::*, Objective::*};
         let t = |row: &CuratedRow, objective, labels| {
-            let t = row.targets(objective, labels);
+            let t = row.targets(objective, labels).unwrap();
             (t.label, t.rationale, t.teacher_tokens)
         };
         let wrong = curated(Some("anger"), Some(false), "it is happy");
@@ -637,14 +647,22 @@ mod tests {
         assert_eq!(t(&no_gold, StepByStep, Gold), ("joy".into(), true, true));
         assert_eq!(t(&wrong, Distill, Gold), ("anger".into(), false, false));
         assert_eq!(t(&right, Distill, Gold), ("joy".into(), false, true));
-        // Unknown agreement is not taken for agreement.
+        // Unknown agreement is refused under gold labels, naming the row.
         let unknown = curated(Some("joy"), None, "it is happy");
-        assert!(!t(&unknown, StepByStep, Gold).1);
-        // label_only: gold, no rationale, no teacher tokens, whatever the label source.
+        let err = unknown.targets(StepByStep, Gold).unwrap_err().to_string();
+        assert!(
+            err.contains("\"a\"") && err.contains("gold = \"flag\""),
+            "{err}"
+        );
+        assert!(unknown.targets(StepByStep, Teacher).is_ok());
+        // label_only: gold, no rationale, no teacher tokens nor soft label, whatever the
+        // label source.
         assert_eq!(
             t(&wrong, LabelOnly, Teacher),
             ("anger".into(), false, false)
         );
+        assert!(!wrong.targets(LabelOnly, Gold).unwrap().soft_label);
+        assert!(wrong.targets(Distill, Gold).unwrap().soft_label);
         // No rationale, no rationale view.
         assert!(!t(&curated(None, None, " "), StepByStep, Teacher).1);
     }

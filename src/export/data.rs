@@ -99,9 +99,9 @@ fn examples<'a>(
     prompt: &Prompt,
     (objective, labels): (Objective, LabelSource),
     row: &'a CuratedRow,
-) -> Vec<ViewExample<'a>> {
+) -> Result<Vec<ViewExample<'a>>> {
     let user = |view: View| prompt.student_chat(view, &row.input)[0].content.clone();
-    let targets = row.targets(objective, labels);
+    let targets = row.targets(objective, labels)?;
     let label = targets.label;
     let mut out = vec![ViewExample {
         view: "label",
@@ -128,7 +128,7 @@ fn examples<'a>(
             teacher: Some(t),
         });
     }
-    out
+    Ok(out)
 }
 
 /// One JSON line: the chat in `format`'s layout and the columns every format shares.
@@ -286,7 +286,7 @@ fn write_chats(
     write_with(file, |f| {
         let mut w = std::io::BufWriter::new(f);
         for row in rows {
-            for ex in examples(prompt, targets, row) {
+            for ex in examples(prompt, targets, row)? {
                 serde_json::to_writer(&mut w, &line(format, row, &ex))?;
                 w.write_all(b"\n")?;
                 *views.entry(ex.view).or_default() += 1;

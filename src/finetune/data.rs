@@ -1,10 +1,9 @@
 //! Training examples: each curated row gives a label view and (step-by-step) a rationale
 //! view, rendered through the student's chat template; loss only on the reply tokens.
 
-use crate::config::{LabelSource, Objective};
 use crate::llama::LoadedModel;
 use crate::prompts::{Prompt, View};
-use crate::records::CuratedRow;
+use crate::records::{CuratedRow, RowTargets};
 use crate::task::ANSWER_MARKER;
 use anyhow::Result;
 use rand::seq::SliceRandom;
@@ -211,26 +210,25 @@ pub fn tokenization_difference(
     Ok(None)
 }
 
-/// The examples of one row for the objective and label source (`CuratedRow::targets`):
-/// label view always, rationale view for step-by-step where the teacher's reasoning is
-/// kept. With `kd`, a row whose soft label has two or more answers also gets one
-/// label-view example per answer, for the KD term (`row` tells rows apart in a batch).
+/// The examples of one row as its `targets` say (`CuratedRow::targets`): label view
+/// always, rationale view where the teacher's reasoning is kept. With `kd`, a row whose
+/// soft label has two or more answers also gets one label-view example per answer, for
+/// the KD term (`row` tells rows apart in a batch).
 pub fn row_examples(
     model: &LoadedModel,
     prompt: &Prompt,
     row: &CuratedRow,
-    (objective, labels): (Objective, LabelSource),
+    targets: &RowTargets,
     max_len: usize,
     kd: Option<u32>,
 ) -> Result<Vec<Example>> {
-    let targets = row.targets(objective, labels);
-    let label = targets.label;
+    let label = &targets.label;
     let mut out = vec![example(
         model,
         prompt,
         ExampleKind::Label,
         &row.input,
-        &label,
+        label,
         max_len,
     )?];
     if targets.rationale {
@@ -247,7 +245,7 @@ pub fn row_examples(
         )?);
     }
     let soft = row.soft_labels.len() >= 2 && row.soft_labels.len() == row.soft_probs.len();
-    if let (Some(index), true, false) = (kd, soft, objective == Objective::LabelOnly) {
+    if let (Some(index), true, true) = (kd, soft, targets.soft_label) {
         for (answer, p) in row.soft_labels.iter().zip(&row.soft_probs) {
             let mut e = example(model, prompt, ExampleKind::Kd, &row.input, answer, max_len)?;
             e.kd = Some(KdSlot {

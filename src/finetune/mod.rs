@@ -19,7 +19,7 @@ pub mod mutual;
 pub mod optim;
 mod plots;
 
-use crate::config::{Config, FinetuneConfig, LabelSource, Stage, TokenKd};
+use crate::config::{Config, FinetuneConfig, Stage, TokenKd};
 use crate::io::atomic::{text_sha256, write_bytes};
 use crate::io::manifest::{config_hash, entry, FileEntry, Manifest};
 use crate::io::parquet::read_frame;
@@ -77,25 +77,14 @@ fn build_examples(
     token_kd: &TokenKdSource,
 ) -> Result<Vec<Vec<Example>>> {
     let ft = &cfg.finetune;
-    if ft.labels == LabelSource::Gold {
-        if let Some(r) = rows
-            .iter()
-            .find(|r| r.gold.is_some() && r.agrees_with_gold.is_none())
-        {
-            bail!(
-                "[finetune] labels = \"gold\": row {:?} has gold but no agrees_with_gold (curated with [curate] gold = \"off\"?); curate again with gold = \"flag\"",
-                r.id
-            );
-        }
-    }
-    let targets = (ft.objective, ft.labels);
     rows.iter()
         .enumerate()
         .map(|(i, r)| {
             let kd = (ft.kd_weight > 0.0).then_some(i as u32);
-            let mut views = row_examples(model, prompt, r, targets, ft.max_seq_len, kd)
+            let targets = r.targets(ft.objective, ft.labels)?;
+            let mut views = row_examples(model, prompt, r, &targets, ft.max_seq_len, kd)
                 .with_context(|| format!("cannot build examples for row {:?}", r.id))?;
-            if r.targets(ft.objective, ft.labels).teacher_tokens {
+            if targets.teacher_tokens {
                 match token_kd {
                     TokenKdSource::Off => {}
                     TokenKdSource::SameVocab => {
