@@ -85,25 +85,48 @@ impl NearDup {
     }
 
     /// The LSH key of one band of a signature: texts with equal keys in a band are
-    /// candidates.
+    /// candidates. The band is part of the key, so keys of different bands differ too.
     pub fn band_key(&self, signature: &[u64], band: usize) -> u64 {
-        hash64(&signature[band * self.rows..(band + 1) * self.rows])
+        hash64(&(band, &signature[band * self.rows..(band + 1) * self.rows]))
     }
 
-    /// What the verification of a candidate pair compares: the low 16 bits of each
-    /// minimum. Two different minimums agree there with odds 2⁻¹⁶, so a pair's 128-value
-    /// estimate gains a false match (+1/128) with odds under 0.002, against MinHash's own
-    /// error of ±0.044 at Jaccard 0.5; and the signatures curate stores for verification
-    /// take a quarter of the bytes of whole minimums (256 an input: 6 GB at 25M inputs).
-    pub fn short(signature: &[u64]) -> Vec<u16> {
-        signature.iter().map(|&v| v as u16).collect()
+    /// What the verification of a candidate pair compares: the low 4 bits of each
+    /// minimum, two to a byte (b-bit minwise hashing, Li & König 2010). Two equal
+    /// minimums agree there always, two different ones by chance with odds 1/16, which
+    /// `similar` takes back out of the estimate. At b = 4 and 128 values the estimate's
+    /// standard error at Jaccard 0.8 is 0.037, against 0.035 with whole 64-bit minimums, in
+    /// 64 bytes an input: the signatures curate stores for verification (1.6 GB at 25M
+    /// inputs) stay in a 24 GB machine's page cache next to its other files at 100M rows,
+    /// where 16-bit ones (6.4 GB) did not and the pass waited on the disk.
+    pub fn short(signature: &[u64]) -> Vec<u8> {
+        signature
+            .chunks(2)
+            .map(|pair| {
+                let low = (pair[0] & 0x0F) as u8;
+                let high = pair.get(1).map_or(0, |&v| (v & 0x0F) as u8);
+                low | high << 4
+            })
+            .collect()
     }
 
-    /// Whether two short signatures estimate a Jaccard similarity of at least the
-    /// threshold.
-    pub fn similar(&self, a: &[u16], b: &[u16]) -> bool {
-        let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
-        same as f64 / a.len() as f64 >= self.threshold
+    /// Whether two short signatures (of `bands × rows` values) estimate a Jaccard
+    /// similarity of at least the threshold. A share `m` of equal 4-bit values estimates
+    /// J = (m − 1/16) / (1 − 1/16): the different minimums that agree by chance taken out.
+    pub fn similar(&self, a: &[u8], b: &[u8]) -> bool {
+        let values = self.bands * self.rows;
+        let same: usize = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| {
+                let d = x ^ y;
+                usize::from(d & 0x0F == 0) + usize::from(d & 0xF0 == 0)
+            })
+            .sum();
+        // A padding nibble (odd `values`) is 0 in both and always agrees.
+        let same = same - (a.len() * 2 - values);
+        let chance = 1.0 / 16.0;
+        let matched = same as f64 / values as f64;
+        (matched - chance) / (1.0 - chance) >= self.threshold
     }
 
     /// For each text, the index of its cluster's first member (itself when it has no
@@ -113,7 +136,7 @@ impl NearDup {
     pub fn clusters(&self, texts: &[&str]) -> Vec<usize> {
         use rayon::prelude::*;
         let sigs: Vec<Vec<u64>> = texts.par_iter().map(|t| self.signature(t)).collect();
-        let shorts: Vec<Vec<u16>> = sigs.iter().map(|s| Self::short(s)).collect();
+        let shorts: Vec<Vec<u8>> = sigs.iter().map(|s| Self::short(s)).collect();
         let mut parent: Vec<usize> = (0..texts.len()).collect();
         fn root(parent: &mut [usize], mut i: usize) -> usize {
             while parent[i] != i {
@@ -194,6 +217,34 @@ mod tests {
         // Hand-checked: one word of 27 changed alters 3 of 25 shingles: Jaccard 22/28 ≈ 0.79.
         assert_eq!(nd.clusters(&[base, other, near]), vec![0, 1, 0]);
         assert_eq!(NearDup::new(0.95, 3).clusters(&[base, near]), vec![0, 1]);
+    }
+
+    #[test]
+    fn the_short_estimate_takes_chance_agreements_out() {
+        let nd = NearDup::new(0.8, 3);
+        let a: Vec<u64> = (0..128u64).map(|i| i * 0x1_0000 + (i % 16)).collect();
+        // 96 equal minimums; of the 32 different ones, 8 agree in the low 4 bits by
+        // chance: 104 of 128 short values agree, (104/128 − 1/16) / (15/16) = 0.8.
+        let b: Vec<u64> = a
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| match i {
+                0..96 => v,
+                96..104 => v + 0x100,
+                _ => v ^ 0x5,
+            })
+            .collect();
+        let (sa, sb) = (NearDup::short(&a), NearDup::short(&b));
+        assert_eq!(sa.len(), 64);
+        assert!(NearDup::new(0.79, 3).similar(&sa, &sb));
+        assert!(!NearDup::new(0.81, 3).similar(&sa, &sb));
+        assert!(nd.similar(&sa, &sa));
+        // Unrelated texts agree in about 1 value of 16: an estimate near 0, not 1/16.
+        let (x, y) = (
+            nd.signature("the quick brown fox jumps over the lazy dog near the river bank"),
+            nd.signature("a completely different sentence about baking bread in a hot oven"),
+        );
+        assert!(!NearDup::new(0.2, 3).similar(&NearDup::short(&x), &NearDup::short(&y)));
     }
 
     #[test]

@@ -3,14 +3,17 @@
 //! inputs that come part by part.
 //!
 //! Each input (`gid`: its index among all parts' inputs) leaves its short signature in
-//! one file (fixed-size records, read back by offset) and one record a band in a bucket
-//! file chosen by the band's key. A bucket file then holds every input that shares a key
-//! with any other, so the buckets are clustered one at a time: inputs with equal (band,
-//! key) are compared with the earliest of them (by first row, the order `NearDup` sees
-//! them in), and a similar pair joins their clusters in a union-find whose root is each
-//! cluster's earliest input. Memory: 4 bytes an input for the union-find, 4 for the first
-//! rows, and one bucket file's records (16 bytes each) and groups at a time; the groups
-//! of a bucket are compared across the cores.
+//! one file (64 bytes, read back by offset) and one record a band in a bucket file chosen
+//! by the band's key. A bucket file then holds every input that shares a key with any
+//! other, so the buckets are clustered one at a time: inputs with equal keys (the band is
+//! part of the key) are compared with the earliest of them (by first row, the order
+//! `NearDup` sees them in), and a similar pair joins their clusters in a union-find whose
+//! root is each cluster's earliest input. Memory: 4 bytes an input for the union-find, 4
+//! for the first rows, and one bucket file's records (16 bytes each in memory) and groups
+//! at a time; the groups of a bucket are compared across the cores.
+//!
+//! On disk an input costs 64 + 16 × 10 bytes (224; 5.6 GB at 25M inputs, 100M rows), so
+//! the files stay in the page cache beside curate's others.
 
 use crate::dedup::NearDup;
 use anyhow::{Context, Result};
@@ -18,8 +21,9 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// Bytes of one bucket record: band (1), key (8), gid (4).
-const RECORD: usize = 13;
+/// Bytes of one bucket record: the band key's high 48 bits (its low bits chose the
+/// bucket; two different keys of a bucket agree in 48 bits with odds 2⁻⁴⁸), gid (4).
+const RECORD: usize = 10;
 
 /// Inputs whose signatures are computed together (1 KB each).
 const BLOCK: usize = 4096;
@@ -83,16 +87,13 @@ impl ClusterIndex {
     fn write(&mut self, signature: &[u64], first_row: u32) -> Result<()> {
         let gid = self.first_row.len() as u32;
         self.first_row.push(first_row);
-        for v in NearDup::short(signature) {
-            self.signatures.write_all(&v.to_le_bytes())?;
-        }
+        self.signatures.write_all(&NearDup::short(signature))?;
         let n = self.buckets.len() as u64;
         for band in 0..self.near.bands {
             let key = self.near.band_key(signature, band);
             let mut record = [0u8; RECORD];
-            record[0] = band as u8;
-            record[1..9].copy_from_slice(&key.to_le_bytes());
-            record[9..].copy_from_slice(&gid.to_le_bytes());
+            record[..6].copy_from_slice(&key.to_le_bytes()[2..]);
+            record[6..].copy_from_slice(&gid.to_le_bytes());
             self.buckets[(key % n) as usize].write_all(&record)?;
         }
         Ok(())
@@ -113,7 +114,7 @@ impl ClusterIndex {
         for mut b in buckets {
             b.flush()?;
         }
-        let stored = Signatures::open(&signatures_path, near.bands * near.rows)?;
+        let stored = Signatures::open(&signatures_path, (near.bands * near.rows).div_ceil(2))?;
         let mut parent: Vec<u32> = (0..first_row.len() as u32).collect();
         let started = std::time::Instant::now();
         let mut compared = 0u64;
@@ -121,10 +122,10 @@ impl ClusterIndex {
             use rayon::prelude::*;
             let mut records = read_records(path)?;
             std::fs::remove_file(path)?;
-            // Equal (band, key) together, the earliest input of each first.
-            records.sort_unstable_by_key(|&(band, key, gid)| (band, key, first_row[gid as usize]));
+            // Equal keys together, the earliest input of each first.
+            records.sort_unstable_by_key(|&(key, gid)| (key, first_row[gid as usize]));
             let groups: Vec<&[Record]> = records
-                .chunk_by(|a, b| (a.0, a.1) == (b.0, b.1))
+                .chunk_by(|a, b| a.0 == b.0)
                 .filter(|group| group.len() > 1)
                 .collect();
             // The groups are compared across the cores against the clusters as they stood
@@ -179,15 +180,14 @@ impl ClusterIndex {
     }
 }
 
-/// One record of a bucket file: band, band key, gid.
-type Record = (u8, u64, u32);
+/// One record of a bucket file: the band key's high 48 bits, gid.
+type Record = (u64, u32);
 
 /// One thread's buffers for reading signatures.
 #[derive(Default)]
 struct Scratch {
-    bytes: Vec<u8>,
-    lead: Vec<u16>,
-    other: Vec<u16>,
+    lead: Vec<u8>,
+    other: Vec<u8>,
 }
 
 /// Compare each input of a group (one band key) with its lead, the group's first, unless
@@ -201,20 +201,20 @@ fn compare_group(
     scratch: &mut Scratch,
     similar: &mut Vec<(u32, u32)>,
 ) -> Result<u64> {
-    let lead = group[0].2;
+    let lead = group[0].1;
     let lead_root = find(parent, lead);
     let mut compared = 0;
-    for &(_, _, gid) in &group[1..] {
+    for &(_, gid) in &group[1..] {
         // Already one cluster: comparing could not change it. A near-duplicate pair meets
         // in most bands, so this skips most signature reads.
         if find(parent, gid) == lead_root {
             continue;
         }
         if compared == 0 {
-            stored.get(lead, &mut scratch.bytes, &mut scratch.lead)?;
+            stored.get(lead, &mut scratch.lead)?;
         }
         compared += 1;
-        stored.get(gid, &mut scratch.bytes, &mut scratch.other)?;
+        stored.get(gid, &mut scratch.other)?;
         if near.similar(&scratch.other, &scratch.lead) {
             similar.push((gid, lead));
         }
@@ -262,22 +262,22 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
         .chunks_exact(RECORD)
         .map(|r| {
             let mut key = [0u8; 8];
-            key.copy_from_slice(&r[1..9]);
+            key[..6].copy_from_slice(&r[..6]);
             let mut gid = [0u8; 4];
-            gid.copy_from_slice(&r[9..]);
-            (r[0], u64::from_le_bytes(key), u32::from_le_bytes(gid))
+            gid.copy_from_slice(&r[6..]);
+            (u64::from_le_bytes(key), u32::from_le_bytes(gid))
         })
         .collect())
 }
 
 /// The short signatures file, read by gid: one positioned read a signature, from any
-/// thread, into the reader's buffers. (A seek, a read and an allocation a signature, on
+/// thread, into the reader's buffer. (A seek, a read and an allocation a signature, on
 /// one thread, were most of this pass's time at 100M rows: 25M inputs, ~60M pairs. A
 /// memory map was faster, but its pages counted in curate's resident memory, up to the
 /// whole file, and the merge after it ran 2.8× slower.)
 struct Signatures {
     file: File,
-    /// Values a signature.
+    /// Bytes a signature.
     len: usize,
 }
 
@@ -287,21 +287,13 @@ impl Signatures {
         Ok(Signatures { file, len })
     }
 
-    /// Signature `gid` into `out` (`bytes`: a buffer for the read).
-    fn get(&self, gid: u32, bytes: &mut Vec<u8>, out: &mut Vec<u16>) -> Result<()> {
+    /// Signature `gid` into `out`.
+    fn get(&self, gid: u32, out: &mut Vec<u8>) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        let size = self.len * 2;
-        bytes.resize(size, 0);
+        out.resize(self.len, 0);
         self.file
-            .read_exact_at(bytes, gid as u64 * size as u64)
-            .with_context(|| format!("cannot read input {gid}'s near-duplicate signature"))?;
-        out.clear();
-        out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]])),
-        );
-        Ok(())
+            .read_exact_at(out, gid as u64 * self.len as u64)
+            .with_context(|| format!("cannot read input {gid}'s near-duplicate signature"))
     }
 }
 
