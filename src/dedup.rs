@@ -95,9 +95,9 @@ impl NearDup {
     /// minimums agree there always, two different ones by chance with odds 1/16, which
     /// `similar` takes back out of the estimate. At b = 4 and 128 values the estimate's
     /// standard error at Jaccard 0.8 is 0.037, against 0.035 with whole 64-bit minimums, in
-    /// 64 bytes an input: the signatures curate stores for verification (1.6 GB at 25M
-    /// inputs) stay in a 24 GB machine's page cache next to its other files at 100M rows,
-    /// where 16-bit ones (6.4 GB) did not and the pass waited on the disk.
+    /// 64 bytes an input: the signatures curate stores for verification take 1.6 GB at
+    /// 25M inputs instead of 6.4 with 16-bit values, and its near-duplicate pass went
+    /// from 155 to 120 s at 100M rows (bench-results/curate-scale.md, 2026-12-06).
     pub fn short(signature: &[u64]) -> Vec<u8> {
         signature
             .chunks(2)

@@ -12,8 +12,9 @@
 //! for the first rows, and one bucket file's records (16 bytes each in memory) and groups
 //! at a time; the groups of a bucket are compared across the cores.
 //!
-//! On disk an input costs 64 + 16 × 10 bytes (224; 5.6 GB at 25M inputs, 100M rows), so
-//! the files stay in the page cache beside curate's others.
+//! On disk an input costs 64 + 16 × 10 bytes (224; 5.6 GB at 25M inputs, 100M rows), half
+//! of what 16-bit signatures and 13-byte records took: less for the page cache to hold
+//! beside curate's other files (bench-results/curate-scale.md, 2026-12-06).
 
 use crate::dedup::NearDup;
 use anyhow::{Context, Result};
