@@ -109,6 +109,11 @@ impl NearDup {
             .collect()
     }
 
+    /// Bytes of a short signature: `bands × rows` values, two to a byte.
+    pub fn short_bytes(&self) -> usize {
+        (self.bands * self.rows).div_ceil(2)
+    }
+
     /// Whether two short signatures (of `bands × rows` values) estimate a Jaccard
     /// similarity of at least the threshold. A share `m` of equal 4-bit values estimates
     /// J = (m − 1/16) / (1 − 1/16): the different minimums that agree by chance taken out.
@@ -123,7 +128,7 @@ impl NearDup {
             })
             .sum();
         // A padding nibble (odd `values`) is 0 in both and always agrees.
-        let same = same - (a.len() * 2 - values);
+        let same = same - (self.short_bytes() * 2 - values);
         let chance = 1.0 / 16.0;
         let matched = same as f64 / values as f64;
         (matched - chance) / (1.0 - chance) >= self.threshold

@@ -115,7 +115,7 @@ impl ClusterIndex {
         for mut b in buckets {
             b.flush()?;
         }
-        let stored = Signatures::open(&signatures_path, (near.bands * near.rows).div_ceil(2))?;
+        let stored = Signatures::open(&signatures_path, near.short_bytes())?;
         let mut parent: Vec<u32> = (0..first_row.len() as u32).collect();
         let started = std::time::Instant::now();
         let mut compared = 0u64;
