@@ -22,6 +22,7 @@ mod ensemble;
 pub mod parts;
 mod report;
 pub mod rules;
+mod spill;
 pub mod splits;
 
 use crate::config::{Config, DataConfig, Stage};
@@ -200,15 +201,14 @@ fn curate_in_parts(
             inputs.contaminated.push(norm.contaminated);
             inputs.split.push(norm.split);
         }
-        let mut kept = part
+        let kept = part
             .kept
             .lazy()
             .with_column((col("_norm") + lit(offset)).alias("_gid"))
             .drop(by_name(["_norm"], true, false))
             .collect()?;
-        let path = work.join(format!("kept-{p:05}.parquet"));
-        parts::write_kept(&path, &mut kept, slice_rows)?;
-        kept_files.push(path);
+        let path = work.join(format!("kept-{p:05}.arrow"));
+        kept_files.push(parts::write_kept(&path, &kept, slice_rows)?);
         if n_parts > 1 {
             let done = p + 1;
             let secs = rules_started.elapsed().as_secs_f64();
@@ -234,7 +234,7 @@ fn curate_in_parts(
     let split = roots.iter().map(|&r| own_split[r as usize]).collect();
     drop((roots, own_split));
     let late = LateRules::new(leaders, contaminated, split, &task, &cfg.curate);
-    let source = parts::PartsKept::new(kept_files, slice_rows, late)?;
+    let source = parts::PartsKept::new(kept_files, late)?;
     let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)?;
     let funnel = rules::RULES
         .iter()

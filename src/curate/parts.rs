@@ -6,11 +6,12 @@
 //! rules (`rules::LateRules`) judging them on the way.
 
 use super::rules::{LateRules, KEPT_COLUMNS};
+use super::spill::SpillFile;
 use super::splits::{KeptRows, ROW, RULE_COLUMNS};
 use crate::dedup::{hash64, normalize};
 use crate::io::parquet::scan;
 use crate::records::TeacherRow;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use polars::prelude::*;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -18,36 +19,6 @@ use std::sync::{Arc, Mutex};
 /// Rows buffered at most over all parts before they are written, and the kept rows held
 /// at most over all parts while they are merged (rule columns: about a kilobyte a row).
 pub const HELD_ROWS: usize = 1 << 19;
-
-/// A writer of curate's own temporary files: fast compression (LZ4) and no statistics;
-/// they are read once, in full or by row slices.
-fn temp_writer(file: std::fs::File) -> ParquetWriter<std::fs::File> {
-    ParquetWriter::new(file)
-        .with_compression(ParquetCompression::Lz4Raw)
-        .with_statistics(StatisticsOptions::empty())
-}
-
-/// One of curate's temporary files (or the rows `slice` of it: offset, length). They are
-/// small (a part's share of a flush; a slice of a part's kept rows, one row group of it),
-/// and per call Polars' default column-parallel reader and its lazy scan cost more than
-/// they save there (2,600 rule rows, measured here: 1.3 and 2.3 ms a file against 0.5 read
-/// on one thread); reading by row groups also skips straight to a slice's row group
-/// (0.3 ms a slice of a 60-group file, against 0.5 serially and 0.7 by a lazy scan).
-/// Parallelism comes from reading several files at once.
-fn read_temp(path: &Path, slice: Option<(usize, usize)>) -> Result<DataFrame> {
-    let read = temp_reader(path)?
-        .read_parallel(ParallelStrategy::RowGroups)
-        .with_slice(slice)
-        .finish();
-    anyhow::Context::with_context(read, || format!("cannot read {}", path.display()))
-}
-
-/// A reader of one of curate's temporary files.
-fn temp_reader(path: &Path) -> Result<ParquetReader<std::fs::File>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    Ok(ParquetReader::new(file))
-}
 
 /// The rule columns of all teacher files, in file order with their row index (`ROW`);
 /// each file's columns checked, naming the file.
@@ -99,28 +70,20 @@ pub struct Partition {
     pub rows_in: usize,
 }
 
-/// One part's rule columns: its part files (one a flush of the spread, in row order), or,
+/// One part's rule columns: its file (a segment a flush of the spread, in row order), or,
 /// when one part holds every row, the scan of the teacher files itself (nothing to spread).
 pub enum Part {
-    Files(Vec<PathBuf>),
+    Spilled(SpillFile),
     Whole(Box<LazyFrame>),
 }
 
 impl Part {
-    /// The part's rows, in row order (its files are removed once read).
+    /// The part's rows, in row order (its file is removed once read).
     pub fn take(self) -> Result<DataFrame> {
         match self {
-            Part::Files(paths) => {
-                use rayon::prelude::*;
-                let frames = paths
-                    .par_iter()
-                    .map(|path| read_temp(path, None))
-                    .collect::<Result<Vec<_>>>()?;
-                for path in &paths {
-                    std::fs::remove_file(path)?;
-                }
-                let mut df = stack(&frames)?;
-                df.align_chunks();
+            Part::Spilled(file) => {
+                let df = file.read_all()?;
+                file.remove()?;
                 Ok(df)
             }
             Part::Whole(scan) => Ok(scan.collect()?),
@@ -152,8 +115,7 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
     let held_rows = part_rows.clamp(1, HELD_ROWS);
     let state = Arc::new(Mutex::new(Spread {
         dir: dir.to_path_buf(),
-        files: vec![vec![]; parts],
-        flushes: 0,
+        files: (0..parts).map(|_| None).collect(),
         buffered: (0..parts).map(|_| vec![]).collect(),
         buffered_rows: 0,
         held_rows,
@@ -185,8 +147,8 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
         parts: spread
             .files
             .into_iter()
-            .filter(|files| !files.is_empty())
-            .map(Part::Files)
+            .flatten()
+            .map(Part::Spilled)
             .collect(),
         rows_in,
     })
@@ -195,11 +157,8 @@ pub fn partition(files: &[PathBuf], dir: &Path, part_rows: usize) -> Result<Part
 #[derive(Default)]
 struct Spread {
     dir: PathBuf,
-    /// Each part's files so far. A flush writes a new file a part rather than a row group
-    /// into one long-lived writer: a Parquet writer keeps every row group's metadata until
-    /// it finishes (~33 KB each here), and 100M rows in 200 parts make 40,000 row groups.
-    files: Vec<Vec<PathBuf>>,
-    flushes: usize,
+    /// Each part's file, once a flush has rows for it; a flush appends a segment to it.
+    files: Vec<Option<SpillFile>>,
     /// Each part's rows not yet written: slices of the batches they came in, so all are
     /// written together (a batch is freed once no slice of it is left).
     buffered: Vec<Vec<DataFrame>>,
@@ -265,35 +224,34 @@ impl Spread {
         Ok(())
     }
 
-    /// Each part's buffered rows to a new file of that part: the parts across the cores,
-    /// each written on one thread (a part's share of a flush is too small for Polars'
-    /// column-parallel writer to pay).
+    /// Each part's buffered rows appended to that part's file, the parts across the cores.
     fn flush_all(&mut self) -> PolarsResult<()> {
         use rayon::prelude::*;
-        let (dir, flush) = (&self.dir, self.flushes);
-        let written: Vec<Option<PathBuf>> = self
-            .buffered
+        let dir = &self.dir;
+        self.buffered
             .par_iter_mut()
+            .zip(self.files.par_iter_mut())
             .enumerate()
-            .map(|(p, buffered)| -> PolarsResult<Option<PathBuf>> {
+            .try_for_each(|(p, (buffered, file))| -> PolarsResult<()> {
                 let frames = std::mem::take(buffered);
                 if frames.is_empty() {
-                    return Ok(None);
+                    return Ok(());
                 }
                 let mut df = stack(&frames)?;
                 df.align_chunks();
-                let path = dir.join(format!("part-{p:05}-{flush:05}.parquet"));
-                let file = std::fs::File::create(&path).map_err(
-                    |e| polars_err!(ComputeError: "cannot create {}: {e}", path.display()),
-                )?;
-                temp_writer(file).set_parallel(false).finish(&mut df)?;
-                Ok(Some(path))
-            })
-            .collect::<PolarsResult<_>>()?;
-        for (files, path) in self.files.iter_mut().zip(written) {
-            files.extend(path);
-        }
-        self.flushes += 1;
+                let to_polars = |e: anyhow::Error| polars_err!(ComputeError: "{e:#}");
+                if file.is_none() {
+                    let path = dir.join(format!("part-{p:05}.arrow"));
+                    *file = Some(
+                        SpillFile::create(&path, df.schema().as_ref().clone())
+                            .map_err(to_polars)?,
+                    );
+                }
+                if let Some(file) = file.as_mut() {
+                    file.append(&mut df).map_err(to_polars)?;
+                }
+                Ok(())
+            })?;
         self.buffered_rows = 0;
         Ok(())
     }
@@ -308,53 +266,42 @@ fn stack(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
     Ok(out)
 }
 
-/// Write a part's kept rows for `PartsKept`, in row groups of the rows it reads at once.
-pub fn write_kept(path: &Path, df: &mut DataFrame, group_rows: usize) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let written = temp_writer(file)
-        .with_row_group_size(Some(group_rows))
-        .finish(df);
-    anyhow::Context::with_context(written, || format!("cannot write {}", path.display()))?;
-    Ok(())
+/// Write a part's kept rows for `PartsKept`, in segments of the rows it reads at once.
+pub fn write_kept(path: &Path, df: &DataFrame, segment_rows: usize) -> Result<SpillFile> {
+    let mut file = SpillFile::create(path, df.schema().as_ref().clone())?;
+    file.append_in_segments(df, segment_rows)?;
+    Ok(file)
 }
 
-/// One part's kept rows (a Parquet file in row order), read a slice at a time.
+/// One part's kept rows (a file in row order), read a segment at a time.
 struct Cursor {
-    path: PathBuf,
-    rows: usize,
-    read: usize,
-    slice_rows: usize,
+    file: SpillFile,
+    next_segment: usize,
     current: DataFrame,
     current_rows: Vec<u32>,
     at: usize,
 }
 
 impl Cursor {
-    fn open(path: PathBuf, slice_rows: usize) -> Result<Cursor> {
-        let rows = anyhow::Context::with_context(temp_reader(&path)?.num_rows(), || {
-            format!("cannot read {}", path.display())
-        })?;
-        Ok(Cursor {
-            path,
-            rows,
-            read: 0,
-            slice_rows,
+    fn open(file: SpillFile) -> Cursor {
+        Cursor {
+            file,
+            next_segment: 0,
             current: DataFrame::empty(),
             current_rows: vec![],
             at: 0,
-        })
+        }
     }
 
     /// The rows not taken before whose `ROW` is below `below`.
     fn take_below(&mut self, below: u32, out: &mut Vec<DataFrame>) -> Result<()> {
         loop {
             if self.at == self.current_rows.len() {
-                if self.read == self.rows {
+                if self.next_segment == self.file.segments() {
                     return Ok(());
                 }
-                self.current = read_temp(&self.path, Some((self.read, self.slice_rows)))?;
-                self.read += self.current.height();
+                self.current = self.file.read_segment(self.next_segment)?;
+                self.next_segment += 1;
                 self.current_rows = self
                     .current
                     .column(ROW)?
@@ -363,13 +310,6 @@ impl Cursor {
                     .into_no_null_iter()
                     .collect();
                 self.at = 0;
-                if self.current_rows.is_empty() {
-                    bail!(
-                        "{} ended before its {} rows",
-                        self.path.display(),
-                        self.rows
-                    );
-                }
             }
             let n = self.current_rows[self.at..].partition_point(|&r| r < below);
             if n > 0 {
@@ -391,18 +331,15 @@ pub struct PartsKept {
 }
 
 impl PartsKept {
-    /// Over the parts' kept-row files (each in row order, with `_gid`), reading
-    /// `slice_rows` rows of a file at a time.
-    pub fn new(files: Vec<PathBuf>, slice_rows: usize, late: LateRules) -> Result<PartsKept> {
+    /// Over the parts' kept-row files (each in row order, with `_gid`), read a segment of
+    /// a file at a time.
+    pub fn new(files: Vec<SpillFile>, late: LateRules) -> Result<PartsKept> {
         let first = files
             .first()
             .ok_or_else(|| anyhow!("curate has no parts"))?;
-        let schema = scan(first)?.collect_schema()?.as_ref().clone();
+        let schema = first.schema().clone();
         Ok(PartsKept {
-            cursors: files
-                .into_iter()
-                .map(|f| Cursor::open(f, slice_rows))
-                .collect::<Result<_>>()?,
+            cursors: files.into_iter().map(Cursor::open).collect(),
             schema,
             late,
         })

@@ -1,0 +1,228 @@
+//! Curate's temporary files: frames appended to one file as segments (each an Arrow IPC
+//! file, LZ4-compressed) and read back a segment at a time or whole.
+//!
+//! The spread appends a part's share of every flush to that part's one file, where it
+//! wrote a new Parquet file each time: 100M rows in 200 parts made 38,000 files, and each
+//! Parquet file or row group pays a fixed cost (a dictionary attempt with a cardinality
+//! estimate a string column, page and footer writes) that does not shrink with its rows,
+//! so at 100M rows the partition took 1.55× the time a row of 10M
+//! (bench-results/curate-scale.md, 2026-12-06b). An IPC segment is its columns' buffers
+//! copied and compressed; the file is opened to append and closed again, so the open
+//! files do not grow with the parts.
+
+use anyhow::{Context, Result};
+use polars::prelude::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// Where one segment lies in its file.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    offset: u64,
+    bytes: u64,
+    rows: usize,
+}
+
+/// A file of segments of one schema, in the order they were appended.
+#[derive(Clone, Debug)]
+pub struct SpillFile {
+    path: PathBuf,
+    schema: Schema,
+    segments: Vec<Segment>,
+    len: u64,
+}
+
+impl SpillFile {
+    /// A new, empty file at `path` for frames of `schema` (an earlier file there is
+    /// replaced).
+    pub fn create(path: &Path, schema: Schema) -> Result<SpillFile> {
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(SpillFile {
+            path: path.to_path_buf(),
+            schema,
+            segments: vec![],
+            len: 0,
+        })
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn rows(&self) -> usize {
+        self.segments.iter().map(|s| s.rows).sum()
+    }
+
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Append `df` as one segment (nothing for an empty frame).
+    pub fn append(&mut self, df: &mut DataFrame) -> Result<()> {
+        if df.height() == 0 {
+            return Ok(());
+        }
+        let mut bytes = vec![];
+        let encoded = IpcWriter::new(&mut bytes)
+            .with_compression(Some(IpcCompression::LZ4))
+            .with_parallel(false)
+            .finish(df);
+        Context::with_context(encoded, || {
+            format!("cannot encode rows for {}", self.path.display())
+        })?;
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        file.write_all(&bytes)
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        self.segments.push(Segment {
+            offset: self.len,
+            bytes: bytes.len() as u64,
+            rows: df.height(),
+        });
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Append `df` in segments of `segment_rows` rows, each read back by `read_segment`.
+    pub fn append_in_segments(&mut self, df: &DataFrame, segment_rows: usize) -> Result<()> {
+        let mut at = 0;
+        while at < df.height() {
+            let mut segment = df.slice(at as i64, segment_rows.max(1));
+            segment.align_chunks();
+            at += segment.height();
+            self.append(&mut segment)?;
+        }
+        Ok(())
+    }
+
+    /// Segment `k`, decoded.
+    pub fn read_segment(&self, k: usize) -> Result<DataFrame> {
+        let mut file = std::fs::File::open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let segment = self.segments[k];
+        file.seek(SeekFrom::Start(segment.offset))?;
+        let mut bytes = vec![0; segment.bytes as usize];
+        file.read_exact(&mut bytes)
+            .with_context(|| format!("{} is shorter than written", self.path.display()))?;
+        self.decode(bytes, segment)
+    }
+
+    /// All segments stacked in order; the schema's empty frame when none was appended.
+    /// Segments are decoded across the cores.
+    pub fn read_all(&self) -> Result<DataFrame> {
+        use rayon::prelude::*;
+        let mut whole = vec![];
+        std::fs::File::open(&self.path)
+            .and_then(|mut f| f.read_to_end(&mut whole))
+            .with_context(|| format!("cannot read {}", self.path.display()))?;
+        if whole.len() as u64 != self.len {
+            anyhow::bail!(
+                "{} holds {} bytes where {} were written",
+                self.path.display(),
+                whole.len(),
+                self.len
+            );
+        }
+        let frames = self
+            .segments
+            .par_iter()
+            .map(|s| {
+                let bytes = whole[s.offset as usize..(s.offset + s.bytes) as usize].to_vec();
+                self.decode(bytes, *s)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let Some((first, rest)) = frames.split_first() else {
+            return Ok(DataFrame::empty_with_schema(&self.schema));
+        };
+        let mut out = first.clone();
+        for f in rest {
+            out.vstack_mut(f)?;
+        }
+        out.align_chunks();
+        Ok(out)
+    }
+
+    fn decode(&self, bytes: Vec<u8>, segment: Segment) -> Result<DataFrame> {
+        let decoded = IpcReader::new(std::io::Cursor::new(bytes)).finish();
+        let df = Context::with_context(decoded, || {
+            format!("cannot decode a segment of {}", self.path.display())
+        })?;
+        if df.height() != segment.rows {
+            anyhow::bail!(
+                "a segment of {} holds {} rows where {} were written",
+                self.path.display(),
+                df.height(),
+                segment.rows
+            );
+        }
+        Ok(df)
+    }
+
+    pub fn remove(self) -> Result<()> {
+        std::fs::remove_file(&self.path)
+            .with_context(|| format!("cannot remove {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(from: u32, n: u32) -> DataFrame {
+        df!(
+            "row" => (from..from + n).collect::<Vec<u32>>(),
+            "input" => (from..from + n).map(|i| format!("input {i}")).collect::<Vec<_>>(),
+            "score" => (from..from + n).map(|i| (i % 3 == 0).then_some(i as f64 / 7.0)).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn segments_come_back_in_order_whole_or_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = frame(0, 10);
+        let mut file =
+            SpillFile::create(&dir.path().join("s.arrow"), first.schema().as_ref().clone())
+                .unwrap();
+        file.append(&mut first.clone()).unwrap();
+        file.append(&mut frame(10, 0)).unwrap();
+        file.append_in_segments(&frame(10, 25), 10).unwrap();
+        assert_eq!(
+            file.segments(),
+            4,
+            "an empty frame adds no segment; 25 rows make 3"
+        );
+        assert_eq!(file.rows(), 35);
+        assert!(file.read_all().unwrap().equals_missing(&frame(0, 35)));
+        assert!(file.read_segment(3).unwrap().equals_missing(&frame(30, 5)));
+        file.remove().unwrap();
+    }
+
+    #[test]
+    fn an_empty_file_reads_as_its_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = frame(0, 1).schema().as_ref().clone();
+        let file = SpillFile::create(&dir.path().join("e.arrow"), schema.clone()).unwrap();
+        let all = file.read_all().unwrap();
+        assert_eq!(all.height(), 0);
+        assert_eq!(all.schema().as_ref(), &schema);
+    }
+
+    #[test]
+    fn a_truncated_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.arrow");
+        let mut file = SpillFile::create(&path, frame(0, 1).schema().as_ref().clone()).unwrap();
+        file.append(&mut frame(0, 100)).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        for err in [
+            file.read_all().unwrap_err(),
+            file.read_segment(0).unwrap_err(),
+        ] {
+            assert!(format!("{err:#}").contains("t.arrow"), "{err:#}");
+        }
+    }
+}
