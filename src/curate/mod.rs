@@ -207,7 +207,7 @@ fn curate_in_parts(
             .with_column((col("_norm") + lit(offset)).alias("_gid"))
             .drop(by_name(["_norm"], true, false))
             .collect()?;
-        let path = work.join(format!("kept-{p:05}.arrow"));
+        let path = work.join(format!("kept-{p:05}.segments"));
         kept_files.push(parts::write_kept(&path, &kept, slice_rows)?);
         if n_parts > 1 {
             let done = p + 1;

@@ -241,7 +241,7 @@ impl Spread {
                 df.align_chunks();
                 let to_polars = |e: anyhow::Error| polars_err!(ComputeError: "{e:#}");
                 if file.is_none() {
-                    let path = dir.join(format!("part-{p:05}.arrow"));
+                    let path = dir.join(format!("part-{p:05}.segments"));
                     *file = Some(
                         SpillFile::create(&path, df.schema().as_ref().clone())
                             .map_err(to_polars)?,

@@ -1,14 +1,14 @@
-//! Curate's temporary files: frames appended to one file as segments (each an Arrow IPC
-//! file, LZ4-compressed) and read back a segment at a time or whole.
+//! Curate's temporary files: frames appended to one file as segments (each a small Parquet
+//! file: LZ4, no statistics) and read back a segment at a time or whole.
 //!
 //! The spread appends a part's share of every flush to that part's one file, where it
-//! wrote a new Parquet file each time: 100M rows in 200 parts made 38,000 files, and each
-//! Parquet file or row group pays a fixed cost (a dictionary attempt with a cardinality
-//! estimate a string column, page and footer writes) that does not shrink with its rows,
-//! so at 100M rows the partition took 1.55× the time a row of 10M
-//! (bench-results/curate-scale.md, 2026-12-06b). An IPC segment is its columns' buffers
-//! copied and compressed; the file is opened to append and closed again, so the open
-//! files do not grow with the parts.
+//! created a new Parquet file each time: 100M rows in 200 parts made 38,000 files, and the
+//! partition took 1.55× the time a row of 10M (bench-results/curate-scale.md,
+//! 2026-12-06b). A segment is written with one write() from memory, to a file opened to
+//! append and closed again, so the open files do not grow with the parts. Segments stay
+//! Parquet: an input's samples repeat its text, which Parquet's dictionary encoding
+//! stores once; Arrow IPC segments (LZ4 frames, tried first) took 1.8× the bytes at 10M
+//! rows and were no faster.
 
 use anyhow::{Context, Result};
 use polars::prelude::*;
@@ -63,9 +63,11 @@ impl SpillFile {
             return Ok(());
         }
         let mut bytes = vec![];
-        let encoded = IpcWriter::new(&mut bytes)
-            .with_compression(Some(IpcCompression::LZ4))
-            .with_parallel(false)
+        // Fast compression (LZ4) and no statistics: the file is read once, by segments.
+        let encoded = ParquetWriter::new(&mut bytes)
+            .with_compression(ParquetCompression::Lz4Raw)
+            .with_statistics(StatisticsOptions::empty())
+            .set_parallel(false)
             .finish(df);
         Context::with_context(encoded, || {
             format!("cannot encode rows for {}", self.path.display())
@@ -145,7 +147,9 @@ impl SpillFile {
     }
 
     fn decode(&self, bytes: Vec<u8>, segment: Segment) -> Result<DataFrame> {
-        let decoded = IpcReader::new(std::io::Cursor::new(bytes)).finish();
+        let decoded = ParquetReader::new(std::io::Cursor::new(bytes))
+            .read_parallel(ParallelStrategy::RowGroups)
+            .finish();
         let df = Context::with_context(decoded, || {
             format!("cannot decode a segment of {}", self.path.display())
         })?;
@@ -184,8 +188,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = frame(0, 10);
         let mut file =
-            SpillFile::create(&dir.path().join("s.arrow"), first.schema().as_ref().clone())
-                .unwrap();
+            SpillFile::create(&dir.path().join("s.seg"), first.schema().as_ref().clone()).unwrap();
         file.append(&mut first.clone()).unwrap();
         file.append(&mut frame(10, 0)).unwrap();
         file.append_in_segments(&frame(10, 25), 10).unwrap();
@@ -204,7 +207,7 @@ mod tests {
     fn an_empty_file_reads_as_its_schema() {
         let dir = tempfile::tempdir().unwrap();
         let schema = frame(0, 1).schema().as_ref().clone();
-        let file = SpillFile::create(&dir.path().join("e.arrow"), schema.clone()).unwrap();
+        let file = SpillFile::create(&dir.path().join("e.seg"), schema.clone()).unwrap();
         let all = file.read_all().unwrap();
         assert_eq!(all.height(), 0);
         assert_eq!(all.schema().as_ref(), &schema);
@@ -213,7 +216,7 @@ mod tests {
     #[test]
     fn a_truncated_file_is_an_error_naming_it() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.arrow");
+        let path = dir.path().join("t.seg");
         let mut file = SpillFile::create(&path, frame(0, 1).schema().as_ref().clone()).unwrap();
         file.append(&mut frame(0, 100)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -222,7 +225,7 @@ mod tests {
             file.read_all().unwrap_err(),
             file.read_segment(0).unwrap_err(),
         ] {
-            assert!(format!("{err:#}").contains("t.arrow"), "{err:#}");
+            assert!(format!("{err:#}").contains("t.seg"), "{err:#}");
         }
     }
 }
