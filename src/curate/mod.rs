@@ -463,6 +463,62 @@ mod tests {
     }
 
     #[test]
+    fn the_spread_appends_every_flush_to_one_file_a_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("teacher-00000-of-00001.parquet");
+        let mut frame = TeacherRow::to_frame(&rows(false)).unwrap();
+        crate::io::parquet::write_frame(&file, &mut frame).unwrap();
+        let work = dir.path().join("work");
+        // 7 rows a part: a flush every 7 rows read, so each part gets many flushes.
+        let partition = parts::partition(std::slice::from_ref(&file), &work, 7).unwrap();
+        let files = std::fs::read_dir(&work).unwrap().count();
+        assert_eq!(
+            files,
+            partition.parts.len(),
+            "one file a part, not one a flush"
+        );
+        let mut segments = 0;
+        let mut taken = vec![];
+        for part in partition.parts {
+            let parts::Part::Spilled(spilled) = &part else {
+                panic!("more than one part, so each is a file");
+            };
+            segments += spilled.segments();
+            let rows = part.take().unwrap();
+            let order: Vec<u32> = rows
+                .column(splits::ROW)
+                .unwrap()
+                .cast(&DataType::UInt32)
+                .unwrap()
+                .u32()
+                .unwrap()
+                .into_no_null_iter()
+                .collect();
+            assert!(order.is_sorted(), "a part's rows are in row order");
+            taken.push(rows);
+        }
+        assert!(segments > files, "{segments} segments in {files} files");
+        assert_eq!(
+            std::fs::read_dir(&work).unwrap().count(),
+            0,
+            "taken parts leave no file"
+        );
+        let mut all = taken[0].clone();
+        for t in &taken[1..] {
+            all.vstack_mut(t).unwrap();
+        }
+        let all = all.sort([splits::ROW], Default::default()).unwrap();
+        let expected = parts::rule_scan(std::slice::from_ref(&file))
+            .unwrap()
+            .collect()
+            .unwrap();
+        assert!(
+            all.equals_missing(&expected),
+            "every row once:\n{all}\n{expected}"
+        );
+    }
+
+    #[test]
     fn part_by_part_equals_all_rows_in_memory_with_more_parts_than_inputs() {
         // 320 parts for 240 inputs: many parts get no input at all.
         let removed = parts_equal_memory(false, |cfg| cfg.curate.part_rows = 3);

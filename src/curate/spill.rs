@@ -146,6 +146,8 @@ impl SpillFile {
         Ok(out)
     }
 
+    /// One segment on one thread (by row groups, of which it has one): segments are
+    /// small, and `read_all` decodes several at once.
     fn decode(&self, bytes: Vec<u8>, segment: Segment) -> Result<DataFrame> {
         let decoded = ParquetReader::new(std::io::Cursor::new(bytes))
             .read_parallel(ParallelStrategy::RowGroups)
