@@ -3,12 +3,12 @@
 //!
 //! The spread appends a part's share of every flush to that part's one file, where it
 //! created a new Parquet file each time: 100M rows in 200 parts made 38,000 files, and the
-//! partition took 1.55× the time a row of 10M (bench-results/curate-scale.md,
-//! 2026-12-06b). A segment is written with one write() from memory, to a file opened to
+//! partition took 1.44–1.55× the time a row of 10M (bench-results/curate-scale.md,
+//! 2026-12-06 and 2026-12-06b; 1.09× with segments). A segment is written with one write() from memory, to a file opened to
 //! append and closed again, so the open files do not grow with the parts. Segments stay
 //! Parquet: an input's samples repeat its text, which Parquet's dictionary encoding
 //! stores once; Arrow IPC segments (LZ4 frames, tried first) took 1.8× the bytes at 10M
-//! rows and were no faster.
+//! rows and were slower (65.2 against 62.9 s).
 
 use anyhow::{Context, Result};
 use polars::prelude::*;
