@@ -503,11 +503,10 @@ mod tests {
             0,
             "taken parts leave no file"
         );
-        let mut all = taken[0].clone();
-        for t in &taken[1..] {
-            all.vstack_mut(t).unwrap();
-        }
-        let all = all.sort([splits::ROW], Default::default()).unwrap();
+        let all = spill::stack(&taken)
+            .unwrap()
+            .sort([splits::ROW], Default::default())
+            .unwrap();
         let expected = parts::rule_scan(std::slice::from_ref(&file))
             .unwrap()
             .collect()

@@ -6,7 +6,7 @@
 //! rules (`rules::LateRules`) judging them on the way.
 
 use super::rules::{LateRules, KEPT_COLUMNS};
-use super::spill::SpillFile;
+use super::spill::{stack, SpillFile};
 use super::splits::{KeptRows, ROW, RULE_COLUMNS};
 use crate::dedup::{hash64, normalize};
 use crate::io::parquet::scan;
@@ -240,30 +240,21 @@ impl Spread {
                 let mut df = stack(&frames)?;
                 df.align_chunks();
                 let to_polars = |e: anyhow::Error| polars_err!(ComputeError: "{e:#}");
-                if file.is_none() {
-                    let path = dir.join(format!("part-{p:05}.segments"));
-                    *file = Some(
-                        SpillFile::create(&path, df.schema().as_ref().clone())
-                            .map_err(to_polars)?,
-                    );
-                }
-                if let Some(file) = file.as_mut() {
-                    file.append(&mut df).map_err(to_polars)?;
-                }
-                Ok(())
+                let file = match file {
+                    Some(file) => file,
+                    None => file.insert(
+                        SpillFile::create(
+                            &dir.join(format!("part-{p:05}.segments")),
+                            df.schema().as_ref().clone(),
+                        )
+                        .map_err(to_polars)?,
+                    ),
+                };
+                file.append(&mut df).map_err(to_polars)
             })?;
         self.buffered_rows = 0;
         Ok(())
     }
-}
-
-/// Frames of one schema, one after another.
-fn stack(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
-    let mut out = frames.first().cloned().unwrap_or_default();
-    for f in frames.iter().skip(1) {
-        out.vstack_mut(f)?;
-    }
-    Ok(out)
 }
 
 /// Write a part's kept rows for `PartsKept`, in segments of the rows it reads at once.

@@ -4,8 +4,9 @@
 //! The spread appends a part's share of every flush to that part's one file, where it
 //! created a new Parquet file each time: 100M rows in 200 parts made 38,000 files, and the
 //! partition took 1.44–1.55× the time a row of 10M (bench-results/curate-scale.md,
-//! 2026-12-06 and 2026-12-06b; 1.09× with segments). A segment is written with one write() from memory, to a file opened to
-//! append and closed again, so the open files do not grow with the parts. Segments stay
+//! 2026-12-06 and 2026-12-06b; 1.09× with segments). A segment is written with one
+//! write() from memory, to a file opened to append and closed again, so the open files
+//! do not grow with the parts. Segments stay
 //! Parquet: an input's samples repeat its text, which Parquet's dictionary encoding
 //! stores once; Arrow IPC segments (LZ4 frames, tried first) took 1.8× the bytes at 10M
 //! rows and were slower (65.2 against 62.9 s).
@@ -29,7 +30,6 @@ pub struct SpillFile {
     path: PathBuf,
     schema: Schema,
     segments: Vec<Segment>,
-    len: u64,
 }
 
 impl SpillFile {
@@ -41,7 +41,6 @@ impl SpillFile {
             path: path.to_path_buf(),
             schema,
             segments: vec![],
-            len: 0,
         })
     }
 
@@ -49,12 +48,13 @@ impl SpillFile {
         &self.schema
     }
 
-    pub fn rows(&self) -> usize {
-        self.segments.iter().map(|s| s.rows).sum()
-    }
-
     pub fn segments(&self) -> usize {
         self.segments.len()
+    }
+
+    /// Bytes written: where the next segment goes.
+    fn len(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.offset + s.bytes)
     }
 
     /// Append `df` as one segment (nothing for an empty frame).
@@ -79,11 +79,10 @@ impl SpillFile {
         file.write_all(&bytes)
             .with_context(|| format!("cannot write {}", self.path.display()))?;
         self.segments.push(Segment {
-            offset: self.len,
+            offset: self.len(),
             bytes: bytes.len() as u64,
             rows: df.height(),
         });
-        self.len += bytes.len() as u64;
         Ok(())
     }
 
@@ -108,7 +107,7 @@ impl SpillFile {
         let mut bytes = vec![0; segment.bytes as usize];
         file.read_exact(&mut bytes)
             .with_context(|| format!("{} is shorter than written", self.path.display()))?;
-        self.decode(bytes, segment)
+        self.decode(&bytes, segment)
     }
 
     /// All segments stacked in order; the schema's empty frame when none was appended.
@@ -119,36 +118,30 @@ impl SpillFile {
         std::fs::File::open(&self.path)
             .and_then(|mut f| f.read_to_end(&mut whole))
             .with_context(|| format!("cannot read {}", self.path.display()))?;
-        if whole.len() as u64 != self.len {
+        if whole.len() as u64 != self.len() {
             anyhow::bail!(
                 "{} holds {} bytes where {} were written",
                 self.path.display(),
                 whole.len(),
-                self.len
+                self.len()
             );
         }
         let frames = self
             .segments
             .par_iter()
-            .map(|s| {
-                let bytes = whole[s.offset as usize..(s.offset + s.bytes) as usize].to_vec();
-                self.decode(bytes, *s)
-            })
+            .map(|s| self.decode(&whole[s.offset as usize..(s.offset + s.bytes) as usize], *s))
             .collect::<Result<Vec<_>>>()?;
-        let Some((first, rest)) = frames.split_first() else {
+        if frames.is_empty() {
             return Ok(DataFrame::empty_with_schema(&self.schema));
-        };
-        let mut out = first.clone();
-        for f in rest {
-            out.vstack_mut(f)?;
         }
+        let mut out = stack(&frames)?;
         out.align_chunks();
         Ok(out)
     }
 
     /// One segment on one thread (by row groups, of which it has one): segments are
     /// small, and `read_all` decodes several at once.
-    fn decode(&self, bytes: Vec<u8>, segment: Segment) -> Result<DataFrame> {
+    fn decode(&self, bytes: &[u8], segment: Segment) -> Result<DataFrame> {
         let decoded = ParquetReader::new(std::io::Cursor::new(bytes))
             .read_parallel(ParallelStrategy::RowGroups)
             .finish();
@@ -170,6 +163,15 @@ impl SpillFile {
         std::fs::remove_file(&self.path)
             .with_context(|| format!("cannot remove {}", self.path.display()))
     }
+}
+
+/// Frames of one schema, one after another.
+pub fn stack(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
+    let mut out = frames.first().cloned().unwrap_or_default();
+    for f in frames.iter().skip(1) {
+        out.vstack_mut(f)?;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -199,7 +201,6 @@ mod tests {
             4,
             "an empty frame adds no segment; 25 rows make 3"
         );
-        assert_eq!(file.rows(), 35);
         assert!(file.read_all().unwrap().equals_missing(&frame(0, 35)));
         assert!(file.read_segment(3).unwrap().equals_missing(&frame(30, 5)));
         file.remove().unwrap();
