@@ -2,7 +2,9 @@
 # How `kdpipe curate` grows with the number of teacher rows: synthetic rows
 # (`examples/synth_teacher_rows.rs`, 4 samples an input, every rule with work to do, the
 # settings of scripts/bench/curate.sh) at each size, `kdpipe curate` on them, its wall
-# time and peak RSS (the whole process, from wait4's rusage). Prints two tables.
+# time, CPU time (user + system, both cores together) and peak RSS (the whole process, from
+# wait4's rusage). Prints two tables. CPU time that grows with the rows where wall time
+# grows faster is time spent waiting on the disk.
 #
 # TOPK=20 gives every row token top-20 soft labels (a local teacher's rows; most of their
 # bytes). BASELINE=/path/to/an/older/kdpipe runs that binary too, interleaved with this
@@ -31,8 +33,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/kdpipe/target}"
 cargo build --release --locked ${FEATURES:+--features "$FEATURES"} --bin kdpipe --example synth_teacher_rows >&2
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-echo "| binary | teacher rows | top-k | teacher files MB | curate s | peak RSS MiB | rows / s | rows out |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| binary | teacher rows | top-k | teacher files MB | curate s | CPU s | peak RSS MiB | rows / s | rows out |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 for m in "${sizes[@]}"; do
   if [ -n "${ROWS_CACHE:-}" ]; then
     work="$ROWS_CACHE/${m}M-topk${TOPK:-0}"
@@ -85,8 +87,8 @@ def rss_mb(pid):
 
 
 def curate(binary):
-    """Wall seconds, peak RSS (MB, from wait4's rusage of this one child) and the peak
-    RSS sampled in each pass."""
+    """Wall seconds, peak RSS (MB, from wait4's rusage of this one child), the peak RSS
+    sampled in each pass, rows out and CPU seconds (user + system, from the same rusage)."""
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "curate", "--config", "bench.toml"], cwd=work,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -126,7 +128,7 @@ def curate(binary):
     began = sorted((t, k) for k, t in state["began"].items())
     ends = [t for t, _ in began[1:]] + [t0 + wall]
     peaks["seconds"] = {k: end - t for (t, k), end in zip(began, ends)}
-    return wall, usage.ru_maxrss / 1024, peaks, out["rows_out"]
+    return wall, usage.ru_maxrss / 1024, peaks, out["rows_out"], usage.ru_utime + usage.ru_stime
 
 
 for rep in range(reps):
@@ -145,17 +147,18 @@ def shown(values, digits):
 
 
 for name, _ in sides:
-    wall, wall_text = shown([w for w, _, _, _ in runs[name]], 1)
-    _, rss_text = shown([m for _, m, _, _ in runs[name]], 0)
-    print(f"| {name} | {r['rows_in']:,} | {topk} | {mb:,.0f} | {wall_text} | {rss_text} | "
+    wall, wall_text = shown([w for w, _, _, _, _ in runs[name]], 1)
+    _, cpu_text = shown([c for _, _, _, _, c in runs[name]], 1)
+    _, rss_text = shown([m for _, m, _, _, _ in runs[name]], 0)
+    print(f"| {name} | {r['rows_in']:,} | {topk} | {mb:,.0f} | {wall_text} | {cpu_text} | {rss_text} | "
           f"{r['rows_in'] / wall:,.0f} | {runs[name][0][3]:,} |", flush=True)
     # Per pass: the largest sample over the runs (a pass shorter than 0.2 s may have none).
     # A binary that prints no progress lines (an older one) has its whole run as "partition".
-    cells = [f"{max(p[k] for _, _, p, _ in runs[name] if k in p):,.0f}"
-             if any(k in p for _, _, p, _ in runs[name]) else "—" for k in PASSES]
+    cells = [f"{max(p[k] for _, _, p, _, _ in runs[name] if k in p):,.0f}"
+             if any(k in p for _, _, p, _, _ in runs[name]) else "—" for k in PASSES]
     # and the median seconds in each pass
-    cells += [f"{statistics.median(p['seconds'].get(k, 0.0) for _, _, p, _ in runs[name]):,.0f}"
-              if any(k in p["seconds"] for _, _, p, _ in runs[name]) else "—" for k in PASSES]
+    cells += [f"{statistics.median(p['seconds'].get(k, 0.0) for _, _, p, _, _ in runs[name]):,.0f}"
+              if any(k in p["seconds"] for _, _, p, _, _ in runs[name]) else "—" for k in PASSES]
     with os.fdopen(3, "w", closefd=False) as phases:
         print(f"| {name} | {r['rows_in']:,} | " + " | ".join(cells) + " |", file=phases)
 PY

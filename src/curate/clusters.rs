@@ -3,14 +3,15 @@
 //! inputs that come part by part.
 //!
 //! Each input (`gid`: its index among all parts' inputs) leaves its short signature in
-//! one file (64 bytes, read back by offset) and one record a band in a bucket file chosen
+//! one file (64 bytes, read back through a memory map) and one record a band in a bucket file chosen
 //! by the band's key. A bucket file then holds every input that shares a key with any
 //! other, so the buckets are clustered one at a time: inputs with equal keys (the band is
 //! part of the key) are compared with the earliest of them (by first row, the order
 //! `NearDup` sees them in), and a similar pair joins their clusters in a union-find whose
 //! root is each cluster's earliest input. Memory: 4 bytes an input for the union-find, 4
-//! for the first rows, and one bucket file's records (16 bytes each in memory) and groups
-//! at a time; the groups of a bucket are compared across the cores.
+//! for the first rows, one bucket file's records (16 bytes each in memory) and groups at a
+//! time, and the mapped signatures' pages (64 bytes an input, clean pages of their file);
+//! the groups of a bucket are compared across the cores.
 //!
 //! On disk an input costs 64 + 16 × 10 bytes (224; 5.6 GB at 25M inputs, 100M rows), half
 //! of what 16-bit signatures and 13-byte records took: less for the page cache to hold
@@ -123,11 +124,22 @@ impl ClusterIndex {
             use rayon::prelude::*;
             let mut records = read_records(path)?;
             std::fs::remove_file(path)?;
-            // Equal keys together, the earliest input of each first.
-            records.sort_unstable_by_key(|&(key, gid)| (key, first_row[gid as usize]));
+            // Equal keys together, then the earliest input of each group of two or more
+            // first. (Sorting by the key alone, across the cores, and looking up first rows
+            // only for the few records that share a key: the sort by (key, first row) was
+            // a quarter of this pass at 10M rows, on one core, with a random read of
+            // `first_row` in every comparison.)
+            records.par_sort_unstable_by_key(|&(key, _)| key);
             let groups: Vec<&[Record]> = records
-                .chunk_by(|a, b| a.0 == b.0)
+                .chunk_by_mut(|a, b| a.0 == b.0)
                 .filter(|group| group.len() > 1)
+                .map(|group| {
+                    let earliest = (0..group.len())
+                        .min_by_key(|&i| first_row[group[i].1 as usize])
+                        .unwrap_or(0);
+                    group.swap(0, earliest);
+                    &*group
+                })
                 .collect();
             // The groups are compared across the cores against the clusters as they stood
             // before this bucket, and the similar pairs joined after: the clusters are the
@@ -136,20 +148,12 @@ impl ClusterIndex {
             let (similar, n) = groups
                 .par_iter()
                 .try_fold(
-                    || (Scratch::default(), vec![], 0u64),
-                    |(mut scratch, mut similar, n), group| -> Result<_> {
-                        let m = compare_group(
-                            group,
-                            &parent,
-                            &near,
-                            &stored,
-                            &mut scratch,
-                            &mut similar,
-                        )?;
-                        Ok((scratch, similar, n + m))
+                    || (vec![], 0u64),
+                    |(mut similar, n), group| -> Result<_> {
+                        let m = compare_group(group, &parent, &near, &stored, &mut similar)?;
+                        Ok((similar, n + m))
                     },
                 )
-                .map(|folded| folded.map(|(_, similar, n)| (similar, n)))
                 .try_reduce(
                     || (vec![], 0),
                     |(mut a, n), (b, m)| {
@@ -184,13 +188,6 @@ impl ClusterIndex {
 /// One record of a bucket file: the band key's high 48 bits, gid.
 type Record = (u64, u32);
 
-/// One thread's buffers for reading signatures.
-#[derive(Default)]
-struct Scratch {
-    lead: Vec<u8>,
-    other: Vec<u8>,
-}
-
 /// Compare each input of a group (one band key) with its lead, the group's first, unless
 /// already in the lead's cluster; push the similar ones with the lead to `similar`.
 /// Returns the pairs compared.
@@ -199,24 +196,20 @@ fn compare_group(
     parent: &[u32],
     near: &NearDup,
     stored: &Signatures,
-    scratch: &mut Scratch,
     similar: &mut Vec<(u32, u32)>,
 ) -> Result<u64> {
     let lead = group[0].1;
     let lead_root = find(parent, lead);
+    let lead_signature = stored.get(lead)?;
     let mut compared = 0;
     for &(_, gid) in &group[1..] {
         // Already one cluster: comparing could not change it. A near-duplicate pair meets
-        // in most bands, so this skips most signature reads.
+        // in most bands, so this skips most comparisons.
         if find(parent, gid) == lead_root {
             continue;
         }
-        if compared == 0 {
-            stored.get(lead, &mut scratch.lead)?;
-        }
         compared += 1;
-        stored.get(gid, &mut scratch.other)?;
-        if near.similar(&scratch.other, &scratch.lead) {
+        if near.similar(stored.get(gid)?, lead_signature) {
             similar.push((gid, lead));
         }
     }
@@ -271,13 +264,19 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
         .collect())
 }
 
-/// The short signatures file, read by gid: one positioned read a signature, from any
-/// thread, into the reader's buffer. (A seek, a read and an allocation a signature, on
-/// one thread, were most of this pass's time at 100M rows: 25M inputs, ~60M pairs. A
-/// memory map was faster, but its pages counted in curate's resident memory, up to the
-/// whole file, and the merge after it ran 2.8× slower.)
+/// The short signatures file, read by gid from a read-only memory map, from any thread.
+///
+/// The map's pages count in curate's resident memory, up to the whole file (64 bytes an
+/// input: 1.6 GB at 25M inputs, 100M rows), but they are clean pages of a file the kernel
+/// can drop and read again. One positioned read a signature instead cost a system call a
+/// candidate pair, the largest part of this pass (a third of its samples at 10M rows,
+/// bench-results/curate-scale.md, 2026-12-06c). When the signatures were 12 GB (32-bit
+/// values) a map pushed curate's other files out of the page cache and the merge after it
+/// ran 2.8× slower; at 1.6 GB they fit beside them.
 struct Signatures {
-    file: File,
+    /// None for an empty file (no input: a map cannot be empty).
+    map: Option<memmap2::Mmap>,
+    path: PathBuf,
     /// Bytes a signature.
     len: usize,
 }
@@ -285,16 +284,38 @@ struct Signatures {
 impl Signatures {
     fn open(path: &Path, len: usize) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-        Ok(Signatures { file, len })
+        let bytes = file.metadata()?.len();
+        let map = if bytes == 0 {
+            None
+        } else {
+            // Safety: the file is curate's own, in its work folder, written and flushed
+            // above and neither written nor truncated while mapped (removed after).
+            let map = unsafe { memmap2::MmapOptions::new().map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
+            // Pairs land anywhere in the file: no read-ahead past the page a pair needs.
+            map.advise(memmap2::Advice::Random)
+                .with_context(|| format!("cannot advise on {}", path.display()))?;
+            Some(map)
+        };
+        Ok(Signatures {
+            map,
+            path: path.to_path_buf(),
+            len,
+        })
     }
 
-    /// Signature `gid` into `out`.
-    fn get(&self, gid: u32, out: &mut Vec<u8>) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        out.resize(self.len, 0);
-        self.file
-            .read_exact_at(out, gid as u64 * self.len as u64)
-            .with_context(|| format!("cannot read input {gid}'s near-duplicate signature"))
+    /// Signature `gid`.
+    fn get(&self, gid: u32) -> Result<&[u8]> {
+        let start = gid as usize * self.len;
+        self.map
+            .as_ref()
+            .and_then(|map| map.get(start..start + self.len))
+            .with_context(|| {
+                format!(
+                    "input {gid}'s near-duplicate signature is past the end of {}",
+                    self.path.display()
+                )
+            })
     }
 }
 
@@ -362,6 +383,29 @@ mod tests {
             assert_eq!(root_text, expected[i], "text {i}");
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn an_index_of_no_inputs_has_no_roots_and_leaves_no_file() {
+        // The signatures file is empty, and an empty file cannot be mapped.
+        let dir = tempfile::tempdir().unwrap();
+        let index = ClusterIndex::new(NearDup::new(0.8, 3), dir.path(), 3).unwrap();
+        assert_eq!(index.roots().unwrap(), Vec::<u32>::new());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_signature_past_the_end_of_the_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("signatures.bin");
+        std::fs::write(&path, [7u8; 128]).unwrap();
+        let stored = Signatures::open(&path, 64).unwrap();
+        assert_eq!(stored.get(1).unwrap(), &[7u8; 64][..]);
+        let err = format!("{:#}", stored.get(2).unwrap_err());
+        assert!(
+            err.contains("input 2") && err.contains("signatures.bin"),
+            "{err}"
+        );
     }
 
     #[test]
