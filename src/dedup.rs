@@ -4,7 +4,7 @@
 //! texts.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 /// Lower-case words of letters and digits: punctuation and spacing do not make two inputs
 /// different.
@@ -177,14 +177,31 @@ impl NearDup {
 /// Texts shorter than n words are matched whole.
 pub struct Contamination {
     n: usize,
-    grams: HashSet<u64>,
+    grams: HashSet<u64, GramHash>,
+}
+
+/// How decontamination hashes an n-gram, and its set the hashes: foldhash with a fixed
+/// seed, where `hash64`'s SipHash was the largest symbol of curate's head rules in a
+/// profile (every window of every input is hashed). The hashes are only compared within
+/// one run, against the evaluation texts' hashed the same way, so any well-mixed 64-bit
+/// hash decides the same (a false match needs a 64-bit collision); `hash64` stays where
+/// its values decide outcomes (MinHash shingles, splits, parts).
+type GramHash = foldhash::fast::FixedState;
+
+fn gram_hash(words: &[String]) -> u64 {
+    GramHash::default().hash_one(words)
 }
 
 impl Contamination {
     pub fn new<'a>(eval_texts: impl Iterator<Item = &'a str>, n: usize) -> Self {
-        let mut grams = HashSet::new();
+        let mut grams = HashSet::with_hasher(GramHash::default());
         for t in eval_texts {
-            grams.extend(shingles(&words(t), n));
+            let w = words(t);
+            if w.len() <= n {
+                grams.insert(gram_hash(&w));
+            } else {
+                grams.extend(w.windows(n).map(gram_hash));
+            }
         }
         Contamination { n, grams }
     }
@@ -196,9 +213,10 @@ impl Contamination {
     pub fn contaminated(&self, text: &str) -> bool {
         let w = words(text);
         if w.len() < self.n {
-            return self.grams.contains(&hash64(&w[..]));
+            return self.grams.contains(&gram_hash(&w));
         }
-        w.windows(self.n).any(|g| self.grams.contains(&hash64(g)))
+        w.windows(self.n)
+            .any(|g| self.grams.contains(&gram_hash(g)))
     }
 }
 
@@ -262,5 +280,10 @@ mod tests {
         let short = Contamination::new(["How are you"].into_iter(), 13);
         assert!(short.contaminated("how are YOU?"));
         assert!(!short.contaminated("how are we"));
+        // An evaluation text of exactly n words is its one window: found whole or inside.
+        let exact = Contamination::new(["red blue green"].into_iter(), 3);
+        assert!(exact.contaminated("Red, blue, green!"));
+        assert!(exact.contaminated("pick red blue green now"));
+        assert!(!exact.contaminated("red green blue"));
     }
 }
