@@ -3,10 +3,10 @@
 //! inputs that come part by part.
 //!
 //! Each input (`gid`: its index among all parts' inputs) leaves its short signature in
-//! one file (64 bytes, read back through a memory map) and one record a band in a bucket file chosen
-//! by the band's key. A bucket file then holds every input that shares a key with any
-//! other, so the buckets are clustered one at a time: inputs with equal keys (the band is
-//! part of the key) are compared with the earliest of them (by first row, the order
+//! one file (64 bytes, read back through a memory map) and one record a band in a bucket
+//! file chosen by the band's key. A bucket file then holds every input that shares a key
+//! with any other, so the buckets are clustered one at a time: inputs with equal keys (the
+//! band is part of the key) are compared with the earliest of them (by first row, the order
 //! `NearDup` sees them in), and a similar pair joins their clusters in a union-find whose
 //! root is each cluster's earliest input. Memory: 4 bytes an input for the union-find, 4
 //! for the first rows, one bucket file's records (16 bytes each in memory) and groups at a
