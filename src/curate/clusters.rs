@@ -271,8 +271,8 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
 /// can drop and read again. One positioned read a signature instead cost a system call a
 /// candidate pair, the largest part of this pass (a third of its samples at 10M rows,
 /// bench-results/curate-scale.md, 2026-12-06c). When the signatures were 12 GB (32-bit
-/// values) a map pushed curate's other files out of the page cache and the merge after it
-/// ran 2.8× slower; at 1.6 GB they fit beside them.
+/// values) the merge after a map ran 2.8× slower, likely its files pushed out of the page
+/// cache by the mapped pages; whether it pays at 1.6 GB those runs do not settle.
 struct Signatures {
     /// None for an empty file (no input: a map cannot be empty).
     map: Option<memmap2::Mmap>,
