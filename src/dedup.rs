@@ -27,12 +27,17 @@ pub fn hash64<T: Hash + ?Sized>(value: &T) -> u64 {
     h.finish()
 }
 
+/// The n-word windows of a text (the whole text when it has n words or fewer): what
+/// near-duplicate shingles and decontamination n-grams are made of.
+fn grams(words: &[String], n: usize) -> impl Iterator<Item = &[String]> {
+    let whole = (words.len() <= n).then_some(words);
+    let windows = (words.len() > n).then(|| words.windows(n));
+    whole.into_iter().chain(windows.into_iter().flatten())
+}
+
 /// Hashes of the n-word windows of a text (the whole text when shorter than n).
 fn shingles(words: &[String], n: usize) -> Vec<u64> {
-    if words.len() <= n {
-        return vec![hash64(words)];
-    }
-    words.windows(n).map(hash64).collect()
+    grams(words, n).map(hash64).collect()
 }
 
 /// The set of n-word shingle hashes of a text (exact Jaccard on small collections).
@@ -177,7 +182,7 @@ impl NearDup {
 /// Texts shorter than n words are matched whole.
 pub struct Contamination {
     n: usize,
-    grams: HashSet<u64, GramHash>,
+    hashes: HashSet<u64, GramHash>,
 }
 
 /// How decontamination hashes an n-gram, and its set the hashes: foldhash with a fixed
@@ -194,29 +199,19 @@ fn gram_hash(words: &[String]) -> u64 {
 
 impl Contamination {
     pub fn new<'a>(eval_texts: impl Iterator<Item = &'a str>, n: usize) -> Self {
-        let mut grams = HashSet::with_hasher(GramHash::default());
+        let mut hashes = HashSet::with_hasher(GramHash::default());
         for t in eval_texts {
-            let w = words(t);
-            if w.len() <= n {
-                grams.insert(gram_hash(&w));
-            } else {
-                grams.extend(w.windows(n).map(gram_hash));
-            }
+            hashes.extend(grams(&words(t), n).map(gram_hash));
         }
-        Contamination { n, grams }
+        Contamination { n, hashes }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.grams.is_empty()
+        self.hashes.is_empty()
     }
 
     pub fn contaminated(&self, text: &str) -> bool {
-        let w = words(text);
-        if w.len() < self.n {
-            return self.grams.contains(&gram_hash(&w));
-        }
-        w.windows(self.n)
-            .any(|g| self.grams.contains(&gram_hash(g)))
+        grams(&words(text), self.n).any(|g| self.hashes.contains(&gram_hash(g)))
     }
 }
 

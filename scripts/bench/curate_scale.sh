@@ -51,7 +51,7 @@ for m in "${sizes[@]}"; do
   fi
   write_curate_bench_config "$work/bench.toml"
   python3 - "${CURRENT:-$CARGO_TARGET_DIR/release/kdpipe}" "$work" "${BASELINE:-}" "${REPS:-1}" "${TOPK:-0}" 3>>"$tmp/phases" <<'PY'
-import json, os, re, statistics, subprocess, sys, threading, time
+import collections, json, os, re, statistics, subprocess, sys, threading, time
 current, work, baseline, reps, topk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 sides = [("this", current)] + ([("baseline", baseline)] if baseline else [])
 runs = {name: [] for name, _ in sides}
@@ -86,9 +86,12 @@ def rss_mb(pid):
     return 0.0
 
 
+# One curate run: wall seconds, peak RSS (MB, from wait4's rusage of this one child), the
+# peak RSS sampled in each pass (and its seconds), rows out, CPU seconds (user + system).
+Run = collections.namedtuple("Run", "wall rss peaks rows_out cpu")
+
+
 def curate(binary):
-    """Wall seconds, peak RSS (MB, from wait4's rusage of this one child), the peak RSS
-    sampled in each pass, rows out and CPU seconds (user + system, from the same rusage)."""
     t0 = time.monotonic()
     p = subprocess.Popen([binary, "curate", "--config", "bench.toml"], cwd=work,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -128,7 +131,7 @@ def curate(binary):
     began = sorted((t, k) for k, t in state["began"].items())
     ends = [t for t, _ in began[1:]] + [t0 + wall]
     peaks["seconds"] = {k: end - t for (t, k), end in zip(began, ends)}
-    return wall, usage.ru_maxrss / 1024, peaks, out["rows_out"], usage.ru_utime + usage.ru_stime
+    return Run(wall, usage.ru_maxrss / 1024, peaks, out["rows_out"], usage.ru_utime + usage.ru_stime)
 
 
 for rep in range(reps):
@@ -147,18 +150,19 @@ def shown(values, digits):
 
 
 for name, _ in sides:
-    wall, wall_text = shown([w for w, _, _, _, _ in runs[name]], 1)
-    _, cpu_text = shown([c for _, _, _, _, c in runs[name]], 1)
-    _, rss_text = shown([m for _, m, _, _, _ in runs[name]], 0)
+    wall, wall_text = shown([run.wall for run in runs[name]], 1)
+    _, cpu_text = shown([run.cpu for run in runs[name]], 1)
+    _, rss_text = shown([run.rss for run in runs[name]], 0)
     print(f"| {name} | {r['rows_in']:,} | {topk} | {mb:,.0f} | {wall_text} | {cpu_text} | {rss_text} | "
-          f"{r['rows_in'] / wall:,.0f} | {runs[name][0][3]:,} |", flush=True)
+          f"{r['rows_in'] / wall:,.0f} | {runs[name][0].rows_out:,} |", flush=True)
     # Per pass: the largest sample over the runs (a pass shorter than 0.2 s may have none).
     # A binary that prints no progress lines (an older one) has its whole run as "partition".
-    cells = [f"{max(p[k] for _, _, p, _, _ in runs[name] if k in p):,.0f}"
-             if any(k in p for _, _, p, _, _ in runs[name]) else "—" for k in PASSES]
+    peaks = [run.peaks for run in runs[name]]
+    cells = [f"{max(p[k] for p in peaks if k in p):,.0f}"
+             if any(k in p for p in peaks) else "—" for k in PASSES]
     # and the median seconds in each pass
-    cells += [f"{statistics.median(p['seconds'].get(k, 0.0) for _, _, p, _, _ in runs[name]):,.0f}"
-              if any(k in p["seconds"] for _, _, p, _, _ in runs[name]) else "—" for k in PASSES]
+    cells += [f"{statistics.median(p['seconds'].get(k, 0.0) for p in peaks):,.0f}"
+              if any(k in p["seconds"] for p in peaks) else "—" for k in PASSES]
     with os.fdopen(3, "w", closefd=False) as phases:
         print(f"| {name} | {r['rows_in']:,} | " + " | ".join(cells) + " |", file=phases)
 PY

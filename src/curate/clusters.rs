@@ -284,7 +284,10 @@ struct Signatures {
 impl Signatures {
     fn open(path: &Path, len: usize) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let bytes = file.metadata()?.len();
+        let bytes = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .len();
         let map = if bytes == 0 {
             None
         } else {
