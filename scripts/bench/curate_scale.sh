@@ -14,6 +14,9 @@
 # passes told apart by the progress lines curate prints on stderr): where the memory and
 # the time go.
 #
+# A third table gives the microseconds a teacher row at each size, and their ratio to the
+# first size given: 1.00 is time growing linearly with the rows.
+#
 # ROWS_CACHE=DIR keeps each size's synthetic rows in DIR/<size>M-topk<k> (generated once,
 # reused by later runs: 100M rows take ~15 min to generate here). CURRENT=/path/to/kdpipe
 # times that binary instead of the one this script builds (e.g. a copy, so a build can go on).
@@ -50,9 +53,10 @@ for m in "${sizes[@]}"; do
     touch "$work/rows-complete"
   fi
   write_curate_bench_config "$work/bench.toml"
-  python3 - "${CURRENT:-$CARGO_TARGET_DIR/release/kdpipe}" "$work" "${BASELINE:-}" "${REPS:-1}" "${TOPK:-0}" 3>>"$tmp/phases" <<'PY'
+  python3 - "${CURRENT:-$CARGO_TARGET_DIR/release/kdpipe}" "$work" "${BASELINE:-}" "${REPS:-1}" "${TOPK:-0}" "$tmp/per-row.jsonl" 3>>"$tmp/phases" <<'PY'
 import collections, json, os, re, statistics, subprocess, sys, threading, time
-current, work, baseline, reps, topk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+current, work, baseline, reps, topk, per_row = sys.argv[1:7]
+reps = int(reps)
 sides = [("this", current)] + ([("baseline", baseline)] if baseline else [])
 runs = {name: [] for name, _ in sides}
 rows_out = {}
@@ -165,6 +169,10 @@ for name, _ in sides:
               if any(k in p["seconds"] for p in peaks) else "—" for k in PASSES]
     with os.fdopen(3, "w", closefd=False) as phases:
         print(f"| {name} | {r['rows_in']:,} | " + " | ".join(cells) + " |", file=phases)
+    with open(per_row, "a") as f:
+        print(json.dumps({"side": name, "rows": r["rows_in"],
+                          "wall": [run.wall / r["rows_in"] * 1e6 for run in runs[name]],
+                          "cpu": [run.cpu / r["rows_in"] * 1e6 for run in runs[name]]}), file=f)
 PY
 done
 echo
@@ -173,3 +181,23 @@ echo
 echo "| binary | teacher rows | MB partition | MB head rules | MB clusters | MB split files | s partition | s head rules | s clusters | s split files |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 cat "$tmp/phases"
+echo
+echo "Microseconds a teacher row, and its ratio to the first size's (linear growth is 1.00;"
+echo "the ratio's range divides each run's extremes by the other size's, so 1.00 inside it is a tie):"
+echo
+python3 - "$tmp/per-row.jsonl" <<'PY'
+import json, statistics, sys
+first = {}
+print("| binary | teacher rows | µs a row | × first size | CPU µs a row | × first size |")
+print("|---|---:|---:|---:|---:|---:|")
+for line in open(sys.argv[1]):
+    size = json.loads(line)
+    base = first.setdefault(size["side"], size)
+    cells = []
+    for key in ("wall", "cpu"):
+        ours, theirs = size[key], base[key]
+        ratio = statistics.median(ours) / statistics.median(theirs)
+        spread = f" ({min(ours) / max(theirs):.2f}–{max(ours) / min(theirs):.2f})" if len(ours) > 1 else ""
+        cells += [f"{statistics.median(ours):.2f}", "1 (the reference)" if size is base else f"{ratio:.2f}{spread}"]
+    print(f"| {size['side']} | {size['rows']:,} | " + " | ".join(cells) + " |")
+PY

@@ -17,6 +17,7 @@ use crate::records::CURATED_COLUMNS;
 use crate::task::arith;
 use crate::task::{ParseStatus, Task};
 use anyhow::Result;
+use foldhash::fast::RandomState as FoldState;
 use polars::prelude::*;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
@@ -79,9 +80,11 @@ pub struct NormGroups {
 
 pub fn norm_groups(df: &DataFrame) -> Result<NormGroups> {
     let inputs = df.column("input")?.str()?;
-    // An input's samples repeat its text: normalize each distinct raw text once.
-    let mut by_input: HashMap<&str, u32> = HashMap::new();
-    let mut by_norm: HashMap<String, u32> = HashMap::new();
+    // An input's samples repeat its text: normalize each distinct raw text once. The maps
+    // are only looked up, never iterated, so their hasher decides nothing: foldhash, cheaper
+    // on short keys than std's SipHash.
+    let mut by_input: HashMap<&str, u32, FoldState> = HashMap::default();
+    let mut by_norm: HashMap<String, u32, FoldState> = HashMap::default();
     let mut texts: Vec<String> = vec![];
     let of_row = inputs
         .iter()
