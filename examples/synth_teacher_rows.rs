@@ -3,9 +3,9 @@
 //! equations, answers and vote-share soft labels, plus an evaluation file that overlaps the
 //! inputs. Every rule has work to do: parse failures (3 %), minority answers (~20 % of
 //! samples), wrong arithmetic (5 %), exact duplicates (2 %), near duplicates (2 %),
-//! contaminated inputs (0.2 %, up to `EVAL_TEXTS`), gold disagreement (5 %). With TOPK > 0 every row also
-//! carries token top-k soft labels (one entry a completion token, TOPK alternatives each),
-//! the largest part of a real local teacher's row. Rows are written as shards of at most
+//! contaminated inputs (0.2 %, up to `EVAL_TEXTS`), gold disagreement (5 %). With TOPK > 0
+//! every row also carries token top-k soft labels (one entry a completion token, TOPK
+//! alternatives each), the largest part of a real local teacher's row. Rows are written as shards of at most
 //! 200,000 rows, so the generator's memory stays flat.
 //!
 //! `cargo run --release --example synth_teacher_rows -- INPUTS K RUN_DIR EVAL_JSONL [TOPK]`
