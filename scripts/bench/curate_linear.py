@@ -6,81 +6,84 @@ another slot of small runs, and so on, ending with a slot of small runs. Each la
 compared with the small runs just before and after it (their median time a row), so a
 drift of the machine's speed over the hour a 100M run set takes falls on both sides of each
 ratio. A ratio of 1.00 is linear growth; the summary gives the median ratio over the large
-runs and their range (a range holding 1.00 is a tie with linear).
+runs and their range (a range holding 1.00 is a tie with linear). Runs go through
+harness.py's `Bench`: wall, CPU (user + system) and peak RSS from wait4, and a run that
+starts while another job uses the CPUs fails the benchmark unless --allow-load.
 
 The folders are those `curate_scale.sh` leaves in ROWS_CACHE (bench.toml, runs/bench):
 
     ROWS_CACHE=~/benchrows scripts/bench/curate_scale.sh 10 100    # once, to make the rows
-    scripts/bench/curate_linear.py BINARY ~/benchrows/10M-topk0 ~/benchrows/100M-topk0 [LARGE_RUNS] [SMALL_PER_SLOT]
+    scripts/bench/curate_linear.py BINARY ~/benchrows/10M-topk0 ~/benchrows/100M-topk0 \\
+        [--large-runs 3] [--small-per-slot 2]
 
-Defaults: 3 large runs, 2 small runs a slot. Progress on stderr, the tables on stdout.
+Progress on stderr, the tables on stdout.
 """
-import collections
+import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
-Run = collections.namedtuple("Run", "wall cpu rows_in rows_out")
-
-
-def curate(binary, folder, kept):
-    """One `kdpipe curate` in `folder`: wall and CPU seconds (user + system, from the
-    children's times once it is reaped), rows in and out. `kept` holds each folder's rows
-    out, which must not change from one run to the next."""
-    before, t0 = os.times(), time.monotonic()
-    p = subprocess.run([binary, "curate", "--config", "bench.toml"], cwd=folder,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wall, after = time.monotonic() - t0, os.times()
-    if p.returncode != 0:
-        sys.exit(f"curate failed in {folder}:\n{p.stderr}")
-    report = json.load(open(os.path.join(folder, "runs/bench/curate/report.json")))
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    run = Run(wall, cpu, report["rows_in"], report["rows_out"])
-    kept.setdefault(folder, run.rows_out)
-    if kept[folder] != run.rows_out:
-        sys.exit(f"{folder}: {run.rows_out:,} rows out, {kept[folder]:,} in an earlier run")
-    print(f"curate_linear: {folder}: {run.wall:.1f} s, {run.cpu:.1f} CPU s, "
-          f"{run.rows_in:,} rows in, {run.rows_out:,} out", file=sys.stderr, flush=True)
-    return run
+import harness
 
 
 def main():
-    if len(sys.argv) not in (4, 5, 6):
-        sys.exit(__doc__)
-    binary, small, large = sys.argv[1:4]
-    large_runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
-    per_slot = int(sys.argv[5]) if len(sys.argv) > 5 else 2
-    for folder in (small, large):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("binary")
+    parser.add_argument("small", help="folder of the smaller size's rows")
+    parser.add_argument("large", help="folder of the larger size's rows")
+    parser.add_argument("--large-runs", type=int, default=3)
+    parser.add_argument("--small-per-slot", type=int, default=2)
+    harness.add_arguments(parser)
+    args = parser.parse_args()
+    for folder in (args.small, args.large):
         if not os.path.exists(os.path.join(folder, "bench.toml")):
             sys.exit(f"{folder}/bench.toml is missing: make the rows with "
                      "ROWS_CACHE=… scripts/bench/curate_scale.sh first")
+    args.reps = args.large_runs
+    bench = harness.Bench(args, "curate_linear")
     kept = {}
-    slots = [[curate(binary, small, kept) for _ in range(per_slot)]]
+
+    def curate(folder, rep):
+        """One `kdpipe curate` in `folder`, with its rows in and out from the report; a
+        folder's rows out must not change from one run to the next."""
+        def report(_lines):
+            out = json.load(open(os.path.join(folder, "runs/bench/curate/report.json")))
+            return {"rows_in": out["rows_in"], "rows_out": out["rows_out"]}
+
+        run = bench.run(folder, rep, [args.binary, "curate", "--config", "bench.toml"], cwd=folder, parse=report)
+        kept.setdefault(folder, run["rows_out"])
+        if kept[folder] != run["rows_out"]:
+            sys.exit(f"{folder}: {run['rows_out']:,} rows out, {kept[folder]:,} in an earlier run")
+        return run
+
+    slots = [[curate(args.small, 0) for _ in range(args.small_per_slot)]]
     larges = []
-    for _ in range(large_runs):
-        larges.append(curate(binary, large, kept))
-        slots.append([curate(binary, small, kept) for _ in range(per_slot)])
+    for rep in range(args.large_runs):
+        larges.append(curate(args.large, rep))
+        slots.append([curate(args.small, rep) for _ in range(args.small_per_slot)])
 
     def per_row(runs, key):
-        return statistics.median(getattr(r, key) / r.rows_in * 1e6 for r in runs)
+        return statistics.median(r[key] / r["rows_in"] * 1e6 for r in runs)
 
-    print("| large run | small runs before, s | large run, s | small runs after, s "
-          "| µs a row, small (median of both slots) | µs a row, large | × (wall) | × (CPU) |")
-    print("|---:|---|---:|---|---:|---:|---:|---:|")
-    ratios = {"wall": [], "cpu": []}
+    def seconds(runs):
+        return ", ".join(f"{r['wall_s']:.1f}" for r in runs)
+
+    lines = ["| large run | small runs before, s | large run, s | small runs after, s "
+             "| µs a row, small (median of both slots) | µs a row, large | × (wall) | × (CPU) |",
+             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    ratios = {"wall_s": [], "cpu_s": []}
     for i, run in enumerate(larges):
         around = slots[i] + slots[i + 1]
         for key in ratios:
             ratios[key].append(per_row([run], key) / per_row(around, key))
-        print(f"| {i + 1} | {', '.join(f'{r.wall:.1f}' for r in slots[i])} | {run.wall:.1f} | "
-              f"{', '.join(f'{r.wall:.1f}' for r in slots[i + 1])} | {per_row(around, 'wall'):.2f} | "
-              f"{per_row([run], 'wall'):.2f} | {ratios['wall'][-1]:.2f} | {ratios['cpu'][-1]:.2f} |")
-    print()
-    rows = (larges[0].rows_in, slots[0][0].rows_in)
-    for key, name in (("wall", "wall time"), ("cpu", "CPU time")):
+        lines.append(
+            f"| {i + 1} | {seconds(slots[i])} | {run['wall_s']:.1f} | {seconds(slots[i + 1])} | "
+            f"{per_row(around, 'wall_s'):.2f} | {per_row([run], 'wall_s'):.2f} | "
+            f"{ratios['wall_s'][-1]:.2f} | {ratios['cpu_s'][-1]:.2f} |")
+    lines.append("")
+    rows = (larges[0]["rows_in"], slots[0][0]["rows_in"])
+    for key, name in (("wall_s", "wall time"), ("cpu_s", "CPU time")):
         r = ratios[key]
         if len(r) < 2:
             verdict = "one large run, no range: no verdict"
@@ -88,8 +91,13 @@ def main():
             verdict = "a tie with linear"
         else:
             verdict = "above linear" if min(r) > 1.0 else "below linear"
-        print(f"{name} a row, {rows[0]:,} rows against {rows[1]:,}: ×{statistics.median(r):.2f} "
-              f"(range {min(r):.2f}–{max(r):.2f} over {len(r)} large runs): {verdict}")
+        lines.append(f"{name} a row, {rows[0]:,} rows against {rows[1]:,}: ×{statistics.median(r):.2f} "
+                     f"(range {min(r):.2f}–{max(r):.2f} over {len(r)} large runs): {verdict}")
+    lines += ["", bench.load_note()]
+    print("\n".join(lines))
+    if bench.busy_runs() and not args.allow_load:
+        sys.exit("curate_linear: some runs started while another job was using the CPUs: rerun on a quiet "
+                 "machine, or pass --allow-load")
 
 
 if __name__ == "__main__":

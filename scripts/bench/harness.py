@@ -5,8 +5,8 @@ is called a tie; and the table is not written when another job was running (unle
 --allow-load, which the table then states).
 
 A side is a command that prints one JSON object as the last line of its stdout; the
-harness adds the run's wall seconds and peak RSS (from wait4, so only that process tree's
-largest resident set). A side can also be measured by the caller and handed over with
+harness adds the run's wall seconds, peak RSS and CPU seconds (user + system; both from
+wait4, so only that process tree's). A side can also be measured by the caller and handed over with
 `record`, for servers the harness does not run itself.
 """
 import argparse
@@ -69,7 +69,7 @@ class Bench:
         )
 
     def run(self, side, rep, cmd, env=None, cwd=None, parse=None):
-        """Run one side once; returns its JSON with wall_s and peak_rss_mb added. `parse`
+        """Run one side once; returns its JSON with wall_s, peak_rss_mb and cpu_s added. `parse`
         turns the list of JSON lines the command printed into its metrics (default: the
         last line)."""
         self.before_run(side, rep)
@@ -87,6 +87,7 @@ class Bench:
         metrics = parse(lines) if parse else lines[-1]
         metrics.setdefault("wall_s", round(wall, 2))
         metrics["peak_rss_mb"] = round(usage.ru_maxrss / 1024)
+        metrics["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 2)
         self.record(side, metrics)
         return metrics
 
