@@ -21,10 +21,21 @@ Progress on stderr, the tables on stdout.
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
 import harness
+
+
+def pass_seconds(stderr):
+    """Each pass's seconds from curate's `seconds a pass:` line (kdpipe versions before it
+    have none: then no pass table), as metrics named `pass <name> s`."""
+    line = next((l for l in stderr.splitlines() if "seconds a pass:" in l), None)
+    if line is None:
+        return {}
+    found = re.findall(r"([a-z -]+?) ([0-9.]+)(?:,|$)", line.split("seconds a pass:", 1)[1])
+    return {f"pass {name.strip()} s": float(seconds) for name, seconds in found}
 
 
 def main():
@@ -45,13 +56,20 @@ def main():
     kept = {}
 
     def curate(folder, rep):
-        """One `kdpipe curate` in `folder`, with its rows in and out from the report; a
-        folder's rows out must not change from one run to the next."""
+        """One `kdpipe curate` in `folder`, with its rows in and out from the report and
+        each pass's seconds from its stderr; a folder's rows out must not change from one
+        run to the next."""
+        log_path = os.path.join(folder, "curate_linear.stderr")
+
         def report(_lines):
             out = json.load(open(os.path.join(folder, "runs/bench/curate/report.json")))
-            return {"rows_in": out["rows_in"], "rows_out": out["rows_out"]}
+            metrics = {"rows_in": out["rows_in"], "rows_out": out["rows_out"]}
+            metrics.update(pass_seconds(open(log_path).read()))
+            return metrics
 
-        run = bench.run(folder, rep, [args.binary, "curate", "--config", "bench.toml"], cwd=folder, parse=report)
+        with open(log_path, "w") as log:
+            run = bench.run(folder, rep, [args.binary, "curate", "--config", "bench.toml"], cwd=folder,
+                            parse=report, stderr=log)
         kept.setdefault(folder, run["rows_out"])
         if kept[folder] != run["rows_out"]:
             sys.exit(f"{folder}: {run['rows_out']:,} rows out, {kept[folder]:,} in an earlier run")
@@ -82,6 +100,18 @@ def main():
             f"{per_row(around, 'wall_s'):.2f} | {per_row([run], 'wall_s'):.2f} | "
             f"{ratios['wall_s'][-1]:.2f} | {ratios['cpu_s'][-1]:.2f} |")
     lines.append("")
+    passes = [k for k in larges[0] if k.startswith("pass ")]
+    if passes:
+        lines += ["Each pass, µs a row (large runs against the median of their small runs):", "",
+                  "| pass | " + " | ".join(f"large run {i + 1}" for i in range(len(larges))) + " |",
+                  "|---|" + "---:|" * len(larges)]
+        for key in passes:
+            cells = []
+            for i, run in enumerate(larges):
+                small = per_row(slots[i] + slots[i + 1], key)
+                cells.append(f"{small:.3f} → {per_row([run], key):.3f} (×{per_row([run], key) / small:.2f})")
+            lines.append(f"| {key[5:-2]} | " + " | ".join(cells) + " |")
+        lines.append("")
     rows = (larges[0]["rows_in"], slots[0][0]["rows_in"])
     for key, name in (("wall_s", "wall time"), ("cpu_s", "CPU time")):
         r = ratios[key]

@@ -68,13 +68,13 @@ class Bench:
             flush=True,
         )
 
-    def run(self, side, rep, cmd, env=None, cwd=None, parse=None):
+    def run(self, side, rep, cmd, env=None, cwd=None, parse=None, stderr=None):
         """Run one side once; returns its JSON with wall_s, peak_rss_mb and cpu_s added. `parse`
         turns the list of JSON lines the command printed into its metrics (default: the
-        last line)."""
+        last line). `stderr`: a file the command's stderr goes to (default: this one's)."""
         self.before_run(side, rep)
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, cwd=cwd, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env, cwd=cwd, text=True)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)

@@ -162,6 +162,7 @@ fn curate_in_parts(
     let started = std::time::Instant::now();
     std::fs::create_dir_all(work)?;
     let partition = parts::partition(files, work, cfg.curate.part_rows)?;
+    let partition_s = started.elapsed().as_secs_f64();
     let n_parts = partition.parts.len();
     if n_parts > 1 {
         eprintln!(
@@ -219,10 +220,13 @@ fn curate_in_parts(
             );
         }
     }
+    let rules_s = rules_started.elapsed().as_secs_f64();
+    let clusters_started = std::time::Instant::now();
     let roots: Vec<u32> = match index {
         Some(index) => index.roots()?,
         None => (0..inputs.kept_row.len() as u32).collect(),
     };
+    let clusters_s = clusters_started.elapsed().as_secs_f64();
     // Per-input arrays are the memory that grows with the rows: each goes once used.
     let Inputs {
         kept_row,
@@ -235,7 +239,14 @@ fn curate_in_parts(
     drop((roots, own_split));
     let late = LateRules::new(leaders, contaminated, split, &task, &cfg.curate);
     let source = parts::PartsKept::new(kept_files, late)?;
+    let splits_started = std::time::Instant::now();
     let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)?;
+    // Which pass a run spends its time in, for scaling benchmarks and users sizing a job.
+    eprintln!(
+        "curate: seconds a pass: partition {partition_s:.1}, head rules {rules_s:.1}, \
+         near-duplicate clusters {clusters_s:.1}, split files {:.1}",
+        splits_started.elapsed().as_secs_f64()
+    );
     let funnel = rules::RULES
         .iter()
         .copied()

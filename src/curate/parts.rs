@@ -207,8 +207,7 @@ impl Spread {
         for &p in &part_of_row {
             part_rows[p] += 1;
         }
-        let mut order: Vec<IdxSize> = (0..inputs.len() as IdxSize).collect();
-        order.sort_by_key(|&i| part_of_row[i as usize]);
+        let order = grouped_order(&part_of_row, &part_rows);
         let grouped = batch.take(&IdxCa::from_vec("".into(), order))?;
         let mut at = 0;
         for (p, &n) in part_rows.iter().enumerate() {
@@ -255,6 +254,26 @@ impl Spread {
         self.buffered_rows = 0;
         Ok(())
     }
+}
+
+/// The rows' indices grouped by part, parts in order and rows in order within a part: a
+/// counting sort (`part_rows[p]` rows have part `p`): one write a row, where a comparison
+/// sort of a 65,536-row batch makes about 16 comparisons a row.
+fn grouped_order(part_of_row: &[usize], part_rows: &[usize]) -> Vec<IdxSize> {
+    let mut next: Vec<usize> = part_rows
+        .iter()
+        .scan(0, |start, &n| {
+            let at = *start;
+            *start += n;
+            Some(at)
+        })
+        .collect();
+    let mut order = vec![0 as IdxSize; part_of_row.len()];
+    for (row, &p) in part_of_row.iter().enumerate() {
+        order[next[p]] = row as IdxSize;
+        next[p] += 1;
+    }
+    order
 }
 
 /// Write a part's kept rows for `PartsKept`, in segments of the rows it reads at once.
@@ -362,5 +381,21 @@ impl KeptRows for PartsKept {
         let mut rows = rows;
         rows.with_column(Column::new("split".into(), split))?;
         Ok(rows.filter(&BooleanChunked::from_slice("".into(), &keep))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grouped_order_puts_parts_in_order_and_keeps_row_order_within_each() {
+        let part_of_row = [2, 0, 2, 1, 0, 2, 4];
+        let part_rows = [2, 1, 3, 0, 1];
+        assert_eq!(
+            grouped_order(&part_of_row, &part_rows),
+            vec![1, 4, 3, 0, 2, 5, 6]
+        );
+        assert!(grouped_order(&[], &[0, 0]).is_empty());
     }
 }
