@@ -16,6 +16,11 @@ The folders are those `curate_scale.sh` leaves in ROWS_CACHE (bench.toml, runs/b
     scripts/bench/curate_linear.py BINARY ~/benchrows/10M-topk0 ~/benchrows/100M-topk0 \\
         [--large-runs 3] [--small-per-slot 2]
 
+On a VM that drops idle page cache (this one runs a DAMON pageout scheme), copy the folders'
+bench.toml, eval.jsonl and runs/bench/generate to tmpfs (/dev/shm) to measure curate's own
+work without the disk. Curate's `seconds a pass:` line (from its stderr) gives a second
+table: each pass's µs a row at both sizes.
+
 Progress on stderr, the tables on stdout.
 """
 import argparse
