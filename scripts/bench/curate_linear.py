@@ -96,8 +96,9 @@ def main():
              "| µs a row, small (median of both slots) | µs a row, large | × (wall) | × (CPU) |",
              "|---:|---|---:|---|---:|---:|---:|---:|"]
     ratios = {"wall_s": [], "cpu_s": []}
-    for i, run in enumerate(larges):
-        around = slots[i] + slots[i + 1]
+    # The small runs each large run is compared with: the slots just before and after it.
+    arounds = [slots[i] + slots[i + 1] for i in range(len(larges))]
+    for i, (run, around) in enumerate(zip(larges, arounds)):
         for key in ratios:
             ratios[key].append(per_row([run], key) / per_row(around, key))
         lines.append(
@@ -112,9 +113,9 @@ def main():
                   "|---|" + "---:|" * len(larges)]
         for key in passes:
             cells = []
-            for i, run in enumerate(larges):
-                small = per_row(slots[i] + slots[i + 1], key)
-                cells.append(f"{small:.3f} → {per_row([run], key):.3f} (×{per_row([run], key) / small:.2f})")
+            for run, around in zip(larges, arounds):
+                small, large = per_row(around, key), per_row([run], key)
+                cells.append(f"{small:.3f} → {large:.3f} (×{large / small:.2f})")
             lines.append(f"| {key[5:-2]} | " + " | ".join(cells) + " |")
         lines.append("")
     rows = (larges[0]["rows_in"], slots[0][0]["rows_in"])
