@@ -62,14 +62,7 @@ impl SpillFile {
         if df.height() == 0 {
             return Ok(());
         }
-        let mut bytes = vec![];
-        // Fast compression (LZ4) and no statistics: the file is read once, by segments.
-        let encoded = ParquetWriter::new(&mut bytes)
-            .with_compression(ParquetCompression::Lz4Raw)
-            .with_statistics(StatisticsOptions::empty())
-            .set_parallel(false)
-            .finish(df);
-        Context::with_context(encoded, || {
+        let bytes = Context::with_context(encode(df), || {
             format!("cannot encode rows for {}", self.path.display())
         })?;
         let mut file = std::fs::OpenOptions::new()
@@ -165,6 +158,33 @@ impl SpillFile {
     }
 }
 
+/// `df` as one Parquet file in memory: LZ4 pages, no statistics (the file is read once, by
+/// segments).
+///
+/// A list column sliced from a larger frame (each part's share of the spread's batch, each
+/// segment of a part's kept rows) keeps all of that frame's values, and polars' writer
+/// sizes a list's leaf from all of them: a cost a segment that grows with the segments cut
+/// from one frame, so with the number of parts (bench-results/curate-scale.md,
+/// 2026-12-06f). Trimmed, each list column holds only its own values (a slice, no copy).
+fn encode(df: &DataFrame) -> PolarsResult<Vec<u8>> {
+    let columns = df
+        .columns()
+        .iter()
+        .map(|c| {
+            c.trim_lists_to_normalized_offsets()
+                .unwrap_or_else(|| c.clone())
+        })
+        .collect();
+    let mut df = DataFrame::new(df.height(), columns)?;
+    let mut bytes = vec![];
+    ParquetWriter::new(&mut bytes)
+        .with_compression(ParquetCompression::Lz4Raw)
+        .with_statistics(StatisticsOptions::empty())
+        .set_parallel(false)
+        .finish(&mut df)?;
+    Ok(bytes)
+}
+
 /// Frames of one schema, one after another.
 pub fn stack(frames: &[DataFrame]) -> PolarsResult<DataFrame> {
     let mut out = frames.first().cloned().unwrap_or_default();
@@ -179,10 +199,17 @@ mod tests {
     use super::*;
 
     fn frame(from: u32, n: u32) -> DataFrame {
+        let labels: Vec<Series> = (from..from + n)
+            .map(|i| {
+                let words: Vec<String> = (0..i % 3).map(|k| format!("label {i}.{k}")).collect();
+                Series::new("".into(), words)
+            })
+            .collect();
         df!(
             "row" => (from..from + n).collect::<Vec<u32>>(),
             "input" => (from..from + n).map(|i| format!("input {i}")).collect::<Vec<_>>(),
             "score" => (from..from + n).map(|i| (i % 3 == 0).then_some(i as f64 / 7.0)).collect::<Vec<_>>(),
+            "labels" => labels,
         )
         .unwrap()
     }
@@ -195,14 +222,19 @@ mod tests {
             SpillFile::create(&dir.path().join("s.seg"), first.schema().as_ref().clone()).unwrap();
         file.append(&mut first.clone()).unwrap();
         file.append(&mut frame(10, 0)).unwrap();
-        file.append_in_segments(&frame(10, 25), 10).unwrap();
+        // A slice of a larger frame, as the spread writes: its lists hold the larger frame's
+        // values until encode trims them.
+        file.append(&mut frame(0, 60).slice(10, 15)).unwrap();
+        file.append_in_segments(&frame(25, 25), 10).unwrap();
         assert_eq!(
             file.segments(),
-            4,
+            5,
             "an empty frame adds no segment; 25 rows make 3"
         );
-        assert!(file.read_all().unwrap().equals_missing(&frame(0, 35)));
-        assert!(file.read_segment(3).unwrap().equals_missing(&frame(30, 5)));
+        let all = file.read_all().unwrap();
+        assert!(all.equals_missing(&frame(0, 50)), "{all}");
+        let last = file.read_segment(4).unwrap();
+        assert!(last.equals_missing(&frame(45, 5)), "{last}");
         file.remove().unwrap();
     }
 
