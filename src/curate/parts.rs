@@ -249,7 +249,7 @@ impl Spread {
                         .map_err(to_polars)?,
                     ),
                 };
-                file.append(&mut df).map_err(to_polars)
+                file.append(&df).map_err(to_polars)
             })?;
         self.buffered_rows = 0;
         Ok(())

@@ -58,7 +58,7 @@ impl SpillFile {
     }
 
     /// Append `df` as one segment (nothing for an empty frame).
-    pub fn append(&mut self, df: &mut DataFrame) -> Result<()> {
+    pub fn append(&mut self, df: &DataFrame) -> Result<()> {
         if df.height() == 0 {
             return Ok(());
         }
@@ -86,7 +86,7 @@ impl SpillFile {
             let mut segment = df.slice(at as i64, segment_rows.max(1));
             segment.align_chunks();
             at += segment.height();
-            self.append(&mut segment)?;
+            self.append(&segment)?;
         }
         Ok(())
     }
@@ -220,11 +220,11 @@ mod tests {
         let first = frame(0, 10);
         let mut file =
             SpillFile::create(&dir.path().join("s.seg"), first.schema().as_ref().clone()).unwrap();
-        file.append(&mut first.clone()).unwrap();
-        file.append(&mut frame(10, 0)).unwrap();
+        file.append(&first).unwrap();
+        file.append(&frame(10, 0)).unwrap();
         // A slice of a larger frame, as the spread writes: its lists hold the larger frame's
         // values until encode trims them.
-        file.append(&mut frame(0, 60).slice(10, 15)).unwrap();
+        file.append(&frame(0, 60).slice(10, 15)).unwrap();
         file.append_in_segments(&frame(25, 25), 10).unwrap();
         assert_eq!(
             file.segments(),
@@ -253,7 +253,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.seg");
         let mut file = SpillFile::create(&path, frame(0, 1).schema().as_ref().clone()).unwrap();
-        file.append(&mut frame(0, 100)).unwrap();
+        file.append(&frame(0, 100)).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
         for err in [
