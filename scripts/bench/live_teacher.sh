@@ -65,7 +65,7 @@ large_models=1
 python3 scripts/bench/heldout.py "$data" "$work"
 
 write_config() { # task name variant
-  local task=$1 name=$2 variant=$3 inputs fields taskdef teacher kd="" live="" student="$student_model"
+  local task=$1 name=$2 variant=$3 inputs fields taskdef teacher kd="kd_token_weight = 0" live="" student="$student_model"
   if [ "$task" = svamp ]; then
     inputs="$work/svamp-pool.jsonl"
     fields='input_field = "question"

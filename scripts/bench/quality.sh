@@ -190,7 +190,10 @@ model = "$student_model"
 objective = "$objective"
 labels = "$labels"
 kd_weight = $kd
-$([ "$token_kd_weight" = 0 ] || printf 'kd_token_weight = %s\ntoken_kd = "%s"' "$token_kd_weight" "$token_kd")
+# Always written: left unset, a numeric task with a same-tokenizer pair would take
+# token-level KD by default (src/config/recipe.rs), and the controls would not be controls.
+kd_token_weight = $token_kd_weight
+$([ "$token_kd_weight" = 0 ] || printf 'token_kd = "%s"' "$token_kd")
 epochs = $epochs
 $student_training
 batch_size = $batch_size

@@ -101,8 +101,11 @@ pub struct FinetuneConfig {
     /// teacher's k ids plus one category for the rest of the vocabulary (its tail mass:
     /// `finetune::divergence`), on the teacher's own text in the rationale view. With
     /// `token_kd = "same_vocab"` it needs the teacher's tokenizer (checked at start).
-    #[serde(default)]
-    pub kd_token_weight: f64,
+    /// Unset: 1.0 where the teacher keeps its top-k and token-level KD is the measured
+    /// default (a numeric task, one local teacher whose vocabulary is the student's:
+    /// `config::recipe`), else 0. Read it with `kd_token_weight()`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kd_token_weight: Option<f64>,
     /// How token-level KD meets the teacher's vocabulary: "same_vocab" (the student reads
     /// the teacher's own token ids: one tokenizer, or one family's padded vocabularies) or
     /// "cross" (the student's tokens of the teacher's text, aligned by byte offsets to the
@@ -408,6 +411,14 @@ pub enum Divergence {
     ReverseKl,
     /// β·KL(p ‖ m) + (1−β)·KL(q ‖ m), m = β·p + (1−β)·q (generalized JSD, as in GKD).
     Jsd,
+}
+
+impl FinetuneConfig {
+    /// The weight of token-level KD (0: off); unset counts as 0 until `Config::resolve`
+    /// picks the default.
+    pub fn kd_token_weight(&self) -> f64 {
+        self.kd_token_weight.unwrap_or(0.0)
+    }
 }
 
 impl Default for FinetuneConfig {

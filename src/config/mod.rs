@@ -1,7 +1,8 @@
 //! The TOML job config: sections [data] [task] [teacher] [generate] [curate] [student]
 //! [finetune] [eval] and optionally [synthesize] and [[ensemble]], one file each here,
 //! every field with its default beside it and a one-line why; unknown keys are errors.
-//! `resolve` applies CLI overrides once and validates, then every stage reads the result.
+//! `resolve` applies CLI overrides once, fills the defaults that depend on the task kind and
+//! the model pair (recipe.rs), and validates; then every stage reads the result.
 //! stage.rs names the stages and decides what each one's hash covers.
 
 mod curate;
@@ -10,6 +11,7 @@ mod eval;
 mod export;
 mod finetune;
 mod generate;
+mod recipe;
 mod stage;
 mod student;
 mod synthesize;
@@ -178,6 +180,7 @@ impl Config {
         if cfg.synthesize.is_some() && cfg.data.inputs.is_empty() {
             cfg.data.inputs = vec![cfg.synthesized_inputs()];
         }
+        recipe::fill_defaults(&mut cfg);
         cfg.validate()
             .with_context(|| format!("invalid config {}", path.display()))?;
         Ok(cfg)
@@ -246,7 +249,7 @@ impl Config {
                 bail!("[finetune.lora] rank must be at least 1, alpha greater than 0 and dropout in [0, 1)");
             }
         }
-        if f.kd_token_weight < 0.0 {
+        if f.kd_token_weight() < 0.0 {
             bail!("[finetune] kd_token_weight must be ≥ 0");
         }
         if f.kd_weight < 0.0 || f.kd_temperature <= 0.0 || !(0.0..=1.0).contains(&f.jsd_beta) {
@@ -281,7 +284,7 @@ impl Config {
         if live.online && f.token_kd == TokenKd::Cross {
             bail!("[finetune.live_teacher] online = true scores the rationales with the live teacher's tokens, which must be the student's: it does not combine with [finetune] token_kd = \"cross\"\nhint: drop online (the stored top-k is aligned across tokenizers), or use a teacher of the student's family");
         }
-        if live.online && f.kd_token_weight <= 0.0 {
+        if live.online && f.kd_token_weight() <= 0.0 {
             bail!("[finetune.live_teacher] online = true scores the rationales for token-level KD, which is off\nhint: set [finetune] kd_token_weight (1.0 weighs it as the CE terms)");
         }
         if live.top_k == 0 || live.max_new_tokens == 0 || live.samples_per_prompt == 0 {
@@ -379,10 +382,10 @@ impl Config {
                 g.samples
             );
         }
-        if g.token_topk > 20 {
+        if g.token_topk() > 20 {
             bail!(
                 "[generate] token_topk must be at most 20, got {}",
-                g.token_topk
+                g.token_topk()
             );
         }
         if t.parallel == 0 {

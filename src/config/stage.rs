@@ -51,7 +51,7 @@ impl Config {
         let mut v = serde_json::json!({
             "seed": self.seed, "task": self.task,
             "teacher": view(&self.teacher),
-            "token_topk": self.generate.token_topk,
+            "token_topk": self.generate.token_topk(),
         });
         // Only with an ensemble: single-teacher runs keep their earlier hash (and rows).
         if !self.ensemble.is_empty() {

@@ -251,7 +251,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let mut loaded = llama::load(&cfg.student.model, &device)?;
     // A live teacher scoring the rationales (online distillation) replaces the stored top-k.
     let online = ft.live_teacher.as_ref().is_some_and(|l| l.online);
-    let stored_token_kd = ft.kd_token_weight > 0.0 && !online;
+    let stored_token_kd = ft.kd_token_weight() > 0.0 && !online;
     let bridge = match ft.token_kd {
         TokenKd::Cross if stored_token_kd => Some(open_bridge(cfg, &loaded, &train_rows)?),
         _ => None,
@@ -277,7 +277,7 @@ pub fn run(cfg: &Config) -> Result<PathBuf> {
     let weights = LossWeights {
         alpha: ft.alpha,
         kd_weight: ft.kd_weight,
-        kd_token_weight: ft.kd_token_weight,
+        kd_token_weight: ft.kd_token_weight(),
         temperature: ft.kd_temperature,
         divergence: ft.kd_divergence,
         token_divergence: ft.kd_token_divergence,

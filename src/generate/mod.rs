@@ -65,7 +65,7 @@ fn settings(cfg: &Config, teacher: &TeacherConfig) -> Settings {
     Settings {
         max_tokens: teacher.max_tokens,
         temperature: teacher.temperature,
-        token_topk: cfg.generate.token_topk,
+        token_topk: cfg.generate.token_topk(),
         labels: teacher::scored_labels(&cfg.task, teacher),
     }
 }
@@ -393,8 +393,8 @@ pub fn run(cfg: &Config, opts: &Options) -> Result<PathBuf> {
 fn check_token_kd_vocabulary(cfg: &Config) -> Result<()> {
     let ft = &cfg.finetune;
     let local = cfg.teacher.kind != crate::config::TeacherKind::Openai;
-    if cfg.generate.token_topk == 0
-        || ft.kd_token_weight <= 0.0
+    if cfg.generate.token_topk() == 0
+        || ft.kd_token_weight() <= 0.0
         || ft.token_kd != crate::config::TokenKd::SameVocab
         || !local
         || !Path::new(&cfg.student.model).exists()

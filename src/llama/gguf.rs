@@ -134,6 +134,20 @@ pub fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
     super::tokenizer::tokenizer_from_gguf(&content)
 }
 
+/// The vocabulary's fingerprint (`vocab::fingerprint`) from the header's token list,
+/// without building the tokenizer (its merges take most of a second for Qwen2.5's).
+pub fn vocab_fingerprint(path: &Path) -> Result<String> {
+    let (_, content) = read_header(path)?;
+    let tokens = super::tokenizer::meta_array(&content, "tokenizer.ggml.tokens")?;
+    let strings = tokens
+        .iter()
+        .map(|v| v.to_string().map(String::as_str))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(super::vocab::fingerprint_of(
+        strings.iter().enumerate().map(|(id, t)| (id as u32, *t)),
+    ))
+}
+
 /// The open file and its header (metadata and tensor table; no tensor data read).
 fn read_header(path: &Path) -> Result<(std::fs::File, Content)> {
     let mut file =

@@ -55,7 +55,7 @@ fn meta_type(v: &Value) -> i64 {
     }
 }
 
-fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a Vec<Value>> {
+pub fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a Vec<Value>> {
     Ok(c.metadata
         .get(key)
         .with_context(|| format!("GGUF metadata lacks {key}"))?

@@ -14,12 +14,18 @@ use tokenizers::Tokenizer;
 /// fingerprint). Stored beside token ids (`topk_vocab`), so a reader can tell whether
 /// its own tokenizer reads them the same way without loading the writer's.
 pub fn fingerprint(tokenizer: &Tokenizer) -> String {
+    let tokens = (0..tokenizer.get_vocab_size(true) as u32)
+        .filter_map(|id| Some((id, tokenizer.id_to_token(id)?)));
+    fingerprint_of(tokens)
+}
+
+/// The fingerprint of `(id, token string)` pairs: `fingerprint` without building a
+/// tokenizer (`gguf::vocab_fingerprint` reads them from a GGUF header).
+pub fn fingerprint_of<S: AsRef<str>>(tokens: impl Iterator<Item = (u32, S)>) -> String {
     let mut hash = Sha256::new();
-    for id in 0..tokenizer.get_vocab_size(true) as u32 {
-        let Some(token) = tokenizer.id_to_token(id) else {
-            continue;
-        };
-        if !is_padding(&token) {
+    for (id, token) in tokens {
+        let token = token.as_ref();
+        if !is_padding(token) {
             hash.update(id.to_le_bytes());
             hash.update((token.len() as u32).to_le_bytes());
             hash.update(token.as_bytes());
