@@ -82,7 +82,11 @@ fn chats(config: &str, model: &str, n: usize, out: &str) -> anyhow::Result<()> {
         teacher_model: Some(model.to_string()),
         ..Overrides::default()
     };
-    let cfg = Config::resolve(config.as_ref(), &overrides)?;
+    let cfg = Config::resolve(
+        config.as_ref(),
+        &overrides,
+        &kdpipe::llama::vocab::same_vocabulary,
+    )?;
     let prompt = Prompt::load(&cfg)?;
     let teacher = EngineTeacher::open(model, 1)?;
     let mut file = std::fs::File::create(out)?;

@@ -30,7 +30,11 @@ fn load(args: &StageArgs) -> anyhow::Result<Option<Config>> {
 }
 
 fn load_with(args: &StageArgs, overrides: Overrides) -> anyhow::Result<Option<Config>> {
-    let cfg = Config::resolve(&args.config, &overrides)?;
+    let cfg = Config::resolve(
+        &args.config,
+        &overrides,
+        &kdpipe::llama::vocab::same_vocabulary,
+    )?;
     if args.print_config {
         print!("{}{}", toml::to_string_pretty(&cfg)?, cfg.unset_sections()?);
         return Ok(None);

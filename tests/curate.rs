@@ -208,7 +208,12 @@ fn streamed_split_files_equal_the_rules_on_whole_rows_in_memory() {
         runs_dir: Some(runs.clone()),
         ..Default::default()
     };
-    let cfg = kdpipe::config::Config::resolve(&config_path, &overrides).unwrap();
+    let cfg = kdpipe::config::Config::resolve(
+        &config_path,
+        &overrides,
+        &kdpipe::llama::vocab::same_vocabulary,
+    )
+    .unwrap();
     let files = kdpipe::curate::teacher_files(&runs.join("svamp/generate")).unwrap();
     let whole: Vec<LazyFrame> = files
         .iter()

@@ -28,6 +28,7 @@ pub use finetune::{
     SampleWeights, TokenKd,
 };
 pub use generate::GenerateConfig;
+pub use recipe::SameVocabulary;
 pub use stage::Stage;
 pub use student::StudentConfig;
 pub use synthesize::SynthesizeConfig;
@@ -138,8 +139,14 @@ impl Config {
         Ok(out)
     }
 
-    /// Read a config file, apply overrides and validate, naming the file in every error.
-    pub fn resolve(path: &Path, overrides: &Overrides) -> Result<Config> {
+    /// Read a config file, apply overrides, fill the defaults that follow the task kind and
+    /// the model pair (`same_vocabulary` compares two models' vocabularies) and validate,
+    /// naming the file in every error.
+    pub fn resolve(
+        path: &Path,
+        overrides: &Overrides,
+        same_vocabulary: SameVocabulary,
+    ) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let mut cfg: Config = toml::from_str(&text).map_err(|e| {
@@ -180,7 +187,7 @@ impl Config {
         if cfg.synthesize.is_some() && cfg.data.inputs.is_empty() {
             cfg.data.inputs = vec![cfg.synthesized_inputs()];
         }
-        recipe::fill_defaults(&mut cfg);
+        recipe::fill_defaults(&mut cfg, same_vocabulary);
         cfg.validate()
             .with_context(|| format!("invalid config {}", path.display()))?;
         Ok(cfg)

@@ -20,13 +20,18 @@ use std::path::Path;
 /// an OpenAI-compatible API returns, and what the measured runs used.
 pub const DEFAULT_TOKEN_TOPK: usize = 20;
 
+/// Whether two models' token ids mean the same tokens (GGUF files or Hugging Face
+/// folders): the model layer answers it (`llama::vocab::same_vocabulary`), which the
+/// config layer must not name.
+pub type SameVocabulary<'a> = &'a dyn Fn(&str, &str) -> anyhow::Result<bool>;
+
 /// Fill `[generate] token_topk` and `[finetune] kd_token_weight` where the config leaves
 /// them unset; values the config sets are kept.
-pub fn fill_defaults(cfg: &mut Config) {
+pub fn fill_defaults(cfg: &mut Config, same_vocabulary: SameVocabulary) {
     if cfg.generate.token_topk.is_some() && cfg.finetune.kd_token_weight.is_some() {
         return;
     }
-    let measured = token_kd_is_measured_default(cfg);
+    let measured = token_kd_is_measured_default(cfg, same_vocabulary);
     if cfg.generate.token_topk.is_none() {
         cfg.generate.token_topk = Some(if measured { DEFAULT_TOKEN_TOPK } else { 0 });
     }
@@ -41,7 +46,7 @@ pub fn fill_defaults(cfg: &mut Config) {
 /// token ids as its own. Both model files must be there to compare their vocabularies;
 /// where one is missing or unreadable the default stays off (the stage that loads it
 /// reports the problem).
-fn token_kd_is_measured_default(cfg: &Config) -> bool {
+fn token_kd_is_measured_default(cfg: &Config, same_vocabulary: SameVocabulary) -> bool {
     let local_teacher = cfg.teacher.kind != TeacherKind::Openai && cfg.ensemble.is_empty();
     if cfg.task.kind != TaskKind::Numeric || !local_teacher {
         return false;
@@ -51,18 +56,4 @@ fn token_kd_is_measured_default(cfg: &Config) -> bool {
         return false;
     }
     same_vocabulary(teacher, student).unwrap_or(false)
-}
-
-/// Whether the two models' token ids mean the same tokens. Two GGUF files compare their
-/// headers' token lists (padding rows aside), which reads no weights; otherwise the
-/// tokenizers compare as bytes.
-fn same_vocabulary(teacher: &str, student: &str) -> anyhow::Result<bool> {
-    let gguf = |m: &str| m.to_ascii_lowercase().ends_with(".gguf");
-    if gguf(teacher) && gguf(student) {
-        let fingerprint = |m: &str| crate::llama::gguf::vocab_fingerprint(Path::new(m));
-        return Ok(fingerprint(teacher)? == fingerprint(student)?);
-    }
-    let t = crate::llama::load_tokenizer(teacher)?;
-    let s = crate::llama::load_tokenizer(student)?;
-    Ok(crate::llama::vocab::vocabulary_difference(&t, &s)?.is_none())
 }

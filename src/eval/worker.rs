@@ -97,7 +97,11 @@ fn in_worker(exe: &Path, cfg: &Config, unit: &Unit) -> Result<Option<Scored>> {
 /// `kdpipe eval-worker`: score one model for a parent `kdpipe eval` and write its scores,
 /// with this process's peak RSS, as JSON to `out`.
 pub fn work(config: &Path, unit: &str, out: &Path) -> Result<()> {
-    let cfg = Config::resolve(config, &Overrides::default())?;
+    let cfg = Config::resolve(
+        config,
+        &Overrides::default(),
+        &crate::llama::vocab::same_vocabulary,
+    )?;
     let unit = Unit::parse(unit)?;
     let task = Task::from_config(&cfg.task);
     let prompt = Prompt::load(&cfg)?;
