@@ -10,8 +10,10 @@
 //! calculator, above the teacher's few-shot 64.9 %, where its step-matched control
 //! without the KD term scored 60.8 % (9 rows to 1 without the calculator, p 0.02;
 //! 2026-12-06b). On TweetEval emotion, a label task, it tied or trailed its control
-//! (70.6 against 73.5 %, 2026-12-05g), so label tasks keep it off; across tokenizers
-//! (`token_kd = "cross"`) it was not measured at scale, so it stays a choice to make.
+//! (70.6 against 73.5 %, 2026-12-05g), so label tasks keep it off. Across tokenizers
+//! (`token_kd = "cross"`, 1.5B → SmolLM2-135M on SVAMP) the KD student never wrote its
+//! answer line, where its control scored 30.9 % with the calculator (2026-12-07b), so
+//! other vocabularies keep it off too.
 
 use super::{Config, TaskKind, TeacherKind};
 use std::path::Path;
