@@ -119,18 +119,8 @@ fn the_default_numeric_recipe_trains_with_the_teachers_top_20() {
         config("numeric", &smol, &smol, "", ""),
     )
     .unwrap();
-    for stage in ["generate", "curate", "finetune"] {
-        let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
-        assert!(out.status.success(), "{stage}: {}", stderr(&out));
-    }
-    let train = dir.path().join("runs/recipe/curate/train.parquet");
-    let rows = kdpipe::records::CuratedRow::from_frame(
-        &kdpipe::io::parquet::read_frame(&train).unwrap(),
-        &train,
-    )
-    .unwrap();
-    assert!(!rows.is_empty());
-    for r in &rows {
+    run_stages(dir.path(), &["generate", "curate", "finetune"]);
+    for r in &curated_rows(&dir.path().join("runs/recipe/curate/train.parquet")) {
         assert!(
             !r.tokens.ids.is_empty(),
             "row {} has no teacher tokens",
@@ -142,14 +132,8 @@ fn the_default_numeric_recipe_trains_with_the_teachers_top_20() {
             r.id
         );
     }
-    let metrics =
-        std::fs::read_to_string(dir.path().join("runs/recipe/finetune/metrics.jsonl")).unwrap();
-    let kd: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["kd_token_loss"].as_f64()
-        })
-        .collect();
-    assert!(!kd.is_empty(), "no step logged a token KD term:\n{metrics}");
+    let metrics = dir.path().join("runs/recipe/finetune/metrics.jsonl");
+    let kd = logged(&metrics, "kd_token_loss");
+    assert!(!kd.is_empty(), "no step logged a token KD term");
     assert!(kd.iter().all(|v| v.is_finite() && *v > 0.0), "{kd:?}");
 }

@@ -54,18 +54,8 @@ checkpoint_every = 0
 fn self_distillation_trains_with_token_level_kd_and_other_vocabularies_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     config(dir.path(), &smollm2());
-    for stage in ["generate", "curate", "finetune"] {
-        let out = kdpipe(&[stage, "--config", "c.toml"], dir.path());
-        assert!(out.status.success(), "{stage}: {}", stderr(&out));
-    }
-    let train = dir.path().join("runs/self/curate/train.parquet");
-    let rows = kdpipe::records::CuratedRow::from_frame(
-        &kdpipe::io::parquet::read_frame(&train).unwrap(),
-        &train,
-    )
-    .unwrap();
-    assert!(!rows.is_empty());
-    for r in &rows {
+    run_stages(dir.path(), &["generate", "curate", "finetune"]);
+    for r in &curated_rows(&dir.path().join("runs/self/curate/train.parquet")) {
         assert!(!r.tokens.ids.is_empty(), "row {} lost its tokens", r.id);
         assert_eq!(r.tokens.top_ids.len(), r.tokens.ids.len());
         assert!(r.tokens.top_ids.iter().all(|k| k.len() == 5));
@@ -84,15 +74,11 @@ fn self_distillation_trains_with_token_level_kd_and_other_vocabularies_are_refus
     }
     let md = std::fs::read_to_string(dir.path().join("runs/self/curate/report.md")).unwrap();
     assert!(md.contains("bytes a token on disk"), "{md}");
-    let metrics =
-        std::fs::read_to_string(dir.path().join("runs/self/finetune/metrics.jsonl")).unwrap();
-    let kd: Vec<f64> = metrics
-        .lines()
-        .filter_map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["kd_token_loss"].as_f64()
-        })
-        .collect();
-    assert!(!kd.is_empty(), "no step logged a token KD term:\n{metrics}");
+    let kd = logged(
+        &dir.path().join("runs/self/finetune/metrics.jsonl"),
+        "kd_token_loss",
+    );
+    assert!(!kd.is_empty(), "no step logged a token KD term");
     assert!(kd.iter().all(|v| v.is_finite() && *v >= 0.0), "{kd:?}");
 
     // Another tokenizer: a clear error naming a row, nothing trained.

@@ -45,6 +45,34 @@ pub fn eval_on_file(dir: &Path, config: &str, file: &Path) -> Output {
     out
 }
 
+/// Run `stages` one after another with `dir/c.toml`; asserts each succeeded.
+pub fn run_stages(dir: &Path, stages: &[&str]) {
+    for stage in stages {
+        let out = kdpipe(&[stage, "--config", "c.toml"], dir);
+        assert!(out.status.success(), "{stage}: {}", stderr(&out));
+    }
+}
+
+/// The rows of a curated split file (at least one).
+pub fn curated_rows(path: &Path) -> Vec<kdpipe::records::CuratedRow> {
+    let rows = kdpipe::records::CuratedRow::from_frame(
+        &kdpipe::io::parquet::read_frame(path).unwrap(),
+        path,
+    )
+    .unwrap();
+    assert!(!rows.is_empty(), "{} has no rows", path.display());
+    rows
+}
+
+/// Every value of `key` that finetune logged in `metrics` (metrics.jsonl).
+pub fn logged(metrics: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+        .collect()
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
