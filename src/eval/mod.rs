@@ -331,7 +331,7 @@ fn score_teacher(
         }
     };
     let params = match cfg.teacher.kind {
-        TeacherKind::Local if model.to_ascii_lowercase().ends_with(".gguf") => {
+        TeacherKind::Local if crate::llama::is_gguf(&model) => {
             llama::gguf::architecture_and_params(Path::new(&model))
                 .ok()
                 .map(|(_, params)| params)

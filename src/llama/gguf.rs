@@ -139,13 +139,9 @@ pub fn tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
 /// against 1.20 s with both tokenizers built.
 pub fn vocab_fingerprint(path: &Path) -> Result<String> {
     let (_, content) = read_header(path)?;
-    let tokens = super::tokenizer::meta_array(&content, "tokenizer.ggml.tokens")?;
-    let strings = tokens
-        .iter()
-        .map(|v| v.to_string().map(String::as_str))
-        .collect::<candle_core::Result<Vec<_>>>()?;
+    let tokens = super::tokenizer::meta_strings(&content, "tokenizer.ggml.tokens")?;
     Ok(super::vocab::fingerprint_of(
-        strings.iter().enumerate().map(|(id, t)| (id as u32, *t)),
+        tokens.iter().enumerate().map(|(id, t)| (id as u32, *t)),
     ))
 }
 

@@ -99,7 +99,7 @@ fn load_checked(
     device: &Device,
 ) -> Result<LoadedModel> {
     let path = Path::new(model);
-    if model.to_ascii_lowercase().ends_with(".gguf") {
+    if is_gguf(model) {
         if !path.is_file() {
             bail!("student model file {model} does not exist\nhint: run scripts/fetch-models.sh, or set [student] model to a GGUF file or a Hugging Face model folder");
         }
@@ -189,11 +189,17 @@ impl LoadedModel {
     }
 }
 
+/// Whether `model` names a GGUF file (by its extension, any case); anything else is a
+/// Hugging Face folder.
+pub fn is_gguf(model: &str) -> bool {
+    model.to_ascii_lowercase().ends_with(".gguf")
+}
+
 /// A model's tokenizer without its weights: from a GGUF's header, or a Hugging Face
 /// folder's tokenizer.json.
 pub fn load_tokenizer(model: &str) -> Result<tokenizers::Tokenizer> {
     let path = Path::new(model);
-    if model.to_ascii_lowercase().ends_with(".gguf") {
+    if is_gguf(model) {
         if !path.is_file() {
             bail!("model file {model} does not exist\nhint: run scripts/fetch-models.sh");
         }
@@ -209,7 +215,7 @@ pub fn load_tokenizer(model: &str) -> Result<tokenizers::Tokenizer> {
 /// inference (`load_for_inference`): a GGUF's block formats at their size and its other
 /// tensors as f32; a Hugging Face folder's parameters as f32. None for other models.
 pub fn inference_bytes(model: &str) -> Option<u64> {
-    if model.to_ascii_lowercase().ends_with(".gguf") {
+    if is_gguf(model) {
         let (arch, bytes) = gguf::architecture_and_inference_bytes(Path::new(model)).ok()?;
         (arch == "llama" || arch == "qwen2").then_some(bytes)
     } else {
@@ -221,7 +227,7 @@ pub fn inference_bytes(model: &str) -> Option<u64> {
 /// folder), from its header or its files' sizes (no weights read); None for others.
 pub fn supported_params(model: &str) -> Option<u64> {
     let path = Path::new(model);
-    if model.to_ascii_lowercase().ends_with(".gguf") {
+    if is_gguf(model) {
         let (arch, params) = gguf::architecture_and_params(path).ok()?;
         (arch == "llama" || arch == "qwen2").then_some(params)
     } else if path.join("config.json").is_file() {

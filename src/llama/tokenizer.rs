@@ -55,11 +55,19 @@ fn meta_type(v: &Value) -> i64 {
     }
 }
 
-pub fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a Vec<Value>> {
+fn meta_array<'a>(c: &'a Content, key: &str) -> Result<&'a Vec<Value>> {
     Ok(c.metadata
         .get(key)
         .with_context(|| format!("GGUF metadata lacks {key}"))?
         .to_vec()?)
+}
+
+/// A GGUF metadata array of strings (the token list, the merges), borrowed.
+pub fn meta_strings<'a>(c: &'a Content, key: &str) -> Result<Vec<&'a str>> {
+    Ok(meta_array(c, key)?
+        .iter()
+        .map(|v| v.to_string().map(String::as_str))
+        .collect::<candle_core::Result<_>>()?)
 }
 
 /// The GGUF's tokenizer, built from its vocabulary and merges directly (through
@@ -81,12 +89,7 @@ pub fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         "smollm" | "gpt-2" | "gpt2" | "default" => (None, &[r"\p{N}", GPT2_REGEX]),
         other => bail!("GGUF pre-tokenizer {other:?} is not supported yet (known: smollm, gpt-2, qwen2)\nhint: use a Hugging Face folder with tokenizer.json instead"),
     };
-    let strings = |key: &str| -> Result<Vec<&str>> {
-        Ok(meta_array(c, key)?
-            .iter()
-            .map(|v| v.to_string().map(String::as_str))
-            .collect::<candle_core::Result<_>>()?)
-    };
+    let strings = |key: &str| meta_strings(c, key);
     let tokens = strings("tokenizer.ggml.tokens")?;
     let vocab: Vocab = tokens
         .iter()

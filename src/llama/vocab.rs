@@ -98,15 +98,12 @@ pub fn vocabulary_bytes(tokenizer: &Tokenizer, whose: &str) -> Result<Vec<Vec<u8
     Ok(out)
 }
 
-/// How two tokenizers' vocabularies differ (None: the same tokens, as bytes, under the
-/// same ids; a longer embedding matrix is padding and not compared).
 /// Whether two models' token ids mean the same tokens (`a`, `b`: GGUF files or Hugging
 /// Face folders). Two GGUF files compare their headers' token lists, padding rows aside,
 /// which reads no weights and builds no tokenizer; otherwise the tokenizers compare as
 /// bytes (`vocabulary_difference`).
 pub fn same_vocabulary(a: &str, b: &str) -> Result<bool> {
-    let gguf = |m: &str| m.to_ascii_lowercase().ends_with(".gguf");
-    if gguf(a) && gguf(b) {
+    if super::is_gguf(a) && super::is_gguf(b) {
         let fingerprint = |m: &str| super::gguf::vocab_fingerprint(std::path::Path::new(m));
         return Ok(fingerprint(a)? == fingerprint(b)?);
     }
@@ -114,6 +111,8 @@ pub fn same_vocabulary(a: &str, b: &str) -> Result<bool> {
     Ok(vocabulary_difference(&x, &y)?.is_none())
 }
 
+/// How two tokenizers' vocabularies differ (None: the same tokens, as bytes, under the
+/// same ids; a longer embedding matrix is padding and not compared).
 pub fn vocabulary_difference(a: &Tokenizer, b: &Tokenizer) -> Result<Option<String>> {
     let (x, y) = (
         vocabulary_bytes(a, "teacher")?,

@@ -49,7 +49,7 @@ impl MistralrsTeacher {
             .build()
             .context("cannot start the async runtime")?;
         let path = Path::new(model);
-        let is_gguf = model.to_ascii_lowercase().ends_with(".gguf");
+        let is_gguf = crate::llama::is_gguf(model);
         if is_gguf && !path.is_file() {
             bail!(
                 "teacher model file {model} does not exist\nhint: run scripts/fetch-models.sh, or set [teacher] model to a GGUF file or model folder"
