@@ -93,8 +93,9 @@ def main():
         return ", ".join(f"{r['wall_s']:.1f}" for r in runs)
 
     lines = ["| large run | small runs before, s | large run, s | small runs after, s "
-             "| µs a row, small (median of both slots) | µs a row, large | × (wall) | × (CPU) |",
-             "|---:|---|---:|---|---:|---:|---:|---:|"]
+             "| µs a row, small (median of both slots) | µs a row, large | × (wall) | × (CPU) "
+             "| peak RSS MiB, small (max) | peak RSS MiB, large |",
+             "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     ratios = {"wall_s": [], "cpu_s": []}
     # The small runs each large run is compared with: the slots just before and after it.
     arounds = [slots[i] + slots[i + 1] for i in range(len(larges))]
@@ -104,7 +105,8 @@ def main():
         lines.append(
             f"| {i + 1} | {seconds(slots[i])} | {run['wall_s']:.1f} | {seconds(slots[i + 1])} | "
             f"{per_row(around, 'wall_s'):.2f} | {per_row([run], 'wall_s'):.2f} | "
-            f"{ratios['wall_s'][-1]:.2f} | {ratios['cpu_s'][-1]:.2f} |")
+            f"{ratios['wall_s'][-1]:.2f} | {ratios['cpu_s'][-1]:.2f} | "
+            f"{max(r['peak_rss_mb'] for r in around):,} | {run['peak_rss_mb']:,} |")
     lines.append("")
     passes = [k for k in larges[0] if k.startswith("pass ")]
     if passes:
