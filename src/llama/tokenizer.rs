@@ -89,14 +89,13 @@ pub fn tokenizer_from_gguf(c: &Content) -> Result<Tokenizer> {
         "smollm" | "gpt-2" | "gpt2" | "default" => (None, &[r"\p{N}", GPT2_REGEX]),
         other => bail!("GGUF pre-tokenizer {other:?} is not supported yet (known: smollm, gpt-2, qwen2)\nhint: use a Hugging Face folder with tokenizer.json instead"),
     };
-    let strings = |key: &str| meta_strings(c, key);
-    let tokens = strings("tokenizer.ggml.tokens")?;
+    let tokens = meta_strings(c, "tokenizer.ggml.tokens")?;
     let vocab: Vocab = tokens
         .iter()
         .enumerate()
         .map(|(id, t)| (t.to_string(), id as u32))
         .collect();
-    let merges: Merges = strings("tokenizer.ggml.merges")?
+    let merges: Merges = meta_strings(c, "tokenizer.ggml.merges")?
         .iter()
         .enumerate()
         .map(|(i, m)| match m.split_once(' ') {
