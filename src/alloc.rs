@@ -8,7 +8,8 @@
 //! (8.43 vs 8.63 GB) and training runs twice as fast. A finite delay is not enough: with
 //! 60 s, mimalloc 3 still made ~2,000 purge calls (madvise) in two training steps.
 //! Model loading is the exception: what it frees goes back at once
-//! (`returning_freed_memory`).
+//! (`returning_freed_memory`); so is what one of curate's passes freed, when the pass ends
+//! (`giving_back_after`).
 
 /// mimalloc's `mi_option_purge_delay` (index 15 in mimalloc v2 and v3's `mi_option_e`).
 const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
@@ -91,4 +92,58 @@ fn set_purge_delay(delay: std::os::raw::c_long) {
     // reads either the old or the new delay, and both are valid settings. LOADS
     // serialises the writers.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, delay) };
+}
+
+/// A purge delay that does not run out during a pass (a day): what is freed is only marked
+/// for purging, until `giving_back_after` purges it all at once.
+const MARKED_ONLY: std::os::raw::c_long = 86_400_000;
+
+/// Run `pass`, then give back to the OS what it freed, in one purge when it ends.
+///
+/// curate's passes each build and drop more than the next one reuses: the spread's buffer
+/// (up to ~2 GB of rows at 100M), a part's frames during the head rules. Kept (`tune`), that
+/// heap carries into the next pass's peak RSS and slowed it; given back as freed (delay 0)
+/// costs ~14 % of curate's time, the kernel clearing pages reused a moment later
+/// (bench-results/curate-scale.md). Here frees during the pass are only marked (mimalloc
+/// v3 marks only what is freed while its purge delay is positive, so a delay set after
+/// the pass could not reach them), and the end purges every mark at once. A
+/// `MIMALLOC_PURGE_DELAY` set in the environment wins.
+pub fn giving_back_after<T>(pass: impl FnOnce() -> T) -> T {
+    if set_by_user() {
+        return pass();
+    }
+    let window = MarkingFrees::start();
+    let out = pass();
+    drop(window);
+    out
+}
+
+/// A pass whose frees are marked for purging; dropping it (also on a panic) purges them and
+/// restores the delay it found.
+struct MarkingFrees {
+    previous: std::os::raw::c_long,
+}
+
+impl MarkingFrees {
+    fn start() -> Self {
+        let previous = purge_delay();
+        set_purge_delay(MARKED_ONLY);
+        MarkingFrees { previous }
+    }
+}
+
+impl Drop for MarkingFrees {
+    fn drop(&mut self) {
+        // Each thread's empty pages go back to mimalloc's arenas, and a forced collect
+        // purges every marked range of the arenas (program-wide).
+        rayon::broadcast(|_| collect_forced());
+        collect_forced();
+        set_purge_delay(self.previous);
+    }
+}
+
+fn collect_forced() {
+    // SAFETY: mi_collect only walks the calling thread's heap and the arenas' bitmaps,
+    // under mimalloc's own synchronisation.
+    unsafe { libmimalloc_sys::mi_collect(true) };
 }

@@ -25,6 +25,7 @@ pub mod rules;
 mod spill;
 pub mod splits;
 
+use crate::alloc;
 use crate::config::{Config, DataConfig, Stage};
 use crate::dedup::{Contamination, NearDup};
 use crate::io::atomic::{with_storage_hint, write_bytes, write_json, StagedDir};
@@ -161,7 +162,10 @@ fn curate_in_parts(
     let task = Task::from_config(&cfg.task);
     let started = std::time::Instant::now();
     std::fs::create_dir_all(work)?;
-    let partition = parts::partition(files, work, cfg.curate.part_rows)?;
+    // Each pass gives back what it freed when it ends (`alloc::giving_back_after`): the
+    // spread's buffer and the last part's frames stay out of the next pass's heap and peak.
+    let partition =
+        alloc::giving_back_after(|| parts::partition(files, work, cfg.curate.part_rows))?;
     let partition_s = started.elapsed().as_secs_f64();
     let n_parts = partition.parts.len();
     if n_parts > 1 {
@@ -178,52 +182,21 @@ fn curate_in_parts(
     } else {
         None
     };
-    // Each part's kept rows are read back this many at a time.
-    let slice_rows = (parts::HELD_ROWS / n_parts).clamp(256, crate::io::parquet::ROW_GROUP_ROWS);
-    let mut head = HeadCounts::default();
-    let mut inputs = Inputs::default();
-    let mut kept_files = vec![];
     let rules_started = std::time::Instant::now();
-    let mut rows_done = 0;
-    for (p, part) in partition.parts.into_iter().enumerate() {
-        let mut rows = part.take()?;
-        if !cfg.ensemble.is_empty() {
-            rows = ensemble::prepare(cfg, rows)?;
-        }
-        let part = rules::part_rules(rows, &task, &cfg.curate, cfg.seed, contamination)?;
-        rows_done += part.rows;
-        head.add(&part);
-        let offset = inputs.kept_row.len() as u32;
-        if let Some(index) = index.as_mut() {
-            index.add_all(part.norms.iter().map(|n| (n.text.as_str(), n.first_row)))?;
-        }
-        for norm in &part.norms {
-            inputs.kept_row.push(norm.kept_row.unwrap_or(u32::MAX));
-            inputs.contaminated.push(norm.contaminated);
-            inputs.split.push(norm.split);
-        }
-        let kept = part
-            .kept
-            .lazy()
-            .with_column((col("_norm") + lit(offset)).alias("_gid"))
-            .drop(by_name(["_norm"], true, false))
-            .collect()?;
-        let path = work.join(format!("kept-{p:05}.segments"));
-        kept_files.push(parts::write_kept(&path, &kept, slice_rows)?);
-        if n_parts > 1 {
-            let done = p + 1;
-            let secs = rules_started.elapsed().as_secs_f64();
-            eprintln!(
-                "curate: rules on part {done}/{n_parts}, {:.0} rows/s, eta {:.0} s",
-                rows_done as f64 / secs.max(1e-9),
-                secs / done as f64 * (n_parts - done) as f64
-            );
-        }
-    }
+    let (head, inputs, kept_files) = alloc::giving_back_after(|| {
+        head_rules_by_part(
+            cfg,
+            &task,
+            contamination,
+            partition.parts,
+            index.as_mut(),
+            work,
+        )
+    })?;
     let rules_s = rules_started.elapsed().as_secs_f64();
     let clusters_started = std::time::Instant::now();
     let roots: Vec<u32> = match index {
-        Some(index) => index.roots()?,
+        Some(index) => alloc::giving_back_after(|| index.roots())?,
         None => (0..inputs.kept_row.len() as u32).collect(),
     };
     let clusters_s = clusters_started.elapsed().as_secs_f64();
@@ -260,6 +233,62 @@ fn curate_in_parts(
         teachers: rules::teachers_json(&head.teachers),
     };
     Ok((counts, written, stats))
+}
+
+/// The head rules on each part in turn, its kept rows written to `work`, its inputs added
+/// to the near-duplicate index (if any).
+fn head_rules_by_part(
+    cfg: &Config,
+    task: &Task,
+    contamination: Option<&Contamination>,
+    parts: Vec<parts::Part>,
+    mut index: Option<&mut ClusterIndex>,
+    work: &Path,
+) -> Result<(HeadCounts, Inputs, Vec<spill::SpillFile>)> {
+    let n_parts = parts.len();
+    // Each part's kept rows are read back this many at a time.
+    let slice_rows = (parts::HELD_ROWS / n_parts).clamp(256, crate::io::parquet::ROW_GROUP_ROWS);
+    let rules_started = std::time::Instant::now();
+    let mut head = HeadCounts::default();
+    let mut inputs = Inputs::default();
+    let mut kept_files = vec![];
+    let mut rows_done = 0;
+    for (p, part) in parts.into_iter().enumerate() {
+        let mut rows = part.take()?;
+        if !cfg.ensemble.is_empty() {
+            rows = ensemble::prepare(cfg, rows)?;
+        }
+        let part = rules::part_rules(rows, task, &cfg.curate, cfg.seed, contamination)?;
+        rows_done += part.rows;
+        head.add(&part);
+        let offset = inputs.kept_row.len() as u32;
+        if let Some(index) = index.as_mut() {
+            index.add_all(part.norms.iter().map(|n| (n.text.as_str(), n.first_row)))?;
+        }
+        for norm in &part.norms {
+            inputs.kept_row.push(norm.kept_row.unwrap_or(u32::MAX));
+            inputs.contaminated.push(norm.contaminated);
+            inputs.split.push(norm.split);
+        }
+        let kept = part
+            .kept
+            .lazy()
+            .with_column((col("_norm") + lit(offset)).alias("_gid"))
+            .drop(by_name(["_norm"], true, false))
+            .collect()?;
+        let path = work.join(format!("kept-{p:05}.segments"));
+        kept_files.push(parts::write_kept(&path, &kept, slice_rows)?);
+        if n_parts > 1 {
+            let done = p + 1;
+            let secs = rules_started.elapsed().as_secs_f64();
+            eprintln!(
+                "curate: rules on part {done}/{n_parts}, {:.0} rows/s, eta {:.0} s",
+                rows_done as f64 / secs.max(1e-9),
+                secs / done as f64 * (n_parts - done) as f64
+            );
+        }
+    }
+    Ok((head, inputs, kept_files))
 }
 
 pub fn run(cfg: &Config) -> Result<PathBuf> {
