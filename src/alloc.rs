@@ -126,9 +126,9 @@ struct MarkingFrees {
 
 impl MarkingFrees {
     fn start() -> Self {
-        let previous = purge_delay();
-        set_purge_delay(MARKED_ONLY);
-        MarkingFrees { previous }
+        MarkingFrees {
+            previous: replace_delay_outside_loads(MARKED_ONLY),
+        }
     }
 }
 
@@ -138,8 +138,21 @@ impl Drop for MarkingFrees {
         // purges every marked range of the arenas (program-wide).
         rayon::broadcast(|_| collect_forced());
         collect_forced();
-        set_purge_delay(self.previous);
+        replace_delay_outside_loads(self.previous);
     }
+}
+
+/// Set the purge delay that holds outside model loads, and return the one it replaces:
+/// while a load runs (purging at once), the delay that load restores when it ends. Under
+/// LOADS, like every other writer of the delay.
+fn replace_delay_outside_loads(delay: std::os::raw::c_long) -> std::os::raw::c_long {
+    let mut loads = LOADS.lock().unwrap_or_else(|e| e.into_inner());
+    if loads.0 > 0 {
+        return std::mem::replace(&mut loads.1, delay);
+    }
+    let previous = purge_delay();
+    set_purge_delay(delay);
+    previous
 }
 
 fn collect_forced() {

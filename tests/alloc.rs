@@ -91,4 +91,20 @@ fn a_pass_gives_back_what_it_freed_when_it_ends_and_not_before() {
         "the pass's end gives its freed memory back: {during} MiB in it, {after} after"
     );
     assert_eq!(purge_delay(), -1, "memory is kept again after the pass");
+
+    // A model load inside a pass purges at once, then the pass marks again; a pass inside
+    // a load leaves the load purging at once; either way memory is kept after both.
+    giving_back_after(|| {
+        returning_freed_memory(|| assert_eq!(purge_delay(), 0));
+        assert!(
+            purge_delay() > 0,
+            "the pass marks frees again after the load"
+        );
+    });
+    assert_eq!(purge_delay(), -1);
+    returning_freed_memory(|| {
+        giving_back_after(|| assert_eq!(purge_delay(), 0, "the load still purges at once"));
+        assert_eq!(purge_delay(), 0);
+    });
+    assert_eq!(purge_delay(), -1, "memory is kept again after both");
 }
