@@ -3,7 +3,8 @@
 //!   by a small recursive-descent evaluator over numbers, + − × ÷ and parentheses;
 //! - the rationale must state the final answer (the number appears in it).
 
-use regex::Regex;
+use regex::{CaptureLocations, Regex};
+use std::cell::RefCell;
 use std::sync::LazyLock;
 
 /// A number: thousands separators are allowed ("1,200"), and a leading `$`.
@@ -39,14 +40,39 @@ fn close(a: f64, b: f64, tolerance: f64) -> bool {
     (a - b).abs() <= tolerance.max(1e-9) * b.abs().max(1.0)
 }
 
+thread_local! {
+    /// Each thread's capture slots for `EQUATION`, reused from match to match. A `Captures`
+    /// (one a match from `captures_iter`) holds an `Arc` of the regex's group info, whose
+    /// count every match on every core then writes: with curate's rows checked on all
+    /// cores, that one cache line moved between them on each match (at 100M rows, one
+    /// load next to it took 4,369 samples against 27 at 10M: bench-results/curate-scale.md,
+    /// 2026-12-07c). Reused slots write nothing shared.
+    static EQUATION_SLOTS: RefCell<CaptureLocations> = RefCell::new(EQUATION.capture_locations());
+}
+
 /// Every equation written in the text holds (within the relative tolerance; results
 /// written rounded to 2 decimals are accepted). A text without equations passes.
 pub fn arithmetic_holds(text: &str, tolerance: f64) -> bool {
-    EQUATION.captures_iter(text).all(|c| {
-        let (Some(left), Some(right)) = (evaluate(&c[1]), parse_number(&c[2])) else {
-            return true; // not an equation we can read: no verdict
-        };
-        close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right
+    EQUATION_SLOTS.with_borrow_mut(|slots| {
+        let mut at = 0;
+        // Successive matches, each searched from the end of the one before, as
+        // `captures_iter` finds them (an equation is never an empty match).
+        while let Some(found) = EQUATION.captures_read_at(slots, text, at) {
+            let group = |i| slots.get(i).map(|(start, end)| &text[start..end]);
+            // An equation that cannot be read gives no verdict.
+            if let (Some(left), Some(right)) =
+                (group(1).and_then(evaluate), group(2).and_then(parse_number))
+            {
+                if !(close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right) {
+                    return false;
+                }
+            }
+            if found.end() == at {
+                break; // an empty match would be found again (the pattern has none)
+            }
+            at = found.end();
+        }
+        true
     })
 }
 
@@ -202,6 +228,51 @@ mod tests {
             1e-6
         ));
         assert!(arithmetic_holds("It costs $1,200 - $200 = $1,000.", 1e-6));
+    }
+
+    #[test]
+    fn every_equation_is_checked_as_captures_iter_finds_them() {
+        // The verdict of each equation `captures_iter` finds, the way the check read them
+        // before it reused its capture slots.
+        let by_captures_iter = |text: &str| {
+            EQUATION.captures_iter(text).all(|c| {
+                let (Some(left), Some(right)) = (evaluate(&c[1]), parse_number(&c[2])) else {
+                    return true;
+                };
+                close(left, right, 1e-6) || (left * 100.0).round() / 100.0 == right
+            })
+        };
+        let texts = [
+            "2 + 2 = 4, then 4 * 3 = 12, then 12 - 5 = 7.",
+            "2 + 2 = 4, then 4 * 3 = 13, then 12 - 5 = 7.",
+            "2 + 2 = 4, then 4 * 3 = 12, then 12 - 5 = 8.",
+            "1 + 1 = 2 = 3 - 1 = 2",
+            "× 3 = 9 then 3 × 3 = 9 and 10 ÷ 4 = 2.5 — 7 − 2 = 6",
+            "(1 + 2)) * 3 = 9; 2 * (3 = 6",
+            "prices: $1,200 - $200 = $1,000 and 5 x 5 = 25",
+            "",
+        ];
+        for text in texts {
+            assert_eq!(
+                arithmetic_holds(text, 1e-6),
+                by_captures_iter(text),
+                "{text}"
+            );
+        }
+        // The same from threads that each keep their own slots.
+        let verdicts: Vec<Vec<bool>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| texts.iter().map(|t| arithmetic_holds(t, 1e-6)).collect()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let expected: Vec<bool> = texts.iter().map(|t| by_captures_iter(t)).collect();
+        assert!(verdicts.iter().all(|v| *v == expected));
+        assert_eq!(
+            expected,
+            [true, false, false, true, false, true, true, true],
+            "the texts cover both verdicts"
+        );
     }
 
     #[test]
