@@ -50,6 +50,15 @@ thread_local! {
     static EQUATION_SLOTS: RefCell<CaptureLocations> = RefCell::new(EQUATION.capture_locations());
 }
 
+/// `left = right` holds, within the relative tolerance or as `left` rounded to 2 decimals;
+/// an equation that cannot be read gives no verdict (true).
+fn equation_holds(left: &str, right: &str, tolerance: f64) -> bool {
+    let (Some(left), Some(right)) = (evaluate(left), parse_number(right)) else {
+        return true;
+    };
+    close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right
+}
+
 /// Every equation written in the text holds (within the relative tolerance; results
 /// written rounded to 2 decimals are accepted). A text without equations passes.
 pub fn arithmetic_holds(text: &str, tolerance: f64) -> bool {
@@ -58,14 +67,9 @@ pub fn arithmetic_holds(text: &str, tolerance: f64) -> bool {
         // Successive matches, each searched from the end of the one before, as
         // `captures_iter` finds them (an equation is never an empty match).
         while let Some(found) = EQUATION.captures_read_at(slots, text, at) {
-            let group = |i| slots.get(i).map(|(start, end)| &text[start..end]);
-            // An equation that cannot be read gives no verdict.
-            if let (Some(left), Some(right)) =
-                (group(1).and_then(evaluate), group(2).and_then(parse_number))
-            {
-                if !(close(left, right, tolerance) || (left * 100.0).round() / 100.0 == right) {
-                    return false;
-                }
+            let group = |i| slots.get(i).map_or("", |(start, end)| &text[start..end]);
+            if !equation_holds(group(1), group(2), tolerance) {
+                return false;
             }
             if found.end() == at {
                 break; // an empty match would be found again (the pattern has none)
@@ -232,15 +236,12 @@ mod tests {
 
     #[test]
     fn every_equation_is_checked_as_captures_iter_finds_them() {
-        // The verdict of each equation `captures_iter` finds, the way the check read them
+        // The verdict of each equation `captures_iter` finds, the way the check walked them
         // before it reused its capture slots.
         let by_captures_iter = |text: &str| {
-            EQUATION.captures_iter(text).all(|c| {
-                let (Some(left), Some(right)) = (evaluate(&c[1]), parse_number(&c[2])) else {
-                    return true;
-                };
-                close(left, right, 1e-6) || (left * 100.0).round() / 100.0 == right
-            })
+            EQUATION
+                .captures_iter(text)
+                .all(|c| equation_holds(&c[1], &c[2], 1e-6))
         };
         let texts = [
             "2 + 2 = 4, then 4 * 3 = 12, then 12 - 5 = 7.",
