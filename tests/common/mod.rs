@@ -66,10 +66,20 @@ pub fn curated_rows(path: &Path) -> Vec<kdpipe::records::CuratedRow> {
 
 /// Every value of `key` that finetune logged in `metrics` (metrics.jsonl).
 pub fn logged(metrics: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64())
+    let text = std::fs::read_to_string(metrics)
+        .unwrap_or_else(|e| panic!("cannot read the metrics file {}: {e}", metrics.display()));
+    text.lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!(
+                    "{} line {} is not JSON ({e}): {line}",
+                    metrics.display(),
+                    i + 1
+                )
+            });
+            row[key].as_f64()
+        })
         .collect()
 }
 
