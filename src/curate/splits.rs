@@ -5,6 +5,8 @@
 //! `KeptRows` source, also in row order) get them and are appended to their split's file.
 
 use super::report::KeptStats;
+use super::spill::stack;
+use crate::io::parquet::ROW_GROUP_ROWS;
 use crate::records::topk_store::stored_tokens;
 use crate::records::CURATED_COLUMNS;
 use anyhow::{anyhow, Result};
@@ -47,8 +49,87 @@ struct Writer {
     split: &'static str,
     path: PathBuf,
     inner: polars::io::parquet::write::BatchedWriter<std::fs::File>,
+    /// Rows not written yet: fewer than a row group's.
+    pending: Vec<DataFrame>,
+    pending_rows: usize,
     rows: usize,
     topk_tokens: usize,
+}
+
+impl Writer {
+    /// A writer of `<dir>/<split>.parquet`, rows of `schema`.
+    fn create(split: &'static str, dir: &Path, schema: &Schema) -> Result<Writer> {
+        let path = dir.join(format!("{split}.parquet"));
+        let file = std::fs::File::create(&path)?;
+        let inner = ParquetWriter::new(file)
+            .with_compression(ParquetCompression::Zstd(None))
+            .batched(schema)?;
+        Ok(Writer {
+            split,
+            path,
+            inner,
+            pending: vec![],
+            pending_rows: 0,
+            rows: 0,
+            topk_tokens: 0,
+        })
+    }
+
+    /// The rows still pending written, the file closed.
+    fn finish(mut self) -> Result<SplitFile> {
+        self.write_pending(true)?;
+        self.inner.finish()?;
+        Ok(SplitFile {
+            split: self.split,
+            path: self.path,
+            rows: self.rows,
+            topk_tokens: self.topk_tokens,
+        })
+    }
+
+    /// Add `part`'s rows; write each full row group (`ROW_GROUP_ROWS`) they complete.
+    ///
+    /// The batched writer makes a row group of every frame it is given, and a teacher
+    /// batch's kept rows of one split are a few thousand (val and test ~2,100 at 10M):
+    /// hundreds of small row groups a file, each paying the writer's fixed costs (a
+    /// cardinality estimate a column, a compression context a page).
+    fn add(&mut self, part: DataFrame) -> Result<()> {
+        self.rows += part.height();
+        self.topk_tokens += stored_tokens(&part);
+        self.pending_rows += part.height();
+        // Rows that wait for a later batch would keep the buffers their strings point
+        // into, the whole teacher batch's and merged segments', alive until then.
+        let part = if self.pending_rows < ROW_GROUP_ROWS {
+            own_strings(part)?
+        } else {
+            part
+        };
+        self.pending.push(part);
+        if self.pending_rows >= ROW_GROUP_ROWS {
+            self.write_pending(false)?;
+        }
+        Ok(())
+    }
+
+    /// Write the pending rows in row groups of `ROW_GROUP_ROWS`, the last, shorter one
+    /// too when `all`; the rest stay pending.
+    fn write_pending(&mut self, all: bool) -> Result<()> {
+        let mut rows = stack(&std::mem::take(&mut self.pending))?;
+        // The rule columns and the streamed ones come chunked differently; a row group
+        // needs them aligned.
+        rows.rechunk_mut();
+        let mut at = 0;
+        while rows.height() - at >= ROW_GROUP_ROWS || (all && at < rows.height()) {
+            let group = rows.slice(at as i64, ROW_GROUP_ROWS);
+            self.inner.write_batch(&group)?;
+            at += group.height();
+        }
+        self.pending_rows = rows.height() - at;
+        if self.pending_rows > 0 {
+            self.pending.push(rows.slice(at as i64, self.pending_rows));
+        }
+        Ok(())
+    }
 }
 
 /// Kept rows, in row order, each with the rules' columns (`rules::KEPT_COLUMNS`), `ROW`,
@@ -149,23 +230,34 @@ impl<K: KeptRows> Sink<K> {
         }
         self.stats.add(&whole)?;
         for w in self.writers.iter_mut() {
-            let mut part = whole
+            let part = whole
                 .clone()
                 .lazy()
                 .filter(col("split").eq(lit(w.split)))
                 .select(CURATED_COLUMNS.iter().map(|c| col(*c)).collect::<Vec<_>>())
                 .collect()?;
             if part.height() > 0 {
-                // The rule columns and the streamed ones come chunked differently; a
-                // Parquet row group needs them aligned.
-                part.align_chunks();
-                w.topk_tokens += stored_tokens(&part);
-                w.rows += part.height();
-                w.inner.write_batch(&part)?;
+                w.add(part)?;
             }
         }
         Ok(())
     }
+}
+
+/// `df` with each string column's text copied into buffers of its own.
+fn own_strings(df: DataFrame) -> Result<DataFrame> {
+    let columns = df
+        .columns()
+        .iter()
+        .map(|c| -> Result<Column> {
+            if c.dtype() != &DataType::String {
+                return Ok(c.clone());
+            }
+            let owned: StringChunked = c.str()?.iter().collect();
+            Ok(owned.with_name(c.name().clone()).into_column())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DataFrame::new(df.height(), columns)?)
 }
 
 /// Write the kept rows with the rest of each row's curated columns, read again from the
@@ -198,22 +290,10 @@ pub fn write<K: KeptRows>(
         };
         schema.insert(name.into(), dtype);
     }
-    let mut writers = Vec::new();
-    for split in splits {
-        let path = dir.join(format!("{split}.parquet"));
-        let file = std::fs::File::create(&path)?;
-        let inner = ParquetWriter::new(file)
-            .with_compression(ParquetCompression::Zstd(None))
-            .with_row_group_size(Some(crate::io::parquet::ROW_GROUP_ROWS))
-            .batched(&schema)?;
-        writers.push(Writer {
-            split,
-            path,
-            inner,
-            rows: 0,
-            topk_tokens: 0,
-        });
-    }
+    let writers = splits
+        .into_iter()
+        .map(|split| Writer::create(split, dir, &schema))
+        .collect::<Result<_>>()?;
 
     let state = Arc::new(Mutex::new(Some(Sink {
         kept,
@@ -259,15 +339,67 @@ pub fn write<K: KeptRows>(
     let written = sink
         .writers
         .into_iter()
-        .map(|w| {
-            w.inner.finish()?;
-            Ok(SplitFile {
-                split: w.split,
-                path: w.path,
-                rows: w.rows,
-                topk_tokens: w.topk_tokens,
-            })
-        })
+        .map(Writer::finish)
         .collect::<Result<_>>()?;
     Ok((written, sink.stats, sink.kept))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(from: i64, n: i64) -> DataFrame {
+        df!(
+            "n" => (from..from + n).collect::<Vec<i64>>(),
+            "text" => (from..from + n).map(|i| format!("row {i}")).collect::<Vec<_>>(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_split_file_is_written_in_full_row_groups_whatever_the_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = rows(0, 1).schema().as_ref().clone();
+        let mut writer = Writer::create("train", dir.path(), &schema).unwrap();
+        // Batches of a few thousand rows, as a teacher batch's kept rows of one split.
+        let sizes = [3_000, 7_001, 2_500, 9_999, 12_000, 1, 5_000];
+        let mut from = 0;
+        for n in sizes {
+            writer.add(rows(from, n)).unwrap();
+            from += n;
+        }
+        let written = writer.finish().unwrap();
+        assert_eq!(written.rows, from as usize);
+
+        let file = std::fs::File::open(&written.path).unwrap();
+        let mut reader = ParquetReader::new(file);
+        let groups: Vec<usize> = reader
+            .get_metadata()
+            .unwrap()
+            .row_groups
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
+        // 39,501 rows: two full row groups and the rest.
+        assert_eq!(
+            groups,
+            [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 39_501 - 2 * ROW_GROUP_ROWS]
+        );
+        let back = reader.finish().unwrap();
+        assert!(back.equals(&rows(0, from)), "{back}");
+    }
+
+    #[test]
+    fn a_split_with_no_rows_is_an_empty_file_of_its_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = rows(0, 1).schema().as_ref().clone();
+        let written = Writer::create("val", dir.path(), &schema)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(written.rows, 0);
+        let back = crate::io::parquet::read_frame(&written.path).unwrap();
+        assert_eq!(back.height(), 0);
+        assert_eq!(back.schema().as_ref(), &schema);
+    }
 }
