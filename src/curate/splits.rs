@@ -51,7 +51,6 @@ struct Writer {
     inner: polars::io::parquet::write::BatchedWriter<std::fs::File>,
     /// Rows not written yet: fewer than a row group's.
     pending: Vec<DataFrame>,
-    pending_rows: usize,
     rows: usize,
     topk_tokens: usize,
 }
@@ -69,7 +68,6 @@ impl Writer {
             path,
             inner,
             pending: vec![],
-            pending_rows: 0,
             rows: 0,
             topk_tokens: 0,
         })
@@ -96,19 +94,15 @@ impl Writer {
     fn add(&mut self, part: DataFrame) -> Result<()> {
         self.rows += part.height();
         self.topk_tokens += stored_tokens(&part);
-        self.pending_rows += part.height();
-        // Rows that wait for a later batch would keep the buffers their strings point
-        // into, the whole teacher batch's and merged segments', alive until then.
-        let part = if self.pending_rows < ROW_GROUP_ROWS {
-            own_strings(part)?
-        } else {
-            part
-        };
-        self.pending.push(part);
-        if self.pending_rows >= ROW_GROUP_ROWS {
-            self.write_pending(false)?;
+        let pending_rows: usize = self.pending.iter().map(DataFrame::height).sum();
+        if pending_rows + part.height() < ROW_GROUP_ROWS {
+            // Rows that wait for a later batch would keep the buffers their strings point
+            // into, the whole teacher batch's and merged segments', alive until then.
+            self.pending.push(own_strings(part)?);
+            return Ok(());
         }
-        Ok(())
+        self.pending.push(part);
+        self.write_pending(false)
     }
 
     /// Write the pending rows in row groups of `ROW_GROUP_ROWS`, the last, shorter one
@@ -124,9 +118,8 @@ impl Writer {
             self.inner.write_batch(&group)?;
             at += group.height();
         }
-        self.pending_rows = rows.height() - at;
-        if self.pending_rows > 0 {
-            self.pending.push(rows.slice(at as i64, self.pending_rows));
+        if at < rows.height() {
+            self.pending.push(rows.slice(at as i64, rows.height() - at));
         }
         Ok(())
     }
