@@ -11,8 +11,9 @@
 //!    file of band keys at a time;
 //! 4. splits.rs reads the teacher files again in row order, merges the parts' kept rows
 //!    into that order, judges them by the late rules (near duplicates, contamination, the
-//!    label cap: `rules::LateRules`) and writes each with its other columns (raw text,
-//!    token top-k) to its split.
+//!    label cap: `rules::LateRules`) and writes each with its other columns (input,
+//!    rationale, raw text, token top-k: the kept rows' spill holds only what the rules
+//!    computed, so the merge across parts moves few bytes) to its split.
 //!
 //! `rules::apply` is every rule on all rows in memory at once: the reference the
 //! part-by-part path is tested against (same files, same counts) and `--explain`'s plan.
@@ -270,11 +271,22 @@ fn head_rules_by_part(
             inputs.contaminated.push(norm.contaminated);
             inputs.split.push(norm.split);
         }
+        // Without an ensemble the soft labels are the teacher rows', read again with the
+        // other columns the rules did not change.
+        let unchanged: &[&str] = if cfg.ensemble.is_empty() {
+            &rules::ENSEMBLE_COLUMNS
+        } else {
+            &[]
+        };
         let kept = part
             .kept
             .lazy()
             .with_column((col("_norm") + lit(offset)).alias("_gid"))
-            .drop(by_name(["_norm"], true, false))
+            .drop(by_name(
+                unchanged.iter().copied().chain(["_norm"]),
+                true,
+                false,
+            ))
             .collect()?;
         let path = work.join(format!("kept-{p:05}.segments"));
         kept_files.push(parts::write_kept(&path, &kept, slice_rows)?);
@@ -416,6 +428,10 @@ mod tests {
                     r.soft_labels = LABELS.iter().map(|l| l.to_string()).collect();
                     let p = (i % 10) as f64 / 10.0;
                     r.soft_probs = vec![p, 1.0 - p, 0.0];
+                    if i % 4 == 1 {
+                        // A label answered without a rationale.
+                        r.rationale = None;
+                    }
                 }
                 out.push(r);
             }
@@ -468,6 +484,7 @@ mod tests {
             rules::apply(frame, &task, &cfg.curate, cfg.seed, Some(&contamination)).unwrap();
         assert_eq!(counts, reference.counts);
         assert_eq!(kept.rows(), reference.kept.height());
+        let mut no_rationale = 0;
         for w in written {
             let expected = reference
                 .kept
@@ -483,7 +500,16 @@ mod tests {
                 "{}: part by part\n{got}\nall at once\n{expected}",
                 w.split
             );
+            let rationales = got.column("rationale").unwrap().str().unwrap().clone();
+            assert_eq!(rationales.null_count(), 0, "{}", w.split);
+            no_rationale += rationales.iter().filter(|r| r == &Some("")).count();
         }
+        // The rows answered without a rationale come out with an empty one.
+        assert_eq!(
+            no_rationale > 0,
+            labels,
+            "{no_rationale} rows without a rationale"
+        );
         counts.funnel.into_iter().collect()
     }
 
@@ -579,6 +605,8 @@ mod tests {
             cfg.curate.max_per_label = Some(60);
             cfg.curate.min_confidence = 0.3;
             cfg.curate.dedup_inputs = false;
+            // Labels answered without a rationale are kept.
+            cfg.curate.min_rationale_chars = 0;
         });
         for rule in [
             "minority_answer",

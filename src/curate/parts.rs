@@ -5,7 +5,7 @@
 //! are read back a slice at a time and merged in row order for the split files, the late
 //! rules (`rules::LateRules`) judging them on the way.
 
-use super::rules::{LateRules, KEPT_COLUMNS};
+use super::rules::{LateRules, ENSEMBLE_COLUMNS, KEPT_COLUMNS};
 use super::spill::{stack, SpillFile};
 use super::splits::{KeptRows, ROW, RULE_COLUMNS};
 use crate::dedup::{hash64, normalize};
@@ -375,6 +375,7 @@ impl KeptRows for PartsKept {
     fn schema(&self) -> Schema {
         let mut schema: Schema = KEPT_COLUMNS
             .iter()
+            .chain(&ENSEMBLE_COLUMNS)
             .filter_map(|c| self.schema.get_field(c))
             .collect();
         schema.insert("split".into(), DataType::String);

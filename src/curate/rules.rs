@@ -13,7 +13,6 @@
 use super::splits;
 use crate::config::{CurateConfig, GoldRule, KeepRationales, TaskKind};
 use crate::dedup::{normalize, Contamination, NearDup};
-use crate::records::CURATED_COLUMNS;
 use crate::task::arith;
 use crate::task::{ParseStatus, Task};
 use anyhow::Result;
@@ -420,19 +419,33 @@ pub fn prepare(
     Ok(df)
 }
 
-/// The columns the split files take from the rules' output (the others are read again
-/// from the teacher files): the curated columns up to `agrees_with_gold`, the agreement
-/// filled in where an input has several samples.
-pub const KEPT_COLUMNS: &[&str] = CURATED_COLUMNS.split_at(11).0;
+/// The curated columns the split files take from the rules' output: those the rules
+/// compute (the agreement, filled in where an input has several samples) and the answer
+/// the label cap reads. The others are read again from the teacher files, in row order
+/// (`teacher_column`): the kept rows' text (input, rationale) would otherwise be written
+/// to the parts' spill and merged back from every part, the merge's largest cost.
+pub const KEPT_COLUMNS: [&str; 3] = ["answer", "agreement", "agrees_with_gold"];
+
+/// The curated columns an ensemble rewrites (`ensemble::prepare`): taken from the rules'
+/// output too when the rows come from an ensemble, else from the teacher files.
+pub const ENSEMBLE_COLUMNS: [&str; 3] = ["soft_kind", "soft_labels", "soft_probs"];
+
+/// A curated column as a kept row has it, from its teacher row: as written, but a missing
+/// rationale reads as "".
+pub fn teacher_column(name: &str) -> Expr {
+    match name {
+        "rationale" => col(name).fill_null(lit("")),
+        _ => col(name),
+    }
+}
 
 fn with_kept_columns(lf: LazyFrame) -> LazyFrame {
-    lf.with_column(col("rationale").fill_null(lit("")))
-        .with_column(
-            when(col("_samples").gt(lit(1)))
-                .then(col("_agreement"))
-                .otherwise(lit(NULL).cast(DataType::Float64))
-                .alias("agreement"),
-        )
+    lf.with_column(teacher_column("rationale")).with_column(
+        when(col("_samples").gt(lit(1)))
+            .then(col("_agreement"))
+            .otherwise(lit(NULL).cast(DataType::Float64))
+            .alias("agreement"),
+    )
 }
 
 /// Rows each rule of `names` removed, from their keep columns.
@@ -502,7 +515,7 @@ pub struct PartRules {
     pub agreement_histogram: Option<Vec<usize>>,
     pub teachers: BTreeMap<String, TeacherTally>,
     pub norms: Vec<PartNorm>,
-    /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ROW`,
+    /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ENSEMBLE_COLUMNS`, `ROW`,
     /// `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's id is
     /// the first kept id of its normalized input, which the near-duplicate rule keeps).
     pub kept: DataFrame,
@@ -527,7 +540,11 @@ pub fn part_rules(
     let removed = removed_by(&all, &RULES[..HEAD_RULES], rows)?;
     let agreement_histogram = agreement_histogram(&all)?;
     let teachers = teacher_tallies(&all, task)?;
-    let mut columns: Vec<Expr> = KEPT_COLUMNS.iter().map(|c| col(*c)).collect();
+    let mut columns: Vec<Expr> = KEPT_COLUMNS
+        .iter()
+        .chain(&ENSEMBLE_COLUMNS)
+        .map(|c| col(*c))
+        .collect();
     columns.extend([
         col(splits::ROW),
         col("completion_tokens"),

@@ -1,10 +1,12 @@
 //! Writing the kept rows to the split files without holding them whole. The rules read
-//! only the columns they judge by (`RULE_COLUMNS`); a teacher row's other columns (its raw
-//! text and token top-k: most of its bytes) are read again here by Polars' streaming
+//! only the columns they judge by (`RULE_COLUMNS`) and hand on only what they compute
+//! (`rules::KEPT_COLUMNS`); a teacher row's other curated columns (its input, rationale,
+//! raw text and token top-k: most of its bytes) are read again here by Polars' streaming
 //! engine, all rows in order a batch at a time; the kept rows among a batch (from a
 //! `KeptRows` source, also in row order) get them and are appended to their split's file.
 
 use super::report::KeptStats;
+use super::rules::teacher_column;
 use super::spill::stack;
 use crate::io::parquet::ROW_GROUP_ROWS;
 use crate::records::topk_store::stored_tokens;
@@ -268,7 +270,7 @@ pub fn write<K: KeptRows>(
     let carried = carried_columns(&kept_schema);
     let source = teacher_scan(files)?.select(
         std::iter::once(col(ROW))
-            .chain(carried.iter().map(|c| col(*c)))
+            .chain(carried.iter().map(|c| teacher_column(c)))
             .collect::<Vec<_>>(),
     );
     let mut schema = Schema::default();
