@@ -422,8 +422,9 @@ pub fn prepare(
 /// The curated columns the split files take from the rules' output: those the rules
 /// compute (the agreement, filled in where an input has several samples) and the answer
 /// the label cap reads. The others are read again from the teacher files, in row order
-/// (`teacher_column`): the kept rows' text (input, rationale) would otherwise be written
-/// to the parts' spill and merged back from every part, the merge's largest cost.
+/// (`teacher_column`) with the raw text and top-k: the kept rows' text (input,
+/// rationale) would otherwise be compressed into the parts' spill, read back and merged
+/// from every part (about a tenth of curate's time at 10M rows, docs/SCALE.md).
 pub const KEPT_COLUMNS: [&str; 3] = ["answer", "agreement", "agrees_with_gold"];
 
 /// The curated columns an ensemble rewrites (`ensemble::prepare`): taken from the rules'
@@ -515,8 +516,8 @@ pub struct PartRules {
     pub agreement_histogram: Option<Vec<usize>>,
     pub teachers: BTreeMap<String, TeacherTally>,
     pub norms: Vec<PartNorm>,
-    /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ENSEMBLE_COLUMNS`, `ROW`,
-    /// `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's id is
+    /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ENSEMBLE_COLUMNS`,
+    /// `ROW`, `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's id is
     /// the first kept id of its normalized input, which the near-duplicate rule keeps).
     pub kept: DataFrame,
 }
