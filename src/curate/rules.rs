@@ -517,8 +517,9 @@ pub struct PartRules {
     pub teachers: BTreeMap<String, TeacherTally>,
     pub norms: Vec<PartNorm>,
     /// The rows the head rules kept, in row order: `KEPT_COLUMNS`, `ENSEMBLE_COLUMNS`,
-    /// `ROW`, `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's id is
-    /// the first kept id of its normalized input, which the near-duplicate rule keeps).
+    /// `ROW`, `completion_tokens`, `_norm` (index into `norms`) and `_first_id` (the row's
+    /// id is the first kept id of its normalized input, which the near-duplicate rule
+    /// keeps).
     pub kept: DataFrame,
 }
 

@@ -127,8 +127,9 @@ impl Writer {
     }
 }
 
-/// Kept rows, in row order, each with the rules' columns (`rules::KEPT_COLUMNS`), `ROW`,
-/// `completion_tokens` and its `split`.
+/// Kept rows, in row order, each with the rules' columns (`rules::KEPT_COLUMNS`, and
+/// `rules::ENSEMBLE_COLUMNS` when an ensemble rewrote them), `ROW`, `completion_tokens`
+/// and its `split`.
 pub trait KeptRows: Send + 'static {
     /// The types of the rules' columns (and `split`).
     fn schema(&self) -> Schema;
