@@ -103,6 +103,20 @@ pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// A tensor of values drawn uniformly from [-1, 1) by a seeded generator (unit tests: the
+/// same values every run, so a check against a precision bound neither passes nor fails by
+/// luck of the draw).
+#[cfg(test)]
+pub(crate) fn seeded_uniform(shape: impl Into<candle_core::Shape>, seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let shape = shape.into();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..shape.elem_count())
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
 /// The gradients of Σ y ⊙ w, a fixed random weighting of an op's output (unit tests that
 /// compare an op's backward pass with a reference's).
 #[cfg(test)]
