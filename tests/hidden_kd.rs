@@ -82,10 +82,8 @@ fn a_learned_map_takes_one_layer_to_another_on_a_real_batch() {
     let (_, states) = model.forward_hidden(&ids, &mask, &[10, 20], false).unwrap();
     let (from, to) = (&states.layers[0], &states.layers[1]);
     let (b, t, w) = from.dims3().unwrap();
-    let map = candle_core::Var::from_tensor(
-        &(candle_core::Tensor::randn(0f32, 1.0 / (w as f32).sqrt(), (w, w), &dev).unwrap()),
-    )
-    .unwrap();
+    let map =
+        candle_core::Var::from_tensor(&seeded_tensor(&[w, w], 1.0 / (w as f32).sqrt(), 5)).unwrap();
     let mut opt = AdamW::new(vec![("map".into(), map.clone())], 0.0).unwrap();
     let loss = || {
         let mapped = from

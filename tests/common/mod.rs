@@ -168,6 +168,19 @@ pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// A CPU tensor of values drawn uniformly with standard deviation `std` and mean 0 by a
+/// seeded generator: the same values every run (candle's `randn` on the CPU takes no seed).
+pub fn seeded_tensor(shape: &[usize], std: f32, seed: u64) -> candle_core::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let half_width = std * 3f32.sqrt();
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.random_range(-half_width..half_width))
+        .collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
 /// Asserts that a sequence's logits (after a 40-token prompt, then after one more token)
 /// are bit-identical when it is stepped alone and when each count in `others` of other
 /// sequences shares its steps.
