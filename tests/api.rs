@@ -156,6 +156,12 @@ fn labels_with_logprobs_and_samples_from_a_real_server() {
     let m = manifest(dir.path(), "manifest.json");
     assert_eq!(m["summary"]["rows"], 6);
     assert_eq!(m["summary"]["config"]["generate"]["samples"], 2);
+    // pandas reads the label names, tokens and top-k texts as kdpipe does.
+    let texts = assert_pandas_reads(
+        &[dir.path().join("runs/t/generate").join(TEACHER_FILE)],
+        &["soft_labels", "token_texts", "topk_texts"],
+    );
+    assert!(texts > 0);
 }
 
 #[test]

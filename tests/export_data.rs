@@ -185,6 +185,21 @@ fn curated_rows_go_to_trl_and_axolotl_and_train_a_trl_step() {
 
     distillkit_layout_round_trips_and_trains(dir.path(), &run, &student);
     gold_labels_export_gold_and_only_the_reasoning_that_reached_it(dir.path(), &run);
+    pandas_reads_the_teacher_and_curated_files(&run);
+}
+
+/// pandas' plain `read_parquet` reads generate's teacher files and curate's split files
+/// (written by two different writers) as kdpipe does: the local engine keeps no top-k
+/// texts, so `topk_texts` holds empty lists here, which pandas refused all the same while
+/// the files declared string views (tests/api.rs compares lists with texts in them).
+fn pandas_reads_the_teacher_and_curated_files(run: &Path) {
+    let mut files: Vec<std::path::PathBuf> = all_files(&run.join("generate"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert!(!files.is_empty(), "generate wrote no Parquet files");
+    files.extend(["train", "val", "test"].map(|s| run.join(format!("curate/{s}.parquet"))));
+    assert_pandas_reads(&files, &["topk_texts"]);
 }
 
 /// `[finetune] labels = "gold"`: every label view carries gold; the rationale and teacher

@@ -64,6 +64,7 @@ impl Writer {
         let file = std::fs::File::create(&path)?;
         let inner = ParquetWriter::new(file)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_key_value_metadata(Some(crate::io::parquet::portable_schema(schema)))
             .batched(schema)?;
         Ok(Writer {
             split,

@@ -3,6 +3,7 @@
 
 use super::atomic::write_with;
 use anyhow::{bail, Context, Result};
+use polars::io::parquet::write::KeyValueMetadata;
 use polars::prelude::*;
 use std::path::Path;
 
@@ -10,10 +11,23 @@ use std::path::Path;
 /// group's columns decoded at once, and a teacher row with token top-k is a few KB.
 pub const ROW_GROUP_ROWS: usize = 16_384;
 
+/// The `ARROW:schema` metadata that Parquet readers restore each column's Arrow type from,
+/// in Arrow's long-standing types (`large_string`, `large_binary`, `large_list`) rather than
+/// the string and binary views Polars declares by default: pandas (with pyarrow 26) cannot
+/// turn a list of string views into its default NumPy columns, so `pd.read_parquet` on a
+/// file with `soft_labels` or `topk_texts` failed. The pages are the same either way
+/// (Parquet stores both as BYTE_ARRAY), and Polars reads either back as its String and
+/// Binary.
+pub fn portable_schema(schema: &Schema) -> KeyValueMetadata {
+    let arrow = schema.to_arrow(CompatLevel::oldest());
+    KeyValueMetadata::Static(vec![polars_parquet::write::schema_to_metadata_key(&arrow)])
+}
+
 pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
     write_with(path, |file| {
         let written = ParquetWriter::new(file)
             .with_compression(ParquetCompression::Zstd(None))
+            .with_key_value_metadata(Some(portable_schema(df.schema())))
             .with_row_group_size(Some(ROW_GROUP_ROWS))
             .finish(df);
         anyhow::Context::with_context(written, || {

@@ -168,6 +168,69 @@ pub fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// Asserts that pandas' plain `read_parquet` (NumPy columns, no `dtype_backend`, in the
+/// Hugging Face venv) reads each file as kdpipe does: the same rows, the same `input`
+/// texts and the same lists in each of `text_lists` (list-of-text columns). Returns how
+/// many texts of those lists were compared. pyarrow 26 cannot give pandas a list of Arrow
+/// string views ("Not implemented type for Arrow list to pandas: string_view").
+pub fn assert_pandas_reads(files: &[PathBuf], text_lists: &[&str]) -> usize {
+    let script = "import json, sys, pandas as pd\n\
+                  cols = sys.argv[1].split(',')\n\
+                  for p in sys.argv[2:]:\n\
+                  \x20   df = pd.read_parquet(p)\n\
+                  \x20   lists = {c: [None if v is None else [str(t) for t in v] for v in df[c]] for c in cols}\n\
+                  \x20   print(json.dumps({'rows': len(df), 'input': [str(t) for t in df['input']], 'lists': lists}))\n";
+    let out = Command::new(hf_python())
+        .args(["-c", script, &text_lists.join(",")])
+        .args(files)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pandas could not read kdpipe's files:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let read: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(read.len(), files.len());
+    let mut texts = 0;
+    for (by_pandas, path) in read.iter().zip(files) {
+        let df = kdpipe::io::parquet::read_frame(path).unwrap();
+        let at = path.display();
+        assert_eq!(by_pandas["rows"], df.height(), "{at}");
+        let inputs: Vec<&str> = df
+            .column("input")
+            .unwrap()
+            .str()
+            .unwrap()
+            .iter()
+            .map(|t| t.unwrap())
+            .collect();
+        assert_eq!(by_pandas["input"], serde_json::json!(inputs), "{at}");
+        for c in text_lists {
+            let lists: Vec<Option<Vec<String>>> = df
+                .column(c)
+                .unwrap()
+                .list()
+                .unwrap()
+                .amortized_iter()
+                .map(|row| {
+                    row.map(|l| {
+                        let l = l.as_ref().str().unwrap();
+                        l.iter().map(|t| t.unwrap().to_string()).collect()
+                    })
+                })
+                .collect();
+            texts += lists.iter().flatten().map(Vec::len).sum::<usize>();
+            assert_eq!(by_pandas["lists"][c], serde_json::json!(lists), "{at}: {c}");
+        }
+    }
+    texts
+}
+
 /// A CPU tensor of values drawn uniformly with standard deviation `std` and mean 0 by a
 /// seeded generator: the same values every run (candle's `randn` on the CPU takes no seed).
 pub fn seeded_tensor(shape: &[usize], std: f32, seed: u64) -> candle_core::Tensor {
