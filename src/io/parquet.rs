@@ -17,7 +17,7 @@ pub const ROW_GROUP_ROWS: usize = 16_384;
 /// turn a list of string views into its default NumPy columns, so `pd.read_parquet` on a
 /// file with `soft_labels` or `topk_texts` failed. The pages are the same either way
 /// (Parquet stores both as BYTE_ARRAY), and Polars reads either back as its String and
-/// Binary.
+/// Binary (docs/STACK.md).
 pub fn portable_schema(schema: &Schema) -> KeyValueMetadata {
     let arrow = schema.to_arrow(CompatLevel::oldest());
     KeyValueMetadata::Static(vec![polars_parquet::write::schema_to_metadata_key(&arrow)])
