@@ -62,10 +62,7 @@ impl Writer {
     fn create(split: &'static str, dir: &Path, schema: &Schema) -> Result<Writer> {
         let path = dir.join(format!("{split}.parquet"));
         let file = std::fs::File::create(&path)?;
-        let inner = ParquetWriter::new(file)
-            .with_compression(ParquetCompression::Zstd(None))
-            .with_key_value_metadata(Some(crate::io::parquet::portable_schema(schema)))
-            .batched(schema)?;
+        let inner = crate::io::parquet::output_writer(file, schema).batched(schema)?;
         Ok(Writer {
             split,
             path,

@@ -18,16 +18,22 @@ pub const ROW_GROUP_ROWS: usize = 16_384;
 /// file with `soft_labels` or `topk_texts` failed. The pages are the same either way
 /// (Parquet stores both as BYTE_ARRAY), and Polars reads either back as its String and
 /// Binary (docs/STACK.md).
-pub fn portable_schema(schema: &Schema) -> KeyValueMetadata {
+fn portable_schema(schema: &Schema) -> KeyValueMetadata {
     let arrow = schema.to_arrow(CompatLevel::oldest());
     KeyValueMetadata::Static(vec![polars_parquet::write::schema_to_metadata_key(&arrow)])
 }
 
+/// A writer of a file other stages and tools read, rows of `schema`: Zstd pages and the
+/// portable schema (`portable_schema`). Curate's temporary files are not written this way.
+pub fn output_writer<W: std::io::Write>(file: W, schema: &Schema) -> ParquetWriter<W> {
+    ParquetWriter::new(file)
+        .with_compression(ParquetCompression::Zstd(None))
+        .with_key_value_metadata(Some(portable_schema(schema)))
+}
+
 pub fn write_frame(path: &Path, df: &mut DataFrame) -> Result<()> {
     write_with(path, |file| {
-        let written = ParquetWriter::new(file)
-            .with_compression(ParquetCompression::Zstd(None))
-            .with_key_value_metadata(Some(portable_schema(df.schema())))
+        let written = output_writer(file, df.schema())
             .with_row_group_size(Some(ROW_GROUP_ROWS))
             .finish(df);
         anyhow::Context::with_context(written, || {
