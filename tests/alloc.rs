@@ -1,10 +1,12 @@
 //! `alloc::returning_freed_memory`: freed memory goes back to the OS while a model loads
 //! (mimalloc's purge delay 0), and the delay found before the first load comes back after
 //! the last, nested or not. `alloc::giving_back_after`: what a pass freed goes back when
-//! it ends. Its own test binary, on mimalloc like kdpipe's: no other test loads a model
+//! it ends, or when the pass asks (`alloc::give_back_freed_so_far`). Its own test binary, on mimalloc like kdpipe's: no other test loads a model
 //! or allocates much meanwhile, and its tests take turns (they set the same option).
 
-use kdpipe::alloc::{giving_back_after, purge_delay, returning_freed_memory, tune};
+use kdpipe::alloc::{
+    give_back_freed_so_far, giving_back_after, purge_delay, returning_freed_memory, tune,
+};
 use std::sync::Mutex;
 
 #[global_allocator]
@@ -107,4 +109,29 @@ fn a_pass_gives_back_what_it_freed_when_it_ends_and_not_before() {
         assert_eq!(purge_delay(), 0);
     });
     assert_eq!(purge_delay(), -1, "memory is kept again after both");
+}
+
+#[test]
+fn a_pass_gives_back_what_it_freed_so_far_when_it_asks() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return; // the user's setting wins (the test above checks that)
+    }
+    tune();
+    let start = rss_mib();
+    let (churned, asked) = giving_back_after(|| {
+        churn(512);
+        let churned = rss_mib();
+        give_back_freed_so_far();
+        (churned, rss_mib())
+    });
+    assert!(
+        churned >= start + 400,
+        "the pass keeps what it freed until it asks: {churned} MiB (started at {start})"
+    );
+    assert!(
+        asked + 400 <= churned,
+        "asking gives the freed memory back within the pass: {churned} MiB before, {asked} after"
+    );
+    assert_eq!(purge_delay(), -1, "memory is kept again after the pass");
 }

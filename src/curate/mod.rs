@@ -214,7 +214,10 @@ fn curate_in_parts(
     let late = LateRules::new(leaders, contaminated, split, &task, &cfg.curate);
     let source = parts::PartsKept::new(kept_files, late)?;
     let splits_started = std::time::Instant::now();
-    let (written, stats, source) = splits::write(files, partition.rows_in, source, dir, SPLITS)?;
+    // This pass marks its frees too, and gives them back as it goes (wide rows with token
+    // top-k churn gigabytes; `splits::GIVE_BACK_BYTES`).
+    let (written, stats, source) =
+        alloc::giving_back_after(|| splits::write(files, partition.rows_in, source, dir, SPLITS))?;
     // Which pass a run spends its time in, for scaling benchmarks and users sizing a job.
     eprintln!(
         "curate: seconds a pass: partition {partition_s:.1}, head rules {rules_s:.1}, \
