@@ -40,8 +40,8 @@ pub const ROW: &str = "_row";
 const BATCH_ROWS: usize = 50_000;
 
 /// Bytes of teacher batches streamed between two returns of the freed heap to the OS
-/// (`alloc::give_back_freed_so_far`): every ~40 batches of rows without token top-k, every
-/// ~3 with top-20 (~6.5 KB a row in memory).
+/// (`alloc::give_back_freed_so_far`): every few dozen batches of rows without token top-k,
+/// every ~3 with top-20 (~6.5 KB a row in memory).
 const GIVE_BACK_BYTES: usize = 1 << 30;
 
 /// What one split file got.
